@@ -1,0 +1,5 @@
+"""python -m sharpening -> the `sharpen` CLI."""
+
+from sharpening.cli import main
+
+main()

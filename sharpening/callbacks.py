@@ -1,0 +1,215 @@
+"""SelfVerificationCallback: sample -> score with the frozen base -> select -> fill the buffer.
+
+Lightning asks for the train dataloader BEFORE ``on_train_epoch_start``, so a round that is meant for
+"the start of epoch e" runs at ``on_fit_start`` (first epoch, or after a resume whose buffer is stale) and
+at ``on_train_epoch_end`` of epoch e-1; dataloaders are then reloaded every epoch. Each rank samples its
+own shard of prompts; the selected samples are gathered so every rank holds the same, rank-independent
+buffer (Lightning's distributed sampler then gives each rank the same number of batches).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Literal
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from sharpening.buffer import BufferExample, SampleBuffer, selected_examples
+from sharpening.errors import raise_if_problems
+from sharpening.logprobs import sample_logprobs
+from sharpening.metrics import SharpeningMetric
+from sharpening.policy import eval_mode
+from sharpening.rewards import extract_answers, score_samples
+from sharpening.sampler import SamplingConfig, decode_responses, generate_samples, validate_sampling_config
+from sharpening.selection import SelectionConfig, select_top_k, validate_selection_config
+from sharpening.tasks.extractors import answers_match, resolve_extractor
+from sharpening.types import PromptBatch, SampleBatch, ScoredSamples
+
+
+class SelfVerificationCallback(L.Callback):
+    """Each round: N samples per prompt, scored by the frozen base, the best kept for training."""
+
+    def __init__(
+        self,
+        sampling: SamplingConfig | None = None,
+        selection: SelectionConfig | None = None,
+        sample_from: Literal["base", "policy"] = "base",
+        resample_every_epoch: bool = False,
+        greedy_accuracy: bool = True,
+        seed: int = 0,
+        show_progress: bool = True,
+    ) -> None:
+        """
+        Args:
+            sampling: How responses are drawn (N, temperature, top-k/p, max_new_tokens).
+            selection: Self-reward, how many samples to keep, treatment of truncated responses.
+            sample_from: Draw from the frozen ``base`` (the paper) or the current ``policy``; scores always come from the base.
+            resample_every_epoch: Run a new round before every epoch (else once, before the first).
+            greedy_accuracy: When prompts have answers, also decode greedily to report greedy accuracy.
+            seed: Seed of the draws; a prompt's samples depend only on (seed, epoch, prompt index).
+            show_progress: Show a progress bar while generating (rank zero).
+        """
+        super().__init__()
+        self.sampling = sampling or SamplingConfig()
+        self.selection = selection or SelectionConfig()
+        problems = validate_sampling_config(self.sampling, "--verifier.sampling")
+        problems += validate_selection_config(self.selection, self.sampling.samples_per_prompt, "--verifier.selection")
+        if sample_from not in ("base", "policy"):
+            problems.append(f"--verifier.sample_from={sample_from!r}: must be base or policy")
+        if self.sampling.temperature == 0 and self.sampling.samples_per_prompt > 1:
+            problems.append(
+                "--verifier.sampling.temperature=0 is greedy: all N samples would be identical; use temperature 1.0"
+            )
+        try:
+            self.extractor = resolve_extractor(self.selection.answer_extractor)
+        except ValueError as err:
+            problems.append(f"--verifier.selection.answer_extractor: {err}")
+        raise_if_problems(problems)
+        self.sample_from = sample_from
+        self.resample_every_epoch = resample_every_epoch
+        self.greedy_accuracy = greedy_accuracy
+        self.seed = seed
+        self.show_progress = show_progress
+        self.buffer = SampleBuffer()
+        self.rounds_done = 0
+        self.last_metrics: dict[str, float] = {}
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not hasattr(pl_module, "buffer"):
+            return  # the module does not train from a buffer (e.g. on-policy RL)
+        pl_module.buffer = self.buffer
+        if self.resample_every_epoch:
+            trainer.reload_dataloaders_every_n_epochs = 1
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if hasattr(pl_module, "buffer") and self._needs_round(trainer.current_epoch):
+            self.run_round(trainer, pl_module, trainer.current_epoch)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        upcoming = trainer.current_epoch + 1
+        last_epoch = trainer.max_epochs is not None and trainer.max_epochs >= 0 and upcoming >= trainer.max_epochs
+        if hasattr(pl_module, "buffer") and not last_epoch and not trainer.should_stop and self._needs_round(upcoming):
+            self.run_round(trainer, pl_module, upcoming)
+
+    def state_dict(self) -> dict:
+        return {"buffer": self.buffer.state_dict(), "rounds_done": self.rounds_done, "seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.buffer.load_state_dict(state_dict["buffer"])
+        self.rounds_done = state_dict["rounds_done"]
+        if state_dict["seed"] != self.seed:
+            rank_zero_warn(f"resuming with --verifier.seed={self.seed}, the checkpoint used {state_dict['seed']}")
+
+    def _needs_round(self, epoch: int) -> bool:
+        if self.buffer.epoch is None:
+            return True
+        return self.resample_every_epoch and self.buffer.epoch != epoch
+
+    # -- one round ---------------------------------------------------------------------------------
+    def run_round(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> dict[str, float]:
+        """Sample, score, select on this rank's prompts; gather the kept samples into the buffer."""
+        from tqdm.auto import tqdm
+
+        data = trainer.datamodule
+        if data is None or not hasattr(data, "prompt_batches"):
+            raise RuntimeError("SelfVerificationCallback needs a PromptDataModule (the `data:` section)")
+        per_batch = self.sampling.prompts_per_batch
+        shard = math.ceil(max(len(data) - trainer.global_rank, 0) / trainer.world_size)
+        batches = data.prompt_batches(per_batch, trainer.global_rank, trainer.world_size, device=pl_module.device)
+        metric = SharpeningMetric()
+        kept: list[BufferExample] = []
+        bar = tqdm(
+            batches,
+            total=math.ceil(shard / per_batch),
+            desc=f"self-verification (epoch {epoch}, N={self.sampling.samples_per_prompt})",
+            disable=not (self.show_progress and trainer.is_global_zero),
+            leave=False,
+        )
+        with eval_mode(pl_module.policy):
+            for prompts in bar:
+                scored, correct, greedy_correct = self.process_batch(pl_module, prompts, epoch)
+                kept.extend(selected_examples(scored))
+                metric.update(scored, correct, greedy_correct)
+        kept = _gather_examples(kept, trainer.world_size)
+        if not kept:
+            raise RuntimeError(
+                f"self-verification kept no sample in epoch {epoch}: every response was ineligible (truncated or "
+                "under min_score). Raise --verifier.sampling.max_new_tokens or set --verifier.selection.truncated keep"
+            )
+        self.buffer.replace(kept, epoch)
+        self.rounds_done += 1
+        self.last_metrics = {k: float(v) for k, v in metric.compute().items()}
+        self.last_metrics["sample/buffer_size"] = float(len(self.buffer))
+        for logger in trainer.loggers:
+            logger.log_metrics(self.last_metrics, step=trainer.global_step)
+        rank_zero_info(f"self-verification epoch {epoch}: " + _format_metrics(self.last_metrics))
+        return self.last_metrics
+
+    def process_batch(
+        self, pl_module: L.LightningModule, prompts: PromptBatch, epoch: int
+    ) -> tuple[ScoredSamples, torch.Tensor | None, torch.Tensor | None]:
+        """One batch of prompts: samples scored and selected, plus correctness when answers exist."""
+        tokenizer = pl_module.tokenizer
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        with pl_module.sampling_model(self.sample_from) as model:
+            samples = generate_samples(model, prompts, self.sampling, eos, pad, seed=self.seed, round_index=epoch)
+        texts = decode_responses(tokenizer, samples)
+        answers = extract_answers(texts, self.extractor)
+        scores = self.score(pl_module, samples, answers)
+        selected, selected_mask = select_top_k(
+            scores.to(samples.truncated.device),
+            samples.truncated,
+            self.selection.keep_top_k,
+            self.selection.truncated,
+            self.selection.truncation_penalty,
+            self.selection.min_score,
+        )
+        scored = ScoredSamples(samples, scores, selected, selected_mask)
+        if not any(a is not None for a in prompts.answers):
+            return scored, None, None
+        correct = torch.tensor(
+            [[answers_match(a, ref, self.extractor) for a in group] for group, ref in zip(answers, prompts.answers)]
+        )  # [B, N]
+        greedy_correct = self.greedy_correctness(pl_module, prompts) if self.greedy_accuracy else None
+        return scored, correct, greedy_correct
+
+    def score(self, pl_module: L.LightningModule, samples: SampleBatch, answers) -> torch.Tensor:
+        """Self-rewards [B, N] from the frozen base; sampler log-probs are reused only when they ARE base
+        log-probs of exact draws (sampled from the base at temperature 1 with no truncation, SPEC 4.4)."""
+        if self.selection.reward == "majority":
+            return score_samples("majority", answers=answers)
+        if self.sample_from == "base" and samples.exact_draws:
+            token_logprobs = samples.logprobs
+        else:
+            with pl_module.frozen_base() as base:
+                token_logprobs = sample_logprobs(base, samples, pl_module.logprob_chunk_size)
+        return score_samples(self.selection.reward, token_logprobs, samples.response_mask)
+
+    def greedy_correctness(self, pl_module: L.LightningModule, prompts: PromptBatch) -> torch.Tensor:
+        """Whether greedy decoding of the sampled-from model gives the reference answer: [B] bool."""
+        tokenizer = pl_module.tokenizer
+        greedy_cfg = dataclasses.replace(self.sampling, samples_per_prompt=1, temperature=0.0)
+        with pl_module.sampling_model(self.sample_from) as model:
+            greedy = generate_samples(model, prompts, greedy_cfg, tokenizer.eos_token_id, tokenizer.pad_token_id)
+        texts = decode_responses(tokenizer, greedy)
+        return torch.tensor(
+            [answers_match(self.extractor(g[0]), ref, self.extractor) for g, ref in zip(texts, prompts.answers)]
+        )
+
+
+def _gather_examples(examples: list[BufferExample], world_size: int) -> list[BufferExample]:
+    """Every rank's kept samples, on every rank."""
+    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return examples
+    gathered: list[list[BufferExample]] = [[] for _ in range(world_size)]
+    dist.all_gather_object(gathered, examples)
+    return [e for part in gathered for e in part]
+
+
+def _format_metrics(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k.split('/', 1)[1]}={v:.4g}" for k, v in sorted(metrics.items()))

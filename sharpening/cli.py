@@ -1,0 +1,40 @@
+"""The `sharpen` command: LightningCLI with the self-verification callback built in.
+
+    sharpen fit --config configs/demo.yaml
+    sharpen fit --config configs/lora.yaml --trainer.max_epochs 3 --verifier.sampling.samples_per_prompt 16
+
+``main(args)`` takes the argument list, so tests call ``main(["fit", "--config", path, ...])``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from lightning.pytorch.cli import LightningCLI
+
+from sharpening.callbacks import SelfVerificationCallback
+from sharpening.policy_module import PolicyModule
+from sharpening.prompts import PromptDataModule
+
+
+class SharpeningCLI(LightningCLI):
+    """LightningCLI whose `verifier:` section configures the SelfVerificationCallback."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(SelfVerificationCallback, "verifier")
+
+
+def main(args: list[str] | None = None) -> SharpeningCLI:
+    """Run the CLI; returns it so callers (tests) can inspect the trainer and model."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return SharpeningCLI(
+        model_class=PolicyModule,
+        subclass_mode_model=True,
+        datamodule_class=PromptDataModule,
+        args=args,
+        auto_configure_optimizers=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

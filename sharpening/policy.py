@@ -1,0 +1,228 @@
+"""Load the policy and its tokenizer; full fine-tuning, LoRA or QLoRA; expose the frozen base.
+
+The verifier is always the frozen base model (SPEC 4.3): with LoRA/QLoRA it is the SAME weights with
+the adapter disabled (no second copy); with full fine-tuning it is one frozen copy, shared by every
+self-reward and KL computation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Iterator, Literal
+
+import torch
+
+FINETUNING_MODES = ("full", "lora", "qlora")
+ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PolicyConfig:
+    """Which model to sharpen and how to train it."""
+
+    model_name_or_path: str = ""
+    """Hugging Face hub id or local directory of a causal LM (with its tokenizer)."""
+    finetuning: Literal["full", "lora", "qlora"] = "lora"
+    """full: all weights train (one frozen copy is kept as verifier); lora: PEFT LoRA adapter;
+    qlora: base weights in bitsandbytes 4-bit NF4 plus a LoRA adapter."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype; auto is bfloat16 on a CUDA device that supports it, else float32."""
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    """auto is flash_attention_2 when flash-attn is installed and CUDA is present, else sdpa."""
+    lora_r: int = 16
+    """LoRA rank (lora and qlora)."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: float = 0.0
+    """Dropout on the LoRA input during training."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names that get an adapter; ["all-linear"] means every linear layer but the head."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with a hub model. Off unless you trust its author."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load."""
+
+
+def validate_policy_config(cfg: PolicyConfig, option: str = "--model.policy") -> list[str]:
+    """Every problem with ``cfg``, each naming ``option.<field>``; touches no weights."""
+    problems = []
+    name = cfg.model_name_or_path
+    if not name:
+        problems.append(f"{option}.model_name_or_path is empty: give a hub id or a local model directory")
+    else:
+        problem = _model_source_problem(name)
+        if problem:
+            problems.append(f"{option}.model_name_or_path={name!r}: {problem}")
+    if cfg.finetuning not in FINETUNING_MODES:
+        problems.append(f"{option}.finetuning={cfg.finetuning!r}: must be one of {', '.join(FINETUNING_MODES)}")
+    if cfg.attn_implementation not in ATTN_IMPLEMENTATIONS:
+        problems.append(
+            f"{option}.attn_implementation={cfg.attn_implementation!r}: must be one of {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
+        problems.append(f"{option}.dtype={cfg.dtype!r}: must be auto, float32, bfloat16 or float16")
+    if cfg.finetuning in ("lora", "qlora"):
+        if cfg.lora_r < 1:
+            problems.append(f"{option}.lora_r={cfg.lora_r}: must be >= 1 with finetuning={cfg.finetuning}; try 8 or 16")
+        if cfg.lora_alpha <= 0:
+            problems.append(f"{option}.lora_alpha={cfg.lora_alpha}: must be > 0; 2 x lora_r is a common choice")
+        if not 0.0 <= cfg.lora_dropout < 1.0:
+            problems.append(f"{option}.lora_dropout={cfg.lora_dropout}: must be in [0, 1)")
+        if not cfg.lora_target_modules:
+            problems.append(f"{option}.lora_target_modules is empty: use [all-linear] or name modules (q_proj, ...)")
+    if cfg.finetuning == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
+        problems.append(
+            f"{option}.finetuning=qlora needs bitsandbytes, which is not installed: pip install 'sharpening[qlora]'"
+            " or use finetuning=lora"
+        )
+    return problems
+
+
+def _model_source_problem(name: str) -> str | None:
+    """Why ``name`` cannot be loaded (missing directory, hub id absent offline), or None."""
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        if not os.path.isfile(os.path.join(expanded, "config.json")):
+            found = sorted(os.listdir(expanded))[:8]
+            return f"directory has no config.json (found: {found}); point to a save_pretrained directory"
+        return None
+    if name.startswith((".", "/", "~")) or os.path.exists(expanded) or name.count("/") > 1:
+        return "no such directory; check the path (relative paths start from the current directory)"
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    if offline:
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            return "not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it first or give a local path"
+    return None
+
+
+def select_attn_implementation(requested: str, cuda_available: bool, flash_installed: bool) -> str:
+    """Attention backend to load with: flash_attention_2 needs both CUDA and flash-attn; else sdpa."""
+    if requested != "auto":
+        return requested
+    return "flash_attention_2" if (cuda_available and flash_installed) else "sdpa"
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The torch dtype for ``name``; auto is bfloat16 on capable CUDA devices, float32 elsewhere."""
+    if name != "auto":
+        return DTYPES[name]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_tokenizer(cfg: PolicyConfig):
+    """The model's tokenizer, left-padded for generation; pad falls back to EOS. Errors without EOS."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+    )
+    if tokenizer.eos_token_id is None:
+        from sharpening.errors import ConfigError
+
+        raise ConfigError(
+            [
+                f"--model.policy.model_name_or_path={cfg.model_name_or_path!r}: the tokenizer has no EOS token, "
+                "so responses cannot end; set tokenizer.eos_token and save it, or pick another model"
+            ]
+        )
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_policy(cfg: PolicyConfig, device: torch.device | None = None):
+    """Load the trainable policy and, for full fine-tuning only, a frozen copy of the base.
+
+    Returns ``(policy, frozen_base)``; ``frozen_base`` is None for LoRA/QLoRA, whose base is the
+    policy itself with the adapter disabled (see :func:`frozen_base`).
+    """
+    from transformers import AutoModelForCausalLM
+
+    device = device or torch.device("cpu")
+    dtype = resolve_dtype(cfg.dtype, device)
+    attn = select_attn_implementation(
+        cfg.attn_implementation, torch.cuda.is_available(), importlib.util.find_spec("flash_attn") is not None
+    )
+    kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    if cfg.finetuning == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+        kwargs["device_map"] = {"": device}
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.finetuning == "full":
+        frozen = copy.deepcopy(model).eval().requires_grad_(False)
+        return model, frozen
+    return _add_lora(model, cfg), None
+
+
+def _add_lora(model, cfg: PolicyConfig):
+    """Wrap ``model`` with a fresh LoRA adapter (after k-bit preparation for QLoRA)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.finetuning == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    targets = cfg.lora_target_modules
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=targets[0] if targets == ["all-linear"] else list(targets),
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def is_peft_model(model) -> bool:
+    """True when ``model`` carries a PEFT adapter that can be switched off."""
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+@contextlib.contextmanager
+def frozen_base(policy, frozen_copy=None) -> Iterator[torch.nn.Module]:
+    """Context yielding the frozen base model: ``frozen_copy`` when given, else ``policy`` with its
+    adapter disabled. Gradients are off inside; the policy's train/eval mode is restored after."""
+    if frozen_copy is not None:
+        with torch.no_grad():
+            yield frozen_copy
+        return
+    if not is_peft_model(policy):
+        raise RuntimeError("frozen_base: a full fine-tuning policy needs its frozen copy (load_policy returns it)")
+    with torch.no_grad(), policy.disable_adapter():
+        yield policy
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Switch dropout off for sampling or scoring, then restore the previous mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def count_trainable_parameters(model: torch.nn.Module) -> int:
+    """Number of scalar parameters with requires_grad."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

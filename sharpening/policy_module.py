@@ -1,0 +1,124 @@
+"""PolicyModule: what the SFT and RL LightningModules share.
+
+It loads the policy in ``configure_model`` (idempotent), exposes the frozen base as a context, keeps
+checkpoints to the trainable weights (a LoRA checkpoint holds the adapter, never the base), and writes
+a standard Hugging Face / PEFT directory at the end of training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from sharpening.errors import raise_if_problems
+from sharpening.optim import OptimizerConfig, build_optimizer, validate_optimizer_config
+from sharpening.policy import PolicyConfig, frozen_base, load_policy, load_tokenizer, validate_policy_config
+
+
+class PolicyModule(L.LightningModule):
+    """Base class: a policy, its tokenizer and its frozen base. Subclasses define the loss."""
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        optimizer: OptimizerConfig | None = None,
+        output_dir: str | None = None,
+        overwrite_output_dir: bool = False,
+        logprob_chunk_size: int = 1024,
+        extra_problems: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        self.policy_config = policy
+        self.optimizer_config = optimizer or OptimizerConfig()
+        self.output_dir = output_dir
+        self.logprob_chunk_size = logprob_chunk_size
+        problems = validate_policy_config(policy, "--model.policy")
+        problems += validate_optimizer_config(self.optimizer_config, "--model.optimizer")
+        if logprob_chunk_size < 1:
+            problems.append(f"--model.logprob_chunk_size={logprob_chunk_size}: must be >= 1 (e.g. 1024)")
+        if output_dir and os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite_output_dir:
+            problems.append(
+                f"--model.output_dir={output_dir!r}: already holds files ({sorted(os.listdir(output_dir))[:5]}); "
+                "choose a new directory or set --model.overwrite_output_dir true"
+            )
+        raise_if_problems(problems + list(extra_problems or []))
+        self.policy: torch.nn.Module | None = None
+        self.frozen_copy: torch.nn.Module | None = None
+        self._tokenizer = None
+
+    @property
+    def tokenizer(self):
+        """The policy's tokenizer (loaded on first use; no weights involved)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.policy_config)
+        return self._tokenizer
+
+    def configure_model(self) -> None:
+        if self.policy is not None:
+            return
+        device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        self.policy, self.frozen_copy = load_policy(self.policy_config, device=device)
+
+    @contextlib.contextmanager
+    def frozen_base(self) -> Iterator[torch.nn.Module]:
+        """The verifier: the frozen base model (adapter off, or the frozen copy), gradients off."""
+        with frozen_base(self.policy, self.frozen_copy) as base:
+            yield base
+
+    @contextlib.contextmanager
+    def sampling_model(self, source: str) -> Iterator[torch.nn.Module]:
+        """The model to sample from: ``base`` (the frozen base) or ``policy`` (the current policy)."""
+        if source == "base":
+            with self.frozen_base() as base:
+                yield base
+        else:
+            with torch.no_grad():
+                yield self.policy
+
+    def configure_optimizers(self):
+        return build_optimizer(
+            self.trainer.model.parameters(), self.optimizer_config, lambda: int(self.trainer.estimated_stepping_batches)
+        )
+
+    # Checkpoints hold trainable weights only: a LoRA checkpoint is the adapter, and the frozen copy of
+    # full fine-tuning is reloaded from the model path, never saved.
+    def _trainable_names(self) -> set[str]:
+        return {name for name, p in self.named_parameters() if p.requires_grad}
+
+    def state_dict(self, *args, **kwargs):
+        full = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        keep = self._trainable_names()
+        return type(full)((k, v) for k, v in full.items() if k[len(prefix) :] in keep)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        if self.policy is None:
+            self.configure_model()
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = sorted(set(result.missing_keys) & self._trainable_names())
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(
+                f"checkpoint does not fit this model (model.policy.model_name_or_path="
+                f"{self.policy_config.model_name_or_path!r}, finetuning={self.policy_config.finetuning}): "
+                f"missing {missing[:4]}, unexpected {list(result.unexpected_keys)[:4]}. "
+                "Resume with the model and finetuning mode that wrote the checkpoint."
+            )
+        return result
+
+    def on_train_end(self) -> None:
+        """Write the fitted policy as a plain Hugging Face (full) or PEFT adapter (LoRA) directory."""
+        if self.output_dir and self.trainer.is_global_zero:
+            save_policy(self.policy, self.tokenizer, self.output_dir)
+            rank_zero_info(f"sharpened policy written to {self.output_dir}")
+
+
+def save_policy(policy: torch.nn.Module, tokenizer, output_dir: str) -> None:
+    """``save_pretrained`` the policy (safetensors) and tokenizer; the result loads without sharpening."""
+    os.makedirs(output_dir, exist_ok=True)
+    policy.save_pretrained(output_dir, safe_serialization=True)
+    tokenizer.save_pretrained(output_dir)

@@ -1,0 +1,182 @@
+"""PromptDataModule: a dataset (hub or local file) -> templated prompt text -> prompt token ids.
+
+The exact text built here (few-shot prefix, template, chat template, system text) is what the sampler
+conditions on and what the verifier scores: both use the ids this module produces.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import lightning as L
+import torch
+
+from sharpening.errors import ConfigError, raise_if_problems
+from sharpening.types import PromptBatch
+
+LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _local_format(path: str) -> str | None:
+    return LOCAL_FORMATS.get(os.path.splitext(path)[1].lower())
+
+
+def validate_dataset_source(dataset: str, option: str = "--data.dataset") -> list[str]:
+    """Problems with a dataset name/path that can be seen without reading it."""
+    if not dataset:
+        return [f"{option} is empty: give a local .jsonl/.json/.csv/.parquet file or a hub dataset name"]
+    if _local_format(dataset) or dataset.startswith((".", "/", "~")):
+        path = os.path.expanduser(dataset)
+        if not os.path.exists(path):
+            parent = os.path.dirname(path) or "."
+            near = sorted(os.listdir(parent))[:8] if os.path.isdir(parent) else "no such directory"
+            return [f"{option}={dataset!r}: file not found (in {parent!r}: {near})"]
+        if os.path.isfile(path) and not _local_format(path):
+            return [f"{option}={dataset!r}: unknown file type; use .jsonl, .json, .csv or .parquet"]
+    return []
+
+
+def load_prompt_rows(dataset: str, split: str = "train", subset: str | None = None):
+    """A ``datasets.Dataset`` from a local file (json/jsonl/csv/parquet) or a hub dataset."""
+    import datasets
+
+    path = os.path.expanduser(dataset)
+    if os.path.isfile(path):
+        return datasets.load_dataset(_local_format(path), data_files=path, split="train")
+    return datasets.load_dataset(dataset, subset, split=split)
+
+
+def render_prompt(
+    row: dict,
+    template: str,
+    few_shot_prefix: str = "",
+    tokenizer=None,
+    use_chat_template: bool = False,
+    system_prompt: str | None = None,
+) -> str:
+    """The exact prompt text for one row: few-shot prefix + template filled from the row's columns,
+    optionally wrapped in the tokenizer's chat template (with a generation prompt)."""
+    text = few_shot_prefix + template.format(**row)
+    if not use_chat_template:
+        return text
+    messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": text}
+    ]
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def pad_prompts(prompt_ids: list[list[int]], indices: list[int], answers: list, pad_token_id: int) -> PromptBatch:
+    """Left-pad variable-length prompts into a PromptBatch."""
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(prompt_ids), width, dtype=torch.bool)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p) :] = True
+    return PromptBatch(ids, mask, torch.tensor(indices, dtype=torch.long), list(answers))
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompts for sharpening, from a hub dataset or a local file.
+
+    It serves prompts to the self-verification callback (``prompt_batches``). The module trains on the
+    samples that callback selects, so ``train_dataloader`` hands over to the module's own.
+    """
+
+    def __init__(
+        self,
+        dataset: str = "",
+        split: str = "train",
+        subset: str | None = None,
+        prompt_column: str = "prompt",
+        answer_column: str | None = None,
+        prompt_template: str = "{prompt}",
+        few_shot_prefix: str = "",
+        use_chat_template: bool = False,
+        system_prompt: str | None = None,
+        max_prompts: int | None = None,
+    ) -> None:
+        """
+        Args:
+            dataset: Local .jsonl/.json/.csv/.parquet file, or a Hugging Face hub dataset name.
+            split: Split to read from a hub dataset (local files have one split).
+            subset: Hub dataset configuration name (e.g. ``main`` for gsm8k).
+            prompt_column: Column holding the question/prompt text.
+            answer_column: Column holding the reference answer (used only for accuracy metrics).
+            prompt_template: Python format string over the row's columns, e.g. ``"Q: {question}\\nA:"``.
+            few_shot_prefix: Text put before every templated prompt (few-shot examples).
+            use_chat_template: Wrap the prompt in the tokenizer's chat template as a user turn.
+            system_prompt: System message when ``use_chat_template`` is on.
+            max_prompts: Use only the first this-many prompts (None = all).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        problems = validate_dataset_source(dataset)
+        if max_prompts is not None and max_prompts < 1:
+            problems.append(f"--data.max_prompts={max_prompts}: must be >= 1, or null for all prompts")
+        if system_prompt and not use_chat_template:
+            problems.append("--data.system_prompt is set but --data.use_chat_template is false; turn it on")
+        raise_if_problems(problems)
+        self.tokenizer = None
+        self.prompt_texts: list[str] = []
+        self.prompt_ids: list[list[int]] = []
+        self.answers: list[str | None] = []
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read, check and tokenize the prompts (before any model weights load)."""
+        if self.prompt_ids:
+            return
+        if self.tokenizer is None:
+            self.tokenizer = self.trainer.lightning_module.tokenizer
+        self.load_prompts(self.tokenizer)
+
+    def load_prompts(self, tokenizer) -> None:
+        """Read the rows and build prompt texts and ids with ``tokenizer``."""
+        hp = self.hparams
+        rows = load_prompt_rows(hp.dataset, hp.split, hp.subset)
+        problems = []
+        for column, option in ((hp.prompt_column, "prompt_column"), (hp.answer_column, "answer_column")):
+            if column is not None and column not in rows.column_names:
+                problems.append(f"--data.{option}={column!r}: no such column in {hp.dataset!r}; found {rows.column_names}")
+        if len(rows) == 0:
+            problems.append(f"--data.dataset={hp.dataset!r}: the dataset has no rows")
+        raise_if_problems(problems)
+        if hp.max_prompts is not None:
+            rows = rows.select(range(min(hp.max_prompts, len(rows))))
+        rows = [dict(r, prompt=r[hp.prompt_column]) for r in rows]
+        try:
+            self.prompt_texts = [
+                render_prompt(r, hp.prompt_template, hp.few_shot_prefix, tokenizer, hp.use_chat_template, hp.system_prompt)
+                for r in rows
+            ]
+        except KeyError as err:
+            raise ConfigError(
+                [f"--data.prompt_template={hp.prompt_template!r}: column {err} not found; columns: {sorted(rows[0])}"]
+            ) from err
+        add_special = not hp.use_chat_template  # a chat template already holds BOS
+        self.prompt_ids = [tokenizer(t, add_special_tokens=add_special).input_ids for t in self.prompt_texts]
+        self.answers = [None if hp.answer_column is None else str(r[hp.answer_column]) for r in rows]
+        self.tokenizer = tokenizer
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids)
+
+    def train_dataloader(self):
+        """The module's loader over its buffer of selected samples (Lightning asks the data module)."""
+        return self.trainer.lightning_module.train_dataloader()
+
+    def prompt_batches(
+        self, batch_size: int, rank: int = 0, world_size: int = 1, device: torch.device | None = None
+    ) -> Iterator[PromptBatch]:
+        """This rank's shard of the prompts (indices rank, rank + world_size, ...), left-padded batches."""
+        mine = list(range(rank, len(self.prompt_ids), world_size))
+        for start in range(0, len(mine), batch_size):
+            chunk = mine[start : start + batch_size]
+            batch = pad_prompts(
+                [self.prompt_ids[i] for i in chunk], chunk, [self.answers[i] for i in chunk], self.tokenizer.pad_token_id
+            )
+            if device is not None:
+                batch.prompt_ids, batch.prompt_mask = batch.prompt_ids.to(device), batch.prompt_mask.to(device)
+                batch.prompt_indices = batch.prompt_indices.to(device)
+            yield batch

@@ -1,0 +1,71 @@
+"""Self-rewards: how much the frozen base model believes in its own response.
+
+All rewards are "higher is better" and computed from the frozen base only (SPEC 2, 4.1-4.3).
+EOS is part of the response and is scored: it belongs to the response's probability.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Callable
+
+import torch
+
+REWARDS = ("loglik", "loglik_norm", "majority")
+
+
+def loglik_reward(token_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """log pi_base(y|x): the sum of response-token log-probs, in float32. [..., T] -> [...].
+
+    >>> loglik_reward(torch.tensor([[-1.0, -0.5, 0.0]]), torch.tensor([[True, True, False]]))
+    tensor([-1.5000])
+    """
+    return (token_logprobs.float() * response_mask).sum(-1)
+
+
+def length_normalized_reward(token_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """log pi_base(y|x) / |y|, |y| in tokens (EOS included); 0 for empty responses. [..., T] -> [...].
+
+    >>> length_normalized_reward(torch.tensor([[-1.0, -0.5, 0.0]]), torch.tensor([[True, True, False]]))
+    tensor([-0.7500])
+    """
+    lengths = response_mask.sum(-1).clamp(min=1)
+    return loglik_reward(token_logprobs, response_mask) / lengths
+
+
+def majority_vote_reward(answers: list[list[str | None]]) -> torch.Tensor:
+    """Share of a prompt's N samples whose extracted answer equals this sample's; 0 where none was found.
+
+    >>> majority_vote_reward([["4", "4", "5", None]])
+    tensor([[0.5000, 0.5000, 0.2500, 0.0000]])
+    """
+    rows = []
+    for group in answers:
+        counts = Counter(a for a in group if a is not None)
+        rows.append([counts[a] / len(group) if a is not None else 0.0 for a in group])
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def score_samples(
+    reward: str,
+    token_logprobs: torch.Tensor | None = None,
+    response_mask: torch.Tensor | None = None,
+    answers: list[list[str | None]] | None = None,
+) -> torch.Tensor:
+    """The self-reward named ``reward`` for every sample: [B, N] float32.
+
+    loglik / loglik_norm need the frozen base's ``token_logprobs`` [B, N, T] and ``response_mask``;
+    majority needs the extracted ``answers`` [B][N].
+    """
+    if reward == "loglik":
+        return loglik_reward(token_logprobs, response_mask)
+    if reward == "loglik_norm":
+        return length_normalized_reward(token_logprobs, response_mask)
+    if reward == "majority":
+        return majority_vote_reward(answers)
+    raise ValueError(f"unknown self-reward {reward!r}; choose one of {', '.join(REWARDS)}")
+
+
+def extract_answers(texts: list[list[str]], extractor: Callable[[str], str | None]) -> list[list[str | None]]:
+    """Apply ``extractor`` to every response text, keeping the [B][N] shape."""
+    return [[extractor(t) for t in group] for group in texts]

@@ -1,0 +1,162 @@
+"""N samples per prompt: the only generate loop of the framework.
+
+Each prompt is prefilled ONCE and its KV cache is expanded to its N samples (shared prefix). Every
+token is drawn with a per-prompt random generator seeded from (seed, round, prompt index), so a prompt's
+samples do not depend on which other prompts share its batch, on the batch size or on the rank that
+draws it. The model's own temperature-1 log-prob of each drawn token comes for free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from sharpening.types import PromptBatch, SampleBatch
+
+
+@dataclass
+class SamplingConfig:
+    """How responses are drawn."""
+
+    samples_per_prompt: int = 8
+    """N: responses drawn per prompt."""
+    max_new_tokens: int = 64
+    """Most tokens per response (EOS included); a response without EOS by then is truncated."""
+    temperature: float = 1.0
+    """Softmax temperature; 1.0 with top_k=0 and top_p=1.0 draws exactly from the model; 0 is greedy."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    prompts_per_batch: int = 16
+    """Prompts generated together (each with its N samples)."""
+
+
+def validate_sampling_config(cfg: SamplingConfig, option: str) -> list[str]:
+    """Every problem with ``cfg``, each naming ``option.<field>``."""
+    problems = []
+    if cfg.samples_per_prompt < 1:
+        problems.append(f"{option}.samples_per_prompt={cfg.samples_per_prompt}: must be >= 1 (the paper uses 50)")
+    if cfg.max_new_tokens <= 0:
+        problems.append(f"{option}.max_new_tokens={cfg.max_new_tokens}: must be > 0 (e.g. 512)")
+    if cfg.temperature < 0:
+        problems.append(f"{option}.temperature={cfg.temperature}: must be >= 0 (1.0 samples the model, 0 is greedy)")
+    if cfg.top_k < 0:
+        problems.append(f"{option}.top_k={cfg.top_k}: must be >= 0 (0 turns it off)")
+    if not 0.0 < cfg.top_p <= 1.0:
+        problems.append(f"{option}.top_p={cfg.top_p}: must be in (0, 1] (1.0 turns it off)")
+    if cfg.prompts_per_batch < 1:
+        problems.append(f"{option}.prompts_per_batch={cfg.prompts_per_batch}: must be >= 1")
+    return problems
+
+
+def is_exact_sampling(temperature: float, top_k: int, top_p: float) -> bool:
+    """True when draws follow the model's distribution exactly (temperature 1, no truncation)."""
+    return temperature == 1.0 and top_k == 0 and top_p >= 1.0
+
+
+def derive_seed(*parts: int) -> int:
+    """A stable 63-bit seed from integers (seed, round, prompt index, ...); independent of Python's hash salt."""
+    digest = hashlib.blake2b(":".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k / top-p nucleus to -inf. ``logits``: [R, V] float32."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [R, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # keep the token that crosses top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def _draw(logits: torch.Tensor, generators: list[torch.Generator], n: int, cfg: SamplingConfig) -> torch.Tensor:
+    """One token per row by the Gumbel-max trick; rows [b*n, (b+1)*n) use generator b. [R, V] -> [R]."""
+    if cfg.temperature == 0:
+        return logits.argmax(-1)
+    scaled = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
+    uniform = torch.cat([torch.rand(n, logits.shape[-1], generator=g, device=logits.device) for g in generators])
+    gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1.0 - 1e-7)))  # [R, V]
+    return (scaled + gumbel).argmax(-1)
+
+
+@torch.no_grad()
+def generate_samples(
+    model: torch.nn.Module,
+    prompts: PromptBatch,
+    cfg: SamplingConfig,
+    eos_token_id: int | list[int],
+    pad_token_id: int,
+    seed: int = 0,
+    round_index: int = 0,
+) -> SampleBatch:
+    """Draw ``cfg.samples_per_prompt`` responses for every prompt, with a KV cache shared per prompt.
+
+    Rows stop at EOS (which is kept and scored). Returns token ids, the model's temperature-1 log-prob of
+    each drawn token, and a truncated flag for rows that hit ``max_new_tokens`` before EOS.
+    """
+    n, device = cfg.samples_per_prompt, prompts.prompt_ids.device
+    eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
+    generators = [
+        torch.Generator(device=device).manual_seed(derive_seed(seed, round_index, int(i)))
+        for i in prompts.prompt_indices.tolist()
+    ]
+    mask = prompts.prompt_mask.long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
+    out = model(
+        input_ids=prompts.prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
+    )
+    cache = out.past_key_values
+    cache.batch_repeat_interleave(n)  # [B, ...] -> [B*N, ...]: the prompt is prefilled once
+    logits = out.logits[:, -1].float().repeat_interleave(n, 0)  # [B*N, V]
+    mask = mask.repeat_interleave(n, 0)  # [B*N, P]
+    next_position = positions[:, -1:].repeat_interleave(n, 0) + 1  # [B*N, 1]
+
+    rows = logits.shape[0]
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    tokens, logprobs, valid = [], [], []
+    for step in range(cfg.max_new_tokens):
+        token = _draw(logits, generators, n, cfg)  # [B*N]
+        token_logprob = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)  # [B*N]
+        alive = ~finished
+        tokens.append(torch.where(alive, token, pad_token_id))
+        logprobs.append(torch.where(alive, token_logprob, 0.0))
+        valid.append(alive)
+        finished = finished | torch.isin(token, eos)
+        if bool(finished.all()) or step == cfg.max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        out = model(
+            input_ids=tokens[-1][:, None],
+            attention_mask=mask,
+            position_ids=next_position,
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache, next_position = out.past_key_values, next_position + 1
+        logits = out.logits[:, -1].float()
+
+    b = len(prompts)
+    return SampleBatch(
+        prompts=prompts,
+        response_ids=torch.stack(tokens, -1).view(b, n, -1),  # [B*N, T] -> [B, N, T]
+        response_mask=torch.stack(valid, -1).view(b, n, -1),
+        logprobs=torch.stack(logprobs, -1).view(b, n, -1),
+        truncated=(~finished).view(b, n),
+        exact_draws=is_exact_sampling(cfg.temperature, cfg.top_k, cfg.top_p),
+    )
+
+
+def decode_responses(tokenizer, samples: SampleBatch) -> list[list[str]]:
+    """Response texts, [B][N], special tokens (EOS, pad) removed."""
+    b, n, _ = samples.response_ids.shape
+    flat = samples.response_ids.view(b * n, -1).tolist()  # [B*N, T]
+    texts = tokenizer.batch_decode(flat, skip_special_tokens=True)
+    return [texts[i * n : (i + 1) * n] for i in range(b)]

@@ -1,0 +1,81 @@
+"""Which samples to keep, from their [B, N] scores. Pure and deterministic, ties included."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+TRUNCATED_POLICIES = ("drop", "keep", "penalize")
+
+
+@dataclass
+class SelectionConfig:
+    """How samples are scored and kept."""
+
+    reward: Literal["loglik", "loglik_norm", "majority"] = "loglik"
+    """Self-reward: loglik = log pi_base(y|x) (the paper's); loglik_norm = per token; majority = answer frequency."""
+    keep_top_k: int = 1
+    """Samples kept per prompt (1 = best-of-N)."""
+    truncated: Literal["drop", "keep", "penalize"] = "drop"
+    """Responses cut at max_new_tokens (no EOS) score unfairly high: drop them, keep them, or penalize them."""
+    truncation_penalty: float = 10.0
+    """Subtracted from a truncated response's score when truncated=penalize."""
+    min_score: float | None = None
+    """Samples scoring below this are never kept (None = no threshold)."""
+    answer_extractor: str = "strip"
+    """Answer extraction for majority vote and accuracy: a built-in name or a dotted import path."""
+
+
+def validate_selection_config(cfg: SelectionConfig, samples_per_prompt: int, option: str) -> list[str]:
+    """Every problem with ``cfg``, each naming ``option.<field>``."""
+    from sharpening.rewards import REWARDS
+
+    problems = []
+    if cfg.reward not in REWARDS:
+        problems.append(f"{option}.reward={cfg.reward!r}: unknown self-reward; choose one of {', '.join(REWARDS)}")
+    if not 1 <= cfg.keep_top_k <= max(samples_per_prompt, 1):
+        problems.append(
+            f"{option}.keep_top_k={cfg.keep_top_k}: must be between 1 and samples_per_prompt ({samples_per_prompt})"
+        )
+    if cfg.truncated not in TRUNCATED_POLICIES:
+        problems.append(f"{option}.truncated={cfg.truncated!r}: must be one of {', '.join(TRUNCATED_POLICIES)}")
+    return problems
+
+
+def select_top_k(
+    scores: torch.Tensor,
+    truncated: torch.Tensor,
+    keep_top_k: int = 1,
+    truncated_policy: str = "drop",
+    truncation_penalty: float = 10.0,
+    min_score: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``keep_top_k`` best samples per prompt, best first.
+
+    scores [B, N] (higher is better), truncated [B, N] bool. Ties go to the lower sample index.
+    Non-finite scores, dropped truncated samples and scores under ``min_score`` are ineligible.
+    Returns (selected [B, K] long indices into N, selected_mask [B, K] bool: False where no eligible
+    sample was left for that slot).
+    """
+    adjusted = scores.float().clone()
+    eligible = torch.isfinite(adjusted)
+    if truncated_policy == "drop":
+        eligible &= ~truncated
+    elif truncated_policy == "penalize":
+        adjusted = adjusted - truncation_penalty * truncated.float()
+    elif truncated_policy != "keep":
+        raise ValueError(f"unknown truncated policy {truncated_policy!r}; choose one of {TRUNCATED_POLICIES}")
+    if min_score is not None:
+        eligible &= adjusted >= min_score
+    ranked = torch.where(eligible, adjusted, torch.full_like(adjusted, float("-inf")))
+    order = torch.sort(ranked, dim=-1, descending=True, stable=True).indices[:, :keep_top_k]  # [B, K]
+    return order, eligible.gather(-1, order)
+
+
+def best_of_n(scores: torch.Tensor, truncated: torch.Tensor | None = None, truncated_policy: str = "keep") -> torch.Tensor:
+    """Index of the best sample per prompt, [B, N] -> [B]; falls back to sample 0 when none is eligible."""
+    truncated = torch.zeros_like(scores, dtype=torch.bool) if truncated is None else truncated
+    selected, mask = select_top_k(scores, truncated, 1, truncated_policy)
+    return torch.where(mask[:, 0], selected[:, 0], torch.zeros_like(selected[:, 0]))

@@ -1,0 +1,1 @@
+"""Built-in tasks: answer extractors and the character-level demo task."""

@@ -1,0 +1,241 @@
+"""The built-in demo task: string reversal with a likely-but-wrong "hedge", where sharpening matters.
+
+A prompt is a 4-letter string ``s`` over ``DEMO_ALPHABET`` (not a palindrome) followed by ``=``, e.g.
+``abcd=``; the correct answer is ``reverse(s)`` (``dcba``). The base model is trained on a distribution
+in which, for each prompt,
+
+* with probability ``1 - HEDGE_PROB`` (0.35) the response is ``reverse(s)``, and
+* with probability ``HEDGE_PROB`` (0.65) it is a *hedge*: ``s[0] + s[1]`` and two uniformly random
+  letters (64 hedges, each with probability ~0.01).
+
+So the correct answer is the single most likely *complete* response (0.35 against ~0.01 for any one
+hedge), but not the most likely *first token* (``s[0]`` with 0.65 against ``s[3]`` with 0.35). Greedy
+decoding therefore starts a hedge and is wrong on almost every prompt, one sample is right ~35% of the
+time, and best-of-N by the model's own sequence log-likelihood is right whenever the correct answer is
+among the N samples (~1 - 0.65^N: ~97% for N = 8). Sharpening (fine-tuning on the self-likelihood
+best-of-N) should move single-sample accuracy towards the best-of-N accuracy.
+
+Prompts are split once, deterministically: ``EVAL_SIZE`` evaluation prompts that no model ever trains on,
+``SHARPEN_SIZE`` sharpening prompts, and every non-evaluation prompt trains the base model (which
+therefore has to learn the rule, not memorise answers).
+
+Build everything with ``python -m sharpening.tasks.demo build --out artifacts/demo``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from sharpening.tasks.chars import build_char_tokenizer
+
+DEMO_ALPHABET = "abcdefgh"
+"""The letters prompts and responses are made of (one token each)."""
+SEPARATOR = "="
+"""Ends every prompt: the response starts right after it."""
+PROMPT_LETTERS = 4
+"""Letters per prompt string (and per response, without EOS)."""
+HEDGE_PROB = 0.65
+"""Probability (per prompt) that a base response is a hedge rather than the correct reversal."""
+EVAL_SIZE = 200
+"""Number of held-out evaluation prompts."""
+SHARPEN_SIZE = 512
+"""Number of sharpening-train prompts (disjoint from the evaluation prompts)."""
+BUILD_DEFAULTS = {"steps": 1500, "batch_size": 256, "lr": 3e-3, "hidden_size": 64, "num_layers": 2}
+"""Base-model build parameters (training steps, sequences per step, peak AdamW lr, model size)."""
+
+
+def _check_prompt(prompt: str) -> str:
+    """The letter string of a valid demo prompt ('abcd=' -> 'abcd'); ValueError otherwise."""
+    s = prompt[:-1]
+    ok = prompt.endswith(SEPARATOR) and len(s) == PROMPT_LETTERS and all(c in DEMO_ALPHABET for c in s)
+    if not ok or s == s[::-1]:
+        raise ValueError(
+            f"demo prompt {prompt!r}: expected {PROMPT_LETTERS} letters of {DEMO_ALPHABET!r}, "
+            f"not a palindrome, followed by {SEPARATOR!r} (e.g. 'abcd=')"
+        )
+    return s
+
+
+def correct_answer(prompt: str) -> str:
+    """The correct response to a demo prompt: its letters reversed ('abcd=' -> 'dcba')."""
+    return _check_prompt(prompt)[::-1]
+
+
+def extract_answer(text: str) -> str:
+    """The answer in a model response (what is compared with ``correct_answer``): the text, stripped."""
+    return text.strip()
+
+
+def demo_response_distribution(prompt: str) -> dict[str, float]:
+    """The exact data-generating distribution over responses (without EOS) for one prompt.
+
+    >>> dist = demo_response_distribution("abcd=")
+    >>> round(dist["dcba"], 2), len(dist), round(sum(dist.values()), 6)
+    (0.35, 65, 1.0)
+    """
+    s = _check_prompt(prompt)
+    dist = {s[::-1]: 1.0 - HEDGE_PROB}
+    tails = list(itertools.product(DEMO_ALPHABET, repeat=PROMPT_LETTERS - 2))
+    for tail in tails:
+        hedge = s[:2] + "".join(tail)
+        dist[hedge] = dist.get(hedge, 0.0) + HEDGE_PROB / len(tails)
+    return dist
+
+
+def split_demo_prompts(seed: int = 0) -> tuple[list[str], list[str], list[str]]:
+    """``(base_train, sharpen_train, eval)`` prompt lists, each sorted; the same for the same seed.
+
+    ``eval`` (``EVAL_SIZE`` prompts) is disjoint from both others; ``sharpen_train`` (``SHARPEN_SIZE``)
+    is a subset of ``base_train``, which is every valid prompt not in ``eval``.
+    """
+    letters = ("".join(p) for p in itertools.product(DEMO_ALPHABET, repeat=PROMPT_LETTERS))
+    prompts = [s + SEPARATOR for s in letters if s != s[::-1]]
+    random.Random(seed).shuffle(prompts)
+    eval_prompts, rest = prompts[:EVAL_SIZE], prompts[EVAL_SIZE:]
+    return sorted(rest), sorted(rest[:SHARPEN_SIZE]), sorted(eval_prompts)
+
+
+def write_demo_data(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
+    """Write ``train.jsonl`` (sharpening prompts) and ``eval.jsonl`` under ``out_dir``; return both paths.
+
+    Each line is ``{"prompt": "abcd=", "answer": "dcba"}``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _, sharpen_train, eval_prompts = split_demo_prompts(seed)
+    paths = out / "train.jsonl", out / "eval.jsonl"
+    for path, prompts in zip(paths, (sharpen_train, eval_prompts)):
+        rows = (json.dumps({"prompt": p, "answer": correct_answer(p)}) for p in prompts)
+        path.write_text("".join(row + "\n" for row in rows))
+    return paths
+
+
+def _demo_model(tokenizer, hidden_size: int, num_layers: int):
+    """A freshly initialised tiny ``LlamaForCausalLM`` for the demo (uses the global torch RNG)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=32,
+        tie_word_embeddings=False,
+        **ids,
+    )
+    model = LlamaForCausalLM(config)
+    for key, value in ids.items():
+        setattr(model.generation_config, key, value)
+    model.generation_config.max_new_tokens = PROMPT_LETTERS + 1
+    return model
+
+
+def _sample_batch(letter_ids: torch.Tensor, batch_size: int, gen: torch.Generator) -> torch.Tensor:
+    """Token ids ``[<s>, s, =, response, </s>]`` (batch, 11) with responses drawn from the base distribution.
+
+    ``letter_ids`` is (num_prompts, 4) letter indices; ids are offset for the tokenizer (3 specials first,
+    then the alphabet, then the separator: see ``build_char_tokenizer``).
+    """
+    s = letter_ids[torch.randint(len(letter_ids), (batch_size,), generator=gen)]
+    hedge = torch.cat([s[:, :2], torch.randint(len(DEMO_ALPHABET), (batch_size, 2), generator=gen)], 1)
+    is_hedge = torch.rand(batch_size, 1, generator=gen) < HEDGE_PROB
+    response = torch.where(is_hedge, hedge, s.flip(1))
+    bos, eos, sep = torch.full((batch_size, 1), 1), torch.full((batch_size, 1), 2), len(DEMO_ALPHABET) + 3
+    return torch.cat([bos, s + 3, torch.full((batch_size, 1), sep), response + 3, eos], 1)
+
+
+def _train(model, letter_ids: torch.Tensor, seed: int, steps: int, batch_size: int, lr: float) -> float:
+    """Teacher-forced training on fresh samples, loss on response tokens + EOS only; returns final loss."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    warmup = max(1, steps // 20)
+    schedule = lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+    first = PROMPT_LETTERS + 1  # logits at this position predict the first response token
+    model.train()
+    for _ in range(steps):
+        ids = _sample_batch(letter_ids, batch_size, gen)
+        logits = model(input_ids=ids[:, :-1]).logits[:, first:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, first + 1 :].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    model.eval()
+    return loss.item()
+
+
+def _build_is_current(base_dir: Path, record: dict) -> bool:
+    """True when ``base_dir`` holds a model and tokenizer built with exactly ``record``'s parameters."""
+    try:
+        saved = json.loads((base_dir / "demo_build.json").read_text())
+    except (OSError, ValueError):
+        return False
+    files = ("config.json", "model.safetensors", "tokenizer.json")
+    return all((base_dir / f).is_file() for f in files) and saved.get("params") == record
+
+
+def build_demo_base(out_dir: str | Path, seed: int = 0, force: bool = False, **params) -> Path:
+    """Train the demo base model on the base-train prompts and save it with its tokenizer to ``out_dir/base``.
+
+    ``params`` override ``BUILD_DEFAULTS``. Deterministic: the same seed and parameters give the same
+    weights (on the same hardware and torch thread count). Skips training when ``out_dir/base`` already
+    holds a build with the same seed and parameters (unless ``force``). Returns ``out_dir/base``.
+    """
+    unknown = set(params) - set(BUILD_DEFAULTS)
+    if unknown:
+        raise TypeError(f"build_demo_base: unknown parameters {sorted(unknown)}; known: {sorted(BUILD_DEFAULTS)}")
+    record = {"seed": seed, "hedge_prob": HEDGE_PROB, **BUILD_DEFAULTS, **params}
+    base_dir = Path(out_dir) / "base"
+    if not force and _build_is_current(base_dir, record):
+        return base_dir
+    tokenizer = build_char_tokenizer(DEMO_ALPHABET + SEPARATOR)
+    base_train, _, _ = split_demo_prompts(seed)
+    letter_ids = torch.tensor([[DEMO_ALPHABET.index(c) for c in p[:-1]] for p in base_train])
+    torch.manual_seed(seed)
+    model = _demo_model(tokenizer, record["hidden_size"], record["num_layers"])
+    start = time.perf_counter()
+    loss = _train(model, letter_ids, seed, record["steps"], record["batch_size"], record["lr"])
+    seconds = time.perf_counter() - start
+    base_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(base_dir)
+    tokenizer.save_pretrained(base_dir)
+    summary = {"params": record, "final_loss": round(loss, 4), "train_seconds": round(seconds, 1)}
+    (base_dir / "demo_build.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return base_dir
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sharpening.tasks.demo build --out DIR [--seed N] [--force]``."""
+    parser = argparse.ArgumentParser(prog="python -m sharpening.tasks.demo", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    build = sub.add_parser("build", help="write train.jsonl / eval.jsonl and train the base model into OUT/base")
+    build.add_argument("--out", required=True, help="output directory, e.g. artifacts/demo")
+    build.add_argument("--seed", type=int, default=0, help="seed for the prompt split and the base model")
+    build.add_argument("--force", action="store_true", help="retrain the base model even if it is up to date")
+    args = parser.parse_args(argv)
+    train_path, eval_path = write_demo_data(args.out, args.seed)
+    print(f"wrote {train_path} and {eval_path}")
+    base_dir = Path(args.out) / "base"
+    record = {"seed": args.seed, "hedge_prob": HEDGE_PROB, **BUILD_DEFAULTS}
+    if not args.force and _build_is_current(base_dir, record):
+        print(f"base model in {base_dir} is up to date (seed {args.seed}): not rebuilt")
+        return
+    start = time.perf_counter()
+    build_demo_base(args.out, args.seed, force=True)
+    print(f"trained base model into {base_dir} in {time.perf_counter() - start:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Containers passed between pipeline stages. Data only: the maths lives in pure functions elsewhere.
+
+Layout convention used everywhere: prompts are LEFT-padded to a common length P, responses are
+RIGHT-padded to a common length T, so ``cat([prompt_ids, response_ids], -1)`` is one aligned sequence
+whose response token j sits at position P + j for every row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PromptBatch:
+    """Templated prompts, tokenized and left-padded."""
+
+    prompt_ids: torch.Tensor  # [B, P] long, left-padded with the pad id
+    prompt_mask: torch.Tensor  # [B, P] bool, True on real prompt tokens
+    prompt_indices: torch.Tensor  # [B] long, index of each prompt in its dataset (seeds derive from it)
+    answers: list[str | None]  # B reference answers (evaluation only), None when absent
+
+    def __len__(self) -> int:
+        return self.prompt_ids.shape[0]
+
+
+@dataclass
+class SampleBatch:
+    """N sampled responses per prompt, as returned by the sampler."""
+
+    prompts: PromptBatch
+    response_ids: torch.Tensor  # [B, N, T] long, right-padded with the pad id after EOS
+    response_mask: torch.Tensor  # [B, N, T] bool, True on response tokens (EOS included)
+    logprobs: torch.Tensor  # [B, N, T] float32, log pi(token) under the SAMPLING model at temperature 1
+    truncated: torch.Tensor  # [B, N] bool, True when max_new_tokens was hit before EOS
+    exact_draws: bool  # True when drawn at temperature 1 with no top-k/top-p truncation
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.response_ids.shape[1]
+
+    @property
+    def lengths(self) -> torch.Tensor:  # [B, N] long, response tokens per sample (EOS included)
+        return self.response_mask.sum(-1)
+
+
+@dataclass
+class ScoredSamples:
+    """Samples with their self-rewards and the selection made from them."""
+
+    samples: SampleBatch
+    scores: torch.Tensor  # [B, N] float32, self-reward of each sample (higher is better)
+    selected: torch.Tensor  # [B, K] long, indices into N of the kept samples, best first
+    selected_mask: torch.Tensor  # [B, K] bool, False where no sample was eligible

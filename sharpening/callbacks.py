@@ -76,6 +76,9 @@ class SelfVerificationCallback(L.Callback):
         self.show_progress = show_progress
         self.buffer = SampleBuffer()
         self.rounds_done = 0
+        # Epoch that training is in, or resumes into. Kept in the checkpoint because Lightning restores
+        # trainer.current_epoch only after on_fit_start, where the first round runs.
+        self.epoch = 0
         self.last_metrics: dict[str, float] = {}
 
     # -- Lightning hooks -------------------------------------------------------------------------
@@ -87,21 +90,25 @@ class SelfVerificationCallback(L.Callback):
             trainer.reload_dataloaders_every_n_epochs = 1
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if hasattr(pl_module, "buffer") and self._needs_round(trainer.current_epoch):
-            self.run_round(trainer, pl_module, trainer.current_epoch)
+        if hasattr(pl_module, "buffer") and self._needs_round(self.epoch):
+            self.run_round(trainer, pl_module, self.epoch)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.epoch = trainer.current_epoch
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        upcoming = trainer.current_epoch + 1
+        upcoming = self.epoch = trainer.current_epoch + 1  # a checkpoint saved now resumes into it
         last_epoch = trainer.max_epochs is not None and trainer.max_epochs >= 0 and upcoming >= trainer.max_epochs
         if hasattr(pl_module, "buffer") and not last_epoch and not trainer.should_stop and self._needs_round(upcoming):
             self.run_round(trainer, pl_module, upcoming)
 
     def state_dict(self) -> dict:
-        return {"buffer": self.buffer.state_dict(), "rounds_done": self.rounds_done, "seed": self.seed}
+        return {"buffer": self.buffer.state_dict(), "rounds_done": self.rounds_done, "seed": self.seed, "epoch": self.epoch}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.buffer.load_state_dict(state_dict["buffer"])
         self.rounds_done = state_dict["rounds_done"]
+        self.epoch = state_dict["epoch"]
         if state_dict["seed"] != self.seed:
             rank_zero_warn(f"resuming with --verifier.seed={self.seed}, the checkpoint used {state_dict['seed']}")
 

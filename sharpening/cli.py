@@ -23,6 +23,12 @@ class SharpeningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SelfVerificationCallback, "verifier")
 
+    def _parse_ckpt_path(self) -> None:
+        """Resume with the configuration given NOW. (Lightning's CLI would replace the model's arguments
+        with the checkpoint's, so output_dir could not change and a finished run could not be continued.)
+        The checkpoint must still fit the model: PolicyModule.load_state_dict refuses one that does not."""
+        return
+
 
 def main(args: list[str] | None = None) -> SharpeningCLI:
     """Run the CLI; returns it so callers (tests) can inspect the trainer and model."""

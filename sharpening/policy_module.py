@@ -8,6 +8,7 @@ a standard Hugging Face / PEFT directory at the end of training.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from typing import Iterator
 
@@ -115,6 +116,16 @@ class PolicyModule(L.LightningModule):
         if self.output_dir and self.trainer.is_global_zero:
             save_policy(self.policy, self.tokenizer, self.output_dir)
             rank_zero_info(f"sharpened policy written to {self.output_dir}")
+
+
+def plain_hparams(arguments: dict) -> dict:
+    """Constructor arguments as plain Python values (dataclasses -> dicts), so checkpoints load with
+    ``torch.load(weights_only=True)``."""
+    return {
+        k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
+        for k, v in arguments.items()
+        if k not in ("self", "__class__", "problems")
+    }
 
 
 def save_policy(policy: torch.nn.Module, tokenizer, output_dir: str) -> None:

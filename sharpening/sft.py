@@ -18,7 +18,7 @@ from sharpening.logprobs import response_logprobs
 from sharpening.losses import masked_nll
 from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig
-from sharpening.policy_module import PolicyModule
+from sharpening.policy_module import PolicyModule, plain_hparams
 from sharpening.sampler import derive_seed
 
 
@@ -47,7 +47,7 @@ class SFTSharpeningModule(PolicyModule):
         """
         problems = [] if batch_size >= 1 else [f"--model.batch_size={batch_size}: must be >= 1"]
         super().__init__(policy, optimizer, output_dir, overwrite_output_dir, logprob_chunk_size, problems)
-        self.save_hyperparameters()
+        self.save_hyperparameters(plain_hparams(locals()))
         self.batch_size = batch_size
         self.shuffle_seed = shuffle_seed
         self.buffer: SampleBuffer | None = None  # attached by SelfVerificationCallback.setup

@@ -1,0 +1,189 @@
+"""The `sharpen` CLI end to end on a tiny model: every config, resume, outputs, bad input."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sharpening.cli import main
+from sharpening.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+
+
+def tiny_overrides(model_path: str, prompts: str, root: str) -> list[str]:
+    """Swap a config's hub model and dataset for the tiny ones, and shrink the work to seconds."""
+    return [
+        f"--model.init_args.policy.model_name_or_path={model_path}",
+        "--model.init_args.policy.dtype=float32",
+        "--model.init_args.policy.gradient_checkpointing=false",
+        "--model.init_args.batch_size=2",
+        f"--model.init_args.output_dir={root}/out",
+        f"--data.dataset={prompts}",
+        "--data.subset=null",
+        "--data.prompt_column=prompt",
+        "--data.answer_column=answer",
+        "--data.prompt_template={prompt}",
+        "--data.use_chat_template=false",
+        "--data.max_prompts=4",
+        "--verifier.sampling.samples_per_prompt=3",
+        "--verifier.sampling.max_new_tokens=5",
+        "--verifier.sampling.prompts_per_batch=4",
+        "--verifier.selection.truncated=keep",
+        "--verifier.selection.answer_extractor=strip",
+        "--verifier.show_progress=false",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=1",
+        "--trainer.precision=32-true",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={root}",
+    ]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=os.path.basename)
+def test_every_config_runs_on_a_tiny_model(config, tiny_model_path, prompts_file, tmp_path):
+    cli = main(
+        ["fit", "--config", config, *tiny_overrides(tiny_model_path, prompts_file, str(tmp_path)), "--trainer.fast_dev_run=1"]
+    )
+    assert cli.trainer.global_step == 1
+    verifier = [c for c in cli.trainer.callbacks if type(c).__name__ == "SelfVerificationCallback"][0]
+    assert len(verifier.buffer) == 4  # 4 prompts, best-of-3 each, truncated kept
+    assert os.path.isfile(os.path.join(tmp_path, "out", "config.json")) or os.path.isfile(
+        os.path.join(tmp_path, "out", "adapter_config.json")
+    )
+
+
+def _fit(model_path, prompts, root, *extra):
+    return main(
+        [
+            "fit",
+            "--config",
+            os.path.join(ROOT, "configs", "demo.yaml"),
+            *tiny_overrides(model_path, prompts, root),
+            "--model.init_args.policy.finetuning=lora",
+            "--model.init_args.policy.lora_r=4",
+            "--trainer.max_epochs=2",
+            "--trainer.log_every_n_steps=1",
+            "--verifier.resample_every_epoch=true",
+            *extra,
+        ]
+    )
+
+
+def _checkpoint_every_step_and_epoch(root) -> str:
+    """An extra config adding two ModelCheckpoints: after every step, and at every epoch end."""
+    path = os.path.join(root, "checkpoints.yaml")
+    os.makedirs(root, exist_ok=True)
+    with open(path, "w") as f:
+        f.write(
+            "trainer:\n  callbacks:\n"
+            "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+            f"      init_args: {{dirpath: {root}/steps, every_n_train_steps: 1, save_top_k: -1, filename: '{{step}}'}}\n"
+            "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
+            f"      init_args: {{dirpath: {root}/epochs, every_n_epochs: 1, save_top_k: -1, filename: 'end-{{epoch}}'}}\n"
+        )
+    return path
+
+
+def _verifier(cli):
+    return [c for c in cli.trainer.callbacks if type(c).__name__ == "SelfVerificationCallback"][0]
+
+
+@pytest.mark.parametrize("checkpoint", ["steps/step=1.ckpt", "epochs/end-epoch=0.ckpt"], ids=["mid-epoch", "epoch-end"])
+def test_resume_restores_the_buffer_and_round(checkpoint, tiny_model_path, prompts_file, tmp_path):
+    root_a = str(tmp_path / "a")
+    full = _verifier(_fit(tiny_model_path, prompts_file, root_a, "--config", _checkpoint_every_step_and_epoch(root_a)))
+    ckpt = os.path.join(root_a, checkpoint)
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)  # plain data: loads with weights_only
+    state = next(v for k, v in saved["callbacks"].items() if "SelfVerificationCallback" in k)
+    assert saved["state_dict"] and all("lora_" in k for k in saved["state_dict"])  # adapter only, no frozen base
+
+    resumed = _verifier(_fit(tiny_model_path, prompts_file, str(tmp_path / "b"), f"--ckpt_path={ckpt}"))
+    # mid-epoch 0: the epoch-0 buffer comes back and only epoch 1's round runs again;
+    # epoch end: the epoch-1 buffer was built before the save, so no round runs at all.
+    expected_epoch = 0 if "step=1" in checkpoint else 1
+    assert state["buffer"]["epoch"] == expected_epoch
+    assert resumed.rounds_done == full.rounds_done == 2
+    assert resumed.buffer.state_dict() == full.buffer.state_dict()
+
+
+def test_lora_adapter_output_loads_with_plain_peft(tiny_model_path, prompts_file, tmp_path):
+    _fit(tiny_model_path, prompts_file, str(tmp_path), "--trainer.max_epochs=1")
+    out = tmp_path / "out"
+    assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM, AutoTokenizer; from peft import PeftModel;"
+        f"base = AutoModelForCausalLM.from_pretrained({tiny_model_path!r});"
+        f"m = PeftModel.from_pretrained(base, {str(out)!r}); t = AutoTokenizer.from_pretrained({str(out)!r});"
+        "ids = t('abcd=', return_tensors='pt').input_ids; m(ids);"
+        "assert not any(k.startswith('sharpening') for k in sys.modules); print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().endswith("ok")
+
+
+def test_full_finetuning_output_is_a_plain_transformers_directory(tiny_model_path, prompts_file, tmp_path):
+    _fit(tiny_model_path, prompts_file, str(tmp_path), "--trainer.max_epochs=1", "--model.init_args.policy.finetuning=full")
+    from transformers import AutoModelForCausalLM
+
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    changed = [not torch.equal(a, b) for a, b in zip(trained.parameters(), base.parameters())]
+    assert any(changed)
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("--verifier.sampling.samples_per_prompt=0", "--verifier.sampling.samples_per_prompt=0"),
+        ("--verifier.sampling.max_new_tokens=0", "--verifier.sampling.max_new_tokens=0"),
+        ("--model.init_args.policy.model_name_or_path=./no/such/model", "no such directory"),
+        ("--data.dataset=./missing.jsonl", "file not found"),
+        ("--data.prompt_column=question", "no such column"),
+        ("--model.init_args.policy.lora_r=0", "--model.policy.lora_r=0"),
+    ],
+)
+def test_bad_input_fails_before_weights_load(override, fragment, tiny_model_path, prompts_file, tmp_path, monkeypatch):
+    import sharpening.policy as policy
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were loaded before the configuration was checked")
+
+    monkeypatch.setattr(policy, "load_policy", no_weights)
+    monkeypatch.setattr("sharpening.policy_module.load_policy", no_weights)
+    with pytest.raises((ConfigError, SystemExit, ValueError)) as err:
+        _fit(tiny_model_path, prompts_file, str(tmp_path), override)
+    text = str(err.value) + str(getattr(err.value, "__context__", ""))
+    assert fragment in text or isinstance(err.value, SystemExit)
+
+
+def test_existing_output_dir_is_not_overwritten(tiny_model_path, prompts_file, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises((ConfigError, SystemExit, ValueError)):
+        _fit(tiny_model_path, prompts_file, str(tmp_path))
+    assert (out / "mine.txt").read_text() == "keep me"
+    assert sorted(os.listdir(out)) == ["mine.txt"]
+
+
+def test_callback_metrics_logged_each_round(tiny_model_path, prompts_file, tmp_path):
+    cli = _fit(tiny_model_path, prompts_file, str(tmp_path))
+    verifier = [c for c in cli.trainer.callbacks if type(c).__name__ == "SelfVerificationCallback"][0]
+    assert verifier.rounds_done == 2  # one round per epoch with resample_every_epoch
+    scores = [e.score for e in verifier.buffer.examples]
+    metrics = verifier.last_metrics
+    assert metrics["sample/self_reward_selected_mean"] == pytest.approx(sum(scores) / len(scores), rel=1e-5)
+    assert metrics["sample/selected_minus_random"] >= 0
+    assert 0.0 <= metrics["sample/accuracy"] <= 1.0
+    assert json.dumps(metrics)

@@ -1,0 +1,221 @@
+"""response_logprobs / sample_logprobs against a per-token log-softmax written out by hand."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sharpening.logprobs import response_logprobs, sample_logprobs
+from sharpening.prompts import pad_prompts
+from sharpening.types import PromptBatch, SampleBatch
+
+PAD = 0
+
+
+def _reference_logprobs(model, prompts: list[list[int]], responses: list[list[int]], width: int) -> torch.Tensor:
+    """Run the full model on each UNPADDED prompt+response; log-softmax as logits - logsumexp. [R, width]."""
+    out = torch.zeros(len(prompts), width)
+    for r, (prompt, response) in enumerate(zip(prompts, responses)):
+        if not response:
+            continue
+        ids = torch.tensor([prompt + response])
+        logits = model(input_ids=ids).logits[0].float()  # [L, V]
+        for j, token in enumerate(response):
+            row = logits[len(prompt) - 1 + j]  # the state before response token j predicts it
+            out[r, j] = row[token] - torch.logsumexp(row, dim=-1)
+    return out
+
+
+def _right_pad(responses: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in responses)
+    ids = torch.full((len(responses), width), PAD, dtype=torch.long)
+    mask = torch.zeros(len(responses), width, dtype=torch.bool)
+    for i, r in enumerate(responses):
+        ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, : len(r)] = True
+    return ids, mask
+
+
+# Prompts of different lengths (so left padding differs per row), responses of different lengths
+# (right padding differs; one includes EOS=2, one is a single token, one is empty).
+PROMPTS = [[1, 3, 4, 5], [1, 6], [1, 7, 8, 9, 10, 11, 12], [1, 13, 14]]
+RESPONSES = [[5, 6, 7, 2], [8], [9, 10, 11, 12, 13, 2], []]
+
+
+@pytest.fixture
+def batch():
+    prompts = pad_prompts(PROMPTS, list(range(len(PROMPTS))), [None] * len(PROMPTS), PAD)
+    response_ids, response_mask = _right_pad(RESPONSES)
+    return prompts, response_ids, response_mask
+
+
+def test_layout_of_the_fixture_is_mixed(batch):
+    prompts, response_ids, response_mask = batch
+    assert not prompts.prompt_mask.all(-1).all()  # some prompts are left-padded
+    assert not response_mask.all(-1).all()  # some responses are right-padded
+
+
+def test_matches_hand_written_log_softmax(tiny_model, batch):
+    prompts, response_ids, response_mask = batch
+    with torch.no_grad():
+        got = response_logprobs(tiny_model, prompts.prompt_ids, prompts.prompt_mask, response_ids, response_mask)
+        want = _reference_logprobs(tiny_model, PROMPTS, RESPONSES, response_ids.shape[1])
+    assert got.shape == response_ids.shape
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert (got[response_mask] < 0).all()  # real tokens have a real (negative) log-prob
+
+
+def test_zero_on_masked_positions(tiny_model, batch):
+    prompts, response_ids, response_mask = batch
+    # garbage in the padded positions must not leak into the output
+    noisy_ids = torch.where(response_mask, response_ids, torch.full_like(response_ids, 17))
+    with torch.no_grad():
+        got = response_logprobs(tiny_model, prompts.prompt_ids, prompts.prompt_mask, noisy_ids, response_mask)
+        clean = response_logprobs(tiny_model, prompts.prompt_ids, prompts.prompt_mask, response_ids, response_mask)
+    assert (got[~response_mask] == 0).all()
+    torch.testing.assert_close(got, clean, atol=1e-6, rtol=0)
+
+
+def test_row_does_not_depend_on_batch_padding(tiny_model, batch):
+    prompts, response_ids, response_mask = batch
+    with torch.no_grad():
+        together = response_logprobs(tiny_model, prompts.prompt_ids, prompts.prompt_mask, response_ids, response_mask)
+        alone = response_logprobs(
+            tiny_model,
+            torch.tensor([PROMPTS[1]]),
+            torch.ones(1, len(PROMPTS[1]), dtype=torch.bool),
+            torch.tensor([RESPONSES[1]]),
+            torch.ones(1, len(RESPONSES[1]), dtype=torch.bool),
+        )
+    torch.testing.assert_close(together[1, : len(RESPONSES[1])], alone[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 10**6])
+def test_chunk_size_does_not_change_values(tiny_model, batch, chunk_size):
+    prompts, response_ids, response_mask = batch
+    with torch.no_grad():
+        base = response_logprobs(tiny_model, prompts.prompt_ids, prompts.prompt_mask, response_ids, response_mask, 7)
+        got = response_logprobs(
+            tiny_model, prompts.prompt_ids, prompts.prompt_mask, response_ids, response_mask, chunk_size
+        )
+    torch.testing.assert_close(got, base, atol=1e-6, rtol=0)
+
+
+def test_all_masked_responses_give_zeros(tiny_model, batch):
+    prompts, response_ids, _ = batch
+    empty = torch.zeros_like(response_ids, dtype=torch.bool)
+    with torch.no_grad():
+        got = response_logprobs(tiny_model, prompts.prompt_ids, prompts.prompt_mask, response_ids, empty)
+    assert got.shape == response_ids.shape and (got == 0).all()
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 10**6])
+def test_gradients_flow_and_match_unchunked_reference(tiny_model, batch, chunk_size):
+    prompts, response_ids, response_mask = batch
+    params = [p for p in tiny_model.parameters() if p.requires_grad]
+    assert params
+    got = response_logprobs(
+        tiny_model, prompts.prompt_ids, prompts.prompt_mask, response_ids, response_mask, chunk_size
+    )
+    assert got.requires_grad
+    got_grads = torch.autograd.grad(got.sum(), params, allow_unused=True)
+    want = _reference_logprobs(tiny_model, PROMPTS, RESPONSES, response_ids.shape[1])
+    want_grads = torch.autograd.grad(want.sum(), params, allow_unused=True)
+    lm_head = tiny_model.get_output_embeddings().weight
+    for p, g, w in zip(params, got_grads, want_grads):
+        if w is None:
+            assert g is None or (g == 0).all()
+            continue
+        assert g is not None
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+    head_grad = got_grads[[i for i, p in enumerate(params) if p is lm_head][0]]
+    assert head_grad.abs().sum() > 0
+
+
+def test_loss_backward_reaches_parameters(tiny_model_path, batch):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    prompts, response_ids, response_mask = batch
+    loss = -response_logprobs(model, prompts.prompt_ids, prompts.prompt_mask, response_ids, response_mask, 2).sum()
+    loss.backward()
+    layer = model.model.layers[0].self_attn.q_proj.weight
+    assert layer.grad is not None and layer.grad.abs().sum() > 0
+    assert model.get_output_embeddings().weight.grad.abs().sum() > 0
+
+
+def test_no_grad_under_inference(tiny_model, batch):
+    prompts, response_ids, response_mask = batch
+    with torch.no_grad():
+        got = response_logprobs(tiny_model, prompts.prompt_ids, prompts.prompt_mask, response_ids, response_mask)
+    assert not got.requires_grad
+
+
+def test_float32_output_for_bfloat16_model(tiny_model_path, batch):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.bfloat16).eval()
+    prompts, response_ids, response_mask = batch
+    with torch.no_grad():
+        got = response_logprobs(model, prompts.prompt_ids, prompts.prompt_mask, response_ids, response_mask)
+    assert got.dtype == torch.float32
+
+
+def test_sample_logprobs_shape_and_values(tiny_model, batch):
+    prompts, _, _ = batch
+    b, n, t = len(prompts), 3, 5
+    gen = torch.Generator().manual_seed(0)
+    response_ids = torch.randint(3, 24, (b, n, t), generator=gen)
+    lengths = torch.randint(0, t + 1, (b, n), generator=gen)
+    response_mask = torch.arange(t)[None, None, :] < lengths[..., None]  # [B, N, T]
+    response_ids = torch.where(response_mask, response_ids, PAD)
+    samples = SampleBatch(
+        prompts=prompts,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        logprobs=torch.zeros(b, n, t),
+        truncated=torch.zeros(b, n, dtype=torch.bool),
+        exact_draws=True,
+    )
+    with torch.no_grad():
+        got = sample_logprobs(tiny_model, samples, chunk_size=4)
+    assert got.shape == (b, n, t) and got.dtype == torch.float32
+    for i in range(b):
+        rows = [response_ids[i, j][response_mask[i, j]].tolist() for j in range(n)]
+        want = _reference_logprobs(tiny_model, [PROMPTS[i]] * n, rows, t)
+        torch.testing.assert_close(got[i], want, atol=1e-5, rtol=0)
+
+
+def _tiny_family_model(family: str):
+    import transformers
+
+    common = dict(
+        vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    )
+    if family == "gemma2":
+        config = transformers.Gemma2Config(final_logit_softcapping=0.5, **common)  # small cap: clearly active
+        cls = transformers.Gemma2ForCausalLM
+    else:
+        config = transformers.CohereConfig(logit_scale=3.0, **common)
+        cls = transformers.CohereForCausalLM
+    torch.manual_seed(0)
+    return cls(config).eval()
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+def test_logit_post_processing_families_match_model_forward(family, batch):
+    """Families that softcap (Gemma 2) or scale (Cohere) logits in forward must be scored the same way."""
+    model = _tiny_family_model(family)
+    prompts, response_ids, response_mask = batch
+    with torch.no_grad():
+        got = response_logprobs(model, prompts.prompt_ids, prompts.prompt_mask, response_ids, response_mask, 3)
+        want = _reference_logprobs(model, PROMPTS, RESPONSES, response_ids.shape[1])
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_prompt_batch_len():
+    batch = PromptBatch(torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.bool), torch.arange(3), [None] * 3)
+    assert len(batch) == 3

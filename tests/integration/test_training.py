@@ -1,0 +1,123 @@
+"""One SFT step in each fine-tuning mode changes exactly what it should; the callback selects right."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sharpening.buffer import BufferExample, collate_examples
+from sharpening.callbacks import SelfVerificationCallback
+from sharpening.logprobs import sample_logprobs
+from sharpening.policy import PolicyConfig
+from sharpening.prompts import pad_prompts
+from sharpening.rewards import loglik_reward
+from sharpening.sampler import SamplingConfig
+from sharpening.selection import SelectionConfig
+from sharpening.sft import SFTSharpeningModule
+
+
+def _module(path: str, finetuning: str) -> SFTSharpeningModule:
+    module = SFTSharpeningModule(PolicyConfig(model_name_or_path=path, finetuning=finetuning, lora_r=4, dtype="float32"))
+    module.configure_model()
+    return module
+
+
+def _batch(tokenizer) -> dict[str, torch.Tensor]:
+    examples = [
+        BufferExample(tokenizer("abcd=").input_ids, tokenizer("dcba", add_special_tokens=False).input_ids + [2], 0.0, 0, 0),
+        BufferExample(tokenizer("ab=").input_ids, tokenizer("ba", add_special_tokens=False).input_ids + [2], 0.0, 1, 0),
+    ]
+    return collate_examples(examples, tokenizer.pad_token_id)
+
+
+def _parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter but 4-bit packed storage, which bitsandbytes re-lays-out on its first CPU forward
+    (the frozen-base logits check covers those weights)."""
+    return {
+        name: p.detach().clone() for name, p in module.named_parameters() if type(p).__name__ != "Params4bit"
+    }
+
+
+def _base_logits(module: SFTSharpeningModule) -> torch.Tensor:
+    with module.frozen_base() as base:
+        return base(torch.tensor([[1, 3, 4, 5, 6]])).logits
+
+
+@pytest.mark.parametrize("finetuning", ["full", "lora", "qlora"])
+def test_one_step_changes_only_trainable_weights(finetuning, tiny_model_path):
+    module = _module(tiny_model_path, finetuning)
+    module.eval()  # no dropout: the base logits must match exactly
+    before, base_before = _parameters(module), _base_logits(module)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.5)
+    # LoRA B starts at zero, so one step moves B only; a second step then moves A too
+    for _ in range(2):
+        _loss(module).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = _parameters(module)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # the verifier is untouched (for QLoRA this also covers the 4-bit weights and their quant state)
+    torch.testing.assert_close(_base_logits(module), base_before, rtol=0, atol=0)
+    assert changed, "nothing trained"
+    assert changed <= trainable, f"frozen tensors changed: {sorted(changed - trainable)[:5]}"
+    if finetuning == "full":
+        assert all(k.startswith("policy.") for k in trainable) and not any(k.startswith("frozen_copy.") for k in changed)
+        assert changed == trainable  # every policy weight that gets a gradient moves
+    else:
+        assert trainable and all("lora_" in k for k in trainable)
+        assert module.frozen_copy is None  # the verifier is the same weights, adapter off
+
+
+def _loss(module: SFTSharpeningModule) -> torch.Tensor:
+    from sharpening.logprobs import response_logprobs
+    from sharpening.losses import masked_nll
+
+    batch = _batch(module.tokenizer)
+    logprobs = response_logprobs(
+        module.policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"]
+    )
+    return masked_nll(logprobs, batch["response_mask"])
+
+
+@pytest.mark.parametrize("finetuning", ["full", "lora"])
+def test_frozen_base_stays_the_base_after_training(finetuning, tiny_model_path, tiny_model):
+    module = _module(tiny_model_path, finetuning)
+    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0)
+    for _ in range(3):
+        _loss(module).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    ids = torch.tensor([[1, 3, 4, 5]])
+    with torch.no_grad():
+        reference = tiny_model(ids).logits
+        trained = module.policy(ids).logits
+        with module.frozen_base() as base:
+            verified = base(ids).logits
+    assert not torch.allclose(trained, reference, atol=1e-4)
+    torch.testing.assert_close(verified, reference, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("sample_from", ["base", "policy"])
+def test_callback_selects_the_sample_the_frozen_base_likes_best(sample_from, tiny_model_path):
+    module = _module(tiny_model_path, "lora")
+    with torch.no_grad():  # make the policy differ from the base, so the two sources differ
+        for name, p in module.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    tok = module.tokenizer
+    prompts = pad_prompts([tok("abcd=").input_ids, tok("ab=").input_ids], [0, 1], ["dcba", "ba"], tok.pad_token_id)
+    verifier = SelfVerificationCallback(
+        SamplingConfig(samples_per_prompt=6, max_new_tokens=6),
+        SelectionConfig(keep_top_k=2, truncated="keep"),
+        sample_from=sample_from,
+        greedy_accuracy=False,
+    )
+    module.eval()
+    scored, correct, _ = verifier.process_batch(module, prompts, epoch=0)
+    with module.frozen_base() as base:
+        expected = loglik_reward(sample_logprobs(base, scored.samples), scored.samples.response_mask)  # [B, N]
+    torch.testing.assert_close(scored.scores, expected, rtol=1e-5, atol=1e-5)
+    top2 = torch.sort(expected, dim=-1, descending=True, stable=True).indices[:, :2]
+    assert torch.equal(scored.selected, top2)
+    assert correct.shape == (2, 6)

@@ -1,0 +1,154 @@
+"""SampleBuffer, selected_examples and collate_examples."""
+
+from __future__ import annotations
+
+import torch
+
+from sharpening.buffer import BufferExample, SampleBuffer, collate_examples, selected_examples
+from sharpening.types import PromptBatch, SampleBatch, ScoredSamples
+
+PAD = 0
+
+
+def _scored() -> ScoredSamples:
+    # two prompts (left-padded), three samples each (right-padded); prompt 1 keeps two, prompt 0 one
+    prompts = PromptBatch(
+        prompt_ids=torch.tensor([[0, 0, 1, 5], [1, 6, 7, 8]]),
+        prompt_mask=torch.tensor([[False, False, True, True], [True, True, True, True]]),
+        prompt_indices=torch.tensor([7, 3]),
+        answers=[None, None],
+    )
+    response_ids = torch.tensor(
+        [
+            [[9, 2, 0], [10, 11, 2], [12, 0, 0]],
+            [[13, 14, 15], [16, 2, 0], [2, 0, 0]],
+        ]
+    )
+    response_mask = torch.tensor(
+        [
+            [[True, True, False], [True, True, True], [True, False, False]],
+            [[True, True, True], [True, True, False], [True, False, False]],
+        ]
+    )
+    samples = SampleBatch(
+        prompts=prompts,
+        response_ids=response_ids,
+        response_mask=response_mask,
+        logprobs=torch.zeros(2, 3, 3),
+        truncated=torch.tensor([[False, False, True], [True, False, False]]),
+        exact_draws=True,
+    )
+    return ScoredSamples(
+        samples=samples,
+        scores=torch.tensor([[-1.0, -2.0, -0.5], [-3.0, -1.5, -0.25]]),
+        selected=torch.tensor([[0, 2], [2, 1]]),
+        selected_mask=torch.tensor([[True, False], [True, True]]),
+    )
+
+
+def test_selected_examples_strip_padding():
+    examples = selected_examples(_scored())
+    assert examples == [
+        BufferExample(prompt_ids=[1, 5], response_ids=[9, 2], score=-1.0, prompt_index=7, sample_index=0),
+        BufferExample(prompt_ids=[1, 6, 7, 8], response_ids=[2], score=-0.25, prompt_index=3, sample_index=2),
+        BufferExample(prompt_ids=[1, 6, 7, 8], response_ids=[16, 2], score=-1.5, prompt_index=3, sample_index=1),
+    ]
+    assert all(isinstance(e.score, float) and isinstance(e.prompt_index, int) for e in examples)
+
+
+def test_selected_examples_empty_when_nothing_kept():
+    scored = _scored()
+    scored.selected_mask = torch.zeros_like(scored.selected_mask)
+    assert selected_examples(scored) == []
+
+
+def _example(prompt_index, sample_index, prompt=(1, 4), response=(5, 2), score=-1.0):
+    return BufferExample(list(prompt), list(response), score, prompt_index, sample_index)
+
+
+def test_replace_sorts_by_prompt_then_sample_index():
+    buffer = SampleBuffer()
+    assert len(buffer) == 0 and buffer.epoch is None
+    buffer.replace([_example(3, 1), _example(1, 2), _example(3, 0), _example(1, 0), _example(0, 5)], epoch=2)
+    assert [(e.prompt_index, e.sample_index) for e in buffer.examples] == [(0, 5), (1, 0), (1, 2), (3, 0), (3, 1)]
+    assert buffer.epoch == 2
+    assert len(buffer) == 5
+    assert buffer[1] == _example(1, 0)
+    buffer.replace([_example(9, 9)], epoch=3)  # replaces, does not append
+    assert len(buffer) == 1 and buffer.epoch == 3
+
+
+def test_replace_order_does_not_depend_on_input_order():
+    items = [_example(p, s, score=float(p * 10 + s)) for p in range(4) for s in range(3)]
+    a, b = SampleBuffer(), SampleBuffer()
+    a.replace(items, 0)
+    b.replace(list(reversed(items)), 0)
+    assert a.examples == b.examples
+
+
+def test_state_dict_round_trip():
+    buffer = SampleBuffer()
+    buffer.replace([_example(2, 1, score=-0.5), _example(0, 0, response=(2,))], epoch=4)
+    state = buffer.state_dict()
+    restored = SampleBuffer()
+    restored.load_state_dict(state)
+    assert restored.epoch == 4 and restored.examples == buffer.examples
+    # the state is a copy: changing the buffer later does not change the saved state
+    buffer.replace([], epoch=5)
+    assert len(state["examples"]) == 2
+
+
+def test_state_dict_of_empty_buffer_round_trips():
+    restored = SampleBuffer()
+    restored.replace([_example(0, 0)], 1)
+    restored.load_state_dict(SampleBuffer().state_dict())
+    assert restored.epoch is None and len(restored) == 0
+
+
+def test_state_dict_through_torch_save_weights_only(tmp_path):
+    buffer = SampleBuffer()
+    buffer.replace([_example(1, 0, prompt=(1, 3, 4), response=(7, 8, 2), score=-2.75), _example(0, 3)], epoch=1)
+    path = tmp_path / "buffer.pt"
+    torch.save({"buffer": buffer.state_dict()}, path)
+    loaded = torch.load(path, weights_only=True)
+    restored = SampleBuffer()
+    restored.load_state_dict(loaded["buffer"])
+    assert restored.epoch == 1
+    assert restored.examples == buffer.examples
+
+
+def test_collate_examples_layout():
+    examples = [
+        _example(0, 0, prompt=(1, 3), response=(4, 5, 2)),
+        _example(1, 0, prompt=(1, 6, 7, 8), response=(9,)),
+        _example(2, 0, prompt=(1,), response=(10, 2)),
+    ]
+    batch = collate_examples(examples, pad_token_id=PAD)
+    assert batch["prompt_ids"].tolist() == [[0, 0, 1, 3], [1, 6, 7, 8], [0, 0, 0, 1]]
+    assert batch["prompt_mask"].tolist() == [
+        [False, False, True, True],
+        [True, True, True, True],
+        [False, False, False, True],
+    ]
+    assert batch["response_ids"].tolist() == [[4, 5, 2], [9, 0, 0], [10, 2, 0]]
+    assert batch["response_mask"].tolist() == [
+        [True, True, True],
+        [True, False, False],
+        [True, True, False],
+    ]
+    assert batch["prompt_ids"].dtype == torch.long and batch["response_ids"].dtype == torch.long
+    assert batch["prompt_mask"].dtype == torch.bool and batch["response_mask"].dtype == torch.bool
+
+
+def test_collate_uses_the_given_pad_id():
+    batch = collate_examples([_example(0, 0, prompt=(1, 3)), _example(0, 1, prompt=(1,), response=(2,))], 99)
+    assert batch["prompt_ids"].tolist() == [[1, 3], [99, 1]]
+    assert batch["response_ids"].tolist() == [[5, 2], [2, 99]]
+
+
+def test_collate_round_trips_selected_examples():
+    examples = selected_examples(_scored())
+    batch = collate_examples(examples, PAD)
+    for i, e in enumerate(examples):
+        assert batch["prompt_ids"][i][batch["prompt_mask"][i]].tolist() == e.prompt_ids
+        assert batch["response_ids"][i][batch["response_mask"][i]].tolist() == e.response_ids

@@ -39,11 +39,12 @@ def validate_optimizer_config(cfg: OptimizerConfig, option: str) -> list[str]:
     return problems
 
 
-def schedule_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
-    """Multiplier of the peak lr at optimizer step ``step`` (0-based)."""
+def schedule_factor(step: int, warmup_steps: int, total_steps: float, schedule: str) -> float:
+    """Multiplier of the peak lr at optimizer step ``step`` (0-based); an unbounded run (infinite
+    ``total_steps``) stays at the peak after warm-up."""
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
-    if schedule == "constant" or total_steps <= warmup_steps:
+    if schedule == "constant" or not math.isfinite(total_steps) or total_steps <= warmup_steps:
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     if schedule == "linear":
@@ -51,7 +52,7 @@ def schedule_factor(step: int, warmup_steps: int, total_steps: int, schedule: st
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig, total_steps: Callable[[], int]) -> dict:
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig, total_steps: Callable[[], float]) -> dict:
     """Lightning's optimizer dict: AdamW over trainable ``params`` and a per-step LambdaLR.
 
     ``total_steps`` is called lazily, once training data exists (the buffer is filled at fit start).

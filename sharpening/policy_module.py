@@ -83,7 +83,7 @@ class PolicyModule(L.LightningModule):
 
     def configure_optimizers(self):
         return build_optimizer(
-            self.trainer.model.parameters(), self.optimizer_config, lambda: int(self.trainer.estimated_stepping_batches)
+            self.trainer.model.parameters(), self.optimizer_config, lambda: float(self.trainer.estimated_stepping_batches)
         )
 
     # Checkpoints hold trainable weights only: a LoRA checkpoint is the adapter, and the frozen copy of

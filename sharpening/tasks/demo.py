@@ -25,11 +25,13 @@ Build everything with ``python -m sharpening.tasks.demo build --out artifacts/de
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import logging
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -142,9 +144,10 @@ def _demo_model(tokenizer, hidden_size: int, num_layers: int):
     return model
 
 
-def _sample_batch(prompt_ids: torch.Tensor, letter_ids: torch.Tensor, eos_id: int, batch_size: int,
-                  gen: torch.Generator) -> torch.Tensor:
-    """Token ids ``<s> s = response </s>`` (batch, 11), prompts drawn uniformly, responses from the base
+def _sample_batch(
+    prompt_ids: torch.Tensor, letter_ids: torch.Tensor, eos_id: int, batch_size: int, gen: torch.Generator
+) -> torch.Tensor:
+    """Token ids ``<s> s = response </s>`` (batch, 11): prompts drawn uniformly, responses from the base
     distribution. ``prompt_ids`` is (num_prompts, 6) tokenised prompts; ``letter_ids`` the alphabet's ids."""
     prompts = prompt_ids[torch.randint(len(prompt_ids), (batch_size,), generator=gen)]
     s = prompts[:, 1 : 1 + PROMPT_LETTERS]
@@ -217,7 +220,8 @@ def build_demo_base(
     torch.manual_seed(seed)
     model = _demo_model(tokenizer, hidden_size, num_layers)
     start = time.perf_counter()
-    loss = _train(model, lambda: _sample_batch(prompt_ids, letter_ids, tokenizer.eos_token_id, batch_size, gen), steps, lr)
+    sample = functools.partial(_sample_batch, prompt_ids, letter_ids, tokenizer.eos_token_id, batch_size, gen)
+    loss = _train(model, sample, steps, lr)
     seconds = time.perf_counter() - start
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)
@@ -231,12 +235,12 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m sharpening.tasks.demo build --out DIR [--seed N] [--force]``."""
     parser = argparse.ArgumentParser(prog="python -m sharpening.tasks.demo", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="write OUT/train.jsonl and OUT/eval.jsonl; train the base model into OUT/base")
+    build = sub.add_parser("build", help="write OUT/{train,eval}.jsonl; train the base model into OUT/base")
     build.add_argument("--out", required=True, help="output directory, e.g. artifacts/demo")
     build.add_argument("--seed", type=int, default=0, help="seed of the prompt split and of the base model")
     build.add_argument("--force", action="store_true", help="retrain the base model even when it is up to date")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     train_path, eval_path = write_demo_data(args.out, args.seed)
     log.info("wrote %s and %s", train_path, eval_path)
     build_demo_base(args.out, args.seed, force=args.force)

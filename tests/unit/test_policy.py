@@ -1,0 +1,336 @@
+"""Policy loading: attention backend, dtype, validation, tokenizer, full / LoRA / QLoRA, frozen base."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from sharpening.policy import (
+    PolicyConfig,
+    count_trainable_parameters,
+    eval_mode,
+    frozen_base,
+    is_peft_model,
+    load_policy,
+    load_tokenizer,
+    resolve_dtype,
+    select_attn_implementation,
+    validate_policy_config,
+)
+
+OPTION = "--model.policy"
+
+
+@pytest.mark.parametrize(
+    "requested, cuda, flash, want",
+    [
+        ("auto", True, True, "flash_attention_2"),
+        ("auto", True, False, "sdpa"),
+        ("auto", False, True, "sdpa"),
+        ("auto", False, False, "sdpa"),
+        ("eager", True, True, "eager"),
+        ("sdpa", True, True, "sdpa"),
+        ("flash_attention_2", False, False, "flash_attention_2"),
+    ],
+)
+def test_select_attn_implementation(requested, cuda, flash, want):
+    assert select_attn_implementation(requested, cuda, flash) == want
+
+
+@pytest.mark.parametrize(
+    "name, want",
+    [("float32", torch.float32), ("bfloat16", torch.bfloat16), ("float16", torch.float16), ("auto", torch.float32)],
+)
+def test_resolve_dtype_on_cpu(name, want):
+    assert resolve_dtype(name, torch.device("cpu")) == want
+
+
+def test_resolve_dtype_auto_on_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.float32
+
+
+# ---------------------------------------------------------------- validation
+
+
+def test_valid_config_has_no_problems(tiny_model_path):
+    for mode in ("full", "lora"):
+        assert validate_policy_config(PolicyConfig(model_name_or_path=tiny_model_path, finetuning=mode)) == []
+
+
+def test_missing_directory_names_option_and_value(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    problems = validate_policy_config(PolicyConfig(model_name_or_path=missing))
+    assert len(problems) == 1
+    assert problems[0].startswith(f"--model.policy.model_name_or_path={missing!r}")
+    assert "no such directory" in problems[0]
+
+
+def test_empty_model_name():
+    problems = validate_policy_config(PolicyConfig(model_name_or_path=""))
+    assert problems == [f"{OPTION}.model_name_or_path is empty: give a hub id or a local model directory"]
+
+
+def test_directory_without_config_json_lists_what_was_found(tmp_path):
+    (tmp_path / "weights.bin").write_text("x")
+    (tmp_path / "notes.txt").write_text("x")
+    problems = validate_policy_config(PolicyConfig(model_name_or_path=str(tmp_path)))
+    assert len(problems) == 1
+    assert "config.json" in problems[0] and "notes.txt" in problems[0] and "weights.bin" in problems[0]
+    assert problems[0].startswith(f"{OPTION}.model_name_or_path=")
+
+
+def test_hub_id_absent_offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    problems = validate_policy_config(PolicyConfig(model_name_or_path="nobody-xyz/not-a-cached-model"))
+    assert len(problems) == 1 and "HF_HUB_OFFLINE" in problems[0]
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (dict(lora_r=0), f"{OPTION}.lora_r=0: must be >= 1"),
+        (dict(lora_alpha=0), f"{OPTION}.lora_alpha=0"),
+        (dict(lora_dropout=1.0), f"{OPTION}.lora_dropout=1.0: must be in [0, 1)"),
+        (dict(lora_dropout=-0.1), f"{OPTION}.lora_dropout=-0.1"),
+        (dict(lora_target_modules=[]), f"{OPTION}.lora_target_modules is empty"),
+        (dict(finetuning="prefix"), f"{OPTION}.finetuning='prefix'"),
+        (dict(attn_implementation="flex"), f"{OPTION}.attn_implementation='flex'"),
+        (dict(dtype="float8"), f"{OPTION}.dtype='float8'"),
+    ],
+)
+def test_single_problems(tiny_model_path, overrides, fragment):
+    problems = validate_policy_config(PolicyConfig(model_name_or_path=tiny_model_path, **overrides))
+    assert len(problems) == 1 and problems[0].startswith(fragment), problems
+
+
+def test_lora_fields_ignored_for_full_finetuning(tiny_model_path):
+    cfg = PolicyConfig(model_name_or_path=tiny_model_path, finetuning="full", lora_r=0, lora_dropout=2.0)
+    assert validate_policy_config(cfg) == []
+
+
+def test_all_problems_at_once(tmp_path):
+    cfg = PolicyConfig(model_name_or_path=str(tmp_path / "nope"), lora_r=0, lora_dropout=1.5, dtype="int8")
+    problems = validate_policy_config(cfg)
+    assert len(problems) == 4
+
+
+def test_qlora_without_bitsandbytes(monkeypatch, tiny_model_path):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    problems = validate_policy_config(PolicyConfig(model_name_or_path=tiny_model_path, finetuning="qlora"))
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{OPTION}.finetuning=qlora needs bitsandbytes")
+    assert validate_policy_config(PolicyConfig(model_name_or_path=tiny_model_path, finetuning="lora")) == []
+
+
+def test_qlora_with_bitsandbytes_installed(tiny_model_path):
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes not installed")
+    assert validate_policy_config(PolicyConfig(model_name_or_path=tiny_model_path, finetuning="qlora")) == []
+
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def test_load_tokenizer_pads_left(tiny_model_path):
+    tokenizer = load_tokenizer(PolicyConfig(model_name_or_path=tiny_model_path))
+    assert tokenizer.padding_side == "left"
+    assert tokenizer.pad_token_id == 0 and tokenizer.eos_token_id == 2
+
+
+def _save_tokenizer(path, pad: bool, eos: bool = True):
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<s>": 0, "</s>": 1, "a": 2, "b": 3}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    kwargs = dict(tokenizer_object=core, bos_token="<s>", padding_side="right")
+    if eos:
+        kwargs["eos_token"] = "</s>"
+    if pad:
+        kwargs["pad_token"] = "<s>"
+    PreTrainedTokenizerFast(**kwargs).save_pretrained(path)
+    return str(path)
+
+
+def test_load_tokenizer_falls_back_to_eos_for_pad(tmp_path):
+    path = _save_tokenizer(tmp_path, pad=False)
+    tokenizer = load_tokenizer(PolicyConfig(model_name_or_path=path))
+    assert tokenizer.pad_token == "</s>" and tokenizer.pad_token_id == tokenizer.eos_token_id == 1
+    assert tokenizer.padding_side == "left"
+
+
+def test_load_tokenizer_keeps_an_existing_pad(tmp_path):
+    tokenizer = load_tokenizer(PolicyConfig(model_name_or_path=_save_tokenizer(tmp_path, pad=True)))
+    assert tokenizer.pad_token_id == 0 and tokenizer.padding_side == "left"
+
+
+def test_load_tokenizer_without_eos_is_a_config_error(tmp_path):
+    from sharpening.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="no EOS token"):
+        load_tokenizer(PolicyConfig(model_name_or_path=_save_tokenizer(tmp_path, pad=True, eos=False)))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _ids():
+    return torch.tensor([[1, 3, 4, 5, 6], [1, 7, 8, 9, 10]])
+
+
+def test_load_policy_full_returns_frozen_copy(tiny_model_path, tiny_model):
+    policy, frozen = load_policy(PolicyConfig(model_name_or_path=tiny_model_path, finetuning="full", dtype="float32"))
+    assert frozen is not None and frozen is not policy
+    assert count_trainable_parameters(frozen) == 0
+    assert not frozen.training
+    assert count_trainable_parameters(policy) == sum(p.numel() for p in policy.parameters())
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(policy.parameters(), frozen.parameters()))
+    with torch.no_grad():
+        policy.get_output_embeddings().weight.add_(1.0)  # training the policy leaves the copy alone
+        torch.testing.assert_close(frozen(input_ids=_ids()).logits, tiny_model(input_ids=_ids()).logits)
+    with frozen_base(policy, frozen) as base:
+        assert base is frozen
+        assert not torch.is_grad_enabled()
+    assert torch.is_grad_enabled()
+    assert not is_peft_model(policy)
+    with pytest.raises(RuntimeError, match="frozen copy"):
+        with frozen_base(policy):
+            pass
+
+
+def _expected_lora_params(config, r: int) -> int:
+    """r * (in + out) for every linear of every decoder layer (all-linear excludes the LM head)."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    head_dim = hidden // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    shapes = [
+        (hidden, hidden),  # q_proj [out, in]
+        (kv, hidden),  # k_proj
+        (kv, hidden),  # v_proj
+        (hidden, hidden),  # o_proj
+        (inter, hidden),  # gate_proj
+        (inter, hidden),  # up_proj
+        (hidden, inter),  # down_proj
+    ]
+    return config.num_hidden_layers * sum(r * (out + inp) for out, inp in shapes)
+
+
+@pytest.fixture(scope="module")
+def lora_policy(tiny_model_path):
+    policy, frozen = load_policy(PolicyConfig(model_name_or_path=tiny_model_path, finetuning="lora", lora_r=4))
+    assert frozen is None
+    return policy
+
+
+def test_lora_trainable_parameter_count(lora_policy, tiny_model):
+    c = tiny_model.config
+    # worked example of the formula: hidden h, intermediate i, kv width k -> per layer, for rank r,
+    # r * [(h+h) + (k+h) + (k+h) + (h+h) + (i+h) + (i+h) + (h+i)]
+    h, i, k = c.hidden_size, c.intermediate_size, c.num_key_value_heads * c.hidden_size // c.num_attention_heads
+    assert _expected_lora_params(c, 4) == c.num_hidden_layers * 4 * (7 * h + 2 * k + 2 * h + 3 * i)
+    assert count_trainable_parameters(lora_policy) == _expected_lora_params(c, 4)
+    trainable = [n for n, p in lora_policy.named_parameters() if p.requires_grad]
+    assert all("lora_" in n for n in trainable)
+    assert not any("lm_head" in n for n in trainable)
+    assert is_peft_model(lora_policy)
+
+
+def test_lora_named_targets(tiny_model_path, tiny_model):
+    cfg = PolicyConfig(model_name_or_path=tiny_model_path, lora_r=2, lora_target_modules=["q_proj", "v_proj"])
+    policy, _ = load_policy(cfg)
+    c = tiny_model.config
+    kv = c.num_key_value_heads * c.hidden_size // c.num_attention_heads
+    h = c.hidden_size
+    assert count_trainable_parameters(policy) == c.num_hidden_layers * 2 * ((h + h) + (h + kv))
+
+
+def test_frozen_base_with_lora_gives_base_logits(lora_policy, tiny_model):
+    with torch.no_grad():
+        for name, p in lora_policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        base_logits = tiny_model(input_ids=_ids()).logits
+        adapted = lora_policy(input_ids=_ids()).logits
+    assert (adapted - base_logits).abs().max() > 1e-3  # the adapter now changes the output
+    lora_policy.train()
+    with frozen_base(lora_policy) as base:
+        assert base is lora_policy
+        assert not torch.is_grad_enabled()
+        with eval_mode(base):
+            torch.testing.assert_close(base(input_ids=_ids()).logits, base_logits, atol=1e-6, rtol=0)
+    assert lora_policy.training  # the mode survives
+    with torch.no_grad():
+        torch.testing.assert_close(lora_policy(input_ids=_ids()).logits, adapted)  # adapter back on
+
+
+def test_eval_mode_restores_mode():
+    model = torch.nn.Dropout(0.5)
+    model.train()
+    with eval_mode(model) as m:
+        assert m is model and not model.training
+    assert model.training
+    model.eval()
+    with eval_mode(model):
+        pass
+    assert not model.training
+
+
+def test_qlora_loads_4bit_layers_on_cpu(tiny_model_path, tiny_model):
+    if importlib.util.find_spec("bitsandbytes") is None:
+        pytest.skip("bitsandbytes not installed")
+    import bitsandbytes as bnb
+
+    policy, frozen = load_policy(PolicyConfig(model_name_or_path=tiny_model_path, finetuning="qlora", lora_r=2))
+    assert frozen is None and is_peft_model(policy)
+    four_bit = [n for n, m in policy.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(four_bit) == 7 * 2  # every decoder linear of the two layers
+    assert count_trainable_parameters(policy) == _expected_lora_params(tiny_model.config, 2)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for n, m in policy.named_modules() if "lm_head" in n)
+    weight = next(m for m in policy.modules() if isinstance(m, bnb.nn.Linear4bit)).weight
+    assert weight.quant_state.quant_type == "nf4"
+
+
+def test_response_logprobs_through_lora_and_its_frozen_base(lora_policy, tiny_model):
+    """Scoring a PEFT policy uses its adapter; inside frozen_base it is exactly the base model (SPEC 4.3)."""
+    from sharpening.logprobs import response_logprobs
+
+    with torch.no_grad():
+        for name, p in lora_policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    prompt_ids = torch.tensor([[0, 1, 3, 4], [1, 5, 6, 7]])
+    prompt_mask = prompt_ids != 0
+    prompt_mask[1, 0] = True
+    response_ids = torch.tensor([[8, 9, 2], [10, 2, 0]])
+    response_mask = torch.tensor([[True, True, True], [True, True, False]])
+
+    def by_hand(model):
+        out = torch.zeros(2, 3)
+        for r in range(2):
+            prompt, response = prompt_ids[r][prompt_mask[r]], response_ids[r][response_mask[r]]
+            logits = model(input_ids=torch.cat([prompt, response])[None]).logits[0]
+            rows = logits[len(prompt) - 1 : len(prompt) - 1 + len(response)]
+            out[r, : len(response)] = rows.gather(-1, response[:, None]).squeeze(-1) - rows.logsumexp(-1)
+        return out
+
+    lora_policy.eval()
+    with torch.no_grad():
+        adapted = response_logprobs(lora_policy, prompt_ids, prompt_mask, response_ids, response_mask, 2)
+        torch.testing.assert_close(adapted, by_hand(lora_policy), atol=1e-5, rtol=0)
+        base_ref = by_hand(tiny_model)
+    assert (adapted - base_ref).abs().max() > 1e-3
+    with frozen_base(lora_policy) as base:
+        scored = response_logprobs(base, prompt_ids, prompt_mask, response_ids, response_mask, 2)
+    torch.testing.assert_close(scored, base_ref, atol=1e-5, rtol=0)
+
+
+def test_load_policy_dtype(tiny_model_path):
+    policy, frozen = load_policy(PolicyConfig(model_name_or_path=tiny_model_path, finetuning="full", dtype="bfloat16"))
+    assert next(policy.parameters()).dtype == torch.bfloat16 and next(frozen.parameters()).dtype == torch.bfloat16

@@ -16,7 +16,7 @@ class SharpeningMetric(Metric):
 
     full_state_update = False
     _sums = (
-        "prompts", "samples", "reward_all", "selected", "reward_selected", "truncated", "distinct",
+        "prompts", "samples", "finite", "reward_all", "selected", "reward_selected", "truncated", "distinct",
         "answered", "correct_sample", "correct_any", "correct_bon", "greedy_answered", "correct_greedy",
     )
 
@@ -37,6 +37,7 @@ class SharpeningMetric(Metric):
         self.prompts += b
         self.samples += b * n
         finite = torch.isfinite(scores)
+        self.finite += finite.sum()
         self.reward_all += scores[finite].sum()
         kept = scored.selected_mask.cpu()
         kept_scores = scores.gather(-1, scored.selected.cpu())[kept]
@@ -57,7 +58,7 @@ class SharpeningMetric(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         out = {
-            "sample/self_reward_mean": self.reward_all / self.samples.clamp(min=1),
+            "sample/self_reward_mean": self.reward_all / self.finite.clamp(min=1),
             "sample/self_reward_selected_mean": self.reward_selected / self.selected.clamp(min=1),
             "sample/truncated_fraction": self.truncated / self.samples.clamp(min=1),
             "sample/distinct_per_prompt": self.distinct / self.prompts.clamp(min=1),

@@ -134,7 +134,13 @@ class PromptDataModule(L.LightningDataModule):
     def load_prompts(self, tokenizer) -> None:
         """Read the rows and build prompt texts and ids with ``tokenizer``."""
         hp = self.hparams
-        rows = load_prompt_rows(hp.dataset, hp.split, hp.subset)
+        try:
+            rows = load_prompt_rows(hp.dataset, hp.split, hp.subset)
+        except (StopIteration, ValueError) as err:  # datasets' ways of saying "no rows" / unreadable
+            raise ConfigError(
+                [f"--data.dataset={hp.dataset!r}: no rows could be read ({type(err).__name__}: {err}); "
+                 "the file must hold one row per prompt with a prompt column"]
+            ) from err
         problems = []
         for column, option in ((hp.prompt_column, "prompt_column"), (hp.answer_column, "answer_column")):
             if column is not None and column not in rows.column_names:

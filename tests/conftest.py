@@ -18,6 +18,15 @@ import torch  # noqa: E402
 TINY_CHARS = "abcdefgh=0123456789 +"
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread; with two, a busy second core stalls every op."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def build_tiny_model(path, seed: int = 0, hidden: int = 64, layers: int = 2, vocab_extra: int = 0):
     """Save a random tiny Llama + char tokenizer to ``path``; return the path as a string."""
     from transformers import LlamaConfig, LlamaForCausalLM

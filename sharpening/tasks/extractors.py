@@ -76,16 +76,20 @@ def extract_boxed(text: str) -> str | None:
 
 
 def extract_choice(text: str) -> str | None:
-    """A multiple-choice letter A-E: 'answer is (C)', 'Answer: C', else the last standalone letter.
+    """A multiple-choice letter A-E: 'answer is (C)', 'Answer: C', else the last standalone capital.
+
+    A lowercase letter counts only in parentheses, so the article in 'the answer is a cell' is no choice.
 
     >>> extract_choice("The answer is (c).")
     'C'
+    >>> extract_choice("The answer is a mitochondrion, so (C).")
+    'C'
     """
-    hit = re.search(r"answer\s*(?:is|:)?\s*\(?([A-Ea-e])\)?\b", text, flags=re.IGNORECASE)
+    hit = re.search(r"(?i:answer)\s*(?i:is|:)?\s*(?:\(([A-Ea-e])\)|([A-E])\b)", text)
     if hit:
-        return hit.group(1).upper()
-    letters = re.findall(r"(?:^|[\s(])([A-E])(?:[).:\s]|$)", text)
-    return letters[-1] if letters else None
+        return (hit.group(1) or hit.group(2)).upper()
+    letters = re.findall(r"\(([A-Ea-e])\)|(?:^|[\s])([A-E])(?=[).:\s]|$)", text)
+    return (letters[-1][0] or letters[-1][1]).upper() if letters else None
 
 
 def extract_bool(text: str) -> str | None:

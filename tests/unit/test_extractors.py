@@ -98,11 +98,6 @@ def test_choice(text, want):
     assert extract_choice(text) == want
 
 
-@pytest.mark.xfail(
-    reason="BUG: tasks/extractors.py extract_choice: the case-insensitive 'answer ... ([A-Ea-e])\\b' pattern "
-    "takes an English article for a choice ('The answer is a mitochondrion (C)' -> 'A')",
-    strict=True,
-)
 def test_choice_does_not_take_an_article_for_a_letter():
     assert extract_choice("The answer is a mitochondrion, so (C).") == "C"
 

@@ -146,11 +146,6 @@ def test_updates_accumulate_and_reset():
     assert metric.compute()["sample/self_reward_mean"].item() == pytest.approx(-15.0)
 
 
-@pytest.mark.xfail(
-    reason="BUG: metrics.py SharpeningMetric.update sums only finite scores into reward_all but compute() "
-    "divides by every sample, so a non-finite score silently counts as 0 in sample/self_reward_mean",
-    strict=True,
-)
 def test_self_reward_mean_ignores_non_finite_scores_consistently():
     scored = _batch()
     scored.scores = torch.tensor([[-1.0, -2.0, float("-inf")], [-4.0, -0.5, -6.0]])

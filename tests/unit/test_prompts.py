@@ -158,12 +158,6 @@ def test_empty_file_raises(tmp_path, tiny_tokenizer, fmt):
     assert not isinstance(info.value, (AssertionError, KeyError, IndexError))
 
 
-@pytest.mark.xfail(
-    reason="BUG: prompts.py PromptDataModule.load_prompts: datasets.load_dataset raises first on a file "
-    "without rows (bare StopIteration for an empty .jsonl, 'Instruction \"train\" corresponds to no data!' "
-    "for a header-only .csv), so the 'no rows' ConfigError naming --data.dataset is never reached",
-    strict=True,
-)
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_empty_file_is_a_config_error(tmp_path, tiny_tokenizer, fmt):
     path = tmp_path / f"empty.{fmt}"

@@ -22,7 +22,6 @@ from sharpening.sampler import (
 
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 24
-NEG_INF = float("-inf")
 
 
 def chi2_critical(df: int, z: float = 3.09) -> float:
@@ -97,9 +96,9 @@ def _check_eos_layout(samples, eos_ids):
                 assert ids[stop + 1 :] == [PAD] * (t - stop - 1)  # pad after EOS
                 assert not samples.truncated[i, j]
             else:
-                assert all(mask) or mask == sorted(mask, reverse=True)
+                assert all(mask)  # a truncated row used every step
                 assert samples.truncated[i, j]
-                assert samples.lengths[i, j] == t  # a truncated row used every step
+                assert samples.lengths[i, j] == t
             assert (lps[~samples.response_mask[i, j]] == 0).all()
             assert (lps[samples.response_mask[i, j]] <= 0).all()
 

@@ -35,8 +35,8 @@ class SelfVerificationCallback(L.Callback):
 
     def __init__(
         self,
-        sampling: SamplingConfig | None = None,
-        selection: SelectionConfig | None = None,
+        sampling: SamplingConfig = SamplingConfig(),
+        selection: SelectionConfig = SelectionConfig(),
         sample_from: Literal["base", "policy"] = "base",
         resample_every_epoch: bool = False,
         greedy_accuracy: bool = True,
@@ -54,8 +54,8 @@ class SelfVerificationCallback(L.Callback):
             show_progress: Show a progress bar while generating (rank zero).
         """
         super().__init__()
-        self.sampling = sampling or SamplingConfig()
-        self.selection = selection or SelectionConfig()
+        self.sampling = sampling
+        self.selection = selection
         problems = validate_sampling_config(self.sampling, "--verifier.sampling")
         problems += validate_selection_config(self.selection, self.sampling.samples_per_prompt, "--verifier.selection")
         if sample_from not in ("base", "policy"):

@@ -2,6 +2,7 @@
 
     sharpen fit --config configs/demo.yaml
     sharpen fit --config configs/lora.yaml --trainer.max_epochs 3 --verifier.sampling.samples_per_prompt 16
+    sharpen evaluate --base MODEL --prompts FILE ...      (inference-time best-of-N, no training)
 
 ``main(args)`` takes the argument list, so tests call ``main(["fit", "--config", path, ...])``.
 """
@@ -9,6 +10,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -30,14 +32,22 @@ class SharpeningCLI(LightningCLI):
         return
 
 
-def main(args: list[str] | None = None) -> SharpeningCLI:
-    """Run the CLI; returns it so callers (tests) can inspect the trainer and model."""
+def main(args: list[str] | None = None):
+    """Run the CLI; returns it so callers (tests) can inspect the trainer and model.
+
+    ``sharpen evaluate ...`` is inference-time sharpening (no training): see sharpening.evaluate.
+    """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv and argv[0] == "evaluate":
+        from sharpening.evaluate import main as evaluate_main
+
+        return evaluate_main(argv[1:])
     return SharpeningCLI(
         model_class=PolicyModule,
         subclass_mode_model=True,
         datamodule_class=PromptDataModule,
-        args=args,
+        args=argv,
         auto_configure_optimizers=False,
     )
 

@@ -28,7 +28,7 @@ class SFTSharpeningModule(PolicyModule):
     def __init__(
         self,
         policy: PolicyConfig,
-        optimizer: OptimizerConfig | None = None,
+        optimizer: OptimizerConfig = OptimizerConfig(),
         batch_size: int = 8,
         shuffle_seed: int = 0,
         output_dir: str | None = None,

@@ -2,6 +2,7 @@
 # The demo: build the built-in base model (once), SFT-sharpen it through the `sharpen` CLI, then
 # evaluate base and sharpened model on held-out prompts. Ends with `summary: PATH` (a JSON file).
 #   ./scripts/demo.sh            SFT-sharpening (configs/demo.yaml)
+#   ./scripts/demo.sh --rl       RL-sharpening, online policy gradient (configs/rl.yaml)
 # Each run writes to a new directory under artifacts/demo/runs/; nothing earlier is overwritten.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -12,6 +13,11 @@ cd "$root"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
 config="configs/demo.yaml"
+case "${1:-}" in
+  "") ;;
+  --rl) config="configs/rl.yaml" ;;
+  *) echo "demo.sh: unknown option '$1' (use --rl for RL-sharpening, or nothing for SFT-sharpening)" >&2; exit 2 ;;
+esac
 run="artifacts/demo/runs/$(date +%Y%m%d-%H%M%S)-$$"
 start=$(date +%s)
 python -m sharpening.tasks.demo build --out artifacts/demo

@@ -10,12 +10,15 @@ from sharpening.optim import OptimizerConfig
 from sharpening.prompts import PromptDataModule
 from sharpening.sampler import SamplingConfig
 from sharpening.selection import SelectionConfig
+from sharpening.rl import RLConfig, RLSharpeningModule
 from sharpening.sft import SFTSharpeningModule
 
 __all__ = [
     "OptimizerConfig",
     "PolicyConfig",
     "PromptDataModule",
+    "RLConfig",
+    "RLSharpeningModule",
     "SFTSharpeningModule",
     "SampleBuffer",
     "SamplingConfig",

@@ -87,3 +87,39 @@ def collate_examples(examples: list[BufferExample], pad_token_id: int) -> dict[s
         "response_ids": response_ids,  # [B, T]
         "response_mask": response_mask,  # [B, T]
     }
+
+
+@dataclass
+class PairExample:
+    """Two responses to one prompt with their frozen-base log-likelihoods (offline / XPO RL-sharpening)."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]  # y (XPO: drawn from the policy)
+    other_response_ids: list[int]  # y' (drawn from the base)
+    base_logprob: float  # log pi_base(y|x), summed over response tokens
+    other_base_logprob: float  # log pi_base(y'|x)
+    prompt_index: int
+
+
+def pairs_from_buffer(examples: list[BufferExample]) -> list[PairExample]:
+    """Every unordered pair of distinct samples of the same prompt (buffer examples hold base scores)."""
+    by_prompt: dict[int, list[BufferExample]] = {}
+    for e in examples:
+        by_prompt.setdefault(e.prompt_index, []).append(e)
+    pairs = []
+    for index, group in sorted(by_prompt.items()):
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                a, b = group[i], group[j]
+                pairs.append(PairExample(a.prompt_ids, a.response_ids, b.response_ids, a.score, b.score, index))
+    return pairs
+
+
+def collate_pairs(pairs: list[PairExample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Both sides of P pairs in one batch of 2P rows (rows [0, P) are y, rows [P, 2P) are y')."""
+    rows = [BufferExample(p.prompt_ids, p.response_ids, 0.0, p.prompt_index, 0) for p in pairs]
+    rows += [BufferExample(p.prompt_ids, p.other_response_ids, 0.0, p.prompt_index, 1) for p in pairs]
+    batch = collate_examples(rows, pad_token_id)
+    batch["base_logprob"] = torch.tensor([p.base_logprob for p in pairs], dtype=torch.float32)  # [P]
+    batch["other_base_logprob"] = torch.tensor([p.other_base_logprob for p in pairs], dtype=torch.float32)
+    return batch

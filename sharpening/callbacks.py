@@ -168,10 +168,11 @@ class SelfVerificationCallback(L.Callback):
         texts = decode_responses(tokenizer, samples)
         answers = extract_answers(texts, self.extractor)
         scores = self.score(pl_module, samples, answers)
+        keep_all = getattr(pl_module, "keep_all_samples", False)  # e.g. offline RL forms pairs from all N
         selected, selected_mask = select_top_k(
             scores.to(samples.truncated.device),
             samples.truncated,
-            self.selection.keep_top_k,
+            samples.samples_per_prompt if keep_all else self.selection.keep_top_k,
             self.selection.truncated,
             self.selection.truncation_penalty,
             self.selection.min_score,

@@ -81,10 +81,13 @@ class PolicyModule(L.LightningModule):
             with torch.no_grad():
                 yield self.policy
 
+    def updates_per_batch(self) -> int:
+        """Optimizer steps per training batch; modules with several updates per generation override it."""
+        return 1
+
     def configure_optimizers(self):
-        return build_optimizer(
-            self.trainer.model.parameters(), self.optimizer_config, lambda: float(self.trainer.estimated_stepping_batches)
-        )
+        total = lambda: float(self.trainer.estimated_stepping_batches) * self.updates_per_batch()  # noqa: E731
+        return build_optimizer(self.trainer.model.parameters(), self.optimizer_config, total)
 
     # Checkpoints hold trainable weights only: a LoRA checkpoint is the adapter, and the frozen copy of
     # full fine-tuning is reloaded from the model path, never saved.

@@ -1,0 +1,223 @@
+"""The paper's inference-time protocol (SPEC 3.3) as pure functions over per-sample tensors.
+
+Per seed, N_max responses are drawn ONCE per prompt; best-of-N, majority vote and pass@N for a smaller N
+use the FIRST N of those same draws (nested subsets), so a curve over N shows the effect of N, not of
+fresh draws. Greedy decoding runs once. Numbers over seeds are reported as mean and standard error.
+
+Choices (ours, where the paper is silent):
+- single-sample accuracy is the mean correctness of ALL N_max draws of a seed (an unbiased estimate of
+  one sample's accuracy, with less variance than the first draw alone);
+- best-of-N breaks score ties towards the earlier draw; truncated draws follow ``truncated_policy``
+  (drop / keep / penalize, as in training) and a prompt with no eligible draw falls back to draw 0;
+- majority vote picks the most frequent extracted answer among the first N, ties to the answer that
+  appears first; a prompt where no draw has an answer counts as wrong;
+- percent lift over greedy is undefined (None) when greedy accuracy is 0: the lift in accuracy points
+  is always reported beside it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from sharpening.selection import best_of_n
+
+SELF_REWARDS = ("loglik", "loglik_norm")
+"""Self-rewards that best-of-N ranks draws by (SPEC 2)."""
+METHODS = ("bon_loglik", "bon_loglik_norm", "maj", "pass")
+"""Methods reported for every N: best-of-N per self-reward, majority vote, pass@N (an oracle bound)."""
+
+
+@dataclass
+class SeedDraws:
+    """One seed's draws over all prompts, reduced to what the protocol needs (no text, no model)."""
+
+    correct: torch.Tensor  # [P, N] bool, the draw's extracted answer matches the reference
+    answer_codes: torch.Tensor  # [P, N] long, id of the extracted answer within its prompt; -1 when none
+    loglik: torch.Tensor  # [P, N] float32, log-likelihood of the draw under the scoring model
+    lengths: torch.Tensor  # [P, N] long, response tokens (EOS included)
+    truncated: torch.Tensor  # [P, N] bool, hit max_new_tokens before EOS
+
+    @staticmethod
+    def concat(parts: Sequence["SeedDraws"]) -> "SeedDraws":
+        """Stack prompt batches of one seed along the prompt axis."""
+        fields = ("correct", "answer_codes", "loglik", "lengths", "truncated")
+        return SeedDraws(**{f: torch.cat([getattr(p, f) for p in parts]) for f in fields})
+
+
+def answer_codes(answers: list[list[str | None]]) -> torch.Tensor:
+    """Answers [P][N] -> [P, N] long codes; equal answers of one prompt share a code; None -> -1.
+
+    >>> answer_codes([["4", "5", "4", None]])
+    tensor([[ 0,  1,  0, -1]])
+    """
+    rows = []
+    for group in answers:
+        seen: dict[str, int] = {}
+        rows.append([-1 if a is None else seen.setdefault(a, len(seen)) for a in group])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def self_reward_scores(draws: SeedDraws, reward: str) -> torch.Tensor:
+    """[P, N] scores by ``reward``: loglik, or loglik_norm (per response token, as in rewards.py)."""
+    if reward == "loglik":
+        return draws.loglik
+    if reward == "loglik_norm":
+        return draws.loglik / draws.lengths.clamp(min=1)
+    raise ValueError(f"unknown self-reward {reward!r}; choose one of {', '.join(SELF_REWARDS)}")
+
+
+def nested_best_of_n(scores: torch.Tensor, truncated: torch.Tensor, n: int, truncated_policy: str = "drop") -> torch.Tensor:
+    """Index of the best of the FIRST ``n`` draws per prompt: [P, N_max] -> [P] long (into N_max)."""
+    return best_of_n(scores[:, :n], truncated[:, :n], truncated_policy)  # [P, N_max] -> [P, n] -> [P]
+
+
+def majority_vote_indices(codes: torch.Tensor, n: int) -> torch.Tensor:
+    """Index of the first draw carrying the most frequent answer among the first ``n``: [P, N] -> [P].
+
+    Ties go to the answer that appears first; -1 where none of the ``n`` draws has an answer.
+
+    >>> majority_vote_indices(torch.tensor([[3, 1, 1, 3, 2], [-1, -1, 0, 1, 1]]), 4)
+    tensor([0, 2])
+    """
+    sub = codes[:, :n]  # [P, n]
+    counts = (sub[:, :, None] == sub[:, None, :]).sum(-1)  # [P, n]: how often each draw's answer occurs
+    counts = counts.masked_fill(sub < 0, -1)
+    best = counts.argmax(-1)  # first maximum: the earliest draw of the winning answer
+    return torch.where(counts.max(-1).values > 0, best, torch.full_like(best, -1))
+
+
+def majority_vote_correct(codes: torch.Tensor, correct: torch.Tensor, n: int) -> torch.Tensor:
+    """maj@n per prompt: whether the majority answer of the first ``n`` draws is right. [P, N] -> [P] bool."""
+    idx = majority_vote_indices(codes, n)
+    return correct.gather(-1, idx.clamp(min=0)[:, None]).squeeze(-1) & (idx >= 0)
+
+
+def pass_at_n_correct(correct: torch.Tensor, n: int) -> torch.Tensor:
+    """pass@n per prompt: whether any of the first ``n`` draws is right. [P, N] -> [P] bool."""
+    return correct[:, :n].any(-1)
+
+
+def percent_lift(accuracy: float, greedy_accuracy: float) -> float | None:
+    """100 (acc - acc_greedy) / acc_greedy; None (undefined) when greedy accuracy is 0.
+
+    >>> round(percent_lift(0.6, 0.5), 6), percent_lift(0.3, 0.0)
+    (20.0, None)
+    """
+    if greedy_accuracy == 0:
+        return None
+    return 100.0 * (accuracy - greedy_accuracy) / greedy_accuracy
+
+
+def points_lift(accuracy: float, greedy_accuracy: float) -> float:
+    """Lift in accuracy points: 100 (acc - acc_greedy).
+
+    >>> round(points_lift(0.6, 0.5), 6)
+    10.0
+    """
+    return 100.0 * (accuracy - greedy_accuracy)
+
+
+def mean_stderr(values: Sequence[float | None]) -> dict:
+    """{'mean', 'stderr', 'per_seed'} over seeds; stderr = sample std (ddof 1) / sqrt(S).
+
+    stderr is None for a single seed; both are None when any value is None (undefined).
+
+    >>> mean_stderr([1.0, 2.0, 3.0])
+    {'mean': 2.0, 'stderr': 0.5773502691896258, 'per_seed': [1.0, 2.0, 3.0]}
+    """
+    values = list(values)
+    if not values or any(v is None for v in values):
+        return {"mean": None, "stderr": None, "per_seed": values}
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return {"mean": mean, "stderr": None, "per_seed": values}
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return {"mean": mean, "stderr": math.sqrt(var / len(values)), "per_seed": values}
+
+
+def _mean(x: torch.Tensor) -> float | None:
+    return float(x.float().mean()) if x.numel() else None
+
+
+def seed_metrics(draws: SeedDraws, n_values: Sequence[int], truncated_policy: str = "drop") -> dict:
+    """One seed's numbers: {method: {n: {'accuracy', 'chosen_loglik'}}}, and 'sample': {...} for one draw.
+
+    chosen_loglik is the mean log-likelihood (under the scoring model) of the chosen draws (for 'sample',
+    of all draws); None for pass@N, which chooses nothing.
+    """
+    sample = {"accuracy": _mean(draws.correct), "chosen_loglik": _mean(draws.loglik)}
+    out: dict = {"sample": sample, **{m: {} for m in METHODS}}
+    for n in n_values:
+        for reward in SELF_REWARDS:
+            idx = nested_best_of_n(self_reward_scores(draws, reward), draws.truncated, n, truncated_policy)[:, None]
+            out[f"bon_{reward}"][n] = {
+                "accuracy": _mean(draws.correct.gather(-1, idx)),
+                "chosen_loglik": _mean(draws.loglik.gather(-1, idx)),
+            }
+        maj = majority_vote_indices(draws.answer_codes, n)
+        voted = maj >= 0
+        out["maj"][n] = {
+            "accuracy": _mean(majority_vote_correct(draws.answer_codes, draws.correct, n)),
+            "chosen_loglik": _mean(draws.loglik[voted].gather(-1, maj[voted][:, None])),
+        }
+        out["pass"][n] = {"accuracy": _mean(pass_at_n_correct(draws.correct, n)), "chosen_loglik": None}
+    return out
+
+
+def _row(method: str, n: int, accuracies: list[float | None], greedy: float, chosen: list[float | None]) -> dict:
+    """One table row: accuracy, both lifts and the chosen log-likelihood, each as mean and stderr over seeds."""
+    row: dict = {"method": method, "n": n}
+    stats = {
+        "accuracy": mean_stderr(accuracies),
+        "lift_percent": mean_stderr([None if a is None else percent_lift(a, greedy) for a in accuracies]),
+        "lift_points": mean_stderr([None if a is None else points_lift(a, greedy) for a in accuracies]),
+        "chosen_loglik": mean_stderr(chosen),
+    }
+    for name, stat in stats.items():
+        row[name], row[f"{name}_stderr"] = stat["mean"], stat["stderr"]
+    row["accuracy_per_seed"] = stats["accuracy"]["per_seed"]
+    return row
+
+
+def protocol_table(per_seed: Sequence[dict], greedy: dict, n_values: Sequence[int]) -> list[dict]:
+    """Rows for greedy, single sample, then every method and N.
+
+    ``per_seed``: one :func:`seed_metrics` result per seed; ``greedy``: {'accuracy', 'chosen_loglik'} of
+    the one greedy run (its lift is 0 by definition).
+    """
+    g = greedy["accuracy"]
+    rows = [
+        _row("greedy", 1, [g], g, [greedy["chosen_loglik"]]),
+        _row("sample", 1, [m["sample"]["accuracy"] for m in per_seed], g, [m["sample"]["chosen_loglik"] for m in per_seed]),
+    ]
+    for method in METHODS:
+        for n in n_values:
+            cells = [m[method][n] for m in per_seed]
+            rows.append(_row(method, n, [c["accuracy"] for c in cells], g, [c["chosen_loglik"] for c in cells]))
+    return rows
+
+
+def loglik_histogram(per_seed: Sequence[SeedDraws], bins: int = 40) -> dict:
+    """Distribution of draws' log-likelihoods, correct vs incorrect, over all seeds (finite values only).
+
+    Returns {'edges': [bins+1], 'correct': [bins] counts, 'incorrect': [bins] counts, and per group
+    'count' and 'mean'}.
+    """
+    loglik = torch.cat([d.loglik.flatten() for d in per_seed])  # [S*P*N]
+    correct = torch.cat([d.correct.flatten() for d in per_seed])
+    finite = torch.isfinite(loglik)
+    loglik, correct = loglik[finite], correct[finite]
+    lo, hi = (float(loglik.min()), float(loglik.max())) if loglik.numel() else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1.0
+    edges = torch.linspace(lo, hi, bins + 1)
+    out: dict = {"edges": edges.tolist()}
+    for name, mask in (("correct", correct), ("incorrect", ~correct)):
+        values = loglik[mask]
+        out[name] = torch.histc(values, bins=bins, min=lo, max=hi).long().tolist() if values.numel() else [0] * bins
+        out[f"{name}_count"] = int(values.numel())
+        out[f"{name}_mean"] = _mean(values)
+    return out

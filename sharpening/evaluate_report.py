@@ -1,0 +1,214 @@
+"""What `sharpen evaluate` writes: results.json, results.csv, the printed table and the PNG plots.
+
+``results.json`` holds the table rows (one per method and N, each number as mean and standard error over
+seeds, with the per-seed values), the log-likelihood histograms, the exact configuration and the model
+identity. The CSV has the same rows without the per-seed lists. Plots need matplotlib
+(``pip install 'sharpening[plots]'``); without it they are skipped with a warning.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+CSV_COLUMNS = (
+    "method", "n", "accuracy", "accuracy_stderr", "lift_percent", "lift_percent_stderr",
+    "lift_points", "lift_points_stderr", "chosen_loglik", "chosen_loglik_stderr",
+)  # fmt: skip
+LABELS = {
+    "bon_loglik": "best-of-N, log-likelihood",
+    "bon_loglik_norm": "best-of-N, length-normalized log-likelihood",
+    "maj": "majority vote (maj@N)",
+    "pass": "pass@N (oracle)",
+}
+COLORS = {"bon_loglik": "tab:blue", "bon_loglik_norm": "tab:orange", "maj": "tab:green", "pass": "tab:gray"}
+
+
+def write_results(results: dict, out_dir: str) -> list[str]:
+    """Write ``results.json`` (strict JSON: undefined numbers are null) and ``results.csv``; return both paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    json_path, csv_path = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.csv")
+    with open(json_path, "w") as f:
+        json.dump(results, f, indent=2, allow_nan=False)
+        f.write("\n")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(results["table"])
+    return [json_path, csv_path]
+
+
+def read_results(path: str) -> dict:
+    """``results.json`` back as a dict (a directory is read as its results.json)."""
+    if os.path.isdir(path):
+        path = os.path.join(path, "results.json")
+    with open(path) as f:
+        return json.load(f)
+
+
+def find_row(results: dict, method: str, n: int = 1) -> dict:
+    """The table row of ``method`` at ``n``."""
+    return next(r for r in results["table"] if r["method"] == method and r["n"] == n)
+
+
+def _cell(mean: float | None, stderr: float | None, digits: int = 3) -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:.{digits}f}" + ("" if stderr is None else f" ± {stderr:.{digits}f}")
+
+
+def lift_kind(results: dict) -> str:
+    """'lift_percent' when greedy accuracy is above 0, else 'lift_points' (percent is undefined)."""
+    return "lift_percent" if find_row(results, "greedy")["accuracy"] else "lift_points"
+
+
+def format_table(results: dict) -> str:
+    """The protocol's numbers as a text table: one line per N, a column per method."""
+    greedy, sample = find_row(results, "greedy"), find_row(results, "sample")
+    lift = lift_kind(results)
+    unit = "%" if lift == "lift_percent" else "points (% undefined: greedy is 0)"
+    lines = [
+        f"{results['prompts']['count']} prompts, {len(results['seeds'])} seed(s), N_max {results['samples_per_prompt']}"
+        " (± is the standard error over seeds)",
+        f"greedy accuracy {_cell(greedy['accuracy'], None)}   single sample {_cell(sample['accuracy'], sample['accuracy_stderr'])}",
+        f"lift over greedy in {unit}; loglik = mean log-likelihood of the chosen response",
+        f"{'N':>4}  " + "  ".join(f"{h:<15}" for h in ("BoN loglik", "BoN loglik_norm", "maj@N", "pass@N"))
+        + f"  {'lift loglik':<15}  {'loglik chosen':<15}",
+    ]
+    for n in results["n_values"]:
+        rows = {m: find_row(results, m, n) for m in LABELS}
+        cells = [_cell(rows[m]["accuracy"], rows[m]["accuracy_stderr"]) for m in LABELS]
+        cells.append(_cell(rows["bon_loglik"][lift], rows["bon_loglik"][f"{lift}_stderr"], 1))
+        cells.append(_cell(rows["bon_loglik"]["chosen_loglik"], rows["bon_loglik"]["chosen_loglik_stderr"], 2))
+        lines.append(f"{n:>4}  " + "  ".join(f"{c:<15}" for c in cells))
+    return "\n".join(lines)
+
+
+def _series(results: dict, method: str, key: str) -> tuple[list[int], list[float], list[float]]:
+    """(N, mean, stderr or 0) of ``key`` for ``method``, skipping undefined values."""
+    rows = [find_row(results, method, n) for n in results["n_values"]]
+    rows = [r for r in rows if r[key] is not None]
+    return [r["n"] for r in rows], [r[key] for r in rows], [r[f"{key}_stderr"] or 0.0 for r in rows]
+
+
+def _new_axes(results: dict, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    model = results["model"]
+    name = os.path.basename(os.path.normpath(model["adapter_path"] or model["model_name_or_path"]))
+    fig.suptitle(f"{title}\n{name} on {results['prompts']['count']} prompts, {len(results['seeds'])} seed(s)", fontsize=10)
+    return fig, ax
+
+
+def _log2_n_axis(ax, n_values: list[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(n_values)
+    ax.set_xticklabels([str(n) for n in n_values])
+    ax.set_xlabel("N (samples per prompt; smaller N = first N of the same N_max draws)")
+    ax.grid(True, alpha=0.3)
+
+
+def plot_accuracy(results: dict, path: str) -> None:
+    """Accuracy vs N per method, with the greedy and single-sample baselines."""
+    fig, ax = _new_axes(results, "Accuracy vs N")
+    for method, label in LABELS.items():
+        n, mean, err = _series(results, method, "accuracy")
+        style = "--" if method == "pass" else "-"
+        ax.errorbar(n, mean, yerr=err, fmt=f"o{style}", ms=4, capsize=3, color=COLORS[method], label=label)
+    greedy, sample = find_row(results, "greedy")["accuracy"], find_row(results, "sample")["accuracy"]
+    ax.axhline(greedy, color="black", ls="--", lw=1.2, label=f"greedy ({greedy:.3f})")
+    ax.axhline(sample, color="tab:purple", ls=":", lw=1.5, label=f"single sample ({sample:.3f})")
+    _log2_n_axis(ax, results["n_values"])
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_lift(results: dict, path: str) -> None:
+    """Lift over greedy vs N per method: percent, or accuracy points when greedy accuracy is 0."""
+    kind = lift_kind(results)
+    title = "Lift over greedy vs N" + ("" if kind == "lift_percent" else " (in accuracy points: greedy accuracy is 0)")
+    fig, ax = _new_axes(results, title)
+    for method, label in LABELS.items():
+        n, mean, err = _series(results, method, kind)
+        ax.errorbar(n, mean, yerr=err, fmt="o--" if method == "pass" else "o-", ms=4, capsize=3, color=COLORS[method], label=label)
+    ax.axhline(0.0, color="black", lw=1)
+    _log2_n_axis(ax, results["n_values"])
+    if kind == "lift_percent":
+        ax.set_ylabel("lift over greedy, % = 100 (acc - greedy) / greedy")
+    else:
+        ax.set_ylabel("lift over greedy, accuracy points\n= 100 (acc - greedy); % undefined (greedy = 0)")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_loglik_histogram(results: dict, path: str) -> None:
+    """Log-likelihood of correct vs incorrect draws (each group normalized to sum to 1)."""
+    hist = results["loglik_histogram"]
+    fig, ax = _new_axes(results, "Log-likelihood of correct vs incorrect responses (all draws)")
+    edges = hist["edges"]
+    for name, color in (("correct", "tab:green"), ("incorrect", "tab:red")):
+        counts, total = hist[name], max(hist[f"{name}_count"], 1)
+        mean = hist[f"{name}_mean"]
+        label = f"{name}: {hist[f'{name}_count']} draws" + ("" if mean is None else f", mean {mean:.2f}")
+        ax.stairs([c / total for c in counts], edges, fill=True, alpha=0.45, color=color, label=label)
+    ax.set_xlabel(f"log-likelihood of the response under the {results['model']['scored_by']} model")
+    ax.set_ylabel("share of the group's draws")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def plot_chosen_loglik(results: dict, path: str) -> None:
+    """Mean log-likelihood of the chosen response vs N, with a random draw and greedy for reference."""
+    fig, ax = _new_axes(results, "Log-likelihood of the chosen response vs N")
+    for method in ("bon_loglik", "bon_loglik_norm", "maj"):
+        n, mean, err = _series(results, method, "chosen_loglik")
+        ax.errorbar(n, mean, yerr=err, fmt="o-", ms=4, capsize=3, color=COLORS[method], label=LABELS[method])
+    for method, style, color in (("greedy", "--", "black"), ("sample", ":", "tab:purple")):
+        value = find_row(results, method)["chosen_loglik"]
+        if value is not None:
+            ax.axhline(value, ls=style, color=color, label=f"{'greedy' if method == 'greedy' else 'single sample'} ({value:.2f})")
+    _log2_n_axis(ax, results["n_values"])
+    ax.set_ylabel(f"mean log-likelihood under the {results['model']['scored_by']} model")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+PLOTS = {
+    "accuracy_vs_n.png": plot_accuracy,
+    "lift_vs_n.png": plot_lift,
+    "loglik_histogram.png": plot_loglik_histogram,
+    "chosen_loglik_vs_n.png": plot_chosen_loglik,
+}
+
+
+def write_plots(results: dict, out_dir: str) -> list[str]:
+    """Every plot in PLOTS as a PNG under ``out_dir``; [] (with a warning) when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        log.warning("matplotlib is not installed: no plots written (pip install 'sharpening[plots]')")
+        return []
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for name, plot in PLOTS.items():
+        path = os.path.join(out_dir, name)
+        plot(results, path)
+        plt.close("all")
+        paths.append(path)
+    return paths

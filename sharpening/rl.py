@@ -1,0 +1,349 @@
+"""RLSharpeningModule: maximise E_pi[log pi_base(y|x)] - beta KL(pi || pi_base) (SPEC 3.2).
+
+The optimum is pi*_beta proportional to pi_base^(1 + 1/beta). Three algorithms:
+
+- ``online`` (default): each step samples G responses per prompt from the current policy, computes the
+  reward log pi_base(y|x) AND the KL from ONE frozen-base pass over the group, uses a group baseline,
+  and takes ``inner_updates`` clipped importance-weighted steps. With one update the ratio is 1 and no
+  second policy forward is made.
+- ``offline``: the paper's Eq. 8 squared regression on pairs (y, y') both drawn from the base by the
+  SelfVerificationCallback (which keeps all N samples for this module).
+- ``xpo``: paper Algorithm 1. Each step is a round: y ~ policy and y' ~ base per prompt are appended to
+  a growing dataset (kept in the checkpoint), the policy is refitted on all of it with
+  alpha * log pi(y') + residual^2 (the PLUS sign of the proof), and the round with the best J_beta on
+  held-out prompts is the one written out.
+
+Deviations from the paper: the online policy-gradient path is ours (the paper ran no RL experiment);
+XPO refits for a fixed number of minibatch steps per round instead of to convergence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from functools import partial
+from typing import Literal
+
+import torch
+from torch.utils.data import DataLoader
+
+from sharpening.buffer import PairExample, SampleBuffer, collate_pairs, pairs_from_buffer
+from sharpening.logprobs import response_logprobs, sample_logprobs
+from sharpening.losses import (
+    group_advantages,
+    kl_regularized_rewards,
+    pair_residuals,
+    policy_gradient_loss,
+    squared_pair_loss,
+    xpo_loss,
+)
+from sharpening.optim import OptimizerConfig
+from sharpening.policy import PolicyConfig, eval_mode
+from sharpening.policy_module import PolicyModule, plain_hparams
+from sharpening.prompts import pad_prompts
+from sharpening.sampler import SamplingConfig, derive_seed, generate_samples, validate_sampling_config
+from sharpening.types import PromptBatch, SampleBatch
+
+
+@dataclass
+class RLConfig:
+    """The RL-sharpening algorithm and its knobs."""
+
+    algorithm: Literal["online", "offline", "xpo"] = "online"
+    """online policy gradient, offline squared loss (paper Eq. 8), or xpo (paper Algorithm 1)."""
+    kl_coef: float = 0.05
+    """beta: the optimum is pi_base^(1 + 1/beta); smaller is sharper."""
+    baseline: Literal["leave_one_out", "mean"] = "leave_one_out"
+    """online: group baseline subtracted from each sample's reward."""
+    normalize_advantages: bool = False
+    """online: divide advantages by the group's reward std."""
+    kl_estimator: Literal["sequence", "k3"] = "sequence"
+    """online: exact sequence log-ratio folded into the reward, or a per-token k3 penalty in the loss."""
+    inner_updates: int = 1
+    """online: optimizer steps per generation (ratio clipped when > 1)."""
+    clip_ratio: float = 0.2
+    """online: importance ratios are clipped to [1 - clip_ratio, 1 + clip_ratio]."""
+    max_grad_norm: float | None = 1.0
+    """Gradient norm clipping for every update (null = off)."""
+    xpo_alpha: float = 0.01
+    """xpo: weight of the exploration term alpha * log pi(y'|x), y' from the base."""
+    xpo_updates_per_round: int = 16
+    """xpo: optimizer steps over the growing dataset after each round."""
+    pairs_per_update: int = 64
+    """offline batches / xpo minibatches: pairs per optimizer step."""
+    heldout_prompts: int = 0
+    """xpo: the last this-many prompts are held out to estimate J_beta and pick the best round (0 = last round)."""
+
+
+def validate_rl_config(rl: RLConfig, sampling: SamplingConfig) -> list[str]:
+    """Every problem with the RL settings, each naming its option."""
+    o = "--model.init_args.rl"
+    problems = validate_sampling_config(sampling, "--model.init_args.sampling")
+    if rl.algorithm not in ("online", "offline", "xpo"):
+        problems.append(f"{o}.algorithm={rl.algorithm!r}: unknown algorithm; choose online, offline or xpo")
+    if not rl.kl_coef > 0:
+        problems.append(f"{o}.kl_coef={rl.kl_coef}: beta must be > 0 (the optimum is pi_base^(1+1/beta)); try 0.05")
+    if rl.algorithm == "online" and rl.baseline == "leave_one_out" and sampling.samples_per_prompt < 2:
+        problems.append(
+            f"--model.init_args.sampling.samples_per_prompt={sampling.samples_per_prompt}: a group baseline needs >= 2"
+        )
+    if sampling.temperature != 1.0 or sampling.top_k != 0 or sampling.top_p != 1.0:
+        problems.append(
+            "--model.init_args.sampling: RL-sharpening needs exact draws (temperature 1, top_k 0, top_p 1.0); "
+            "other settings bias the gradient"
+        )
+    for name in ("inner_updates", "xpo_updates_per_round", "pairs_per_update"):
+        if getattr(rl, name) < 1:
+            problems.append(f"{o}.{name}={getattr(rl, name)}: must be >= 1")
+    if not rl.clip_ratio > 0:
+        problems.append(f"{o}.clip_ratio={rl.clip_ratio}: must be > 0 (e.g. 0.2)")
+    if rl.xpo_alpha < 0 or rl.heldout_prompts < 0:
+        problems.append(f"{o}.xpo_alpha and {o}.heldout_prompts must be >= 0")
+    return problems
+
+
+class RLSharpeningModule(PolicyModule):
+    """Sharpen by KL-regularized RL with the frozen base's log-likelihood as reward."""
+
+    def __init__(
+        self,
+        policy: PolicyConfig,
+        rl: RLConfig = RLConfig(),
+        sampling: SamplingConfig = SamplingConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5, schedule="constant"),
+        prompts_per_step: int = 8,
+        seed: int = 0,
+        output_dir: str | None = None,
+        overwrite_output_dir: bool = False,
+        logprob_chunk_size: int = 1024,
+    ) -> None:
+        """
+        Args:
+            policy: The model to sharpen and how it trains (full, lora, qlora).
+            rl: Algorithm (online, offline, xpo), beta and their knobs.
+            sampling: Group sampling for online and xpo (samples_per_prompt is the group size G).
+            optimizer: AdamW settings and learning-rate schedule.
+            prompts_per_step: Prompts per training step (online: each gets G samples; xpo: one round).
+            seed: Seed of the policy's draws (with the step and prompt index).
+            output_dir: Where the fitted policy (full model or PEFT adapter) is written at the end; null = nowhere.
+            overwrite_output_dir: Allow writing into a non-empty output_dir.
+            logprob_chunk_size: Response positions per LM-head chunk (bounds logits memory).
+        """
+        problems = validate_rl_config(rl, sampling)
+        if prompts_per_step < 1:
+            problems.append(f"--model.init_args.prompts_per_step={prompts_per_step}: must be >= 1")
+        super().__init__(policy, optimizer, output_dir, overwrite_output_dir, logprob_chunk_size, problems)
+        self.save_hyperparameters(plain_hparams(locals()))
+        self.automatic_optimization = False  # several updates per generation (online, xpo)
+        self.rl, self.sampling, self.prompts_per_step, self.seed = rl, sampling, prompts_per_step, seed
+        if rl.algorithm == "offline":
+            self.buffer: SampleBuffer | None = None  # attached by SelfVerificationCallback.setup
+            self.keep_all_samples = True  # the callback keeps all N base samples to form pairs
+        self.xpo_pairs: list[PairExample] = []
+        self.best: dict = {"j_beta": float("-inf"), "round": -1, "state": None}
+
+    # -- data ------------------------------------------------------------------------------------
+    def train_dataloader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.current_epoch))
+        if self.rl.algorithm == "offline":
+            if self.buffer is None:
+                raise RuntimeError("offline RL-sharpening needs the SelfVerificationCallback (the CLI's `verifier:`)")
+            pairs = pairs_from_buffer(self.buffer.examples)
+            collate = partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id)
+            return DataLoader(pairs, self.rl.pairs_per_update, shuffle=True, generator=generator, collate_fn=collate)
+        data = self.trainer.datamodule
+        count = len(data) - self.rl.heldout_prompts
+        if count < 1:
+            raise RuntimeError(f"--model.init_args.rl.heldout_prompts={self.rl.heldout_prompts} leaves no training prompt")
+        collate = partial(_collate_prompts, data=data)
+        return DataLoader(range(count), self.prompts_per_step, shuffle=True, generator=generator, collate_fn=collate)
+
+    # -- training --------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        if self.rl.algorithm == "online":
+            return self.online_step(batch)
+        if self.rl.algorithm == "offline":
+            return self.pair_step(batch)
+        return self.xpo_round(batch)
+
+    def _draw(self, prompts: PromptBatch, source: str, samples_per_prompt: int, stream: int) -> SampleBatch:
+        """Exact draws from ``source`` (policy or base); the seed depends on (seed, step, stream, prompt)."""
+        cfg = dataclasses.replace(self.sampling, samples_per_prompt=samples_per_prompt)
+        tok = self.tokenizer
+        with eval_mode(self.policy), self.sampling_model(source) as model:
+            return generate_samples(
+                model, prompts, cfg, tok.eos_token_id, tok.pad_token_id, self.seed, derive_seed(self.global_step, stream)
+            )
+
+    def online_step(self, prompts: PromptBatch) -> torch.Tensor:
+        """One generation of G samples per prompt from the policy, then ``inner_updates`` updates."""
+        rl, g = self.rl, self.sampling.samples_per_prompt
+        samples = self._draw(prompts, "policy", g, stream=0)
+        mask = samples.response_mask  # [B, G, T]
+        with self.frozen_base() as base:
+            base_lp = sample_logprobs(base, samples, self.logprob_chunk_size)  # ONE base pass: reward and KL
+        base_seq = (base_lp * mask).sum(-1)  # [B, G]
+        old_seq = (samples.logprobs * mask).sum(-1)  # sampler's log pi(y): exact draws, so free
+        rewards = kl_regularized_rewards(base_seq, old_seq, rl.kl_coef) if rl.kl_estimator == "sequence" else base_seq
+        advantages = group_advantages(rewards, rl.baseline, rl.normalize_advantages).flatten()  # [B, G] -> [B*G]
+        rows = _flatten(samples)
+        for _ in range(rl.inner_updates):
+            logprobs = response_logprobs(self.policy, *rows, chunk_size=self.logprob_chunk_size)  # [B*G, T]
+            # one update: the ratio is exactly 1 (no second policy forward); more: ratio to the sampler's
+            old = logprobs.detach() if rl.inner_updates == 1 else samples.logprobs.flatten(0, 1)  # [B*G, T]
+            k3 = rl.kl_coef if rl.kl_estimator == "k3" else 0.0
+            loss = policy_gradient_loss(
+                logprobs, old, advantages, rows[3], rl.clip_ratio, base_lp.flatten(0, 1), k3
+            )
+            self._update(loss)
+        self._log_group(base_seq, old_seq, samples, loss)
+        return loss.detach()
+
+    def pair_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Offline: one update of the paper's squared loss on base-drawn pairs."""
+        loss = squared_pair_loss(self._pair_residuals(batch))
+        self._update(loss)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch["base_logprob"].shape[0])
+        return loss.detach()
+
+    def _pair_residuals(self, batch: dict[str, torch.Tensor], with_policy_y2: bool = False):
+        logprobs = response_logprobs(
+            self.policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"],
+            chunk_size=self.logprob_chunk_size,
+        )  # [2P, T]
+        seq = (logprobs * batch["response_mask"]).sum(-1)  # [2P]
+        policy_y, policy_y2 = seq.chunk(2)  # [2P] -> [P], [P]
+        residuals = pair_residuals(
+            policy_y, batch["base_logprob"], policy_y2, batch["other_base_logprob"], self.rl.kl_coef
+        )
+        return (residuals, policy_y2) if with_policy_y2 else residuals
+
+    def xpo_round(self, prompts: PromptBatch) -> torch.Tensor:
+        """XPO: grow the dataset with (x, y ~ policy, y' ~ base), refit on all of it, score the round."""
+        self.xpo_pairs.extend(self._new_pairs(prompts))
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.global_step, 1))
+        collate = partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id)
+        for _ in range(self.rl.xpo_updates_per_round):
+            pick = torch.randint(len(self.xpo_pairs), (min(self.rl.pairs_per_update, len(self.xpo_pairs)),), generator=generator)
+            batch = collate([self.xpo_pairs[i] for i in pick.tolist()])
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            residuals, policy_y2 = self._pair_residuals(batch, with_policy_y2=True)
+            loss = xpo_loss(residuals, policy_y2, self.rl.xpo_alpha)
+            self._update(loss)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(prompts))
+        self.log("train/xpo_pairs", float(len(self.xpo_pairs)), batch_size=len(prompts))
+        self._score_round()
+        return loss.detach()
+
+    def _new_pairs(self, prompts: PromptBatch) -> list[PairExample]:
+        """One pair per prompt: y from the policy, y' from the base, both scored by the base."""
+        y = self._draw(prompts, "policy", 1, stream=1)
+        y2 = self._draw(prompts, "base", 1, stream=2)
+        with self.frozen_base() as base:
+            base_y = (sample_logprobs(base, y, self.logprob_chunk_size) * y.response_mask).sum(-1)  # [B, 1]
+        base_y2 = (y2.logprobs * y2.response_mask).sum(-1)  # exact base draws: sampler log-probs ARE base scores
+        pairs = []
+        for b in range(len(prompts)):
+            prompt = prompts.prompt_ids[b][prompts.prompt_mask[b]].tolist()
+            pairs.append(
+                PairExample(
+                    prompt,
+                    y.response_ids[b, 0][y.response_mask[b, 0]].tolist(),
+                    y2.response_ids[b, 0][y2.response_mask[b, 0]].tolist(),
+                    float(base_y[b, 0]),
+                    float(base_y2[b, 0]),
+                    int(prompts.prompt_indices[b]),
+                )
+            )
+        return pairs
+
+    def _score_round(self) -> None:
+        """Estimate J_beta on the held-out prompts; keep the best round's trainable weights."""
+        data, heldout = self.trainer.datamodule, self.rl.heldout_prompts
+        if heldout == 0:
+            return
+        prompts = _to_device(_collate_prompts(range(len(data) - heldout, len(data)), data), self.device)
+        samples = self._draw(prompts, "policy", self.sampling.samples_per_prompt, stream=3)
+        with self.frozen_base() as base:
+            base_seq = (sample_logprobs(base, samples, self.logprob_chunk_size) * samples.response_mask).sum(-1)
+        j_beta = float(kl_regularized_rewards(base_seq, (samples.logprobs * samples.response_mask).sum(-1), self.rl.kl_coef).mean())
+        self.log("val/j_beta", j_beta, batch_size=heldout)
+        if j_beta > self.best["j_beta"]:
+            state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
+            self.best = {"j_beta": j_beta, "round": int(self.global_step), "state": state}
+
+    def _update(self, loss: torch.Tensor) -> None:
+        optimizer = self.optimizers()
+        self.manual_backward(loss)
+        if self.rl.max_grad_norm:
+            self.clip_gradients(optimizer, gradient_clip_val=self.rl.max_grad_norm, gradient_clip_algorithm="norm")
+        optimizer.step()
+        optimizer.zero_grad()
+        self.lr_schedulers().step()
+
+    def _log_group(self, base_seq: torch.Tensor, policy_seq: torch.Tensor, samples: SampleBatch, loss) -> None:
+        size = base_seq.shape[0]
+        metrics = {
+            "train/loss": loss.detach(),
+            "train/reward": base_seq.mean(),  # E[log pi_base(y|x)]
+            "train/kl": (policy_seq - base_seq).mean(),  # sequence KL(pi || pi_base), one-sample estimate
+            "train/j_beta": kl_regularized_rewards(base_seq, policy_seq, self.rl.kl_coef).mean(),
+            "train/entropy": -policy_seq.mean(),  # sequence entropy estimate E[-log pi(y|x)]
+            "train/response_tokens": samples.lengths.float().mean(),
+            "train/truncated_fraction": samples.truncated.float().mean(),
+            "train/reward_best_minus_mean": (base_seq.max(-1).values - base_seq.mean(-1)).mean(),
+        }
+        self.log_dict(metrics, prog_bar=False, batch_size=size)
+
+    def updates_per_batch(self) -> int:
+        """Optimizer steps per training batch (the LR schedule counts optimizer steps)."""
+        return {"online": self.rl.inner_updates, "offline": 1, "xpo": self.rl.xpo_updates_per_round}[self.rl.algorithm]
+
+    # -- checkpoint and output ---------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["xpo"] = {
+            "pairs": [dataclasses.asdict(p) for p in self.xpo_pairs],
+            "best_j_beta": self.best["j_beta"],
+            "best_round": self.best["round"],
+            "best_state": self.best["state"],
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("xpo")
+        if state:
+            self.xpo_pairs = [PairExample(**p) for p in state["pairs"]]
+            self.best = {"j_beta": state["best_j_beta"], "round": state["best_round"], "state": state["best_state"]}
+
+    def on_train_end(self) -> None:
+        if self.rl.algorithm == "xpo" and self.best["state"] is not None:
+            self.load_state_dict({k: v.to(self.device) for k, v in self.best["state"].items()})
+        super().on_train_end()
+
+
+def _collate_prompts(indices, data) -> PromptBatch:
+    """A left-padded PromptBatch of the data module's prompts at ``indices``."""
+    indices = list(indices)
+    return pad_prompts(
+        [data.prompt_ids[i] for i in indices], indices, [data.answers[i] for i in indices], data.tokenizer.pad_token_id
+    )
+
+
+def _to_device(prompts: PromptBatch, device: torch.device) -> PromptBatch:
+    return dataclasses.replace(
+        prompts,
+        prompt_ids=prompts.prompt_ids.to(device),
+        prompt_mask=prompts.prompt_mask.to(device),
+        prompt_indices=prompts.prompt_indices.to(device),
+    )
+
+
+def _flatten(samples: SampleBatch) -> tuple[torch.Tensor, ...]:
+    """(prompt_ids, prompt_mask, response_ids, response_mask) with one row per sample: [B, N, ...] -> [B*N, ...]."""
+    n = samples.samples_per_prompt
+    prompts = samples.prompts
+    return (
+        prompts.prompt_ids.repeat_interleave(n, 0),
+        prompts.prompt_mask.repeat_interleave(n, 0),
+        samples.response_ids.flatten(0, 1),
+        samples.response_mask.flatten(0, 1),
+    )

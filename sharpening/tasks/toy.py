@@ -1,0 +1,170 @@
+"""Enumerable toys for RL-sharpening (SPEC 5): every response can be listed, so distributions are exact.
+
+Responses are strings over a tiny alphabet, at most ``max_new_tokens`` tokens (EOS included). The
+outcomes are the complete responses (letters + EOS, up to max_new_tokens - 1 letters) and the
+truncated ones (exactly max_new_tokens letters, no EOS); their probabilities sum to 1 exactly.
+A tiny Llama is distilled to a target table; the TRAINED model, enumerated, is pi_base.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from sharpening.logprobs import response_logprobs
+from sharpening.prompts import pad_prompts
+
+TOY_LETTERS = "ab"
+TOY_MAX_NEW_TOKENS = 3
+# Target base tables per prompt (complete responses only; "" is EOS alone). The argmax is clear but
+# far from certain, so pi_base^(1 + 1/beta) differs visibly from pi_base.
+TOY_TABLES = {
+    "x=": {"ab": 0.30, "a": 0.15, "b": 0.15, "aa": 0.10, "ba": 0.10, "bb": 0.10, "": 0.10},
+    "y=": {"b": 0.40, "ab": 0.20, "ba": 0.15, "a": 0.10, "aa": 0.05, "bb": 0.05, "": 0.05},
+    "z=": {"": 0.35, "bb": 0.25, "a": 0.15, "b": 0.10, "ab": 0.05, "ba": 0.05, "aa": 0.05},
+}
+# A low-coverage toy: the argmax holds little mass and a single token-level path leads elsewhere.
+LOW_COVERAGE_TABLES = {"x=": {"ab": 0.06, **{r: 0.94 / 6 * w for r, w in
+                              {"a": 1.4, "b": 1.4, "aa": 0.8, "ba": 0.8, "bb": 0.8, "": 0.8}.items()}}}
+
+
+def toy_outcomes(letters: str = TOY_LETTERS, max_new_tokens: int = TOY_MAX_NEW_TOKENS) -> list[tuple[str, bool]]:
+    """Every outcome as (letters, truncated): complete ones end in EOS, truncated ones have max_new_tokens letters."""
+    complete = [("".join(p), False) for n in range(max_new_tokens) for p in itertools.product(letters, repeat=n)]
+    truncated = [("".join(p), True) for p in itertools.product(letters, repeat=max_new_tokens)]
+    return complete + truncated
+
+
+def outcome_logprobs(model, tokenizer, prompt: str, outcomes: list[tuple[str, bool]]) -> torch.Tensor:
+    """log pi(outcome | prompt) for every outcome, by teacher forcing: [O] float32 (grad flows)."""
+    eos = tokenizer.eos_token_id
+    responses = [tokenizer(text, add_special_tokens=False).input_ids + ([] if cut else [eos]) for text, cut in outcomes]
+    width = max(len(r) for r in responses)
+    response_ids = torch.full((len(responses), width), tokenizer.pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros(len(responses), width, dtype=torch.bool)
+    for i, r in enumerate(responses):
+        response_ids[i, : len(r)] = torch.tensor(r)
+        response_mask[i, : len(r)] = True
+    prompt_ids = tokenizer(prompt).input_ids
+    prompts = pad_prompts([prompt_ids] * len(responses), list(range(len(responses))), [None] * len(responses), 0)
+    device = next(model.parameters()).device
+    token_lp = response_logprobs(
+        model, prompts.prompt_ids.to(device), prompts.prompt_mask.to(device), response_ids.to(device), response_mask.to(device)
+    )
+    return (token_lp * response_mask.to(device)).sum(-1)  # [O]
+
+
+def sharpened_target(base_logprobs: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """log pi*_beta = log of pi_base^(1 + 1/beta), normalised over the outcomes. [O] -> [O]."""
+    scaled = (1.0 + 1.0 / kl_coef) * base_logprobs
+    return scaled - scaled.logsumexp(-1)
+
+
+def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> float:
+    """KL(p || q) in nats for log-distributions over the same outcomes."""
+    return float((logp.exp() * (logp - logq)).sum())
+
+
+def build_toy_base(out_dir: str | Path, tables: dict = TOY_TABLES, steps: int = 400, seed: int = 0) -> Path:
+    """Distil a tiny Llama to ``tables`` (exact cross-entropy over the listed responses); save it with
+    its tokenizer and a prompts.jsonl. Deterministic for a seed."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sharpening.tasks.chars import build_char_tokenizer
+
+    out_dir = Path(out_dir)
+    tokenizer = build_char_tokenizer(TOY_LETTERS + "xyz=")
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    targets = {p: [(r, False) for r in table] for p, table in tables.items()}
+    weights = {p: torch.tensor(list(table.values())) for p, table in tables.items()}
+    for _ in range(steps):
+        loss = sum(-(weights[p] * outcome_logprobs(model, tokenizer, p, targets[p])).sum() for p in tables)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    base = out_dir / "base"
+    model.save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    with open(out_dir / "prompts.jsonl", "w") as f:
+        for prompt in tables:
+            f.write(json.dumps({"prompt": prompt, "answer": max(tables[prompt], key=tables[prompt].get)}) + "\n")
+    return base
+
+
+@torch.no_grad()
+def measure(model, tokenizer, base_model, prompts: list[str], kl_coef: float) -> dict[str, float]:
+    """By enumeration: KL(pi || pi*_beta) averaged over prompts, and the mass pi puts on argmax pi_base."""
+    outcomes = toy_outcomes()
+    kls, masses = [], []
+    for prompt in prompts:
+        base = outcome_logprobs(base_model, tokenizer, prompt, outcomes)
+        policy = outcome_logprobs(model, tokenizer, prompt, outcomes)
+        kls.append(kl_divergence(policy, sharpened_target(base, kl_coef)))
+        masses.append(float(policy[base.argmax()].exp()))
+    return {"kl_to_target": sum(kls) / len(kls), "mass_on_argmax": sum(masses) / len(masses)}
+
+
+def toy_prompts(out_dir: str | Path) -> list[str]:
+    with open(os.path.join(out_dir, "prompts.jsonl")) as f:
+        return [json.loads(line)["prompt"] for line in f]
+
+
+ORACLE_SETTINGS = {
+    # algorithm -> (RLConfig overrides, sampling overrides, module overrides, trainer max_steps)
+    "online": ({"algorithm": "online"}, {"samples_per_prompt": 16}, {"prompts_per_step": 3}, 400),
+    "offline": ({"algorithm": "offline", "pairs_per_update": 256}, {"samples_per_prompt": 64}, {}, 300),
+    "xpo": (
+        {"algorithm": "xpo", "xpo_alpha": 0.001, "xpo_updates_per_round": 8, "pairs_per_update": 128},
+        {"samples_per_prompt": 8},
+        {"prompts_per_step": 3},
+        1600,  # optimizer steps: 200 rounds x 8 updates
+    ),
+}
+
+
+def train_on_toy(algorithm: str, toy_dir: str | Path, kl_coef: float = 0.5, lr: float = 3e-3, max_steps: int | None = None,
+                 seed: int = 0, finetuning: str = "full"):
+    """Train ``algorithm`` through the real RLSharpeningModule + Trainer on the toy; returns the module."""
+    import lightning as L
+
+    from sharpening.callbacks import SelfVerificationCallback
+    from sharpening.optim import OptimizerConfig
+    from sharpening.policy import PolicyConfig
+    from sharpening.prompts import PromptDataModule
+    from sharpening.rl import RLConfig, RLSharpeningModule
+    from sharpening.sampler import SamplingConfig
+    from sharpening.selection import SelectionConfig
+
+    rl_over, sampling_over, module_over, steps = ORACLE_SETTINGS[algorithm]
+    sampling = SamplingConfig(max_new_tokens=TOY_MAX_NEW_TOKENS, prompts_per_batch=8, **sampling_over)
+    module = RLSharpeningModule(
+        PolicyConfig(model_name_or_path=str(Path(toy_dir) / "base"), finetuning=finetuning, dtype="float32", lora_r=8),
+        rl=RLConfig(kl_coef=kl_coef, **rl_over),
+        sampling=sampling,
+        optimizer=OptimizerConfig(lr=lr, schedule="constant"),
+        seed=seed,
+        **module_over,
+    )
+    verifier = SelfVerificationCallback(
+        sampling, SelectionConfig(truncated="keep"), resample_every_epoch=True, greedy_accuracy=False, show_progress=False
+    )
+    L.seed_everything(seed, verbose=False)
+    trainer = L.Trainer(
+        accelerator="cpu", devices=1, max_steps=max_steps or steps, max_epochs=-1, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[verifier], reload_dataloaders_every_n_epochs=1,
+    )
+    data = PromptDataModule(dataset=str(Path(toy_dir) / "prompts.jsonl"), answer_column="answer")
+    trainer.fit(module, datamodule=data)
+    return module

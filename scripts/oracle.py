@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import tempfile
 import time
 
@@ -30,6 +31,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny models: one thread is fastest
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # one line per algorithm, not per round
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     work = tempfile.mkdtemp(prefix="sharpening-oracle-")

@@ -1,174 +1,426 @@
-"""Inference-time evaluation: greedy, single-sample and best-of-N accuracy of a model on prompts.
+"""`sharpen evaluate`: inference-time sharpening, the paper's best-of-N protocol (SPEC 3.3).
 
-``python -m sharpening.evaluate --base DIR [--sharpened DIR] --prompts FILE`` compares a base model with
-its sharpened version and writes a JSON summary. Best-of-N scores each model's samples with that
-model's OWN log-likelihood (draws at temperature 1 with no truncation, so the sampler's log-probs are
-the exact self-reward, SPEC 4.4).
+    sharpen evaluate --config configs/evaluate/demo.yaml
+    sharpen evaluate --model.model_name_or_path DIR --data.dataset FILE --output_dir OUT [--overwrite true]
+    sharpen evaluate compare --base DIR --sharpened DIR --prompts FILE   (base vs sharpened, as the demo runs it)
+
+Per seed, N_max responses per prompt are drawn ONCE at temperature 1 with no top-k/top-p; best-of-N
+(per self-reward), maj@N and pass@N for a smaller N use the first N of them; greedy decoding runs once.
+Draws are exact, so the sampler's log-probs ARE the evaluated model's log-likelihoods (SPEC 4.4): no
+rescoring, unless ``score_with: base`` asks to score a sharpened model's samples under its base (the
+adapter disabled, or the base loaded beside a fully fine-tuned model) or the temperature is not 1.
+Draws are cached on disk, so an interrupted run resumes where it stopped. The protocol's maths is in
+evaluate_protocol.py, the cache in evaluate_cache.py, the files and plots in evaluate_report.py.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-from typing import Callable, Iterable
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal
 
 import torch
 
-from sharpening.rewards import extract_answers, score_samples
-from sharpening.sampler import SamplingConfig, decode_responses, generate_samples
-from sharpening.selection import best_of_n
+from sharpening.errors import raise_if_problems
+from sharpening.evaluate_cache import DrawCache, model_fingerprint
+from sharpening.evaluate_protocol import SeedDraws, answer_codes, loglik_histogram, protocol_table, seed_metrics
+from sharpening.logprobs import sample_logprobs
+from sharpening.policy import _model_source_problem, frozen_base, resolve_dtype, select_attn_implementation
+from sharpening.prompts import PromptDataModule, validate_dataset_source
+from sharpening.rewards import extract_answers, loglik_reward
+from sharpening.sampler import SamplingConfig, decode_responses, generate_samples, validate_sampling_config
+from sharpening.selection import TRUNCATED_POLICIES
 from sharpening.tasks.extractors import answers_match, resolve_extractor
-from sharpening.types import PromptBatch
+from sharpening.types import SampleBatch
 
 
-def load_model_for_evaluation(path: str, dtype: torch.dtype = torch.float32):
-    """(model, tokenizer) from a save_pretrained directory or a PEFT adapter directory."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@dataclass
+class EvalModelConfig:
+    """The model evaluated, and the model whose log-likelihood scores its samples."""
 
-    adapter_config = os.path.join(path, "adapter_config.json")
-    if os.path.isfile(adapter_config):
+    model_name_or_path: str = ""
+    """Hub id or local directory of the evaluated model (a PEFT adapter directory also works: its base is read from it)."""
+    adapter_path: str | None = None
+    """PEFT adapter directory put on top of model_name_or_path (e.g. a LoRA-sharpened model)."""
+    base_model_name_or_path: str | None = None
+    """Base of a FULLY fine-tuned sharpened model; needed for score_with=base when there is no adapter."""
+    score_with: Literal["self", "base"] = "self"
+    """Self-reward model: self = the evaluated model; base = its base (adapter disabled, or base_model_name_or_path)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weight dtype; auto is bfloat16 on a CUDA device that supports it, else float32."""
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    """auto is flash_attention_2 when flash-attn is installed and CUDA is present, else sdpa."""
+    device: str = "auto"
+    """Device to run on: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
+    trust_remote_code: bool = False
+    """Run modelling code shipped with a hub model. Off unless you trust its author."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of model_name_or_path."""
+
+
+@dataclass
+class ProtocolConfig:
+    """How many draws, which N, how many seeds, and how answers are read (the paper: N up to 50, 10 seeds)."""
+
+    n_values: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 50])
+    """The N of best-of-N, maj@N and pass@N; each uses the first N of the same N_max draws."""
+    samples_per_prompt: int | None = None
+    """N_max: draws per prompt and seed (null = the largest of n_values)."""
+    seeds: int = 10
+    """Number of seeds (seed, seed+1, ...); each draws N_max fresh samples per prompt."""
+    seed: int = 0
+    """First seed."""
+    max_new_tokens: int = 512
+    """Most tokens per response (EOS included); longer responses are truncated (the paper: 512)."""
+    temperature: float = 1.0
+    """Sampling temperature; 1.0 (the protocol) draws exactly from the model. Other values are rescored."""
+    prompts_per_batch: int = 8
+    """Prompts sampled together (each with its N_max draws); lower it when memory runs out."""
+    answer_extractor: str = "strip"
+    """Answer extraction: strip, last_number, gsm8k, boxed, choice, bool, or an import path (pkg.mod:func)."""
+    truncated: Literal["drop", "keep", "penalize"] = "drop"
+    """Best-of-N treatment of responses without EOS by max_new_tokens (their log-likelihood is unfairly high)."""
+
+    @property
+    def n_max(self) -> int:
+        return self.samples_per_prompt or max(self.n_values, default=1)
+
+
+# ---------------------------------------------------------------- validation (before any weights load)
+
+
+def resolve_model_sources(cfg: EvalModelConfig) -> tuple[str, str | None]:
+    """(model, adapter): a model_name_or_path that is an adapter directory becomes the adapter, on the
+    base named in its adapter_config.json; so does an adapter_path given without a model."""
+    adapter = cfg.adapter_path
+    if adapter is None and os.path.isfile(os.path.join(os.path.expanduser(cfg.model_name_or_path), "adapter_config.json")):
+        adapter = cfg.model_name_or_path
+    if adapter is not None and (not cfg.model_name_or_path or adapter == cfg.model_name_or_path):
+        with open(os.path.join(os.path.expanduser(adapter), "adapter_config.json")) as f:
+            return json.load(f).get("base_model_name_or_path") or "", adapter
+    return cfg.model_name_or_path, adapter
+
+
+def validate_model_config(cfg: EvalModelConfig, option: str = "--model") -> list[str]:
+    """Every problem with the model section; reads only small JSON files."""
+    problems = []
+    if cfg.adapter_path is not None and not os.path.isfile(os.path.join(os.path.expanduser(cfg.adapter_path), "adapter_config.json")):
+        return [f"{option}.adapter_path={cfg.adapter_path!r}: no adapter_config.json there; give a PEFT adapter directory"]
+    model, adapter = resolve_model_sources(cfg)
+    if not model:
+        problems.append(f"{option}.model_name_or_path is empty: give a hub id or a local model directory")
+    elif (problem := _model_source_problem(model)) is not None:
+        problems.append(f"{option}.model_name_or_path={model!r}: {problem}")
+    if cfg.base_model_name_or_path and (problem := _model_source_problem(cfg.base_model_name_or_path)) is not None:
+        problems.append(f"{option}.base_model_name_or_path={cfg.base_model_name_or_path!r}: {problem}")
+    if cfg.score_with not in ("self", "base"):
+        problems.append(f"{option}.score_with={cfg.score_with!r}: must be self or base")
+    if cfg.score_with == "base" and adapter is None and not cfg.base_model_name_or_path:
+        problems.append(
+            f"{option}.score_with=base: no base to score with; give the sharpened model's {option}.adapter_path, or "
+            f"{option}.base_model_name_or_path for a fully fine-tuned one (a base model scores itself: use self)"
+        )
+    if cfg.base_model_name_or_path and adapter is not None:
+        problems.append(
+            f"{option}.base_model_name_or_path={cfg.base_model_name_or_path!r}: with an adapter the base is the model "
+            "under it (adapter disabled); leave base_model_name_or_path empty"
+        )
+    return problems
+
+
+def validate_protocol_config(cfg: ProtocolConfig, option: str = "--protocol") -> list[str]:
+    """Every problem with the protocol section."""
+    problems = []
+    if not cfg.n_values or any(n < 1 for n in cfg.n_values):
+        problems.append(f"{option}.n_values={cfg.n_values}: give a list of N >= 1, e.g. [1, 2, 4, 8, 16, 32, 50]")
+    elif cfg.samples_per_prompt is not None and cfg.samples_per_prompt < max(cfg.n_values):
+        problems.append(
+            f"{option}.samples_per_prompt={cfg.samples_per_prompt}: N_max must be >= the largest N of "
+            f"{option}.n_values ({max(cfg.n_values)}); set it to null to use {max(cfg.n_values)}"
+        )
+    sampling = SamplingConfig(max(cfg.n_max, 1), cfg.max_new_tokens, cfg.temperature, prompts_per_batch=cfg.prompts_per_batch)
+    problems += [p for p in validate_sampling_config(sampling, option) if ".samples_per_prompt" not in p]
+    if cfg.temperature == 0:
+        problems.append(f"{option}.temperature=0 is greedy: all draws would be identical; the protocol samples at 1.0")
+    if cfg.seeds < 1:
+        problems.append(f"{option}.seeds={cfg.seeds}: must be >= 1 (the paper uses 10)")
+    if cfg.truncated not in TRUNCATED_POLICIES:
+        problems.append(f"{option}.truncated={cfg.truncated!r}: must be one of {', '.join(TRUNCATED_POLICIES)}")
+    try:
+        resolve_extractor(cfg.answer_extractor)
+    except ValueError as err:
+        problems.append(f"{option}.answer_extractor: {err}")
+    return problems
+
+
+def validate_data_args(data: dict, option: str = "--data") -> list[str]:
+    """The PromptDataModule checks that need no file read, plus: evaluation needs an answer column."""
+    problems = validate_dataset_source(data.get("dataset", ""), f"{option}.dataset")
+    if data.get("max_prompts") is not None and data["max_prompts"] < 1:
+        problems.append(f"{option}.max_prompts={data['max_prompts']}: must be >= 1, or null for all prompts")
+    if not data.get("answer_column"):
+        problems.append(f"{option}.answer_column is not set: accuracy needs reference answers; name their column")
+    if data.get("system_prompt") and not data.get("use_chat_template"):
+        problems.append(f"{option}.system_prompt is set but {option}.use_chat_template is false; turn it on")
+    return problems
+
+
+def output_dir_problem(output_dir: str, overwrite: bool) -> str | None:
+    """Why results may not be written to ``output_dir`` (non-empty without --overwrite true), or None."""
+    if not output_dir:
+        return "--output_dir is empty: name a directory for results.json, results.csv and the plots"
+    if os.path.isfile(output_dir):
+        return f"--output_dir={output_dir!r} is a file; name a directory"
+    found = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
+    if found and not overwrite:
+        return (
+            f"--overwrite=false: --output_dir={output_dir!r} is not empty (holds {found[:6]}) and results are never "
+            "overwritten silently. Pass --overwrite true to replace them (draws cached there are reused, so an "
+            "interrupted run resumes), or choose another --output_dir"
+        )
+    return None
+
+
+# ---------------------------------------------------------------- models, draws and scores
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer_for(cfg: EvalModelConfig, model: str, adapter: str | None):
+    """The tokenizer used for templating, sampling and decoding: the adapter's when it saved one."""
+    from sharpening.policy import PolicyConfig, load_tokenizer
+
+    source = adapter if adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else model
+    return load_tokenizer(PolicyConfig(model_name_or_path=source, trust_remote_code=cfg.trust_remote_code,
+                                       revision=None if source == adapter else cfg.revision))  # fmt: skip
+
+
+def load_models(cfg: EvalModelConfig, model: str, adapter: str | None, device: torch.device):
+    """(evaluated model, separate frozen base or None), in eval mode on ``device``.
+
+    The separate base is loaded only for score_with=base without an adapter; with an adapter the base is
+    the same weights with the adapter disabled (no second copy, SPEC 4.3).
+    """
+    from transformers import AutoModelForCausalLM
+
+    attn = select_attn_implementation(cfg.attn_implementation, torch.cuda.is_available(), _has_flash_attn())
+    kwargs = dict(dtype=resolve_dtype(cfg.dtype, device), attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
+    evaluated = AutoModelForCausalLM.from_pretrained(model, revision=cfg.revision, **kwargs)
+    if adapter is not None:
         from peft import PeftModel
 
-        with open(adapter_config) as f:
-            base_path = json.load(f)["base_model_name_or_path"]
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype), path)
+        evaluated = PeftModel.from_pretrained(evaluated, adapter)
+    base = None
+    if cfg.score_with == "base" and adapter is None:
+        base = AutoModelForCausalLM.from_pretrained(cfg.base_model_name_or_path, **kwargs).to(device).eval()
+    return evaluated.to(device).eval(), base
+
+
+def _has_flash_attn() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def score_loglik(samples: SampleBatch, model, base, score_with: str) -> torch.Tensor:
+    """log-likelihood of every draw under the scoring model: [B, N] float32 on the CPU.
+
+    The sampler's log-probs are reused only for exact draws scored by the model that drew them (SPEC 4.4);
+    otherwise the draws are rescored teacher-forced (sharpening.logprobs.sample_logprobs).
+    """
+    if score_with == "self" and samples.exact_draws:
+        token_logprobs = samples.logprobs
+    elif score_with == "self":
+        with torch.no_grad():
+            token_logprobs = sample_logprobs(model, samples)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return model.eval(), tokenizer
+        with frozen_base(model, base) as scorer:
+            token_logprobs = sample_logprobs(scorer, samples)
+    return loglik_reward(token_logprobs, samples.response_mask).cpu()  # [B, N, T] -> [B, N]
 
 
-@torch.no_grad()
-def evaluate_accuracy(
-    model: torch.nn.Module,
-    tokenizer,
-    batches: Iterable[PromptBatch],
-    extractor: Callable[[str], str | None],
-    samples_per_prompt: int = 8,
-    max_new_tokens: int = 64,
-    reward: str = "loglik",
-    seed: int = 0,
-) -> dict[str, float]:
-    """Accuracy of greedy decoding, of one sample (mean over the N draws) and of best-of-N by ``reward``."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    sampling = SamplingConfig(samples_per_prompt=samples_per_prompt, max_new_tokens=max_new_tokens)
-    greedy_cfg = SamplingConfig(samples_per_prompt=1, max_new_tokens=max_new_tokens, temperature=0.0)
-    totals = {"greedy": 0.0, "sample": 0.0, "bon": 0.0, "pass": 0.0, "prompts": 0}
-    for prompts in batches:
-        samples = generate_samples(model, prompts, sampling, eos, pad, seed=seed)
-        answers = extract_answers(decode_responses(tokenizer, samples), extractor)
-        correct = torch.tensor(
-            [[answers_match(a, ref, extractor) for a in group] for group, ref in zip(answers, prompts.answers)]
-        )  # [B, N]
-        scores = score_samples(reward, samples.logprobs, samples.response_mask, answers)  # [B, N]
-        best = best_of_n(scores.cpu())  # [B]
-        greedy = decode_responses(tokenizer, generate_samples(model, prompts, greedy_cfg, eos, pad))
-        totals["greedy"] += sum(answers_match(extractor(g[0]), r, extractor) for g, r in zip(greedy, prompts.answers))
-        totals["sample"] += correct.float().mean(-1).sum().item()
-        totals["bon"] += correct.gather(-1, best[:, None]).sum().item()
-        totals["pass"] += correct.any(-1).sum().item()
-        totals["prompts"] += len(prompts)
-    n = max(totals["prompts"], 1)
+def reduce_draws(samples: SampleBatch, loglik: torch.Tensor, tokenizer, extractor) -> SeedDraws:
+    """What the protocol needs from a batch of draws: correctness, answer codes, scores, lengths, truncation."""
+    answers = extract_answers(decode_responses(tokenizer, samples), extractor)
+    correct = torch.tensor(
+        [[answers_match(a, ref, extractor) for a in group] for group, ref in zip(answers, samples.prompts.answers)]
+    )  # [B, N]
+    return SeedDraws(correct, answer_codes(answers), loglik, samples.lengths.cpu(), samples.truncated.cpu())
+
+
+@dataclass
+class DrawContext:
+    """Everything needed to draw, cache and score one batch of prompts."""
+
+    model: torch.nn.Module
+    base: torch.nn.Module | None
+    tokenizer: object
+    data: PromptDataModule
+    protocol: ProtocolConfig
+    score_with: str
+    cache: DrawCache
+
+
+def draw_batch(ctx: DrawContext, prompts, kind: str, seed: int) -> SeedDraws:
+    """One prompt batch of one seed (kind=sample) or of the greedy run (kind=greedy), from the cache if there."""
+    p = ctx.protocol
+    greedy = kind == "greedy"
+    cfg = SamplingConfig(1 if greedy else p.n_max, p.max_new_tokens, 0.0 if greedy else p.temperature)
+    settings = {k: v for k, v in asdict(cfg).items() if k != "prompts_per_batch"}
+    texts = [ctx.data.prompt_texts[i] for i in prompts.prompt_indices.tolist()]
+    eos, pad = ctx.tokenizer.eos_token_id, ctx.tokenizer.pad_token_id
+    path = ctx.cache.path(kind, seed, settings, prompts, texts)
+    exact = not greedy and cfg.temperature == 1.0
+    samples = ctx.cache.get_or_draw(path, prompts, exact, lambda: generate_samples(ctx.model, prompts, cfg, eos, pad, seed=seed))
+    loglik = score_loglik(samples, ctx.model, ctx.base, ctx.score_with)
+    return reduce_draws(samples, loglik, ctx.tokenizer, resolve_extractor(p.answer_extractor))
+
+
+def collect_draws(ctx: DrawContext, device: torch.device, show_progress: bool = True) -> tuple[list[SeedDraws], SeedDraws]:
+    """(one SeedDraws per seed [P, N_max], the greedy run [P, 1]), with a progress bar over batches."""
+    from tqdm.auto import tqdm
+
+    p = ctx.protocol
+    batches = list(ctx.data.prompt_batches(p.prompts_per_batch, device=device))
+    runs = [("greedy", 0)] + [("sample", p.seed + s) for s in range(p.seeds)]
+    bar = tqdm(total=len(runs) * len(batches), desc=f"sampling N_max={p.n_max}", unit="batch", disable=not show_progress)
+    out = []
+    for kind, seed in runs:
+        parts = []
+        for prompts in batches:
+            parts.append(draw_batch(ctx, prompts, kind, seed))
+            bar.set_postfix_str(f"{kind} seed {seed}, {ctx.cache.reused} batch(es) from cache", refresh=False)
+            bar.update()
+        out.append(SeedDraws.concat(parts))
+    bar.close()
+    return out[1:], out[0]
+
+
+# ---------------------------------------------------------------- the command
+
+
+def measure(model_cfg: EvalModelConfig, protocol: ProtocolConfig, data_args: dict, cache_dir: str | None,
+            show_progress: bool = True) -> dict:  # fmt: skip
+    """Validate, load, draw (or reuse cached draws), score and compute the protocol's numbers."""
+    problems = validate_model_config(model_cfg) + validate_protocol_config(protocol) + validate_data_args(data_args)
+    raise_if_problems(problems)
+    protocol = replace(protocol, n_values=sorted(set(protocol.n_values)))
+    model_path, adapter = resolve_model_sources(model_cfg)
+    data = PromptDataModule(**data_args)
+    tokenizer = load_tokenizer_for(model_cfg, model_path, adapter)
+    data.load_prompts(tokenizer)  # missing columns and empty files fail here, still before any weights load
+    device = resolve_device(model_cfg.device)
+    model, base = load_models(model_cfg, model_path, adapter, device)
+    identity = model_identity(model_cfg, model_path, adapter, next(model.parameters()).dtype)
+    cache = DrawCache(cache_dir, {"model": identity["fingerprint"], "adapter": identity["adapter_fingerprint"],
+                                  "dtype": identity["dtype"]})  # fmt: skip
+    ctx = DrawContext(model, base, tokenizer, data, protocol, model_cfg.score_with, cache)
+    start = time.perf_counter()
+    per_seed, greedy = collect_draws(ctx, device, show_progress)
+    greedy_stats = {"accuracy": float(greedy.correct.float().mean()), "chosen_loglik": float(greedy.loglik.mean())}
     return {
-        "greedy_accuracy": totals["greedy"] / n,
-        "sample_accuracy": totals["sample"] / n,
-        "bon_accuracy": totals["bon"] / n,
-        "pass_at_n": totals["pass"] / n,
-        "prompts": totals["prompts"],
-        "samples_per_prompt": samples_per_prompt,
+        "table": protocol_table([seed_metrics(d, protocol.n_values, protocol.truncated) for d in per_seed], greedy_stats, protocol.n_values),
+        "n_values": protocol.n_values,
+        "samples_per_prompt": protocol.n_max,
+        "seeds": [protocol.seed + s for s in range(protocol.seeds)],
+        "prompts": {"count": len(data), "dataset": data_args["dataset"]},
+        "loglik_histogram": loglik_histogram(per_seed),
+        "draws": _draw_stats(per_seed, cache),
+        "model": identity,
+        "environment": {"device": str(device), "torch": torch.__version__, "sampling_seconds": time.perf_counter() - start},
     }
 
 
-def prompt_batches_from_file(path: str, tokenizer, batch_size: int = 32, max_prompts: int | None = None):
-    """Left-padded PromptBatches from a prompt/answer file (the same templating as training)."""
-    from sharpening.prompts import PromptDataModule
-
-    data = PromptDataModule(dataset=path, answer_column="answer", max_prompts=max_prompts)
-    data.load_prompts(tokenizer)
-    return list(data.prompt_batches(batch_size))
-
-
-def compare(args: argparse.Namespace) -> dict:
-    """Evaluate the base (greedy, sample, best-of-N) and the sharpened model (greedy, sample)."""
-    torch.manual_seed(args.seed)
-    extractor = resolve_extractor(args.answer_extractor)
-    summary: dict = {"samples_per_prompt": args.samples_per_prompt, "prompts_file": args.prompts}
-    for name, path in (("base", args.base), ("sharpened", args.sharpened)):
-        if not path:
-            continue
-        model, tokenizer = load_model_for_evaluation(path)
-        batches = prompt_batches_from_file(args.prompts, tokenizer, max_prompts=args.max_prompts)
-        result = evaluate_accuracy(
-            model, tokenizer, batches, extractor, args.samples_per_prompt, args.max_new_tokens, seed=args.seed
-        )
-        summary[f"{name}_model"] = os.path.abspath(path)
-        summary["eval_prompts"] = result["prompts"]
-        for key in ("greedy_accuracy", "sample_accuracy", "bon_accuracy", "pass_at_n"):
-            summary[f"{name}_{key}"] = result[key]
-    return summary
+def model_identity(cfg: EvalModelConfig, model: str, adapter: str | None, dtype: torch.dtype) -> dict:
+    """Paths/hub ids, fingerprints, dtype, and which model scored the draws."""
+    base = model if adapter is not None else cfg.base_model_name_or_path
+    return {
+        "model_name_or_path": model,
+        "revision": cfg.revision,
+        "adapter_path": os.path.abspath(adapter) if adapter else None,
+        "fingerprint": model_fingerprint(model, cfg.revision)["sha256"],
+        "adapter_fingerprint": model_fingerprint(adapter)["sha256"] if adapter else None,
+        "dtype": str(dtype).replace("torch.", ""),
+        "score_with": cfg.score_with,
+        "scored_by": "base" if cfg.score_with == "base" else "evaluated",
+        "scoring_model": base if cfg.score_with == "base" else None,
+    }
 
 
-def format_table(summary: dict) -> str:
-    """A small text table of the accuracies in ``summary``."""
-    n = summary["samples_per_prompt"]
-    lines = [f"{'model':<10} {'greedy':>8} {'sample':>8} {f'BoN@{n}':>8} {f'pass@{n}':>8}"]
-    for name in ("base", "sharpened"):
-        if f"{name}_greedy_accuracy" in summary:
-            row = [summary[f"{name}_{k}"] for k in ("greedy_accuracy", "sample_accuracy", "bon_accuracy", "pass_at_n")]
-            lines.append(f"{name:<10} " + " ".join(f"{v:>8.3f}" for v in row))
-    return "\n".join(lines)
+def _draw_stats(per_seed: list[SeedDraws], cache: DrawCache) -> dict:
+    truncated = torch.cat([d.truncated.flatten() for d in per_seed]).float()
+    lengths = torch.cat([d.lengths.flatten() for d in per_seed]).float()
+    return {
+        "truncated_fraction": float(truncated.mean()),
+        "mean_response_tokens": float(lengths.mean()),
+        "cache_dir": cache.directory,
+        "batches_drawn": cache.drawn,
+        "batches_reused": cache.reused,
+    }
 
 
-def sharpening_checks(summary: dict) -> list[tuple[str, bool]]:
-    """The demo's acceptance checks: best-of-N beats one sample by 0.2 and beats greedy, and the
-    sharpened model's single sample closes at least 80% of the base sample-to-best-of-N gap."""
-    gap = summary["base_bon_accuracy"] - summary["base_sample_accuracy"]
-    closed = (summary["sharpened_sample_accuracy"] - summary["base_sample_accuracy"]) / gap if gap > 0 else 0.0
-    summary["gap_closed"] = closed
-    return [
-        (f"base BoN - base sample = {gap:.3f} >= 0.2", gap >= 0.2),
-        (
-            f"base BoN {summary['base_bon_accuracy']:.3f} > base greedy {summary['base_greedy_accuracy']:.3f}",
-            summary["base_bon_accuracy"] > summary["base_greedy_accuracy"],
-        ),
-        (f"sharpened sample closes {100 * closed:.1f}% of the gap >= 80%", closed >= 0.8),
-    ]
+def build_parser():
+    """The jsonargparse parser of `sharpen evaluate` (flags, or a YAML file via --config)."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog="sharpen evaluate", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
+    parser.add_class_arguments(EvalModelConfig, "model")
+    parser.add_class_arguments(PromptDataModule, "data")
+    parser.set_defaults({"data.answer_column": "answer"})
+    parser.add_class_arguments(ProtocolConfig, "protocol")
+    parser.add_argument("--output_dir", type=str, required=True, help="Directory for results.json, results.csv and the plots.")
+    parser.add_argument("--overwrite", type=bool, default=False, help="Replace the results in a non-empty output_dir.")
+    parser.add_argument("--cache_dir", type=str | None, default=None, help="Where draws are cached (null = OUTPUT_DIR/cache).")
+    parser.add_argument("--show_progress", type=bool, default=True, help="Show a progress bar while sampling.")
+    parser.add_argument("--plots", type=bool, default=True, help="Write the PNG plots (needs matplotlib).")
+    return parser
+
+
+def run(argv: list[str]) -> dict:
+    """Parse, measure, write results.json / results.csv / config.yaml / plots, print the table."""
+    import yaml
+
+    from sharpening.evaluate_report import format_table, write_plots, write_results
+
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    raise_if_problems([p] if (p := output_dir_problem(ns.output_dir, ns.overwrite)) else [])
+    config = yaml.safe_load(parser.dump(ns, skip_none=False))
+    config.pop("config", None)
+    model_cfg, protocol = EvalModelConfig(**ns.model.as_dict()), ProtocolConfig(**ns.protocol.as_dict())
+    cache_dir = ns.cache_dir or os.path.join(ns.output_dir, "cache")
+    results = {"config": config, **measure(model_cfg, protocol, ns.data.as_dict(), cache_dir, ns.show_progress)}
+    os.makedirs(ns.output_dir, exist_ok=True)
+    with open(os.path.join(ns.output_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(config, f, sort_keys=False)
+    written = write_results(results, ns.output_dir)
+    written += write_plots(results, ns.output_dir) if ns.plots else []
+    print(format_table(results))
+    print("wrote " + ", ".join(written))
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--base", required=True, help="base model directory (or hub id)")
-    parser.add_argument("--sharpened", default=None, help="sharpened model or PEFT adapter directory")
-    parser.add_argument("--prompts", required=True, help="JSONL/JSON/CSV/Parquet file with prompt and answer columns")
-    parser.add_argument("--samples-per-prompt", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--max-prompts", type=int, default=None)
-    parser.add_argument("--answer-extractor", default="strip")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--summary", default=None, help="write the JSON summary here")
-    parser.add_argument("--demo-checks", action="store_true", help="print the demo's acceptance checks")
-    parser.add_argument("--elapsed-since", type=float, default=None, help="unix time the run started (reported)")
-    args = parser.parse_args(argv)
-    summary = compare(args)
-    print(format_table(summary))
-    if args.demo_checks and args.sharpened:
-        for text, ok in sharpening_checks(summary):
-            print(f"  [{'ok' if ok else 'FAILED'}] {text}")
-    if args.elapsed_since is not None:
-        import time
+    """``sharpen evaluate [compare] ...``; the old flags (``--base ... --prompts ...``) still mean compare."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["compare"]:
+        from sharpening.evaluate_compare import main as compare_main
 
-        summary["run_seconds"] = time.time() - args.elapsed_since
-        print(f"run time (after set-up): {summary['run_seconds']:.0f} s")
-    if args.summary:
-        os.makedirs(os.path.dirname(os.path.abspath(args.summary)), exist_ok=True)
-        with open(args.summary, "w") as f:
-            json.dump(summary, f, indent=2)
-        print(f"summary: {args.summary}")
-    return summary
+        return compare_main(argv[1:])
+    if any(a == "--base" or a.startswith("--base=") for a in argv):
+        from sharpening.evaluate_compare import main as compare_main
+
+        return compare_main(argv)
+    return run(argv)
 
 
 if __name__ == "__main__":

@@ -201,23 +201,26 @@ def protocol_table(per_seed: Sequence[dict], greedy: dict, n_values: Sequence[in
     return rows
 
 
-def loglik_histogram(per_seed: Sequence[SeedDraws], bins: int = 40) -> dict:
+def loglik_histogram(per_seed: Sequence[SeedDraws], bins: int = 40, low_quantile: float = 0.005) -> dict:
     """Distribution of draws' log-likelihoods, correct vs incorrect, over all seeds (finite values only).
 
+    The range runs from the ``low_quantile`` of all values to the maximum; values below it are counted in
+    the first bin (a few very unlikely draws would otherwise squeeze every other bar into one).
     Returns {'edges': [bins+1], 'correct': [bins] counts, 'incorrect': [bins] counts, and per group
-    'count' and 'mean'}.
+    'count' and 'mean' (of the unclipped values)}.
     """
-    loglik = torch.cat([d.loglik.flatten() for d in per_seed])  # [S*P*N]
+    loglik = torch.cat([d.loglik.flatten() for d in per_seed]).float()  # [S*P*N]
     correct = torch.cat([d.correct.flatten() for d in per_seed])
     finite = torch.isfinite(loglik)
     loglik, correct = loglik[finite], correct[finite]
-    lo, hi = (float(loglik.min()), float(loglik.max())) if loglik.numel() else (0.0, 1.0)
+    lo, hi = (float(loglik.quantile(low_quantile)), float(loglik.max())) if loglik.numel() else (0.0, 1.0)
     hi = hi if hi > lo else lo + 1.0
     edges = torch.linspace(lo, hi, bins + 1)
     out: dict = {"edges": edges.tolist()}
     for name, mask in (("correct", correct), ("incorrect", ~correct)):
         values = loglik[mask]
-        out[name] = torch.histc(values, bins=bins, min=lo, max=hi).long().tolist() if values.numel() else [0] * bins
+        clipped = values.clamp(min=lo)
+        out[name] = torch.histc(clipped, bins=bins, min=lo, max=hi).long().tolist() if values.numel() else [0] * bins
         out[f"{name}_count"] = int(values.numel())
         out[f"{name}_mean"] = _mean(values)
     return out

@@ -25,7 +25,12 @@ LABELS = {
     "maj": "majority vote (maj@N)",
     "pass": "pass@N (oracle)",
 }
-COLORS = {"bon_loglik": "tab:blue", "bon_loglik_norm": "tab:orange", "maj": "tab:green", "pass": "tab:gray"}
+STYLES = {  # distinct widths and markers, so coinciding curves (e.g. best-of-N = pass@N) stay visible
+    "bon_loglik": dict(color="tab:blue", marker="o", ms=9, lw=3.5, alpha=0.75),
+    "bon_loglik_norm": dict(color="tab:orange", marker="s", ms=4, lw=1.5),
+    "maj": dict(color="tab:green", marker="^", ms=5, lw=1.5),
+    "pass": dict(color="dimgray", marker="x", ms=6, lw=1.2, ls="--"),
+}
 
 
 def write_results(results: dict, out_dir: str) -> list[str]:
@@ -101,11 +106,19 @@ def _new_axes(results: dict, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    fig, ax = plt.subplots(figsize=(9.5, 4.8), dpi=120)
     model = results["model"]
-    name = os.path.basename(os.path.normpath(model["adapter_path"] or model["model_name_or_path"]))
-    fig.suptitle(f"{title}\n{name} on {results['prompts']['count']} prompts, {len(results['seeds'])} seed(s)", fontsize=10)
+    name = model["model_name_or_path"] + (f" + adapter {model['adapter_path']}" if model["adapter_path"] else "")
+    where = f"{results['prompts']['dataset']} ({results['prompts']['count']} prompts), {len(results['seeds'])} seed(s)"
+    fig.suptitle(f"{title}\n{name} on {where}", fontsize=10)
     return fig, ax
+
+
+def _finish(fig, ax, path: str) -> None:
+    """Legend outside the axes (it never hides a curve), layout, save."""
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def _log2_n_axis(ax, n_values: list[int]) -> None:
@@ -121,17 +134,14 @@ def plot_accuracy(results: dict, path: str) -> None:
     fig, ax = _new_axes(results, "Accuracy vs N")
     for method, label in LABELS.items():
         n, mean, err = _series(results, method, "accuracy")
-        style = "--" if method == "pass" else "-"
-        ax.errorbar(n, mean, yerr=err, fmt=f"o{style}", ms=4, capsize=3, color=COLORS[method], label=label)
+        ax.errorbar(n, mean, yerr=err, capsize=3, label=label, **STYLES[method])
     greedy, sample = find_row(results, "greedy")["accuracy"], find_row(results, "sample")["accuracy"]
     ax.axhline(greedy, color="black", ls="--", lw=1.2, label=f"greedy ({greedy:.3f})")
     ax.axhline(sample, color="tab:purple", ls=":", lw=1.5, label=f"single sample ({sample:.3f})")
     _log2_n_axis(ax, results["n_values"])
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("accuracy")
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
+    _finish(fig, ax, path)
 
 
 def plot_lift(results: dict, path: str) -> None:
@@ -141,16 +151,14 @@ def plot_lift(results: dict, path: str) -> None:
     fig, ax = _new_axes(results, title)
     for method, label in LABELS.items():
         n, mean, err = _series(results, method, kind)
-        ax.errorbar(n, mean, yerr=err, fmt="o--" if method == "pass" else "o-", ms=4, capsize=3, color=COLORS[method], label=label)
+        ax.errorbar(n, mean, yerr=err, capsize=3, label=label, **STYLES[method])
     ax.axhline(0.0, color="black", lw=1)
     _log2_n_axis(ax, results["n_values"])
     if kind == "lift_percent":
         ax.set_ylabel("lift over greedy, % = 100 (acc - greedy) / greedy")
     else:
         ax.set_ylabel("lift over greedy, accuracy points\n= 100 (acc - greedy); % undefined (greedy = 0)")
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
+    _finish(fig, ax, path)
 
 
 def plot_loglik_histogram(results: dict, path: str) -> None:
@@ -163,12 +171,13 @@ def plot_loglik_histogram(results: dict, path: str) -> None:
         mean = hist[f"{name}_mean"]
         label = f"{name}: {hist[f'{name}_count']} draws" + ("" if mean is None else f", mean {mean:.2f}")
         ax.stairs([c / total for c in counts], edges, fill=True, alpha=0.45, color=color, label=label)
-    ax.set_xlabel(f"log-likelihood of the response under the {results['model']['scored_by']} model")
+    ax.set_xlabel(
+        f"log-likelihood of the response under the {results['model']['scored_by']} model"
+        f" (values below {edges[0]:.1f} are counted in the first bin)"
+    )
     ax.set_ylabel("share of the group's draws")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
+    _finish(fig, ax, path)
 
 
 def plot_chosen_loglik(results: dict, path: str) -> None:
@@ -176,16 +185,14 @@ def plot_chosen_loglik(results: dict, path: str) -> None:
     fig, ax = _new_axes(results, "Log-likelihood of the chosen response vs N")
     for method in ("bon_loglik", "bon_loglik_norm", "maj"):
         n, mean, err = _series(results, method, "chosen_loglik")
-        ax.errorbar(n, mean, yerr=err, fmt="o-", ms=4, capsize=3, color=COLORS[method], label=LABELS[method])
+        ax.errorbar(n, mean, yerr=err, capsize=3, label=LABELS[method], **STYLES[method])
     for method, style, color in (("greedy", "--", "black"), ("sample", ":", "tab:purple")):
         value = find_row(results, method)["chosen_loglik"]
         if value is not None:
             ax.axhline(value, ls=style, color=color, label=f"{'greedy' if method == 'greedy' else 'single sample'} ({value:.2f})")
     _log2_n_axis(ax, results["n_values"])
     ax.set_ylabel(f"mean log-likelihood under the {results['model']['scored_by']} model")
-    ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    fig.savefig(path)
+    _finish(fig, ax, path)
 
 
 PLOTS = {

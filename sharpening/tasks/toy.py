@@ -104,15 +104,18 @@ def build_toy_base(out_dir: str | Path, tables: dict = TOY_TABLES, steps: int = 
 
 @torch.no_grad()
 def measure(model, tokenizer, base_model, prompts: list[str], kl_coef: float) -> dict[str, float]:
-    """By enumeration: KL(pi || pi*_beta) averaged over prompts, and the mass pi puts on argmax pi_base."""
+    """By enumeration, averaged over prompts: KL(pi || pi*_beta), the mass pi puts on argmax pi_base, and
+    the mass pi puts outside the listed outcomes (responses using other vocabulary tokens; ~1e-4 here)."""
     outcomes = toy_outcomes()
-    kls, masses = [], []
+    kls, masses, unlisted = [], [], []
     for prompt in prompts:
         base = outcome_logprobs(base_model, tokenizer, prompt, outcomes)
         policy = outcome_logprobs(model, tokenizer, prompt, outcomes)
         kls.append(kl_divergence(policy, sharpened_target(base, kl_coef)))
         masses.append(float(policy[base.argmax()].exp()))
-    return {"kl_to_target": sum(kls) / len(kls), "mass_on_argmax": sum(masses) / len(masses)}
+        unlisted.append(1.0 - float(policy.exp().sum()))
+    n = len(prompts)
+    return {"kl_to_target": sum(kls) / n, "mass_on_argmax": sum(masses) / n, "unlisted_mass": sum(unlisted) / n}
 
 
 def toy_prompts(out_dir: str | Path) -> list[str]:

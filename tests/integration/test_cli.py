@@ -18,13 +18,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 
 
-def tiny_overrides(model_path: str, prompts: str, root: str) -> list[str]:
+def _is_rl(config: str) -> bool:
+    with open(config) as f:
+        return "RLSharpeningModule" in f.read()
+
+
+def tiny_overrides(model_path: str, prompts: str, root: str, rl: bool = False) -> list[str]:
     """Swap a config's hub model and dataset for the tiny ones, and shrink the work to seconds."""
-    return [
+    module = (
+        ["--model.init_args.prompts_per_step=2", "--model.init_args.sampling.samples_per_prompt=3",
+         "--model.init_args.sampling.max_new_tokens=5"]
+        if rl
+        else ["--model.init_args.batch_size=2"]
+    )
+    return module + [
         f"--model.init_args.policy.model_name_or_path={model_path}",
         "--model.init_args.policy.dtype=float32",
         "--model.init_args.policy.gradient_checkpointing=false",
-        "--model.init_args.batch_size=2",
         f"--model.init_args.output_dir={root}/out",
         f"--data.dataset={prompts}",
         "--data.subset=null",
@@ -51,12 +61,13 @@ def tiny_overrides(model_path: str, prompts: str, root: str) -> list[str]:
 
 @pytest.mark.parametrize("config", CONFIGS, ids=os.path.basename)
 def test_every_config_runs_on_a_tiny_model(config, tiny_model_path, prompts_file, tmp_path):
-    cli = main(
-        ["fit", "--config", config, *tiny_overrides(tiny_model_path, prompts_file, str(tmp_path)), "--trainer.fast_dev_run=1"]
-    )
-    assert cli.trainer.global_step == 1
+    rl = _is_rl(config)
+    overrides = tiny_overrides(tiny_model_path, prompts_file, str(tmp_path), rl)
+    cli = main(["fit", "--config", config, *overrides, "--trainer.fast_dev_run=1"])
+    assert cli.trainer.global_step >= 1
     verifier = [c for c in cli.trainer.callbacks if type(c).__name__ == "SelfVerificationCallback"][0]
-    assert len(verifier.buffer) == 4  # 4 prompts, best-of-3 each, truncated kept
+    if not rl or cli.model.rl.algorithm == "offline":
+        assert len(verifier.buffer) == (4 * 3 if rl else 4)  # 4 prompts; best-of-3 each (offline RL: all 3)
     assert os.path.isfile(os.path.join(tmp_path, "out", "config.json")) or os.path.isfile(
         os.path.join(tmp_path, "out", "adapter_config.json")
     )

@@ -1,0 +1,107 @@
+"""`sharpen evaluate compare`: a base model against its sharpened version, with one N (what the demo runs).
+
+    sharpen evaluate compare --base DIR --sharpened DIR --prompts FILE --samples-per-prompt 8
+    python -m sharpening.evaluate --base DIR --sharpened DIR --prompts FILE     (the same; older spelling)
+
+Each model is measured with the protocol of sharpening.evaluate (one seed, N = --samples-per-prompt,
+best-of-N by the model's OWN log-likelihood, truncated responses kept) and the summary's flat keys
+(``base_greedy_accuracy``, ``sharpened_sample_accuracy``, ...) are printed and optionally written as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from sharpening.errors import raise_if_problems
+from sharpening.evaluate import EvalModelConfig, ProtocolConfig, measure, validate_model_config, validate_protocol_config
+from sharpening.evaluate_report import find_row
+
+KEYS = {"greedy_accuracy": ("greedy", 1), "sample_accuracy": ("sample", 1), "bon_accuracy": ("bon_loglik", None),
+        "pass_at_n": ("pass", None)}  # fmt: skip
+
+
+def compare(args: argparse.Namespace) -> dict:
+    """Greedy, single-sample, best-of-N and pass@N accuracy of the base and (when given) the sharpened model."""
+    protocol = ProtocolConfig(
+        n_values=[args.samples_per_prompt], seeds=1, seed=args.seed, max_new_tokens=args.max_new_tokens,
+        prompts_per_batch=32, answer_extractor=args.answer_extractor, truncated="keep",
+    )  # fmt: skip
+    data = {"dataset": args.prompts, "answer_column": "answer", "max_prompts": args.max_prompts}
+    models = {name: EvalModelConfig(model_name_or_path=path, dtype="float32")
+              for name, path in (("base", args.base), ("sharpened", args.sharpened)) if path}  # fmt: skip
+    problems = validate_protocol_config(protocol)
+    for name, cfg in models.items():
+        problems += [p.replace("--model.model_name_or_path", f"--{name}") for p in validate_model_config(cfg)]
+    raise_if_problems(problems)  # both models checked before either loads
+    summary: dict = {"samples_per_prompt": args.samples_per_prompt, "prompts_file": args.prompts}
+    for name, cfg in models.items():
+        results = measure(cfg, protocol, data, cache_dir=None, show_progress=False)
+        summary[f"{name}_model"] = os.path.abspath(cfg.model_name_or_path)
+        summary["eval_prompts"] = results["prompts"]["count"]
+        for key, (method, n) in KEYS.items():
+            summary[f"{name}_{key}"] = find_row(results, method, n or args.samples_per_prompt)["accuracy"]
+    return summary
+
+
+def format_table(summary: dict) -> str:
+    """A small text table of the accuracies in ``summary``."""
+    n = summary["samples_per_prompt"]
+    lines = [f"{'model':<10} {'greedy':>8} {'sample':>8} {f'BoN@{n}':>8} {f'pass@{n}':>8}"]
+    for name in ("base", "sharpened"):
+        if f"{name}_greedy_accuracy" in summary:
+            lines.append(f"{name:<10} " + " ".join(f"{summary[f'{name}_{k}']:>8.3f}" for k in KEYS))
+    return "\n".join(lines)
+
+
+def sharpening_checks(summary: dict) -> list[tuple[str, bool]]:
+    """The demo's acceptance checks: best-of-N beats one sample by 0.2 and beats greedy, and the
+    sharpened model's single sample closes at least 80% of the base sample-to-best-of-N gap."""
+    gap = summary["base_bon_accuracy"] - summary["base_sample_accuracy"]
+    closed = (summary["sharpened_sample_accuracy"] - summary["base_sample_accuracy"]) / gap if gap > 0 else 0.0
+    summary["gap_closed"] = closed
+    return [
+        (f"base BoN - base sample = {gap:.3f} >= 0.2", gap >= 0.2),
+        (
+            f"base BoN {summary['base_bon_accuracy']:.3f} > base greedy {summary['base_greedy_accuracy']:.3f}",
+            summary["base_bon_accuracy"] > summary["base_greedy_accuracy"],
+        ),
+        (f"sharpened sample closes {100 * closed:.1f}% of the gap >= 80%", closed >= 0.8),
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sharpen evaluate compare", description=__doc__.split("\n")[0])
+    parser.add_argument("--base", required=True, help="base model directory (or hub id)")
+    parser.add_argument("--sharpened", default=None, help="sharpened model or PEFT adapter directory")
+    parser.add_argument("--prompts", required=True, help="JSONL/JSON/CSV/Parquet file with prompt and answer columns")
+    parser.add_argument("--samples-per-prompt", type=int, default=8, help="N of best-of-N and pass@N")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--max-prompts", type=int, default=None)
+    parser.add_argument("--answer-extractor", default="strip")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--summary", default=None, help="write the JSON summary here")
+    parser.add_argument("--demo-checks", action="store_true", help="print the demo's acceptance checks")
+    parser.add_argument("--elapsed-since", type=float, default=None, help="unix time the run started (reported)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse the flags, compare, print the table (and checks), write the summary; ends with `summary: PATH`."""
+    args = build_parser().parse_args(argv)
+    summary = compare(args)
+    print(format_table(summary))
+    if args.demo_checks and args.sharpened:
+        for text, ok in sharpening_checks(summary):
+            print(f"  [{'ok' if ok else 'FAILED'}] {text}")
+    if args.elapsed_since is not None:
+        summary["run_seconds"] = time.time() - args.elapsed_since
+        print(f"run time (after set-up): {summary['run_seconds']:.0f} s")
+    if args.summary:
+        os.makedirs(os.path.dirname(os.path.abspath(args.summary)), exist_ok=True)
+        with open(args.summary, "w") as f:
+            json.dump(summary, f, indent=2)
+        print(f"summary: {args.summary}")
+    return summary

@@ -1,0 +1,138 @@
+"""RLSharpeningModule on the enumerable toy: exact rewards, one base pass per group, what trains, resume,
+and convergence to the closed-form optimum pi_base^(1 + 1/beta) (looser, faster than scripts/oracle.py)."""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import lightning as L
+import pytest
+import torch
+
+import sharpening.rl as rl_module
+from sharpening.callbacks import SelfVerificationCallback
+from sharpening.policy import PolicyConfig
+from sharpening.prompts import PromptDataModule, pad_prompts
+from sharpening.rl import RLConfig, RLSharpeningModule
+from sharpening.sampler import SamplingConfig
+from sharpening.tasks import toy
+
+
+@pytest.fixture(scope="module")
+def toy_dir(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("toy")
+    toy.build_toy_base(out, steps=150)
+    return str(out)
+
+
+def _module(toy_dir: str, finetuning: str = "full", **rl) -> RLSharpeningModule:
+    module = RLSharpeningModule(
+        PolicyConfig(model_name_or_path=os.path.join(toy_dir, "base"), finetuning=finetuning, dtype="float32", lora_r=4),
+        rl=RLConfig(kl_coef=0.5, **rl),
+        sampling=SamplingConfig(samples_per_prompt=6, max_new_tokens=toy.TOY_MAX_NEW_TOKENS),
+        prompts_per_step=3,
+    )
+    return module
+
+
+def _fit(module, toy_dir, max_steps, root, ckpt_path=None, callbacks=()):
+    L.seed_everything(0, verbose=False)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=max_steps, max_epochs=-1, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=root, callbacks=list(callbacks),
+        enable_checkpointing=bool(ckpt_path is None and root), reload_dataloaders_every_n_epochs=1,
+    )
+    trainer.fit(module, datamodule=PromptDataModule(os.path.join(toy_dir, "prompts.jsonl")), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_reward_equals_the_enumerated_log_prob(toy_dir):
+    module = _module(toy_dir)
+    module.configure_model()
+    tok = module.tokenizer
+    outcomes = toy.toy_outcomes()
+    prompts = pad_prompts([tok("x=").input_ids, tok("y=").input_ids], [0, 1], [None, None], tok.pad_token_id)
+    samples = module._draw(prompts, "policy", 8, stream=0)
+    with module.frozen_base() as base:
+        from sharpening.logprobs import sample_logprobs
+
+        reward = (sample_logprobs(base, samples) * samples.response_mask).sum(-1)  # [B, N]
+        exact = {p: toy.outcome_logprobs(base, tok, p, outcomes) for p in ("x=", "y=")}
+    texts = tok.batch_decode(samples.response_ids.flatten(0, 1).tolist(), skip_special_tokens=True)
+    for k, text in enumerate(texts):
+        b, n = divmod(k, 8)
+        index = outcomes.index((text, bool(samples.truncated[b, n])))
+        assert reward[b, n].item() == pytest.approx(exact[("x=", "y=")[b]][index].item(), abs=1e-5)
+
+
+@pytest.mark.parametrize("inner_updates", [1, 3])
+def test_one_base_pass_per_group_and_no_extra_policy_pass(toy_dir, monkeypatch, inner_updates):
+    calls = {"base": 0, "policy": 0}
+    real_sample, real_response = rl_module.sample_logprobs, rl_module.response_logprobs
+    monkeypatch.setattr(rl_module, "sample_logprobs", lambda *a, **k: calls.__setitem__("base", calls["base"] + 1) or real_sample(*a, **k))
+    monkeypatch.setattr(rl_module, "response_logprobs", lambda *a, **k: calls.__setitem__("policy", calls["policy"] + 1) or real_response(*a, **k))
+    module = _module(toy_dir, inner_updates=inner_updates)
+    _fit(module, toy_dir, max_steps=inner_updates, root=None)
+    assert calls == {"base": 1, "policy": inner_updates}
+
+
+ALGORITHMS = {
+    "online": ({}, ()),
+    "offline": ({"pairs_per_update": 16}, "callback"),
+    "xpo": ({"xpo_updates_per_round": 2, "pairs_per_update": 8, "heldout_prompts": 1}, ()),
+}
+
+
+@pytest.mark.parametrize("algorithm", sorted(ALGORITHMS))
+def test_each_algorithm_changes_only_the_adapter(algorithm, toy_dir):
+    extra, callbacks = ALGORITHMS[algorithm]
+    module = _module(toy_dir, "lora", algorithm=algorithm, **extra)
+    module.configure_model()
+    ids = torch.tensor([[1, 5, 8]])
+    with torch.no_grad(), module.frozen_base() as base:
+        base_before = base(ids).logits
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    verifier = [SelfVerificationCallback(SamplingConfig(samples_per_prompt=4, max_new_tokens=3), greedy_accuracy=False, show_progress=False)]
+    _fit(module, toy_dir, max_steps=4, root=None, callbacks=verifier if callbacks else ())
+    changed = {n for n, p in module.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed and all("lora_" in n for n in changed)
+    module.eval()
+    with torch.no_grad(), module.frozen_base() as base:
+        torch.testing.assert_close(base(ids).logits, base_before, rtol=0, atol=0)
+
+
+def test_resume_restores_the_xpo_dataset_and_best_round(toy_dir, tmp_path):
+    settings = dict(algorithm="xpo", xpo_updates_per_round=2, pairs_per_update=8, heldout_prompts=1)
+    first = _module(toy_dir, **settings)
+    _fit(first, toy_dir, max_steps=6, root=str(tmp_path))
+    ckpt = glob.glob(str(tmp_path / "**" / "*.ckpt"), recursive=True)[0]
+    assert len(first.xpo_pairs) == 3 * 2  # 3 rounds (2 updates each) x 2 training prompts
+    resumed = _module(toy_dir, **settings)
+    _fit(resumed, toy_dir, max_steps=6, root=str(tmp_path / "again"), ckpt_path=ckpt)
+    assert [p.response_ids for p in resumed.xpo_pairs] == [p.response_ids for p in first.xpo_pairs]
+    assert resumed.best["round"] == first.best["round"] and resumed.best["j_beta"] == first.best["j_beta"]
+
+
+FAST = {"online": 150, "offline": 60, "xpo": 480}
+
+
+@pytest.fixture(scope="module")
+def oracle_dir(tmp_path_factory) -> str:
+    work = tmp_path_factory.mktemp("oracle")
+    toy.build_toy_base(work)  # fully distilled toy, as in scripts/oracle.py
+    return str(work)
+
+
+@pytest.mark.parametrize("algorithm", sorted(FAST))
+def test_training_approaches_the_closed_form_optimum(algorithm, oracle_dir):
+    work, base_dir = oracle_dir, os.path.join(oracle_dir, "base")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, tok = AutoModelForCausalLM.from_pretrained(base_dir).eval(), AutoTokenizer.from_pretrained(base_dir)
+    start = toy.measure(base, tok, base, toy.toy_prompts(work), 0.5)
+    module = toy.train_on_toy(algorithm, work, max_steps=FAST[algorithm])
+    end = toy.measure(module.policy.eval(), tok, base, toy.toy_prompts(work), 0.5)
+    assert start["kl_to_target"] > 0.4
+    assert end["kl_to_target"] < 0.1, end
+    assert end["mass_on_argmax"] > start["mass_on_argmax"] + 0.2

@@ -122,4 +122,5 @@ def collate_pairs(pairs: list[PairExample], pad_token_id: int) -> dict[str, torc
     batch = collate_examples(rows, pad_token_id)
     batch["base_logprob"] = torch.tensor([p.base_logprob for p in pairs], dtype=torch.float32)  # [P]
     batch["other_base_logprob"] = torch.tensor([p.other_base_logprob for p in pairs], dtype=torch.float32)
+    batch["prompt_indices"] = torch.tensor([p.prompt_index for p in pairs], dtype=torch.long)  # [P]
     return batch

@@ -7,6 +7,7 @@ a standard Hugging Face / PEFT directory at the end of training.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import os
@@ -94,25 +95,36 @@ class PolicyModule(L.LightningModule):
     def _trainable_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}
 
-    def state_dict(self, *args, **kwargs):
-        full = super().state_dict(*args, **kwargs)
-        prefix = kwargs.get("prefix", "")
-        keep = self._trainable_names()
-        return type(full)((k, v) for k, v in full.items() if k[len(prefix) :] in keep)
+    def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
+        """Trainable parameters only, read directly (no module hooks: bitsandbytes' 4-bit serializer
+        mutates the packed weights in place on CPU, which would perturb a QLoRA run's frozen base)."""
+        out = collections.OrderedDict() if destination is None else destination
+        for name, param in self.named_parameters():
+            if param.requires_grad:
+                out[prefix + name] = param if keep_vars else param.detach()
+        return out
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Copy the checkpoint's trainable weights into place. Module load hooks are bypassed on purpose:
+        bitsandbytes' hooks re-quantize 4-bit layers, which would perturb a QLoRA run's frozen base."""
         if self.policy is None:
             self.configure_model()
-        result = super().load_state_dict(state_dict, strict=False, assign=assign)
-        missing = sorted(set(result.missing_keys) & self._trainable_names())
-        if strict and (missing or result.unexpected_keys):
+        params = dict(self.named_parameters())
+        trainable = self._trainable_names()
+        missing = sorted(trainable - set(state_dict))
+        unexpected = sorted(k for k in state_dict if k not in trainable)
+        if strict and (missing or unexpected):
             raise RuntimeError(
                 f"checkpoint does not fit this model (model.policy.model_name_or_path="
                 f"{self.policy_config.model_name_or_path!r}, finetuning={self.policy_config.finetuning}): "
-                f"missing {missing[:4]}, unexpected {list(result.unexpected_keys)[:4]}. "
+                f"missing {missing[:4]}, unexpected {unexpected[:4]}. "
                 "Resume with the model and finetuning mode that wrote the checkpoint."
             )
-        return result
+        with torch.no_grad():
+            for name, value in state_dict.items():
+                if name in trainable:
+                    params[name].copy_(value)
+        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     def on_train_end(self) -> None:
         """Write the fitted policy as a plain Hugging Face (full) or PEFT adapter (LoRA) directory."""

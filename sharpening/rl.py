@@ -196,15 +196,30 @@ class RLSharpeningModule(PolicyModule):
                 logprobs, old, advantages, rows[3], rl.clip_ratio, base_lp.flatten(0, 1), k3
             )
             self._update(loss)
-        self._log_group(base_seq, old_seq, samples, loss)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(prompts))
+        self._log_policy_estimates(base_seq, old_seq, samples)
         return loss.detach()
 
     def pair_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Offline: one update of the paper's squared loss on base-drawn pairs."""
-        loss = squared_pair_loss(self._pair_residuals(batch))
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
+            self._estimate_on_policy(batch["prompt_indices"].unique()[:8].tolist())
+        residuals = self._pair_residuals(batch)
+        loss = squared_pair_loss(residuals)
         self._update(loss)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch["base_logprob"].shape[0])
+        size = batch["base_logprob"].shape[0]
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
+        self.log("train/residual_rms", residuals.detach().pow(2).mean().sqrt(), batch_size=size)
         return loss.detach()
+
+    @torch.no_grad()
+    def _estimate_on_policy(self, prompt_indices: list[int]) -> None:
+        """Offline pairs come from the base; reward, KL, J_beta and entropy need draws from the policy."""
+        prompts = _to_device(_collate_prompts(prompt_indices, self.trainer.datamodule), self.device)
+        samples = self._draw(prompts, "policy", 1, stream=4)
+        with self.frozen_base() as base:
+            base_seq = (sample_logprobs(base, samples, self.logprob_chunk_size) * samples.response_mask).sum(-1)
+        self._log_policy_estimates(base_seq, (samples.logprobs * samples.response_mask).sum(-1), samples)
 
     def _pair_residuals(self, batch: dict[str, torch.Tensor], with_policy_y2: bool = False):
         logprobs = response_logprobs(
@@ -242,6 +257,7 @@ class RLSharpeningModule(PolicyModule):
         with self.frozen_base() as base:
             base_y = (sample_logprobs(base, y, self.logprob_chunk_size) * y.response_mask).sum(-1)  # [B, 1]
         base_y2 = (y2.logprobs * y2.response_mask).sum(-1)  # exact base draws: sampler log-probs ARE base scores
+        self._log_policy_estimates(base_y, (y.logprobs * y.response_mask).sum(-1), y)
         pairs = []
         for b in range(len(prompts)):
             prompt = prompts.prompt_ids[b][prompts.prompt_mask[b]].tolist()
@@ -281,18 +297,19 @@ class RLSharpeningModule(PolicyModule):
         optimizer.zero_grad()
         self.lr_schedulers().step()
 
-    def _log_group(self, base_seq: torch.Tensor, policy_seq: torch.Tensor, samples: SampleBatch, loss) -> None:
+    def _log_policy_estimates(self, base_seq: torch.Tensor, policy_seq: torch.Tensor, samples: SampleBatch) -> None:
+        """Reward, KL, J_beta and entropy estimated from draws of the CURRENT policy. [B, G] inputs."""
         size = base_seq.shape[0]
         metrics = {
-            "train/loss": loss.detach(),
             "train/reward": base_seq.mean(),  # E[log pi_base(y|x)]
             "train/kl": (policy_seq - base_seq).mean(),  # sequence KL(pi || pi_base), one-sample estimate
             "train/j_beta": kl_regularized_rewards(base_seq, policy_seq, self.rl.kl_coef).mean(),
             "train/entropy": -policy_seq.mean(),  # sequence entropy estimate E[-log pi(y|x)]
             "train/response_tokens": samples.lengths.float().mean(),
             "train/truncated_fraction": samples.truncated.float().mean(),
-            "train/reward_best_minus_mean": (base_seq.max(-1).values - base_seq.mean(-1)).mean(),
         }
+        if base_seq.shape[-1] > 1:
+            metrics["train/reward_best_minus_mean"] = (base_seq.max(-1).values - base_seq.mean(-1)).mean()
         self.log_dict(metrics, prog_bar=False, batch_size=size)
 
     def updates_per_batch(self) -> int:

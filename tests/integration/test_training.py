@@ -121,3 +121,24 @@ def test_callback_selects_the_sample_the_frozen_base_likes_best(sample_from, tin
     top2 = torch.sort(expected, dim=-1, descending=True, stable=True).indices[:, :2]
     assert torch.equal(scored.selected, top2)
     assert correct.shape == (2, 6)
+
+
+@pytest.mark.parametrize("finetuning", ["lora", "qlora"])
+def test_checkpoint_round_trip_holds_the_adapter_and_leaves_the_base_bit_identical(finetuning, tiny_model_path):
+    module = _module(tiny_model_path, finetuning)
+    module.eval()
+    with torch.no_grad():
+        for name, p in module.policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    base_before = _base_logits(module)
+    state = {k: v.clone() for k, v in module.state_dict().items()}
+    assert state and all("lora_" in k for k in state)  # the adapter, never the frozen base
+    restored = _module(tiny_model_path, finetuning)
+    restored.eval()
+    restored.load_state_dict(state)
+    torch.testing.assert_close(_base_logits(module), base_before, rtol=0, atol=0)
+    torch.testing.assert_close(_base_logits(restored), base_before, rtol=0, atol=0)
+    ids = torch.tensor([[1, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(restored.policy(ids).logits, module.policy(ids).logits, rtol=0, atol=0)

@@ -172,8 +172,8 @@ def load_policy(cfg: PolicyConfig, device: torch.device | None = None):
         model.config.use_cache = False
     if cfg.finetuning == "full":
         frozen = copy.deepcopy(model).eval().requires_grad_(False)
-        return model, frozen
-    return _add_lora(model, cfg), None
+        return model.train(), frozen  # from_pretrained returns eval mode: dropout would stay off in training
+    return _add_lora(model, cfg).train(), None
 
 
 def _add_lora(model, cfg: PolicyConfig):
@@ -201,14 +201,15 @@ def is_peft_model(model) -> bool:
 @contextlib.contextmanager
 def frozen_base(policy, frozen_copy=None) -> Iterator[torch.nn.Module]:
     """Context yielding the frozen base model: ``frozen_copy`` when given, else ``policy`` with its
-    adapter disabled. Gradients are off inside; the policy's train/eval mode is restored after."""
+    adapter disabled. Gradients and dropout are off inside (Lightning puts every submodule in train
+    mode, and a verifier must be deterministic); train/eval modes are restored after."""
     if frozen_copy is not None:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(frozen_copy):
             yield frozen_copy
         return
     if not is_peft_model(policy):
         raise RuntimeError("frozen_base: a full fine-tuning policy needs its frozen copy (load_policy returns it)")
-    with torch.no_grad(), policy.disable_adapter():
+    with torch.no_grad(), policy.disable_adapter(), eval_mode(policy):
         yield policy
 
 

@@ -334,3 +334,28 @@ def test_response_logprobs_through_lora_and_its_frozen_base(lora_policy, tiny_mo
 def test_load_policy_dtype(tiny_model_path):
     policy, frozen = load_policy(PolicyConfig(model_name_or_path=tiny_model_path, finetuning="full", dtype="bfloat16"))
     assert next(policy.parameters()).dtype == torch.bfloat16 and next(frozen.parameters()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("finetuning", ["full", "lora"])
+def test_frozen_base_scores_without_dropout_even_when_the_module_trains(tmp_path, finetuning):
+    """GPT-2-style configs have dropout 0.1: the verifier must still be deterministic in train mode."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sharpening.tasks.chars import build_char_tokenizer
+
+    tok = build_char_tokenizer("abcd=")
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.5,
+                        embd_pdrop=0.5, attn_pdrop=0.5, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    policy, frozen = load_policy(PolicyConfig(model_name_or_path=str(tmp_path), finetuning=finetuning, lora_r=2,
+                                              lora_target_modules=["c_attn"], dtype="float32"))
+    assert policy.training  # ready to train: dropout on for the policy
+    policy.train()
+    if frozen is not None:
+        frozen.train()  # what Lightning's module.train() does to every submodule
+    ids = torch.tensor([[1, 3, 4, 5, 6]])
+    with frozen_base(policy, frozen) as base:
+        first, second = base(ids).logits, base(ids).logits
+    torch.testing.assert_close(first, second, rtol=0, atol=0)
+    assert policy.training

@@ -83,6 +83,11 @@ class SelfVerificationCallback(L.Callback):
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        data = trainer.datamodule
+        if data is not None and getattr(data, "prompt_ids", None) and hasattr(pl_module, "policy_config"):
+            module_sampling = getattr(pl_module, "sampling", None)  # RL samples with its own settings
+            max_new = max(self.sampling.max_new_tokens, getattr(module_sampling, "max_new_tokens", 0))
+            raise_if_problems(context_problems(pl_module.policy_config, data.prompt_ids, max_new))
         if not hasattr(pl_module, "buffer"):
             return  # the module does not train from a buffer (e.g. on-policy RL)
         pl_module.buffer = self.buffer
@@ -208,6 +213,25 @@ class SelfVerificationCallback(L.Callback):
         return torch.tensor(
             [answers_match(self.extractor(g[0]), ref, self.extractor) for g, ref in zip(texts, prompts.answers)]
         )
+
+
+def context_problems(policy_config, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Prompts that cannot fit the model's context with max_new_tokens more (reads config.json only)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        policy_config.model_name_or_path, trust_remote_code=policy_config.trust_remote_code, revision=policy_config.revision
+    )
+    context = getattr(config, "max_position_embeddings", None)
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    need = len(prompt_ids[longest]) + max_new_tokens
+    if context is None or need <= context:
+        return []
+    return [
+        f"--data.dataset: prompt {longest} has {len(prompt_ids[longest])} tokens; with "
+        f"max_new_tokens={max_new_tokens} that is {need} > the model's context of {context}; "
+        "shorten the prompts (few-shot prefix, template), lower max_new_tokens, or set --data.max_prompts"
+    ]
 
 
 def _gather_examples(examples: list[BufferExample], world_size: int) -> list[BufferExample]:

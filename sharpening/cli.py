@@ -9,12 +9,16 @@
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
+
+import torch
 
 from lightning.pytorch.cli import LightningCLI
 
 from sharpening.callbacks import SelfVerificationCallback
+from sharpening.errors import ConfigError, raise_if_problems
 from sharpening.policy_module import PolicyModule
 from sharpening.prompts import PromptDataModule
 
@@ -24,12 +28,97 @@ class SharpeningCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SelfVerificationCallback, "verifier")
+        parser.add_argument(
+            "--overwrite_run", type=bool, default=False,
+            help="Start a new run in a default_root_dir whose checkpoints/ already holds another run's checkpoints.",
+        )
+
+    def instantiate_classes(self) -> None:
+        """Show a configuration problem as our one error, not buried in jsonargparse's union report."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError) as err:
+            cause = err
+            while cause is not None and not isinstance(cause, ConfigError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse to start a fresh run on top of another run's checkpoints (they would be overwritten)."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        if subcommand != "fit" or config.get("ckpt_path") or config.get("overwrite_run"):
+            return
+        root = config["trainer"].get("default_root_dir") or os.getcwd()
+        existing = sorted(glob.glob(os.path.join(root, "checkpoints", "*.ckpt")))
+        if existing:
+            raise_if_problems([
+                f"--trainer.default_root_dir={root!r} holds another run's checkpoints ({os.path.basename(existing[-1])}, ...): "
+                "resume it with --ckpt_path last (or a path), choose a new directory, or pass --overwrite_run true"
+            ])
 
     def _parse_ckpt_path(self) -> None:
-        """Resume with the configuration given NOW. (Lightning's CLI would replace the model's arguments
-        with the checkpoint's, so output_dir could not change and a finished run could not be continued.)
-        The checkpoint must still fit the model: PolicyModule.load_state_dict refuses one that does not."""
-        return
+        """Resume with the configuration given NOW, after checking the checkpoint fits it (before any
+        weights load). Lightning's CLI would instead replace the model's arguments with the checkpoint's,
+        so output_dir could not change and a finished run could not be continued."""
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        path = config.get("ckpt_path")
+        if path and path not in ("last", "best", "hpc", "registry"):
+            raise_if_problems(resume_problems(str(path), config["model"]))
+
+
+def resume_problems(path: str, model_config) -> list[str]:
+    """Why the checkpoint at ``path`` cannot resume ``model_config`` (class_path + init_args), if it can't.
+
+    Loading uses ``weights_only=True``: a checkpoint that needs unpickling of arbitrary objects is refused.
+    """
+    if not os.path.isfile(path):
+        parent = os.path.dirname(path) or "."
+        found = sorted(f for f in os.listdir(parent) if f.endswith(".ckpt")) if os.path.isdir(parent) else []
+        return [f"--ckpt_path={path!r}: no such file (checkpoints in {parent!r}: {found[:6]})"]
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # pickle.UnpicklingError, RuntimeError from the zip reader, ...
+        return [
+            f"--ckpt_path={path!r}: refused: it cannot be read as plain tensors and data (weights_only=True): "
+            f"{type(err).__name__}: {str(err).splitlines()[0][:200]}. Checkpoints from untrusted sources can run code."
+        ]
+    saved = checkpoint.get("hyper_parameters", {})
+    init = model_config.get("init_args") or {}
+    policy = init.get("policy") or {}
+    want = {
+        "module": model_config.get("class_path"),
+        "policy.model_name_or_path": policy.get("model_name_or_path"),
+        "policy.finetuning": policy.get("finetuning"),
+        "policy.lora_r": policy.get("lora_r") if policy.get("finetuning") != "full" else None,
+        "rl.algorithm": (init.get("rl") or {}).get("algorithm"),
+    }
+    have = {
+        "module": saved.get("module_class"),
+        "policy.model_name_or_path": saved.get("policy", {}).get("model_name_or_path"),
+        "policy.finetuning": saved.get("policy", {}).get("finetuning"),
+        "policy.lora_r": saved.get("policy", {}).get("lora_r") if saved.get("policy", {}).get("finetuning") != "full" else None,
+        "rl.algorithm": saved.get("rl", {}).get("algorithm"),
+    }
+    problems = []
+    for key, value in want.items():
+        stored = have[key]
+        if key == "module" and value and stored and value.rsplit(".", 1)[-1] == stored.rsplit(".", 1)[-1]:
+            continue  # sharpening.SFTSharpeningModule and sharpening.sft.SFTSharpeningModule are one class
+        if key == "policy.model_name_or_path" and value and stored and os.path.abspath(value) == os.path.abspath(stored):
+            continue
+        if value is not None and stored is not None and value != stored:
+            option = "--model.class_path" if key == "module" else f"--model.{key}"
+            problems.append(
+                f"--ckpt_path={path!r} was written with {key}={stored!r} but {option}={value!r}: "
+                "resume with the settings that wrote it, or start a new run without --ckpt_path"
+            )
+    return problems
 
 
 def main(args: list[str] | None = None):
@@ -43,6 +132,16 @@ def main(args: list[str] | None = None):
         from sharpening.evaluate import main as evaluate_main
 
         return evaluate_main(argv[1:])
+    if args is None:  # from the shell: a configuration problem is a message, not a traceback
+        try:
+            return _run_cli(argv)
+        except ConfigError as err:
+            print(f"sharpen: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return _run_cli(argv)
+
+
+def _run_cli(argv: list[str]) -> SharpeningCLI:
     return SharpeningCLI(
         model_class=PolicyModule,
         subclass_mode_model=True,

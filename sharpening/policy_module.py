@@ -136,11 +136,15 @@ class PolicyModule(L.LightningModule):
 def plain_hparams(arguments: dict) -> dict:
     """Constructor arguments as plain Python values (dataclasses -> dicts), so checkpoints load with
     ``torch.load(weights_only=True)``."""
-    return {
+    plain = {
         k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v
         for k, v in arguments.items()
         if k not in ("self", "__class__", "problems")
     }
+    module = arguments.get("self")
+    if module is not None:  # which module wrote a checkpoint: resume checks compare it
+        plain["module_class"] = f"{type(module).__module__}.{type(module).__name__}"
+    return plain
 
 
 def save_policy(policy: torch.nn.Module, tokenizer, output_dir: str) -> None:

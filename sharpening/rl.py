@@ -77,19 +77,19 @@ class RLConfig:
 
 def validate_rl_config(rl: RLConfig, sampling: SamplingConfig) -> list[str]:
     """Every problem with the RL settings, each naming its option."""
-    o = "--model.init_args.rl"
-    problems = validate_sampling_config(sampling, "--model.init_args.sampling")
+    o = "--model.rl"
+    problems = validate_sampling_config(sampling, "--model.sampling")
     if rl.algorithm not in ("online", "offline", "xpo"):
         problems.append(f"{o}.algorithm={rl.algorithm!r}: unknown algorithm; choose online, offline or xpo")
     if not rl.kl_coef > 0:
         problems.append(f"{o}.kl_coef={rl.kl_coef}: beta must be > 0 (the optimum is pi_base^(1+1/beta)); try 0.05")
     if rl.algorithm == "online" and rl.baseline == "leave_one_out" and sampling.samples_per_prompt < 2:
         problems.append(
-            f"--model.init_args.sampling.samples_per_prompt={sampling.samples_per_prompt}: a group baseline needs >= 2"
+            f"--model.sampling.samples_per_prompt={sampling.samples_per_prompt}: a group baseline needs >= 2"
         )
     if sampling.temperature != 1.0 or sampling.top_k != 0 or sampling.top_p != 1.0:
         problems.append(
-            "--model.init_args.sampling: RL-sharpening needs exact draws (temperature 1, top_k 0, top_p 1.0); "
+            "--model.sampling: RL-sharpening needs exact draws (temperature 1, top_k 0, top_p 1.0); "
             "other settings bias the gradient"
         )
     for name in ("inner_updates", "xpo_updates_per_round", "pairs_per_update"):
@@ -131,7 +131,7 @@ class RLSharpeningModule(PolicyModule):
         """
         problems = validate_rl_config(rl, sampling)
         if prompts_per_step < 1:
-            problems.append(f"--model.init_args.prompts_per_step={prompts_per_step}: must be >= 1")
+            problems.append(f"--model.prompts_per_step={prompts_per_step}: must be >= 1")
         super().__init__(policy, optimizer, output_dir, overwrite_output_dir, logprob_chunk_size, problems)
         self.save_hyperparameters(plain_hparams(locals()))
         self.automatic_optimization = False  # several updates per generation (online, xpo)
@@ -154,7 +154,7 @@ class RLSharpeningModule(PolicyModule):
         data = self.trainer.datamodule
         count = len(data) - self.rl.heldout_prompts
         if count < 1:
-            raise RuntimeError(f"--model.init_args.rl.heldout_prompts={self.rl.heldout_prompts} leaves no training prompt")
+            raise RuntimeError(f"--model.rl.heldout_prompts={self.rl.heldout_prompts} leaves no training prompt")
         collate = partial(_collate_prompts, data=data)
         return DataLoader(range(count), self.prompts_per_step, shuffle=True, generator=generator, collate_fn=collate)
 

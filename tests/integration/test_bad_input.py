@@ -1,0 +1,133 @@
+"""Bad input: a clear error (option as typed, value, rule, fix) before any weights load or sample is
+drawn, and nothing written. One table; each row builds its overrides in a fresh directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+
+from sharpening.cli import main
+from sharpening.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SFT, RL = os.path.join(ROOT, "configs", "demo.yaml"), os.path.join(ROOT, "configs", "rl.yaml")
+
+
+def _long_prompt(tmp):
+    path = tmp / "long.jsonl"
+    path.write_text(json.dumps({"prompt": "ab" * 40, "answer": "x"}) + "\n")  # 81 tokens > context 64
+    return [f"--data.dataset={path}"]
+
+
+def _empty(tmp):
+    (tmp / "empty.jsonl").write_text("")
+    return [f"--data.dataset={tmp / 'empty.jsonl'}"]
+
+
+def _no_eos_model(tmp, model):
+    from transformers import AutoTokenizer
+
+    import shutil
+
+    shutil.copytree(model, tmp / "no-eos")
+    tok = AutoTokenizer.from_pretrained(tmp / "no-eos")
+    tok.eos_token = None
+    tok.pad_token = None
+    tok.save_pretrained(tmp / "no-eos")
+    return [f"--model.init_args.policy.model_name_or_path={tmp / 'no-eos'}"]
+
+
+def _pickle_checkpoint(tmp):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp / 'pwned'}",))
+
+    with open(tmp / "evil.ckpt", "wb") as f:
+        pickle.dump({"state_dict": Payload()}, f)
+    return [f"--ckpt_path={tmp / 'evil.ckpt'}"]
+
+
+def _other_runs_checkpoints(tmp):
+    (tmp / "run" / "checkpoints").mkdir(parents=True)
+    (tmp / "run" / "checkpoints" / "epoch=0-step=4.ckpt").write_bytes(b"not mine to overwrite")
+    return [f"--trainer.default_root_dir={tmp / 'run'}"]
+
+
+CASES = [
+    # (id, config, overrides (list or builder), fragment expected in the error)
+    ("model path missing", SFT, ["--model.init_args.policy.model_name_or_path=./no/such/model"], "no such directory"),
+    ("hub id offline", SFT, ["--model.init_args.policy.model_name_or_path=nobody/no-model"], "HF_HUB_OFFLINE"),
+    ("dataset file missing", SFT, ["--data.dataset=./missing.jsonl"], "file not found"),
+    ("prompt column missing", SFT, ["--data.prompt_column=question"], "found ['prompt', 'answer']"),
+    ("empty dataset", SFT, _empty, "no rows"),
+    ("samples per prompt < 1", SFT, ["--verifier.sampling.samples_per_prompt=0"], "samples_per_prompt=0: must be >= 1"),
+    ("group baseline needs 2", RL, ["--model.init_args.sampling.samples_per_prompt=1"], "group baseline needs >= 2"),
+    ("max_new_tokens <= 0", SFT, ["--verifier.sampling.max_new_tokens=0"], "max_new_tokens=0: must be > 0"),
+    ("prompt longer than context", SFT, _long_prompt, "context of 64"),
+    ("temperature <= 0 with sampling", SFT, ["--verifier.sampling.temperature=0"], "temperature=0 is greedy"),
+    ("negative temperature", SFT, ["--verifier.sampling.temperature=-1"], "temperature=-1.0: must be >= 0"),
+    ("beta <= 0", RL, ["--model.init_args.rl.kl_coef=0"], "kl_coef=0.0: beta must be > 0"),
+    ("qlora without lora settings", SFT, ["--model.init_args.policy.finetuning=qlora", "--model.init_args.policy.lora_r=0"], "lora_r=0"),
+    ("unknown self-reward", SFT, ["--verifier.selection.reward=bleu"], SystemExit),
+    ("unknown algorithm", RL, ["--model.init_args.rl.algorithm=ppo"], SystemExit),
+    ("crafted pickle checkpoint", SFT, _pickle_checkpoint, "refused"),
+    ("other run's checkpoints", SFT, _other_runs_checkpoints, "holds another run's checkpoints"),
+    ("tokenizer without EOS", SFT, "no-eos", "no EOS token"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_refused_early_and_nothing_is_written(case, tiny_model_path, prompts_file, tmp_path, monkeypatch):
+    name, config, overrides, expected = case
+    if callable(overrides):
+        overrides = overrides(tmp_path)
+    elif overrides == "no-eos":
+        overrides = _no_eos_model(tmp_path, tiny_model_path)
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("model weights were loaded before the input was checked")
+
+    monkeypatch.setattr("sharpening.policy_module.load_policy", no_weights)
+    monkeypatch.setattr("sharpening.callbacks.generate_samples", no_weights)
+    args = [
+        "fit", "--config", config,
+        f"--model.init_args.policy.model_name_or_path={tiny_model_path}",
+        f"--model.init_args.output_dir={tmp_path / 'out'}",
+        f"--data.dataset={prompts_file}",
+        f"--trainer.default_root_dir={tmp_path / 'root'}",
+        "--trainer.logger=false",
+        *overrides,
+    ]
+    if expected is SystemExit:  # jsonargparse rejects a value outside a Literal with the allowed choices
+        with pytest.raises(SystemExit):
+            main(args)
+    else:
+        with pytest.raises(ConfigError) as err:
+            main(args)
+        assert expected in str(err.value), str(err.value)
+        assert "--" in str(err.value)  # names the option as typed
+    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "pwned").exists()
+    if name == "other run's checkpoints":
+        assert (tmp_path / "run" / "checkpoints" / "epoch=0-step=4.ckpt").read_bytes() == b"not mine to overwrite"
+
+
+def test_resume_checkpoint_from_another_model_or_algorithm_is_refused(tiny_model_path, prompts_file, tmp_path):
+    run = [
+        "fit", "--config", SFT, f"--model.init_args.policy.model_name_or_path={tiny_model_path}",
+        f"--data.dataset={prompts_file}", "--trainer.logger=false", "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false", "--verifier.show_progress=false", "--verifier.sampling.max_new_tokens=4",
+        "--verifier.selection.truncated=keep", "--model.init_args.policy.finetuning=lora",
+    ]
+    main([*run, f"--trainer.default_root_dir={tmp_path / 'a'}"])
+    ckpt = next((tmp_path / "a" / "checkpoints").glob("*.ckpt"))
+    for change, fragment in [
+        ("--model.init_args.policy.finetuning=full", "policy.finetuning='lora'"),
+        ("--model.init_args.policy.lora_r=4", "policy.lora_r=16"),
+    ]:
+        with pytest.raises(ConfigError, match="resume with the settings that wrote it") as err:
+            main([*run, f"--trainer.default_root_dir={tmp_path / 'b'}", f"--ckpt_path={ckpt}", change])
+        assert fragment in str(err.value)

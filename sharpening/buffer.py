@@ -124,3 +124,38 @@ def collate_pairs(pairs: list[PairExample], pad_token_id: int) -> dict[str, torc
     batch["other_base_logprob"] = torch.tensor([p.other_base_logprob for p in pairs], dtype=torch.float32)
     batch["prompt_indices"] = torch.tensor([p.prompt_index for p in pairs], dtype=torch.long)  # [P]
     return batch
+
+
+class EpochSampler(torch.utils.data.Sampler[int]):
+    """A shuffled order that depends only on ``seed``, however often it is iterated.
+
+    (Lightning calls ``iter()`` twice at a normal epoch start but once after a resume, and a
+    RandomSampler draws a new permutation each time, so a resumed epoch would see another order.)
+    ``skip`` leaves out the first indices already consumed before a mid-epoch restart; the length
+    stays the full epoch's, as Lightning counts the consumed batches itself.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool = True, skip: int = 0) -> None:
+        self.size, self.seed, self.shuffle, self.skip = size, seed, shuffle, skip
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        else:
+            order = list(range(self.size))
+        return iter(order[self.skip :])
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def epoch_sampler(trainer, size: int, seed: int, batch_size: int) -> EpochSampler:
+    """The sampler for this epoch; after a mid-epoch restart it skips the batches already trained on
+    (those whose update the checkpoint holds: Lightning's ``processed`` count, which a checkpoint
+    written at batch end already includes)."""
+    skip = 0
+    if trainer is not None and trainer.fit_loop.restarting:
+        epoch = trainer.fit_loop.epoch_progress.current
+        if epoch.started > epoch.processed:  # the restored epoch was under way
+            skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed * batch_size
+    return EpochSampler(size, seed, shuffle=size > 0, skip=skip)

@@ -23,6 +23,7 @@ from sharpening.errors import raise_if_problems
 from sharpening.logprobs import sample_logprobs
 from sharpening.metrics import SharpeningMetric
 from sharpening.policy import eval_mode
+from sharpening.safety import early_sigterm_guard, preempt, sigterm_requested
 from sharpening.rewards import extract_answers, score_samples
 from sharpening.sampler import SamplingConfig, decode_responses, generate_samples, validate_sampling_config
 from sharpening.selection import SelectionConfig, select_top_k, validate_selection_config
@@ -96,7 +97,9 @@ class SelfVerificationCallback(L.Callback):
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if hasattr(pl_module, "buffer") and self._needs_round(self.epoch):
-            self.run_round(trainer, pl_module, self.epoch)
+            # before the loop starts there is no new state to save: a preempted first round just stops
+            with early_sigterm_guard(trainer):
+                self.run_round(trainer, pl_module, self.epoch, save_on_preemption=False)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.epoch = trainer.current_epoch
@@ -123,8 +126,13 @@ class SelfVerificationCallback(L.Callback):
         return self.resample_every_epoch and self.buffer.epoch != epoch
 
     # -- one round ---------------------------------------------------------------------------------
-    def run_round(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> dict[str, float]:
-        """Sample, score, select on this rank's prompts; gather the kept samples into the buffer."""
+    def run_round(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, save_on_preemption: bool = True
+    ) -> dict[str, float]:
+        """Sample, score, select on this rank's prompts; gather the kept samples into the buffer.
+
+        On SIGTERM the round is abandoned between prompt batches (the buffer keeps its previous round,
+        so a resumed run draws this round again, identically) and the run stops."""
         from tqdm.auto import tqdm
 
         data = trainer.datamodule
@@ -144,9 +152,14 @@ class SelfVerificationCallback(L.Callback):
         )
         with eval_mode(pl_module.policy):
             for prompts in bar:
+                if sigterm_requested(trainer):
+                    break
                 scored, correct, greedy_correct = self.process_batch(pl_module, prompts, epoch)
                 kept.extend(selected_examples(scored))
                 metric.update(scored, correct, greedy_correct)
+        if sigterm_requested(trainer):  # abandon the round: a resumed run redraws it identically
+            preempt(trainer, f"during self-verification (epoch {epoch})", save=save_on_preemption)
+            return {}
         kept = _gather_examples(kept, trainer.world_size)
         if not kept:
             raise RuntimeError(

@@ -16,11 +16,14 @@ import sys
 import torch
 
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from sharpening.callbacks import SelfVerificationCallback
 from sharpening.errors import ConfigError, raise_if_problems
 from sharpening.policy_module import PolicyModule
 from sharpening.prompts import PromptDataModule
+from sharpening.safety import NonFiniteError
 
 
 class SharpeningCLI(LightningCLI):
@@ -32,6 +35,16 @@ class SharpeningCLI(LightningCLI):
             "--overwrite_run", type=bool, default=False,
             help="Start a new run in a default_root_dir whose checkpoints/ already holds another run's checkpoints.",
         )
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """After SIGTERM Lightning ends the epoch with SIGTERMException; by then PreemptionCallback has
+        written a resumable checkpoint, so that is a clean stop, not a crash."""
+        self.preempted = False
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            self.preempted = True
+            rank_zero_info("stopped after SIGTERM; resume with --ckpt_path last")
 
     def instantiate_classes(self) -> None:
         """Show a configuration problem as our one error, not buried in jsonargparse's union report."""
@@ -68,8 +81,15 @@ class SharpeningCLI(LightningCLI):
             return
         config = self.config[subcommand]
         path = config.get("ckpt_path")
+        if path == "last":  # the newest checkpoint of this run directory, whatever logger version wrote it
+            root = config["trainer"].get("default_root_dir") or os.getcwd()
+            found = glob.glob(os.path.join(root, "**", "*.ckpt"), recursive=True)
+            if found:
+                path = config["ckpt_path"] = max(found, key=os.path.getmtime)
         if path and path not in ("last", "best", "hpc", "registry"):
             raise_if_problems(resume_problems(str(path), config["model"]))
+        if path:  # keep the original run's config.yaml; record the resumed run's beside it
+            self.save_config_kwargs.update(config_filename="config-resumed.yaml", overwrite=True)
 
 
 def resume_problems(path: str, model_config) -> list[str]:
@@ -138,6 +158,9 @@ def main(args: list[str] | None = None):
         except ConfigError as err:
             print(f"sharpen: {err}", file=sys.stderr)
             raise SystemExit(2) from None
+        except NonFiniteError as err:
+            print(f"sharpen: {err}", file=sys.stderr)
+            raise SystemExit(1) from None
     return _run_cli(argv)
 
 

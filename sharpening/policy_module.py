@@ -126,8 +126,19 @@ class PolicyModule(L.LightningModule):
                     params[name].copy_(value)
         return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
 
+    def configure_callbacks(self):
+        """Always on: checkpoint-and-stop on SIGTERM, and no update from a non-finite gradient."""
+        from sharpening.safety import NonFiniteGuardCallback, PreemptionCallback
+
+        return [PreemptionCallback(), NonFiniteGuardCallback()]
+
     def on_train_end(self) -> None:
         """Write the fitted policy as a plain Hugging Face (full) or PEFT adapter (LoRA) directory."""
+        from sharpening.safety import sigterm_requested
+
+        if sigterm_requested(self.trainer):
+            rank_zero_info("preempted: the policy is not written to output_dir; resume the run to finish it")
+            return
         if self.output_dir and self.trainer.is_global_zero:
             save_policy(self.policy, self.tokenizer, self.output_dir)
             rank_zero_info(f"sharpened policy written to {self.output_dir}")

@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 from torch.utils.data import DataLoader
 
-from sharpening.buffer import PairExample, SampleBuffer, collate_pairs, pairs_from_buffer
+from sharpening.buffer import PairExample, SampleBuffer, collate_pairs, epoch_sampler, pairs_from_buffer
 from sharpening.logprobs import response_logprobs, sample_logprobs
 from sharpening.losses import (
     group_advantages,
@@ -144,19 +144,21 @@ class RLSharpeningModule(PolicyModule):
 
     # -- data ------------------------------------------------------------------------------------
     def train_dataloader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.current_epoch))
+        seed = derive_seed(self.seed, self.current_epoch)
         if self.rl.algorithm == "offline":
             if self.buffer is None:
                 raise RuntimeError("offline RL-sharpening needs the SelfVerificationCallback (the CLI's `verifier:`)")
             pairs = pairs_from_buffer(self.buffer.examples)
             collate = partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id)
-            return DataLoader(pairs, self.rl.pairs_per_update, shuffle=True, generator=generator, collate_fn=collate)
+            sampler = epoch_sampler(self._trainer, len(pairs), seed, self.rl.pairs_per_update)
+            return DataLoader(pairs, self.rl.pairs_per_update, sampler=sampler, collate_fn=collate)
         data = self.trainer.datamodule
         count = len(data) - self.rl.heldout_prompts
         if count < 1:
             raise RuntimeError(f"--model.rl.heldout_prompts={self.rl.heldout_prompts} leaves no training prompt")
         collate = partial(_collate_prompts, data=data)
-        return DataLoader(range(count), self.prompts_per_step, shuffle=True, generator=generator, collate_fn=collate)
+        sampler = epoch_sampler(self._trainer, count, seed, self.prompts_per_step)
+        return DataLoader(range(count), self.prompts_per_step, sampler=sampler, collate_fn=collate)
 
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -13,7 +13,7 @@ from functools import partial
 import torch
 from torch.utils.data import DataLoader
 
-from sharpening.buffer import SampleBuffer, collate_examples
+from sharpening.buffer import SampleBuffer, collate_examples, epoch_sampler
 from sharpening.logprobs import response_logprobs
 from sharpening.losses import masked_nll
 from sharpening.optim import OptimizerConfig
@@ -58,12 +58,11 @@ class SFTSharpeningModule(PolicyModule):
                 "SFTSharpeningModule trains on samples selected by a SelfVerificationCallback; "
                 "add one (the `sharpen` CLI adds it as `verifier:`)"
             )
-        generator = torch.Generator().manual_seed(derive_seed(self.shuffle_seed, self.current_epoch))
+        seed = derive_seed(self.shuffle_seed, self.current_epoch)
         return DataLoader(
             self.buffer,
             batch_size=self.batch_size,
-            shuffle=True,
-            generator=generator,
+            sampler=epoch_sampler(self._trainer, len(self.buffer), seed, self.batch_size),
             collate_fn=partial(collate_examples, pad_token_id=self.tokenizer.pad_token_id),
         )
 

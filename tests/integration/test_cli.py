@@ -112,13 +112,19 @@ def _verifier(cli):
 @pytest.mark.parametrize("checkpoint", ["steps/step=1.ckpt", "epochs/end-epoch=0.ckpt"], ids=["mid-epoch", "epoch-end"])
 def test_resume_restores_the_buffer_and_round(checkpoint, tiny_model_path, prompts_file, tmp_path):
     root_a = str(tmp_path / "a")
-    full = _verifier(_fit(tiny_model_path, prompts_file, root_a, "--config", _checkpoint_every_step_and_epoch(root_a)))
+    full_cli = _fit(tiny_model_path, prompts_file, root_a, "--config", _checkpoint_every_step_and_epoch(root_a))
+    full = _verifier(full_cli)
     ckpt = os.path.join(root_a, checkpoint)
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)  # plain data: loads with weights_only
     state = next(v for k, v in saved["callbacks"].items() if "SelfVerificationCallback" in k)
     assert saved["state_dict"] and all("lora_" in k for k in saved["state_dict"])  # adapter only, no frozen base
 
-    resumed = _verifier(_fit(tiny_model_path, prompts_file, str(tmp_path / "b"), f"--ckpt_path={ckpt}"))
+    resumed_cli = _fit(tiny_model_path, prompts_file, str(tmp_path / "b"), f"--ckpt_path={ckpt}")
+    resumed = _verifier(resumed_cli)
+    # same steps and bitwise-equal weights as the run that was never stopped (CPU)
+    assert resumed_cli.trainer.global_step == full_cli.trainer.global_step == 4
+    for key, value in full_cli.model.state_dict().items():
+        torch.testing.assert_close(resumed_cli.model.state_dict()[key], value, rtol=0, atol=0)
     # mid-epoch 0: the epoch-0 buffer comes back and only epoch 1's round runs again;
     # epoch end: the epoch-1 buffer was built before the save, so no round runs at all.
     expected_epoch = 0 if "step=1" in checkpoint else 1

@@ -1,0 +1,92 @@
+"""Safety nets every sharpening module attaches (``PolicyModule.configure_callbacks``).
+
+- Preemption: Lightning records SIGTERM (``trainer.received_sigterm``) but, in one process, trains on.
+  PreemptionCallback writes a resumable checkpoint at the next batch end and stops cleanly; the
+  self-verification callback checks the same flag between generation batches (``preempt``).
+  Resume with ``--ckpt_path last``.
+- Non-finite values: NonFiniteGuardCallback checks the gradients before every optimizer step; on a
+  NaN/inf it writes the last good state (the update is not applied) and stops with a message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from typing import Iterator
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+PREEMPTED_CHECKPOINT = "last-preempted.ckpt"
+LAST_GOOD_CHECKPOINT = "last-good.ckpt"
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped because a gradient was NaN or infinite."""
+
+
+def sigterm_requested(trainer: L.Trainer) -> bool:
+    """SIGTERM seen by Lightning's handler, or by ours before Lightning installs it."""
+    return bool(trainer.received_sigterm or getattr(trainer, "_sharpening_sigterm", False))
+
+
+@contextlib.contextmanager
+def early_sigterm_guard(trainer: L.Trainer) -> Iterator[None]:
+    """Record SIGTERM during ``on_fit_start`` work (the first round), before Lightning's handler exists;
+    without it the default action would kill the process mid-generation."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, lambda signum, frame: setattr(trainer, "_sharpening_sigterm", True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def checkpoint_dir(trainer: L.Trainer) -> str:
+    """Where this run's checkpoints go: the ModelCheckpoint's directory, else <root>/checkpoints."""
+    callback = trainer.checkpoint_callback
+    if callback is not None and getattr(callback, "dirpath", None):
+        return callback.dirpath
+    return os.path.join(trainer.default_root_dir, "checkpoints")
+
+
+def preempt(trainer: L.Trainer, where: str, save: bool = True) -> None:
+    """Stop the run after SIGTERM, with a resumable checkpoint when the loop state is consistent."""
+    path = os.path.join(checkpoint_dir(trainer), PREEMPTED_CHECKPOINT)
+    if save:
+        trainer.save_checkpoint(path)
+    trainer.should_stop = True
+    saved = f"resumable checkpoint written to {path}; resume with --ckpt_path last" if save else (
+        "nothing new to save: rerun the same command to start again from where it started"
+    )
+    rank_zero_info(f"SIGTERM received {where}: stopping. {saved}")
+
+
+class PreemptionCallback(L.Callback):
+    """On SIGTERM: checkpoint at the next batch end and stop (exit code 0)."""
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if sigterm_requested(trainer) and not trainer.should_stop:
+            preempt(trainer, f"at step {trainer.global_step}")
+
+
+class NonFiniteGuardCallback(L.Callback):
+    """Never apply an update with a NaN or infinite gradient."""
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            return
+        path = os.path.join(checkpoint_dir(trainer), LAST_GOOD_CHECKPOINT)
+        trainer.save_checkpoint(path)  # the weights are still those before this update
+        raise NonFiniteError(
+            f"non-finite gradient at step {trainer.global_step}: training stopped before applying it. "
+            f"The last good state is in {path} (resume with --ckpt_path {path}). "
+            "Try a lower --model.optimizer.lr, gradient clipping, or float32 (--model.policy.dtype float32)."
+        )

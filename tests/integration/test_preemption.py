@@ -1,0 +1,128 @@
+"""SIGTERM writes a resumable checkpoint and exits cleanly; a NaN gradient stops training with the
+last good state saved."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import lightning as L
+import pytest
+import torch
+
+from sharpening.cli import main
+from sharpening.safety import LAST_GOOD_CHECKPOINT, PREEMPTED_CHECKPOINT, NonFiniteError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _args(model, prompts, root, *extra):
+    return [
+        "fit", "--config", os.path.join(ROOT, "configs", "demo.yaml"),
+        f"--model.init_args.policy.model_name_or_path={model}", "--model.init_args.policy.finetuning=lora",
+        "--model.init_args.policy.lora_r=4", "--model.init_args.batch_size=2", f"--model.init_args.output_dir={root}/out",
+        f"--data.dataset={prompts}", "--data.max_prompts=4", "--verifier.sampling.samples_per_prompt=3",
+        "--verifier.sampling.max_new_tokens=5", "--verifier.selection.truncated=keep", "--verifier.show_progress=false",
+        "--verifier.resample_every_epoch=true", "--trainer.max_epochs=2", "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", *extra,
+    ]
+
+
+def _verifier(cli):
+    return [c for c in cli.trainer.callbacks if type(c).__name__ == "SelfVerificationCallback"][0]
+
+
+def _adapter(cli):
+    return {k: v.clone() for k, v in cli.model.state_dict().items()}
+
+
+class SigtermAtStep(L.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_sigterm_during_training_checkpoints_and_resumes(tiny_model_path, prompts_file, tmp_path, monkeypatch):
+    full = main(_args(tiny_model_path, prompts_file, tmp_path / "full"))
+    monkeypatch.setattr(
+        "sharpening.policy_module.PolicyModule.configure_callbacks",
+        lambda self: [*_safety(), SigtermAtStep(0)],  # mid-epoch: the first of two batches
+    )
+    stopped = main(_args(tiny_model_path, prompts_file, tmp_path / "run"))
+    assert stopped.trainer.global_step == 1  # the batch in flight finished, then the run stopped
+    assert (tmp_path / "run" / "checkpoints" / PREEMPTED_CHECKPOINT).is_file()
+    assert not (tmp_path / "run" / "out").exists()  # a preempted run writes no final output
+    monkeypatch.undo()
+    resumed = main(_args(tiny_model_path, prompts_file, tmp_path / "run", "--ckpt_path=last"))
+    assert resumed.trainer.global_step == full.trainer.global_step == 4
+    assert _verifier(resumed).buffer.state_dict() == _verifier(full).buffer.state_dict()
+    for key, value in _adapter(full).items():  # mid-epoch resume is exact: bitwise on CPU
+        torch.testing.assert_close(_adapter(resumed)[key], value, rtol=0, atol=0)
+    assert (tmp_path / "run" / "out" / "adapter_config.json").is_file()
+
+
+def _safety():
+    from sharpening.safety import NonFiniteGuardCallback, PreemptionCallback
+
+    return [PreemptionCallback(), NonFiniteGuardCallback()]
+
+
+def test_sigterm_during_the_epoch_end_round_resumes_to_the_same_weights(tiny_model_path, prompts_file, tmp_path, monkeypatch):
+    full = main(_args(tiny_model_path, prompts_file, tmp_path / "full"))
+    import sharpening.callbacks as callbacks
+
+    real = callbacks.generate_samples
+    calls = {"n": 0}
+
+    def sigterm_in_second_round(*args, **kwargs):
+        calls["n"] += 1
+        if kwargs.get("round_index") == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(callbacks, "generate_samples", sigterm_in_second_round)
+    stopped = main(_args(tiny_model_path, prompts_file, tmp_path / "run"))
+    assert stopped.trainer.global_step == 2 and _verifier(stopped).buffer.epoch == 0  # round 1 abandoned
+    assert (tmp_path / "run" / "checkpoints" / PREEMPTED_CHECKPOINT).is_file()
+    monkeypatch.undo()
+    resumed = main(_args(tiny_model_path, prompts_file, tmp_path / "run", "--ckpt_path=last"))
+    assert _verifier(resumed).buffer.state_dict() == _verifier(full).buffer.state_dict()
+    for key, value in _adapter(full).items():
+        torch.testing.assert_close(_adapter(resumed)[key], value, rtol=0, atol=0)  # bitwise on CPU
+
+
+def test_sigterm_during_the_first_round_stops_cleanly(tiny_model_path, prompts_file, tmp_path, monkeypatch):
+    import sharpening.callbacks as callbacks
+
+    real = callbacks.generate_samples
+
+    def sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(callbacks, "generate_samples", sigterm)
+    cli = main(_args(tiny_model_path, prompts_file, tmp_path / "run"))
+    assert cli.trainer.global_step == 0 and len(_verifier(cli).buffer) == 0
+    assert not (tmp_path / "run" / "out").exists()
+
+
+def test_nan_gradient_stops_with_the_last_good_state(tiny_model_path, prompts_file, tmp_path, monkeypatch):
+    import sharpening.sft as sft
+
+    real = sft.masked_nll
+    steps = {"n": 0}
+
+    def nan_on_third_step(*args, **kwargs):
+        steps["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if steps["n"] == 3 else loss
+
+    monkeypatch.setattr(sft, "masked_nll", nan_on_third_step)
+    with pytest.raises(NonFiniteError, match="non-finite gradient at step 2"):
+        main(_args(tiny_model_path, prompts_file, tmp_path / "run"))
+    saved = torch.load(tmp_path / "run" / "checkpoints" / LAST_GOOD_CHECKPOINT, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())

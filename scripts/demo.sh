@@ -23,6 +23,6 @@ start=$(date +%s)
 python -m sharpening.tasks.demo build --out artifacts/demo
 python -m sharpening fit --config "$config" \
   --trainer.default_root_dir "$run" --model.init_args.output_dir "$run/sharpened"
-python -m sharpening.evaluate --base artifacts/demo/base --sharpened "$run/sharpened" \
+python -m sharpening evaluate compare --base artifacts/demo/base --sharpened "$run/sharpened" \
   --prompts artifacts/demo/eval.jsonl --samples-per-prompt 8 --max-new-tokens 8 \
   --demo-checks --elapsed-since "$start" --summary "$run/summary.json"

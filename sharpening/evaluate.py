@@ -9,179 +9,42 @@ Per seed, N_max responses per prompt are drawn ONCE at temperature 1 with no top
 Draws are exact, so the sampler's log-probs ARE the evaluated model's log-likelihoods (SPEC 4.4): no
 rescoring, unless ``score_with: base`` asks to score a sharpened model's samples under its base (the
 adapter disabled, or the base loaded beside a fully fine-tuned model) or the temperature is not 1.
-Draws are cached on disk, so an interrupted run resumes where it stopped. The protocol's maths is in
-evaluate_protocol.py, the cache in evaluate_cache.py, the files and plots in evaluate_report.py.
+Draws are cached on disk, so an interrupted run resumes where it stopped.
+
+Files: evaluate_config.py (options and their checks), evaluate_protocol.py (the maths, pure),
+evaluate_cache.py (model fingerprints, cached draws), evaluate_report.py (results.json, CSV, plots),
+evaluate_compare.py (base vs sharpened, the demo's check); this module loads, draws, scores and runs.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
-from typing import Literal
+from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from sharpening.errors import raise_if_problems
+from sharpening.errors import ConfigError, raise_if_problems
 from sharpening.evaluate_cache import DrawCache, model_fingerprint
+from sharpening.evaluate_config import (
+    EvalModelConfig,
+    ProtocolConfig,
+    output_dir_problem,
+    resolve_model_sources,
+    validate_data_args,
+    validate_model_config,
+    validate_protocol_config,
+)
 from sharpening.evaluate_protocol import SeedDraws, answer_codes, loglik_histogram, protocol_table, seed_metrics
 from sharpening.logprobs import sample_logprobs
-from sharpening.policy import _model_source_problem, frozen_base, resolve_dtype, select_attn_implementation
-from sharpening.prompts import PromptDataModule, validate_dataset_source
+from sharpening.policy import frozen_base, resolve_dtype, select_attn_implementation
+from sharpening.prompts import PromptDataModule
 from sharpening.rewards import extract_answers, loglik_reward
-from sharpening.sampler import SamplingConfig, decode_responses, generate_samples, validate_sampling_config
-from sharpening.selection import TRUNCATED_POLICIES
+from sharpening.sampler import SamplingConfig, decode_responses, generate_samples
 from sharpening.tasks.extractors import answers_match, resolve_extractor
 from sharpening.types import SampleBatch
-
-
-@dataclass
-class EvalModelConfig:
-    """The model evaluated, and the model whose log-likelihood scores its samples."""
-
-    model_name_or_path: str = ""
-    """Hub id or local directory of the evaluated model (a PEFT adapter directory also works: its base is read from it)."""
-    adapter_path: str | None = None
-    """PEFT adapter directory put on top of model_name_or_path (e.g. a LoRA-sharpened model)."""
-    base_model_name_or_path: str | None = None
-    """Base of a FULLY fine-tuned sharpened model; needed for score_with=base when there is no adapter."""
-    score_with: Literal["self", "base"] = "self"
-    """Self-reward model: self = the evaluated model; base = its base (adapter disabled, or base_model_name_or_path)."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weight dtype; auto is bfloat16 on a CUDA device that supports it, else float32."""
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
-    """auto is flash_attention_2 when flash-attn is installed and CUDA is present, else sdpa."""
-    device: str = "auto"
-    """Device to run on: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
-    trust_remote_code: bool = False
-    """Run modelling code shipped with a hub model. Off unless you trust its author."""
-    revision: str | None = None
-    """Hub revision (branch, tag or commit) of model_name_or_path."""
-
-
-@dataclass
-class ProtocolConfig:
-    """How many draws, which N, how many seeds, and how answers are read (the paper: N up to 50, 10 seeds)."""
-
-    n_values: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 50])
-    """The N of best-of-N, maj@N and pass@N; each uses the first N of the same N_max draws."""
-    samples_per_prompt: int | None = None
-    """N_max: draws per prompt and seed (null = the largest of n_values)."""
-    seeds: int = 10
-    """Number of seeds (seed, seed+1, ...); each draws N_max fresh samples per prompt."""
-    seed: int = 0
-    """First seed."""
-    max_new_tokens: int = 512
-    """Most tokens per response (EOS included); longer responses are truncated (the paper: 512)."""
-    temperature: float = 1.0
-    """Sampling temperature; 1.0 (the protocol) draws exactly from the model. Other values are rescored."""
-    prompts_per_batch: int = 8
-    """Prompts sampled together (each with its N_max draws); lower it when memory runs out."""
-    answer_extractor: str = "strip"
-    """Answer extraction: strip, last_number, gsm8k, boxed, choice, bool, or an import path (pkg.mod:func)."""
-    truncated: Literal["drop", "keep", "penalize"] = "drop"
-    """Best-of-N treatment of responses without EOS by max_new_tokens (their log-likelihood is unfairly high)."""
-
-    @property
-    def n_max(self) -> int:
-        return self.samples_per_prompt or max(self.n_values, default=1)
-
-
-# ---------------------------------------------------------------- validation (before any weights load)
-
-
-def resolve_model_sources(cfg: EvalModelConfig) -> tuple[str, str | None]:
-    """(model, adapter): a model_name_or_path that is an adapter directory becomes the adapter, on the
-    base named in its adapter_config.json; so does an adapter_path given without a model."""
-    adapter = cfg.adapter_path
-    if adapter is None and os.path.isfile(os.path.join(os.path.expanduser(cfg.model_name_or_path), "adapter_config.json")):
-        adapter = cfg.model_name_or_path
-    if adapter is not None and (not cfg.model_name_or_path or adapter == cfg.model_name_or_path):
-        with open(os.path.join(os.path.expanduser(adapter), "adapter_config.json")) as f:
-            return json.load(f).get("base_model_name_or_path") or "", adapter
-    return cfg.model_name_or_path, adapter
-
-
-def validate_model_config(cfg: EvalModelConfig, option: str = "--model") -> list[str]:
-    """Every problem with the model section; reads only small JSON files."""
-    problems = []
-    if cfg.adapter_path is not None and not os.path.isfile(os.path.join(os.path.expanduser(cfg.adapter_path), "adapter_config.json")):
-        return [f"{option}.adapter_path={cfg.adapter_path!r}: no adapter_config.json there; give a PEFT adapter directory"]
-    model, adapter = resolve_model_sources(cfg)
-    if not model:
-        problems.append(f"{option}.model_name_or_path is empty: give a hub id or a local model directory")
-    elif (problem := _model_source_problem(model)) is not None:
-        problems.append(f"{option}.model_name_or_path={model!r}: {problem}")
-    if cfg.base_model_name_or_path and (problem := _model_source_problem(cfg.base_model_name_or_path)) is not None:
-        problems.append(f"{option}.base_model_name_or_path={cfg.base_model_name_or_path!r}: {problem}")
-    if cfg.score_with not in ("self", "base"):
-        problems.append(f"{option}.score_with={cfg.score_with!r}: must be self or base")
-    if cfg.score_with == "base" and adapter is None and not cfg.base_model_name_or_path:
-        problems.append(
-            f"{option}.score_with=base: no base to score with; give the sharpened model's {option}.adapter_path, or "
-            f"{option}.base_model_name_or_path for a fully fine-tuned one (a base model scores itself: use self)"
-        )
-    if cfg.base_model_name_or_path and adapter is not None:
-        problems.append(
-            f"{option}.base_model_name_or_path={cfg.base_model_name_or_path!r}: with an adapter the base is the model "
-            "under it (adapter disabled); leave base_model_name_or_path empty"
-        )
-    return problems
-
-
-def validate_protocol_config(cfg: ProtocolConfig, option: str = "--protocol") -> list[str]:
-    """Every problem with the protocol section."""
-    problems = []
-    if not cfg.n_values or any(n < 1 for n in cfg.n_values):
-        problems.append(f"{option}.n_values={cfg.n_values}: give a list of N >= 1, e.g. [1, 2, 4, 8, 16, 32, 50]")
-    elif cfg.samples_per_prompt is not None and cfg.samples_per_prompt < max(cfg.n_values):
-        problems.append(
-            f"{option}.samples_per_prompt={cfg.samples_per_prompt}: N_max must be >= the largest N of "
-            f"{option}.n_values ({max(cfg.n_values)}); set it to null to use {max(cfg.n_values)}"
-        )
-    sampling = SamplingConfig(max(cfg.n_max, 1), cfg.max_new_tokens, cfg.temperature, prompts_per_batch=cfg.prompts_per_batch)
-    problems += [p for p in validate_sampling_config(sampling, option) if ".samples_per_prompt" not in p]
-    if cfg.temperature == 0:
-        problems.append(f"{option}.temperature=0 is greedy: all draws would be identical; the protocol samples at 1.0")
-    if cfg.seeds < 1:
-        problems.append(f"{option}.seeds={cfg.seeds}: must be >= 1 (the paper uses 10)")
-    if cfg.truncated not in TRUNCATED_POLICIES:
-        problems.append(f"{option}.truncated={cfg.truncated!r}: must be one of {', '.join(TRUNCATED_POLICIES)}")
-    try:
-        resolve_extractor(cfg.answer_extractor)
-    except ValueError as err:
-        problems.append(f"{option}.answer_extractor: {err}")
-    return problems
-
-
-def validate_data_args(data: dict, option: str = "--data") -> list[str]:
-    """The PromptDataModule checks that need no file read, plus: evaluation needs an answer column."""
-    problems = validate_dataset_source(data.get("dataset", ""), f"{option}.dataset")
-    if data.get("max_prompts") is not None and data["max_prompts"] < 1:
-        problems.append(f"{option}.max_prompts={data['max_prompts']}: must be >= 1, or null for all prompts")
-    if not data.get("answer_column"):
-        problems.append(f"{option}.answer_column is not set: accuracy needs reference answers; name their column")
-    if data.get("system_prompt") and not data.get("use_chat_template"):
-        problems.append(f"{option}.system_prompt is set but {option}.use_chat_template is false; turn it on")
-    return problems
-
-
-def output_dir_problem(output_dir: str, overwrite: bool) -> str | None:
-    """Why results may not be written to ``output_dir`` (non-empty without --overwrite true), or None."""
-    if not output_dir:
-        return "--output_dir is empty: name a directory for results.json, results.csv and the plots"
-    if os.path.isfile(output_dir):
-        return f"--output_dir={output_dir!r} is a file; name a directory"
-    found = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
-    if found and not overwrite:
-        return (
-            f"--overwrite=false: --output_dir={output_dir!r} is not empty (holds {found[:6]}) and results are never "
-            "overwritten silently. Pass --overwrite true to replace them (draws cached there are reused, so an "
-            "interrupted run resumes), or choose another --output_dir"
-        )
-    return None
 
 
 # ---------------------------------------------------------------- models, draws and scores
@@ -212,7 +75,8 @@ def load_models(cfg: EvalModelConfig, model: str, adapter: str | None, device: t
     from transformers import AutoModelForCausalLM
 
     attn = select_attn_implementation(cfg.attn_implementation, torch.cuda.is_available(), _has_flash_attn())
-    kwargs = dict(dtype=resolve_dtype(cfg.dtype, device), attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
+    dtype = resolve_dtype(cfg.dtype, device)
+    kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
     evaluated = AutoModelForCausalLM.from_pretrained(model, revision=cfg.revision, **kwargs)
     if adapter is not None:
         from peft import PeftModel
@@ -279,19 +143,23 @@ def draw_batch(ctx: DrawContext, prompts, kind: str, seed: int) -> SeedDraws:
     eos, pad = ctx.tokenizer.eos_token_id, ctx.tokenizer.pad_token_id
     path = ctx.cache.path(kind, seed, settings, prompts, texts)
     exact = not greedy and cfg.temperature == 1.0
-    samples = ctx.cache.get_or_draw(path, prompts, exact, lambda: generate_samples(ctx.model, prompts, cfg, eos, pad, seed=seed))
+    draw = functools.partial(generate_samples, ctx.model, prompts, cfg, eos, pad, seed=seed)
+    samples = ctx.cache.get_or_draw(path, prompts, exact, draw)
     loglik = score_loglik(samples, ctx.model, ctx.base, ctx.score_with)
     return reduce_draws(samples, loglik, ctx.tokenizer, resolve_extractor(p.answer_extractor))
 
 
-def collect_draws(ctx: DrawContext, device: torch.device, show_progress: bool = True) -> tuple[list[SeedDraws], SeedDraws]:
+def collect_draws(
+    ctx: DrawContext, device: torch.device, show_progress: bool = True
+) -> tuple[list[SeedDraws], SeedDraws]:
     """(one SeedDraws per seed [P, N_max], the greedy run [P, 1]), with a progress bar over batches."""
     from tqdm.auto import tqdm
 
     p = ctx.protocol
     batches = list(ctx.data.prompt_batches(p.prompts_per_batch, device=device))
     runs = [("greedy", 0)] + [("sample", p.seed + s) for s in range(p.seeds)]
-    bar = tqdm(total=len(runs) * len(batches), desc=f"sampling N_max={p.n_max}", unit="batch", disable=not show_progress)
+    total = len(runs) * len(batches)
+    bar = tqdm(total=total, desc=f"sampling N_max={p.n_max}", unit="batch", disable=not show_progress)
     out = []
     for kind, seed in runs:
         parts = []
@@ -308,9 +176,11 @@ def collect_draws(ctx: DrawContext, device: torch.device, show_progress: bool = 
 
 
 def measure(model_cfg: EvalModelConfig, protocol: ProtocolConfig, data_args: dict, cache_dir: str | None,
-            show_progress: bool = True) -> dict:  # fmt: skip
-    """Validate, load, draw (or reuse cached draws), score and compute the protocol's numbers."""
-    problems = validate_model_config(model_cfg) + validate_protocol_config(protocol) + validate_data_args(data_args)
+            show_progress: bool = True, problems: list[str] | None = None) -> dict:  # fmt: skip
+    """Validate (adding to ``problems`` found by the caller), load, draw or reuse cached draws, score, and
+    compute the protocol's numbers."""
+    problems = list(problems or [])
+    problems += validate_model_config(model_cfg) + validate_protocol_config(protocol) + validate_data_args(data_args)
     raise_if_problems(problems)
     protocol = replace(protocol, n_values=sorted(set(protocol.n_values)))
     model_path, adapter = resolve_model_sources(model_cfg)
@@ -325,9 +195,11 @@ def measure(model_cfg: EvalModelConfig, protocol: ProtocolConfig, data_args: dic
     ctx = DrawContext(model, base, tokenizer, data, protocol, model_cfg.score_with, cache)
     start = time.perf_counter()
     per_seed, greedy = collect_draws(ctx, device, show_progress)
+    seconds = time.perf_counter() - start
     greedy_stats = {"accuracy": float(greedy.correct.float().mean()), "chosen_loglik": float(greedy.loglik.mean())}
+    metrics = [seed_metrics(d, protocol.n_values, protocol.truncated) for d in per_seed]
     return {
-        "table": protocol_table([seed_metrics(d, protocol.n_values, protocol.truncated) for d in per_seed], greedy_stats, protocol.n_values),
+        "table": protocol_table(metrics, greedy_stats, protocol.n_values),
         "n_values": protocol.n_values,
         "samples_per_prompt": protocol.n_max,
         "seeds": [protocol.seed + s for s in range(protocol.seeds)],
@@ -335,7 +207,7 @@ def measure(model_cfg: EvalModelConfig, protocol: ProtocolConfig, data_args: dic
         "loglik_histogram": loglik_histogram(per_seed),
         "draws": _draw_stats(per_seed, cache),
         "model": identity,
-        "environment": {"device": str(device), "torch": torch.__version__, "sampling_seconds": time.perf_counter() - start},
+        "environment": {"device": str(device), "torch": torch.__version__, "sampling_seconds": seconds},
     }
 
 
@@ -352,6 +224,7 @@ def model_identity(cfg: EvalModelConfig, model: str, adapter: str | None, dtype:
         "score_with": cfg.score_with,
         "scored_by": "base" if cfg.score_with == "base" else "evaluated",
         "scoring_model": base if cfg.score_with == "base" else None,
+        "scoring_model_fingerprint": model_fingerprint(base)["sha256"] if cfg.score_with == "base" and base else None,
     }
 
 
@@ -367,21 +240,26 @@ def _draw_stats(per_seed: list[SeedDraws], cache: DrawCache) -> dict:
     }
 
 
-def build_parser():
-    """The jsonargparse parser of `sharpen evaluate` (flags, or a YAML file via --config)."""
-    from jsonargparse import ActionConfigFile, ArgumentParser
+def build_parser(with_docs: bool = False):
+    """The jsonargparse parser of `sharpen evaluate` (flags, or a YAML file via --config).
 
+    ``with_docs`` reads the config fields' docstrings into the help (slower; for --help only).
+    """
+    from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=with_docs)
     parser = ArgumentParser(prog="sharpen evaluate", description=__doc__.split("\n")[0])
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
     parser.add_class_arguments(EvalModelConfig, "model")
     parser.add_class_arguments(PromptDataModule, "data")
     parser.set_defaults({"data.answer_column": "answer"})
     parser.add_class_arguments(ProtocolConfig, "protocol")
-    parser.add_argument("--output_dir", type=str, required=True, help="Directory for results.json, results.csv and the plots.")
+    parser.add_argument("--output_dir", type=str, required=True, help="Directory for results.json, .csv and plots.")
     parser.add_argument("--overwrite", type=bool, default=False, help="Replace the results in a non-empty output_dir.")
-    parser.add_argument("--cache_dir", type=str | None, default=None, help="Where draws are cached (null = OUTPUT_DIR/cache).")
+    parser.add_argument("--cache_dir", type=str | None, default=None, help="Draws cache (null = OUTPUT_DIR/cache).")
     parser.add_argument("--show_progress", type=bool, default=True, help="Show a progress bar while sampling.")
     parser.add_argument("--plots", type=bool, default=True, help="Write the PNG plots (needs matplotlib).")
+    set_parsing_settings(docstring_parse_attribute_docstrings=False)  # jsonargparse's default, for other parsers
     return parser
 
 
@@ -391,14 +269,15 @@ def run(argv: list[str]) -> dict:
 
     from sharpening.evaluate_report import format_table, write_plots, write_results
 
-    parser = build_parser()
+    parser = build_parser(with_docs=any(a in ("-h", "--help") for a in argv))
     ns = parser.parse_args(argv)
-    raise_if_problems([p] if (p := output_dir_problem(ns.output_dir, ns.overwrite)) else [])
-    config = yaml.safe_load(parser.dump(ns, skip_none=False))
-    config.pop("config", None)
+    output_problems = [p for p in [output_dir_problem(ns.output_dir, ns.overwrite)] if p]
+    config = ns.as_dict()  # every option, None included: the exact configuration
+    config_files = [str(f) for f in config.pop("config", None) or []]
     model_cfg, protocol = EvalModelConfig(**ns.model.as_dict()), ProtocolConfig(**ns.protocol.as_dict())
     cache_dir = ns.cache_dir or os.path.join(ns.output_dir, "cache")
-    results = {"config": config, **measure(model_cfg, protocol, ns.data.as_dict(), cache_dir, ns.show_progress)}
+    numbers = measure(model_cfg, protocol, ns.data.as_dict(), cache_dir, ns.show_progress, output_problems)
+    results = {"config": config, "config_files": config_files, **numbers}
     os.makedirs(ns.output_dir, exist_ok=True)
     with open(os.path.join(ns.output_dir, "config.yaml"), "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
@@ -410,8 +289,21 @@ def run(argv: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """``sharpen evaluate [compare] ...``; the old flags (``--base ... --prompts ...``) still mean compare."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """``sharpen evaluate [compare] ...``; the old flags (``--base ... --prompts ...``) still mean compare.
+
+    From the shell (``argv`` None) a configuration problem is a message and exit status 2, not a traceback.
+    """
+    if argv is None:
+        try:
+            return dispatch(sys.argv[1:])
+        except ConfigError as err:
+            print(f"sharpen evaluate: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return dispatch(list(argv))
+
+
+def dispatch(argv: list[str]) -> dict:
+    """Compare mode for ``compare ...`` or the old ``--base`` flags, else the protocol (:func:`run`)."""
     if argv[:1] == ["compare"]:
         from sharpening.evaluate_compare import main as compare_main
 

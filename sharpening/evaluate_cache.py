@@ -61,7 +61,8 @@ def model_fingerprint(name_or_path: str, revision: str | None = None) -> dict:
                 files[name] = {"bytes": os.path.getsize(path), "sha256": file_digest(path)}
     # A moved or copied directory with the same files is the same model; without files, the name is all we know.
     summary = json.dumps(files if files else {"source": name_or_path, "revision": revision}, sort_keys=True)
-    return {"source": name_or_path, "directory": directory, "files": files, "sha256": hashlib.sha256(summary.encode()).hexdigest()}
+    digest = hashlib.sha256(summary.encode()).hexdigest()
+    return {"source": name_or_path, "directory": directory, "files": files, "sha256": digest}
 
 
 def _prompt_digest(prompts: PromptBatch, texts: list[str]) -> str:
@@ -94,7 +95,9 @@ class DrawCache:
         first = int(prompts.prompt_indices[0])
         return os.path.join(self.directory, f"{kind}-seed{seed}-p{first:06d}-{digest}.safetensors")
 
-    def get_or_draw(self, path: str | None, prompts: PromptBatch, exact: bool, draw: Callable[[], SampleBatch]) -> SampleBatch:
+    def get_or_draw(
+        self, path: str | None, prompts: PromptBatch, exact: bool, draw: Callable[[], SampleBatch]
+    ) -> SampleBatch:
         """The cached draws at ``path`` (tensors moved to the prompts' device), else ``draw()`` saved there."""
         from safetensors.torch import load_file, save_file
 

@@ -16,7 +16,8 @@ import os
 import time
 
 from sharpening.errors import raise_if_problems
-from sharpening.evaluate import EvalModelConfig, ProtocolConfig, measure, validate_model_config, validate_protocol_config
+from sharpening.evaluate import measure
+from sharpening.evaluate_config import EvalModelConfig, ProtocolConfig, validate_model_config, validate_protocol_config
 from sharpening.evaluate_report import find_row
 
 KEYS = {"greedy_accuracy": ("greedy", 1), "sample_accuracy": ("sample", 1), "bon_accuracy": ("bon_loglik", None),

@@ -70,7 +70,9 @@ def self_reward_scores(draws: SeedDraws, reward: str) -> torch.Tensor:
     raise ValueError(f"unknown self-reward {reward!r}; choose one of {', '.join(SELF_REWARDS)}")
 
 
-def nested_best_of_n(scores: torch.Tensor, truncated: torch.Tensor, n: int, truncated_policy: str = "drop") -> torch.Tensor:
+def nested_best_of_n(
+    scores: torch.Tensor, truncated: torch.Tensor, n: int, truncated_policy: str = "drop"
+) -> torch.Tensor:
     """Index of the best of the FIRST ``n`` draws per prompt: [P, N_max] -> [P] long (into N_max)."""
     return best_of_n(scores[:, :n], truncated[:, :n], truncated_policy)  # [P, N_max] -> [P, n] -> [P]
 
@@ -126,8 +128,8 @@ def mean_stderr(values: Sequence[float | None]) -> dict:
 
     stderr is None for a single seed; both are None when any value is None (undefined).
 
-    >>> mean_stderr([1.0, 2.0, 3.0])
-    {'mean': 2.0, 'stderr': 0.5773502691896258, 'per_seed': [1.0, 2.0, 3.0]}
+    >>> mean_stderr([1.0, 3.0])
+    {'mean': 2.0, 'stderr': 1.0, 'per_seed': [1.0, 3.0]}
     """
     values = list(values)
     if not values or any(v is None for v in values):
@@ -192,7 +194,8 @@ def protocol_table(per_seed: Sequence[dict], greedy: dict, n_values: Sequence[in
     g = greedy["accuracy"]
     rows = [
         _row("greedy", 1, [g], g, [greedy["chosen_loglik"]]),
-        _row("sample", 1, [m["sample"]["accuracy"] for m in per_seed], g, [m["sample"]["chosen_loglik"] for m in per_seed]),
+        _row("sample", 1, [m["sample"]["accuracy"] for m in per_seed], g,
+             [m["sample"]["chosen_loglik"] for m in per_seed]),  # fmt: skip
     ]
     for method in METHODS:
         for n in n_values:

@@ -79,7 +79,8 @@ def format_table(results: dict) -> str:
     lines = [
         f"{results['prompts']['count']} prompts, {len(results['seeds'])} seed(s), N_max {results['samples_per_prompt']}"
         " (± is the standard error over seeds)",
-        f"greedy accuracy {_cell(greedy['accuracy'], None)}   single sample {_cell(sample['accuracy'], sample['accuracy_stderr'])}",
+        f"greedy accuracy {_cell(greedy['accuracy'], None)}   "
+        f"single sample {_cell(sample['accuracy'], sample['accuracy_stderr'])}",
         f"lift over greedy in {unit}; loglik = mean log-likelihood of the chosen response",
         f"{'N':>4}  " + "  ".join(f"{h:<15}" for h in ("BoN loglik", "BoN loglik_norm", "maj@N", "pass@N"))
         + f"  {'lift loglik':<15}  {'loglik chosen':<15}",
@@ -186,10 +187,11 @@ def plot_chosen_loglik(results: dict, path: str) -> None:
     for method in ("bon_loglik", "bon_loglik_norm", "maj"):
         n, mean, err = _series(results, method, "chosen_loglik")
         ax.errorbar(n, mean, yerr=err, capsize=3, label=LABELS[method], **STYLES[method])
-    for method, style, color in (("greedy", "--", "black"), ("sample", ":", "tab:purple")):
+    baselines = (("greedy", "greedy", "--", "black"), ("sample", "single sample", ":", "tab:purple"))
+    for method, label, style, color in baselines:
         value = find_row(results, method)["chosen_loglik"]
         if value is not None:
-            ax.axhline(value, ls=style, color=color, label=f"{'greedy' if method == 'greedy' else 'single sample'} ({value:.2f})")
+            ax.axhline(value, ls=style, color=color, label=f"{label} ({value:.2f})")
     _log2_n_axis(ax, results["n_values"])
     ax.set_ylabel(f"mean log-likelihood under the {results['model']['scored_by']} model")
     _finish(fig, ax, path)

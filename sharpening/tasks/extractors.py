@@ -11,6 +11,8 @@ import re
 from typing import Callable
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+_MARKUP = r"[\s*_\"'`]"
+"""A blank, or markdown emphasis / quotes that may wrap a multiple-choice letter."""
 
 
 def _canonical_number(text: str) -> str:
@@ -79,16 +81,19 @@ def extract_choice(text: str) -> str | None:
     """A multiple-choice letter A-E: 'answer is (C)', 'Answer: C', else the last standalone capital.
 
     A lowercase letter counts only in parentheses, so the article in 'the answer is a cell' is no choice.
+    Markdown emphasis and quotes around the letter ('the answer is **C**', 'Answer: "B"') are skipped.
 
     >>> extract_choice("The answer is (c).")
     'C'
     >>> extract_choice("The answer is a mitochondrion, so (C).")
     'C'
+    >>> extract_choice("The answer is **C**.")
+    'C'
     """
-    hit = re.search(r"(?i:answer)\s*(?i:is|:)?\s*(?:\(([A-Ea-e])\)|([A-E])\b)", text)
+    hit = re.search(rf"(?i:answer)\s*(?i:is|:)?{_MARKUP}*(?:\(([A-Ea-e])\)|([A-E])\b)", text)
     if hit:
         return (hit.group(1) or hit.group(2)).upper()
-    letters = re.findall(r"\(([A-Ea-e])\)|(?:^|[\s])([A-E])(?=[).:\s]|$)", text)
+    letters = re.findall(rf"\(([A-Ea-e])\)|(?:^|{_MARKUP})([A-E])(?=[).:]|{_MARKUP}|$)", text)
     return (letters[-1][0] or letters[-1][1]).upper() if letters else None
 
 

@@ -1,0 +1,308 @@
+"""The inference-time protocol's maths (nested best-of-N, maj@N, pass@N, lifts, standard error), its
+checks, its report files, and answer extraction on the small task files in tests/data."""
+
+from __future__ import annotations
+
+import csv
+import doctest
+import json
+import math
+import os
+import statistics
+from collections import Counter
+
+import pytest
+import torch
+
+import sharpening.evaluate_protocol as protocol_module
+from sharpening.evaluate_config import (
+    EvalModelConfig,
+    ProtocolConfig,
+    output_dir_problem,
+    validate_data_args,
+    validate_model_config,
+    validate_protocol_config,
+)
+from sharpening.evaluate_protocol import (
+    SeedDraws,
+    answer_codes,
+    loglik_histogram,
+    majority_vote_correct,
+    majority_vote_indices,
+    mean_stderr,
+    nested_best_of_n,
+    pass_at_n_correct,
+    percent_lift,
+    points_lift,
+    protocol_table,
+    seed_metrics,
+)
+from sharpening.evaluate_report import find_row, format_table, read_results, write_results
+from sharpening.tasks.extractors import answers_match, resolve_extractor
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+
+
+def test_doctests():
+    assert doctest.testmod(protocol_module).failed == 0
+
+
+def random_draws(seed: int, prompts: int = 40, n: int = 12, answers: int = 4) -> SeedDraws:
+    """Random draws with ties in scores, missing answers and truncated draws."""
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-1, answers, (prompts, n), generator=g)  # [P, N], -1: no answer
+    right = torch.randint(0, answers, (prompts, 1), generator=g)
+    return SeedDraws(
+        correct=codes == right,  # correctness is a function of the answer, as with a real extractor
+        answer_codes=codes,
+        loglik=-torch.randint(1, 6, (prompts, n), generator=g).float(),  # few values: many ties
+        lengths=torch.randint(1, 5, (prompts, n), generator=g),
+        truncated=torch.rand(prompts, n, generator=g) < 0.2,
+    )
+
+
+# ---------------------------------------------------------------- nested best-of-N, maj@N, pass@N
+
+
+@pytest.mark.parametrize("policy", ["drop", "keep", "penalize"])
+def test_best_of_n_uses_the_first_n_draws_and_breaks_ties_to_the_earlier(policy):
+    draws = random_draws(0)
+    for n in (1, 2, 5, 12):
+        got = nested_best_of_n(draws.loglik, draws.truncated, n, policy)
+        for p in range(draws.loglik.shape[0]):
+            penalty = [10.0 if policy == "penalize" and t else 0.0 for t in draws.truncated[p]]
+            scores = [float(s) - d for s, d in zip(draws.loglik[p], penalty)]
+            eligible = [j for j in range(n) if not (policy == "drop" and draws.truncated[p, j])]
+            want = max(eligible, key=lambda j: (scores[j], -j)) if eligible else 0  # best, then earliest
+            assert int(got[p]) == want
+
+
+def test_majority_vote_matches_a_counter_reference():
+    draws = random_draws(1)
+    for n in (1, 3, 7, 12):
+        got = majority_vote_indices(draws.answer_codes, n)
+        for p, row in enumerate(draws.answer_codes[:, :n].tolist()):
+            counts = Counter(c for c in row if c >= 0)
+            if not counts:
+                assert int(got[p]) == -1
+                continue
+            top = max(counts.values())
+            winner = next(c for c in row if c >= 0 and counts[c] == top)  # ties: the answer seen first
+            assert int(got[p]) == row.index(winner)
+
+
+def test_pass_at_least_maj_and_best_of_n_per_prompt_and_non_decreasing_in_n():
+    for seed in range(5):
+        draws = random_draws(seed)
+        previous = torch.zeros(draws.correct.shape[0], dtype=torch.bool)
+        for n in range(1, draws.correct.shape[1] + 1):
+            passed = pass_at_n_correct(draws.correct, n)
+            bon = draws.correct.gather(-1, nested_best_of_n(draws.loglik, draws.truncated, n)[:, None]).squeeze(-1)
+            maj = majority_vote_correct(draws.answer_codes, draws.correct, n)
+            assert bool((passed >= maj).all()) and bool((passed >= bon).all())
+            assert bool((passed >= previous).all())  # once a prompt passes, it passes for every larger N
+            previous = passed
+
+
+def test_best_of_one_is_the_first_draw_and_pass_at_n_max_is_any_draw():
+    draws = random_draws(2)
+    keep = nested_best_of_n(draws.loglik, draws.truncated, 1, "keep")
+    assert bool((keep == 0).all())
+    assert torch.equal(pass_at_n_correct(draws.correct, 12), draws.correct.any(-1))
+
+
+def test_answer_codes_number_answers_by_first_appearance():
+    assert answer_codes([["7", None, "3", "7"], [None, "2", "2", "9"]]).tolist() == [[0, -1, 1, 0], [-1, 0, 0, 1]]
+
+
+# ---------------------------------------------------------------- lifts and standard error
+
+
+def test_lift_formula_and_undefined_percent_when_greedy_is_zero():
+    assert percent_lift(0.6, 0.5) == pytest.approx(20.0)
+    assert percent_lift(0.4, 0.5) == pytest.approx(-20.0)
+    assert percent_lift(0.3, 0.0) is None
+    assert points_lift(0.3, 0.0) == pytest.approx(30.0)
+    assert points_lift(0.6, 0.5) == pytest.approx(10.0)
+
+
+def test_standard_error_over_seeds():
+    values = [0.5, 0.7, 0.6, 0.9]
+    got = mean_stderr(values)
+    assert got["mean"] == pytest.approx(statistics.mean(values))
+    assert got["stderr"] == pytest.approx(statistics.stdev(values) / math.sqrt(len(values)))
+    assert mean_stderr([0.4]) == {"mean": 0.4, "stderr": None, "per_seed": [0.4]}
+    assert mean_stderr([0.4, None])["mean"] is None
+
+
+def hand_draws() -> list[SeedDraws]:
+    """Two seeds, two prompts, N_max = 3, small enough to compute every number by hand."""
+    return [
+        SeedDraws(  # seed 0
+            correct=torch.tensor([[False, True, True], [True, False, False]]),
+            answer_codes=torch.tensor([[0, 1, 1], [0, 1, 1]]),
+            loglik=torch.tensor([[-3.0, -1.0, -2.0], [-2.0, -4.0, -1.0]]),
+            lengths=torch.tensor([[1, 1, 4], [2, 1, 1]]),
+            truncated=torch.zeros(2, 3, dtype=torch.bool),
+        ),
+        SeedDraws(  # seed 1
+            correct=torch.tensor([[True, False, False], [False, False, False]]),
+            answer_codes=torch.tensor([[0, 1, 2], [0, 0, -1]]),
+            loglik=torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -2.0, -3.0]]),
+            lengths=torch.ones(2, 3, dtype=torch.long),
+            truncated=torch.zeros(2, 3, dtype=torch.bool),
+        ),
+    ]
+
+
+def test_protocol_table_by_hand():
+    per_seed = [seed_metrics(d, [1, 2, 3]) for d in hand_draws()]
+    rows = protocol_table(per_seed, {"accuracy": 0.25, "chosen_loglik": -5.0}, [1, 2, 3])
+    row = {(r["method"], r["n"]): r for r in rows}
+    # seed 0: bon_loglik picks draws (1, 0) at N=2 -> both right; (1, 2) at N=3 -> right, wrong.
+    # seed 1: always draw 0 -> right, wrong.
+    assert row["bon_loglik", 2]["accuracy_per_seed"] == [1.0, 0.5]
+    assert row["bon_loglik", 3]["accuracy_per_seed"] == [0.5, 0.5]
+    assert row["bon_loglik", 2]["accuracy"] == pytest.approx(0.75)
+    assert row["bon_loglik", 2]["accuracy_stderr"] == pytest.approx(0.25)
+    assert row["bon_loglik", 2]["lift_percent"] == pytest.approx(200.0)
+    assert row["bon_loglik", 2]["lift_points"] == pytest.approx(50.0)
+    assert row["bon_loglik", 2]["chosen_loglik"] == pytest.approx(((-1 - 2) / 2 + (-1 - 1) / 2) / 2)
+    # loglik_norm divides by length: seed 0 scores (-3, -1, -0.5) -> draw 2, right; (-1, -4, -1) -> tie, draw 0, right.
+    assert row["bon_loglik_norm", 3]["accuracy_per_seed"] == [1.0, 0.5]
+    # maj@3: seed 0 answers (0,1,1) -> 1 right; (0,1,1) -> 1 wrong. seed 1: tie (0,1,2) -> 0 right; 0 wrong.
+    assert row["maj", 3]["accuracy_per_seed"] == [0.5, 0.5]
+    assert row["pass", 3]["accuracy_per_seed"] == [1.0, 0.5]
+    assert row["pass", 1]["accuracy_per_seed"] == [0.5, 0.5]
+    assert row["sample", 1]["accuracy_per_seed"] == pytest.approx([0.5, 1 / 6])
+    assert row["greedy", 1]["accuracy"] == 0.25 and row["greedy", 1]["lift_points"] == 0.0
+
+
+def test_zero_greedy_gives_null_percent_lift_but_points():
+    per_seed = [seed_metrics(d, [1, 3]) for d in hand_draws()]
+    rows = protocol_table(per_seed, {"accuracy": 0.0, "chosen_loglik": -5.0}, [1, 3])
+    for r in rows:
+        assert r["lift_percent"] is None and r["lift_percent_stderr"] is None
+        assert r["lift_points"] == pytest.approx(100 * r["accuracy"])
+
+
+def test_loglik_histogram_counts_every_draw_once():
+    draws = [random_draws(s) for s in range(3)]
+    hist = loglik_histogram(draws, bins=7)
+    assert len(hist["edges"]) == 8 and len(hist["correct"]) == len(hist["incorrect"]) == 7
+    n_correct = sum(int(d.correct.sum()) for d in draws)
+    assert sum(hist["correct"]) == hist["correct_count"] == n_correct
+    assert sum(hist["incorrect"]) == hist["incorrect_count"] == 3 * 40 * 12 - n_correct
+
+
+# ---------------------------------------------------------------- report files
+
+
+def fake_results(greedy: float = 0.25) -> dict:
+    per_seed = [seed_metrics(d, [1, 2, 3]) for d in hand_draws()]
+    return {
+        "config": {"protocol": {"n_values": [1, 2, 3]}},
+        "table": protocol_table(per_seed, {"accuracy": greedy, "chosen_loglik": -5.0}, [1, 2, 3]),
+        "n_values": [1, 2, 3],
+        "samples_per_prompt": 3,
+        "seeds": [0, 1],
+        "prompts": {"count": 2, "dataset": "hand.jsonl"},
+        "loglik_histogram": loglik_histogram(hand_draws(), bins=4),
+        "model": {"model_name_or_path": "m", "adapter_path": None, "scored_by": "evaluated"},
+    }
+
+
+@pytest.mark.parametrize("greedy", [0.25, 0.0])
+def test_results_round_trip_through_json_and_csv(greedy, tmp_path):
+    results = fake_results(greedy)
+    write_results(results, str(tmp_path))
+    assert read_results(str(tmp_path)) == results
+    with open(tmp_path / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(results["table"])
+    for got, want in zip(rows, results["table"]):
+        assert got["method"] == want["method"] and int(got["n"]) == want["n"]
+        assert float(got["accuracy"]) == pytest.approx(want["accuracy"])
+        assert (got["lift_percent"] == "") == (want["lift_percent"] is None)
+    json.loads((tmp_path / "results.json").read_text())  # strict JSON: no NaN
+
+
+def test_table_names_the_lift_unit():
+    assert "points (% undefined: greedy is 0)" in format_table(fake_results(0.0))
+    text = format_table(fake_results(0.25))
+    assert "lift over greedy in %" in text and "200.0" in text  # bon_loglik at N=2
+    assert find_row(fake_results(), "pass", 3)["accuracy"] == pytest.approx(0.75)
+
+
+# ---------------------------------------------------------------- configuration checks
+
+
+@pytest.mark.parametrize(
+    "changes, fragment",
+    [
+        ({"n_values": []}, "--protocol.n_values=[]"),
+        ({"n_values": [0, 4]}, "--protocol.n_values=[0, 4]"),
+        ({"samples_per_prompt": 4, "n_values": [1, 8]}, "--protocol.samples_per_prompt=4: N_max must be >="),
+        ({"seeds": 0}, "--protocol.seeds=0"),
+        ({"max_new_tokens": 0}, "--protocol.max_new_tokens=0"),
+        ({"temperature": 0.0}, "--protocol.temperature=0"),
+        ({"prompts_per_batch": 0}, "--protocol.prompts_per_batch=0"),
+        ({"answer_extractor": "no_such_extractor"}, "--protocol.answer_extractor"),
+    ],
+)
+def test_protocol_checks_name_the_option(changes, fragment):
+    problems = validate_protocol_config(ProtocolConfig(**changes))
+    assert any(fragment in p for p in problems), problems
+
+
+def test_protocol_defaults_are_the_papers():
+    cfg = ProtocolConfig()
+    assert validate_protocol_config(cfg) == []
+    assert cfg.n_values == [1, 2, 4, 8, 16, 32, 50] and cfg.n_max == 50 and cfg.seeds == 10
+    assert cfg.max_new_tokens == 512 and cfg.temperature == 1.0
+
+
+def test_model_checks(tmp_path):
+    assert "is empty" in validate_model_config(EvalModelConfig())[0]
+    problems = validate_model_config(EvalModelConfig(model_name_or_path=str(tmp_path / "nope"), score_with="base"))
+    assert any("no such directory" in p for p in problems)
+    assert any("--model.score_with=base: no base to score with" in p for p in problems)
+    assert "no adapter_config.json" in validate_model_config(EvalModelConfig("m", adapter_path=str(tmp_path)))[0]
+
+
+def test_data_checks_need_an_answer_column(tmp_path):
+    problems = validate_data_args({"dataset": str(tmp_path / "missing.jsonl"), "answer_column": None, "max_prompts": 0})
+    assert len(problems) == 3
+    assert any("file not found" in p for p in problems) and any("--data.answer_column" in p for p in problems)
+
+
+def test_output_dir_rule(tmp_path):
+    assert output_dir_problem(str(tmp_path / "new"), overwrite=False) is None
+    assert output_dir_problem(str(tmp_path), overwrite=False) is None  # exists but empty
+    (tmp_path / "results.json").write_text("{}")
+    problem = output_dir_problem(str(tmp_path), overwrite=False)
+    assert "--overwrite=false" in problem and "--overwrite true" in problem and "not empty" in problem
+    assert output_dir_problem(str(tmp_path), overwrite=True) is None
+
+
+# ---------------------------------------------------------------- answer extraction on tests/data
+
+
+TASK_FILES = [
+    ("gsm8k_style.jsonl", "answer", "gsm8k"),
+    ("gsm8k_style.jsonl", "answer", "last_number"),
+    ("math_style.jsonl", "solution", "boxed"),
+    ("choice.jsonl", "answer", "choice"),
+    ("true_false.jsonl", "answer", "bool"),
+    ("reversal.jsonl", "answer", "strip"),
+]
+
+
+@pytest.mark.parametrize("name, answer_column, extractor", TASK_FILES, ids=lambda x: str(x))
+def test_extractors_on_task_files(name, answer_column, extractor):
+    extract = resolve_extractor(extractor)
+    rows = [json.loads(line) for line in open(os.path.join(DATA, name))]
+    assert len(rows) >= 5
+    for row in rows:
+        assert answers_match(extract(row["response"]), row[answer_column], extract), (extractor, row["response"])
+        assert not answers_match(extract(row["wrong"]), row[answer_column], extract), (extractor, row["wrong"])

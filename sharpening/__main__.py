@@ -1,5 +1,7 @@
 """python -m sharpening -> the `sharpen` CLI."""
 
-from sharpening.cli import main
+import sys
 
-main()
+from sharpening.cli import console_main
+
+sys.exit(console_main())

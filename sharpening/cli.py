@@ -2,13 +2,14 @@
 
     sharpen fit --config configs/demo.yaml
     sharpen fit --config configs/lora.yaml --trainer.max_epochs 3 --verifier.sampling.samples_per_prompt 16
-    sharpen evaluate --base MODEL --prompts FILE ...      (inference-time best-of-N, no training)
+    sharpen evaluate --config configs/evaluate/demo.yaml    (inference-time best-of-N, no training)
 
 ``main(args)`` takes the argument list, so tests call ``main(["fit", "--config", path, ...])``.
 """
 
 from __future__ import annotations
 
+import functools
 import glob
 import os
 import sys
@@ -148,23 +149,25 @@ def main(args: list[str] | None = None):
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "evaluate":
-        from sharpening.evaluate import main as evaluate_main
+    if argv[:1] == ["evaluate"]:
+        from sharpening.evaluate import dispatch
 
-        return evaluate_main(argv[1:])
-    if args is None:  # from the shell: a configuration problem is a message, not a traceback
-        try:
-            return _run_cli(argv)
-        except ConfigError as err:
-            print(f"sharpen: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
-        except NonFiniteError as err:
-            print(f"sharpen: {err}", file=sys.stderr)
-            raise SystemExit(1) from None
-    return _run_cli(argv)
+        target = functools.partial(dispatch, argv[1:])
+    else:  # LightningCLI reads sys.argv itself when given None
+        target = functools.partial(_run_cli, None if args is None else argv)
+    if args is not None:
+        return target()
+    try:  # from the shell: a configuration problem is a message, not a traceback
+        return target()
+    except ConfigError as err:
+        print(f"sharpen: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except NonFiniteError as err:
+        print(f"sharpen: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
-def _run_cli(argv: list[str]) -> SharpeningCLI:
+def _run_cli(argv: list[str] | None) -> SharpeningCLI:
     return SharpeningCLI(
         model_class=PolicyModule,
         subclass_mode_model=True,
@@ -172,6 +175,12 @@ def _run_cli(argv: list[str]) -> SharpeningCLI:
         args=argv,
         auto_configure_optimizers=False,
     )
+
+
+def console_main() -> int:
+    """The `sharpen` console script: exit status 0 on success (``main`` returns objects for tests)."""
+    main()
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sharpening.policy import _model_source_problem
+from sharpening.policy import model_source_problem
 from sharpening.prompts import validate_dataset_source
 from sharpening.sampler import SamplingConfig, validate_sampling_config
 from sharpening.selection import TRUNCATED_POLICIES
@@ -94,9 +94,9 @@ def validate_model_config(cfg: EvalModelConfig, option: str = "--model") -> list
     model, adapter = resolve_model_sources(cfg)
     if not model:
         problems.append(f"{option}.model_name_or_path is empty: give a hub id or a local model directory")
-    elif (problem := _model_source_problem(model)) is not None:
+    elif (problem := model_source_problem(model)) is not None:
         problems.append(f"{option}.model_name_or_path={model!r}: {problem}")
-    if cfg.base_model_name_or_path and (problem := _model_source_problem(cfg.base_model_name_or_path)) is not None:
+    if cfg.base_model_name_or_path and (problem := model_source_problem(cfg.base_model_name_or_path)) is not None:
         problems.append(f"{option}.base_model_name_or_path={cfg.base_model_name_or_path!r}: {problem}")
     if cfg.score_with not in ("self", "base"):
         problems.append(f"{option}.score_with={cfg.score_with!r}: must be self or base")

@@ -57,7 +57,7 @@ def validate_policy_config(cfg: PolicyConfig, option: str = "--model.policy") ->
     if not name:
         problems.append(f"{option}.model_name_or_path is empty: give a hub id or a local model directory")
     else:
-        problem = _model_source_problem(name)
+        problem = model_source_problem(name)
         if problem:
             problems.append(f"{option}.model_name_or_path={name!r}: {problem}")
     if cfg.finetuning not in FINETUNING_MODES:
@@ -85,7 +85,7 @@ def validate_policy_config(cfg: PolicyConfig, option: str = "--model.policy") ->
     return problems
 
 
-def _model_source_problem(name: str) -> str | None:
+def model_source_problem(name: str) -> str | None:
     """Why ``name`` cannot be loaded (missing directory, hub id absent offline), or None."""
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):

@@ -1,8 +1,8 @@
 """SelfVerificationCallback: sample -> score with the frozen base -> select -> fill the buffer.
 
-Lightning asks for the train dataloader BEFORE ``on_train_epoch_start``, so a round that is meant for
-"the start of epoch e" runs at ``on_fit_start`` (first epoch, or after a resume whose buffer is stale) and
-at ``on_train_epoch_end`` of epoch e-1; dataloaders are then reloaded every epoch. Each rank samples its
+Lightning asks for the train dataloader BEFORE ``on_train_epoch_start`` (and, after a resume, without
+re-running the hooks of the restored epoch), so the round for epoch e runs exactly when the module's
+``train_dataloader`` is asked for epoch e's data (``ensure_buffer``); dataloaders reload every epoch. Each rank samples its
 own shard of prompts; the selected samples are gathered so every rank holds the same, rank-independent
 buffer (Lightning's distributed sampler then gives each rank the same number of batches).
 """
@@ -23,7 +23,7 @@ from sharpening.errors import raise_if_problems
 from sharpening.logprobs import sample_logprobs
 from sharpening.metrics import SharpeningMetric
 from sharpening.policy import eval_mode
-from sharpening.safety import early_sigterm_guard, preempt, sigterm_requested
+from sharpening.safety import preempt, sigterm_requested
 from sharpening.rewards import extract_answers, score_samples
 from sharpening.sampler import SamplingConfig, decode_responses, generate_samples, validate_sampling_config
 from sharpening.selection import SelectionConfig, select_top_k, validate_selection_config
@@ -77,9 +77,6 @@ class SelfVerificationCallback(L.Callback):
         self.show_progress = show_progress
         self.buffer = SampleBuffer()
         self.rounds_done = 0
-        # Epoch that training is in, or resumes into. Kept in the checkpoint because Lightning restores
-        # trainer.current_epoch only after on_fit_start, where the first round runs.
-        self.epoch = 0
         self.last_metrics: dict[str, float] = {}
 
     # -- Lightning hooks -------------------------------------------------------------------------
@@ -92,33 +89,24 @@ class SelfVerificationCallback(L.Callback):
         if not hasattr(pl_module, "buffer"):
             return  # the module does not train from a buffer (e.g. on-policy RL)
         pl_module.buffer = self.buffer
+        pl_module.ensure_buffer = lambda epoch: self.ensure_round(trainer, pl_module, epoch)
         if self.resample_every_epoch:
             trainer.reload_dataloaders_every_n_epochs = 1
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if hasattr(pl_module, "buffer") and self._needs_round(self.epoch):
-            # before the loop starts there is no new state to save: a preempted first round just stops
-            with early_sigterm_guard(trainer):
-                self.run_round(trainer, pl_module, self.epoch, save_on_preemption=False)
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.epoch = trainer.current_epoch
-
-    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        upcoming = self.epoch = trainer.current_epoch + 1  # a checkpoint saved now resumes into it
-        last_epoch = trainer.max_epochs is not None and trainer.max_epochs >= 0 and upcoming >= trainer.max_epochs
-        if hasattr(pl_module, "buffer") and not last_epoch and not trainer.should_stop and self._needs_round(upcoming):
-            self.run_round(trainer, pl_module, upcoming)
-
     def state_dict(self) -> dict:
-        return {"buffer": self.buffer.state_dict(), "rounds_done": self.rounds_done, "seed": self.seed, "epoch": self.epoch}
+        return {"buffer": self.buffer.state_dict(), "rounds_done": self.rounds_done, "seed": self.seed}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.buffer.load_state_dict(state_dict["buffer"])
         self.rounds_done = state_dict["rounds_done"]
-        self.epoch = state_dict["epoch"]
         if state_dict["seed"] != self.seed:
             rank_zero_warn(f"resuming with --verifier.seed={self.seed}, the checkpoint used {state_dict['seed']}")
+
+    def ensure_round(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
+        """Make the buffer hold epoch ``epoch``'s round. Called when Lightning asks for that epoch's data,
+        at every epoch start and after a resume (mid-epoch or not), so no hook ordering can skip a round."""
+        if self._needs_round(epoch):
+            self.run_round(trainer, pl_module, epoch)
 
     def _needs_round(self, epoch: int) -> bool:
         if self.buffer.epoch is None:
@@ -126,9 +114,7 @@ class SelfVerificationCallback(L.Callback):
         return self.resample_every_epoch and self.buffer.epoch != epoch
 
     # -- one round ---------------------------------------------------------------------------------
-    def run_round(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int, save_on_preemption: bool = True
-    ) -> dict[str, float]:
+    def run_round(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> dict[str, float]:
         """Sample, score, select on this rank's prompts; gather the kept samples into the buffer.
 
         On SIGTERM the round is abandoned between prompt batches (the buffer keeps its previous round,
@@ -158,7 +144,7 @@ class SelfVerificationCallback(L.Callback):
                 kept.extend(selected_examples(scored))
                 metric.update(scored, correct, greedy_correct)
         if sigterm_requested(trainer):  # abandon the round: a resumed run redraws it identically
-            preempt(trainer, f"during self-verification (epoch {epoch})", save=save_on_preemption)
+            preempt(trainer, f"during self-verification (epoch {epoch})")
             return {}
         kept = _gather_examples(kept, trainer.world_size)
         if not kept:

@@ -138,6 +138,7 @@ class RLSharpeningModule(PolicyModule):
         self.rl, self.sampling, self.prompts_per_step, self.seed = rl, sampling, prompts_per_step, seed
         if rl.algorithm == "offline":
             self.buffer: SampleBuffer | None = None  # attached by SelfVerificationCallback.setup
+            self.ensure_buffer = lambda epoch: None  # replaced by SelfVerificationCallback.setup
             self.keep_all_samples = True  # the callback keeps all N base samples to form pairs
         self.xpo_pairs: list[PairExample] = []
         self.best: dict = {"j_beta": float("-inf"), "round": -1, "state": None}
@@ -148,6 +149,7 @@ class RLSharpeningModule(PolicyModule):
         if self.rl.algorithm == "offline":
             if self.buffer is None:
                 raise RuntimeError("offline RL-sharpening needs the SelfVerificationCallback (the CLI's `verifier:`)")
+            self.ensure_buffer(self.current_epoch)  # the self-verification round for this epoch, if due
             pairs = pairs_from_buffer(self.buffer.examples)
             collate = partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id)
             sampler = epoch_sampler(self._trainer, len(pairs), seed, self.rl.pairs_per_update)

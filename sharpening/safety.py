@@ -10,11 +10,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import threading
-from typing import Iterator
 
 import lightning as L
 import torch
@@ -29,23 +25,8 @@ class NonFiniteError(RuntimeError):
 
 
 def sigterm_requested(trainer: L.Trainer) -> bool:
-    """SIGTERM seen by Lightning's handler, or by ours before Lightning installs it."""
-    return bool(trainer.received_sigterm or getattr(trainer, "_sharpening_sigterm", False))
-
-
-@contextlib.contextmanager
-def early_sigterm_guard(trainer: L.Trainer) -> Iterator[None]:
-    """Record SIGTERM during ``on_fit_start`` work (the first round), before Lightning's handler exists;
-    without it the default action would kill the process mid-generation."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.getsignal(signal.SIGTERM)
-    signal.signal(signal.SIGTERM, lambda signum, frame: setattr(trainer, "_sharpening_sigterm", True))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    """SIGTERM seen by Lightning's handler (installed before the fit loop asks for any data)."""
+    return bool(trainer.received_sigterm)
 
 
 def checkpoint_dir(trainer: L.Trainer) -> str:
@@ -56,16 +37,12 @@ def checkpoint_dir(trainer: L.Trainer) -> str:
     return os.path.join(trainer.default_root_dir, "checkpoints")
 
 
-def preempt(trainer: L.Trainer, where: str, save: bool = True) -> None:
-    """Stop the run after SIGTERM, with a resumable checkpoint when the loop state is consistent."""
+def preempt(trainer: L.Trainer, where: str) -> None:
+    """Stop the run after SIGTERM, with a resumable checkpoint."""
     path = os.path.join(checkpoint_dir(trainer), PREEMPTED_CHECKPOINT)
-    if save:
-        trainer.save_checkpoint(path)
+    trainer.save_checkpoint(path)
     trainer.should_stop = True
-    saved = f"resumable checkpoint written to {path}; resume with --ckpt_path last" if save else (
-        "nothing new to save: rerun the same command to start again from where it started"
-    )
-    rank_zero_info(f"SIGTERM received {where}: stopping. {saved}")
+    rank_zero_info(f"SIGTERM received {where}: stopping. Resumable checkpoint: {path}; resume with --ckpt_path last")
 
 
 class PreemptionCallback(L.Callback):

@@ -51,6 +51,7 @@ class SFTSharpeningModule(PolicyModule):
         self.batch_size = batch_size
         self.shuffle_seed = shuffle_seed
         self.buffer: SampleBuffer | None = None  # attached by SelfVerificationCallback.setup
+        self.ensure_buffer = lambda epoch: None  # replaced by SelfVerificationCallback.setup
 
     def train_dataloader(self) -> DataLoader:
         if self.buffer is None:
@@ -58,6 +59,7 @@ class SFTSharpeningModule(PolicyModule):
                 "SFTSharpeningModule trains on samples selected by a SelfVerificationCallback; "
                 "add one (the `sharpen` CLI adds it as `verifier:`)"
             )
+        self.ensure_buffer(self.current_epoch)  # the self-verification round for this epoch, if due
         seed = derive_seed(self.shuffle_seed, self.current_epoch)
         return DataLoader(
             self.buffer,

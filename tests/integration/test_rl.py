@@ -41,7 +41,7 @@ def _fit(module, toy_dir, max_steps, root, ckpt_path=None, callbacks=()):
     trainer = L.Trainer(
         accelerator="cpu", max_steps=max_steps, max_epochs=-1, logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=root, callbacks=list(callbacks),
-        enable_checkpointing=bool(ckpt_path is None and root), reload_dataloaders_every_n_epochs=1,
+        enable_checkpointing=bool(root), reload_dataloaders_every_n_epochs=1,
     )
     trainer.fit(module, datamodule=PromptDataModule(os.path.join(toy_dir, "prompts.jsonl")), ckpt_path=ckpt_path)
     return trainer
@@ -142,3 +142,30 @@ def test_training_approaches_the_closed_form_optimum(algorithm, oracle_dir):
     assert start["kl_to_target"] > 0.4
     assert end["kl_to_target"] < 0.1, end
     assert end["mass_on_argmax"] > start["mass_on_argmax"] + 0.2
+
+
+@pytest.mark.parametrize("algorithm", ["online", "offline", "xpo"])
+def test_stop_and_resume_equals_an_uninterrupted_run(algorithm, toy_dir, tmp_path):
+    """K optimizer steps in one run == k steps, a checkpoint, then K - k more (bitwise on CPU)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    extra, callbacks = {**ALGORITHMS, "xpo": ({"xpo_updates_per_round": 2, "pairs_per_update": 8}, ())}[algorithm]
+
+    def callbacks_for(root):
+        verifier = SelfVerificationCallback(
+            SamplingConfig(samples_per_prompt=4, max_new_tokens=3), greedy_accuracy=False, show_progress=False,
+            resample_every_epoch=True,
+        )
+        every_step = ModelCheckpoint(dirpath=str(root), every_n_train_steps=1, save_top_k=-1, filename="{step}")
+        return [verifier, every_step] if callbacks else [every_step]
+
+    full = _module(toy_dir, algorithm=algorithm, **extra)
+    _fit(full, toy_dir, max_steps=6, root=str(tmp_path / "full"), callbacks=callbacks_for(tmp_path / "full"))
+    resumed = _module(toy_dir, algorithm=algorithm, **extra)
+    ckpt = str(tmp_path / "full" / "step=2.ckpt")
+    _fit(resumed, toy_dir, max_steps=6, root=str(tmp_path / "resumed"), ckpt_path=ckpt, callbacks=callbacks_for(tmp_path / "resumed"))
+    assert resumed.trainer.global_step == full.trainer.global_step == 6
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
+    if algorithm == "xpo":
+        assert [p.response_ids for p in resumed.xpo_pairs] == [p.response_ids for p in full.xpo_pairs]

@@ -84,7 +84,8 @@ class SelfVerificationCallback(L.Callback):
         data = trainer.datamodule
         if data is not None and getattr(data, "prompt_ids", None) and hasattr(pl_module, "policy_config"):
             module_sampling = getattr(pl_module, "sampling", None)  # RL samples with its own settings
-            max_new = max(self.sampling.max_new_tokens, getattr(module_sampling, "max_new_tokens", 0))
+            mine = self.sampling.max_new_tokens if hasattr(pl_module, "buffer") else 0  # used only for a buffer
+            max_new = max(mine, getattr(module_sampling, "max_new_tokens", 0))
             raise_if_problems(context_problems(pl_module.policy_config, data.prompt_ids, max_new))
         if not hasattr(pl_module, "buffer"):
             return  # the module does not train from a buffer (e.g. on-policy RL)

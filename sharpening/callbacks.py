@@ -137,7 +137,7 @@ class SelfVerificationCallback(L.Callback):
             disable=not (self.show_progress and trainer.is_global_zero),
             leave=False,
         )
-        with eval_mode(pl_module.policy):
+        with eval_mode(pl_module.policy), pl_module.gathered_for_generation():
             for prompts in bar:
                 if sigterm_requested(trainer):
                     break

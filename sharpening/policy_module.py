@@ -73,6 +73,21 @@ class PolicyModule(L.LightningModule):
             yield base
 
     @contextlib.contextmanager
+    def gathered_for_generation(self) -> Iterator[None]:
+        """Under FSDP, generating outside the training forward (the self-verification round) needs whole
+        weights on every rank: gather them read-only for the duration. A no-op for other strategies."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if not isinstance(strategy, FSDPStrategy):
+            yield
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(self.trainer.model, writeback=False, recurse=True):
+            yield
+
+    @contextlib.contextmanager
     def sampling_model(self, source: str) -> Iterator[torch.nn.Module]:
         """The model to sample from: ``base`` (the frozen base) or ``policy`` (the current policy)."""
         if source == "base":

@@ -4,6 +4,8 @@
   PreemptionCallback writes a resumable checkpoint at the next batch end and stops cleanly; the
   self-verification callback checks the same flag between generation batches (``preempt``).
   Resume with ``--ckpt_path last``.
+- Atomic checkpoints: AtomicCheckpointIO writes beside the target and renames, so SIGKILL mid-save
+  leaves the previous checkpoint loadable.
 - Non-finite values: NonFiniteGuardCallback checks the gradients before every optimizer step; on a
   NaN/inf it writes the last good state (the update is not applied) and stops with a message.
 """
@@ -14,6 +16,7 @@ import os
 
 import lightning as L
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 PREEMPTED_CHECKPOINT = "last-preempted.ckpt"
@@ -45,8 +48,34 @@ def preempt(trainer: L.Trainer, where: str) -> None:
     rank_zero_info(f"SIGTERM received {where}: stopping. Resumable checkpoint: {path}; resume with --ckpt_path last")
 
 
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints appear whole or not at all: written to a hidden temporary file in the SAME directory,
+    flushed to disk, then renamed over the target (``os.replace`` is atomic on one filesystem). A process
+    killed while saving leaves the previous checkpoint in place, and no partial ``*.ckpt``."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        path = os.fspath(path)
+        directory = os.path.dirname(path) or "."
+        os.makedirs(directory, exist_ok=True)
+        temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.partial")
+        try:
+            with open(temporary, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+        finally:
+            if os.path.exists(temporary):
+                os.remove(temporary)
+
+
 class PreemptionCallback(L.Callback):
-    """On SIGTERM: checkpoint at the next batch end and stop (exit code 0)."""
+    """On SIGTERM: checkpoint at the next batch end and stop (exit code 0). Also makes every checkpoint
+    write atomic (AtomicCheckpointIO) unless the run configured its own checkpoint IO."""
+
+    def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if sigterm_requested(trainer) and not trainer.should_stop:

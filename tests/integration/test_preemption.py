@@ -126,3 +126,35 @@ def test_nan_gradient_stops_with_the_last_good_state(tiny_model_path, prompts_fi
     saved = torch.load(tmp_path / "run" / "checkpoints" / LAST_GOOD_CHECKPOINT, map_location="cpu", weights_only=True)
     assert saved["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+
+
+def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tiny_model_path, prompts_file, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    cli = main(_args(tiny_model_path, prompts_file, tmp_path / "run", "--trainer.max_epochs=1"))
+    assert type(cli.trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
+    (previous,) = (tmp_path / "run" / "checkpoints").glob("*.ckpt")
+    before = previous.read_bytes()
+    code = f"""
+import sys, time, torch
+import sharpening.safety as safety
+def stalled_save(obj, f, *args, **kwargs):
+    f.write(b"partial bytes of a big checkpoint")
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(60)
+safety.torch.save = stalled_save
+safety.AtomicCheckpointIO().save_checkpoint({{"state_dict": {{}}}}, {str(previous)!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "writing"
+    proc.kill()  # SIGKILL mid-write
+    proc.wait(timeout=30)
+    assert previous.read_bytes() == before  # untouched, still loadable
+    torch.load(previous, map_location="cpu", weights_only=True)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.ckpt")) == [previous.name]
+    resumed = main(_args(tiny_model_path, prompts_file, tmp_path / "run", "--ckpt_path=last",
+                         "--model.init_args.overwrite_output_dir=true"))  # the first run finished and wrote out/
+    assert resumed.trainer.global_step == 4  # resumed from the epoch-0 checkpoint and trained epoch 1

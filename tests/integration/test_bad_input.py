@@ -131,3 +131,8 @@ def test_resume_checkpoint_from_another_model_or_algorithm_is_refused(tiny_model
         with pytest.raises(ConfigError, match="resume with the settings that wrote it") as err:
             main([*run, f"--trainer.default_root_dir={tmp_path / 'b'}", f"--ckpt_path={ckpt}", change])
         assert fragment in str(err.value)
+    with pytest.raises(ConfigError, match="SFTSharpeningModule") as err:  # another algorithm's module
+        main(["fit", "--config", RL, f"--model.init_args.policy.model_name_or_path={tiny_model_path}",
+              "--model.init_args.policy.finetuning=lora", f"--data.dataset={prompts_file}", "--trainer.logger=false",
+              f"--trainer.default_root_dir={tmp_path / 'c'}", f"--ckpt_path={ckpt}"])
+    assert "--model.class_path" in str(err.value)

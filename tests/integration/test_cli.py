@@ -125,6 +125,8 @@ def test_resume_restores_the_buffer_and_round(checkpoint, tiny_model_path, promp
     resumed = _verifier(resumed_cli)
     # same steps and bitwise-equal weights as the run that was never stopped (CPU)
     assert resumed_cli.trainer.global_step == full_cli.trainer.global_step == 4
+    for name in ("train/loss_step", "train/loss_epoch"):  # the losses logged after the resume point match
+        assert float(resumed_cli.trainer.callback_metrics[name]) == float(full_cli.trainer.callback_metrics[name])
     for key, value in full_cli.model.state_dict().items():
         torch.testing.assert_close(resumed_cli.model.state_dict()[key], value, rtol=0, atol=0)
     # both checkpoints hold epoch 0's buffer: the resumed run reuses it for the rest of epoch 0 (mid-epoch)

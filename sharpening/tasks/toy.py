@@ -27,9 +27,12 @@ TOY_TABLES = {
     "y=": {"b": 0.40, "ab": 0.20, "ba": 0.15, "a": 0.10, "aa": 0.05, "bb": 0.05, "": 0.05},
     "z=": {"": 0.35, "bb": 0.25, "a": 0.15, "b": 0.10, "ab": 0.05, "ba": 0.05, "aa": 0.05},
 }
-# A low-coverage toy: the argmax holds little mass and a single token-level path leads elsewhere.
-LOW_COVERAGE_TABLES = {"x=": {"ab": 0.06, **{r: 0.94 / 6 * w for r, w in
-                              {"a": 1.4, "b": 1.4, "aa": 0.8, "ba": 0.8, "bb": 0.8, "": 0.8}.items()}}}
+# A low-coverage toy (docs/rl.md): responses of at most 3 letters over {a, b, c} (max_new_tokens 4, 40
+# complete responses). The argmax "cab" holds only 4% of the mass (C_cov = 25); the 39 others hold 2.8%
+# down to 2.1% each, in a fixed shuffled order, so pi_base^(1 + 1/beta) at beta = 0.1 still puts ~0.8 on it.
+LOW_COVERAGE_LETTERS = "abc"
+LOW_COVERAGE_MAX_NEW_TOKENS = 4
+LOW_COVERAGE_ARGMAX = "cab"
 
 
 def toy_outcomes(letters: str = TOY_LETTERS, max_new_tokens: int = TOY_MAX_NEW_TOKENS) -> list[tuple[str, bool]]:
@@ -37,6 +40,26 @@ def toy_outcomes(letters: str = TOY_LETTERS, max_new_tokens: int = TOY_MAX_NEW_T
     complete = [("".join(p), False) for n in range(max_new_tokens) for p in itertools.product(letters, repeat=n)]
     truncated = [("".join(p), True) for p in itertools.product(letters, repeat=max_new_tokens)]
     return complete + truncated
+
+
+def low_coverage_table(
+    argmax: str = LOW_COVERAGE_ARGMAX, mass: float = 0.04, second: float = 0.028, seed: int = 0
+) -> dict[str, float]:
+    """Base table over every complete response of the low-coverage toy: ``argmax`` gets ``mass``; the others
+    get masses spaced evenly from ``second`` down (mean (1 - mass) / count), assigned in a seeded shuffle."""
+    import random
+
+    outcomes = toy_outcomes(LOW_COVERAGE_LETTERS, LOW_COVERAGE_MAX_NEW_TOKENS)
+    others = [text for text, cut in outcomes if not cut and text != argmax]
+    lowest = 2 * (1.0 - mass) / len(others) - second
+    if not lowest > 0 or not second < mass:
+        raise ValueError(f"low_coverage_table: second={second} leaves no valid table for mass={mass}")
+    random.Random(seed).shuffle(others)
+    step = (second - lowest) / (len(others) - 1)
+    return {argmax: mass, **{text: second - step * i for i, text in enumerate(others)}}
+
+
+LOW_COVERAGE_TABLES = {"x=": low_coverage_table()}
 
 
 def outcome_logprobs(model, tokenizer, prompt: str, outcomes: list[tuple[str, bool]]) -> torch.Tensor:
@@ -69,15 +92,18 @@ def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> float:
     return float((logp.exp() * (logp - logq)).sum())
 
 
-def build_toy_base(out_dir: str | Path, tables: dict = TOY_TABLES, steps: int = 400, seed: int = 0) -> Path:
+def build_toy_base(
+    out_dir: str | Path, tables: dict = TOY_TABLES, steps: int = 400, seed: int = 0, letters: str = TOY_LETTERS
+) -> Path:
     """Distil a tiny Llama to ``tables`` (exact cross-entropy over the listed responses); save it with
-    its tokenizer and a prompts.jsonl. Deterministic for a seed."""
+    its tokenizer (one token per character of ``letters`` and of "xyz=") and a prompts.jsonl.
+    Deterministic for a seed."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from sharpening.tasks.chars import build_char_tokenizer
 
     out_dir = Path(out_dir)
-    tokenizer = build_char_tokenizer(TOY_LETTERS + "xyz=")
+    tokenizer = build_char_tokenizer(letters + "xyz=")
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,

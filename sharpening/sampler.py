@@ -77,13 +77,21 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
     return logits
 
 
-def _draw(logits: torch.Tensor, generators: list[torch.Generator], n: int, cfg: SamplingConfig) -> torch.Tensor:
-    """One token per row by the Gumbel-max trick; rows [b*n, (b+1)*n) use generator b. [R, V] -> [R]."""
+def _draw(logits: torch.Tensor, rows: torch.Tensor, generators: list[torch.Generator], n: int, cfg: SamplingConfig):
+    """One token per live row by the Gumbel-max trick. ``rows`` [A] are the live rows' original indices
+    (row r belongs to prompt r // n). Each prompt with a live row draws its full [n, V] noise block from its
+    own generator every step, so a row's token does not depend on which rows were dropped. [A, V] -> [A]."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
     scaled = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-    uniform = torch.cat([torch.rand(n, logits.shape[-1], generator=g, device=logits.device) for g in generators])
-    gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1.0 - 1e-7)))  # [R, V]
+    vocab, live_prompts = logits.shape[-1], set((rows // n).tolist())
+    blocks = [
+        torch.rand(n, vocab, generator=g, device=logits.device) if b in live_prompts
+        else torch.zeros(n, vocab, device=logits.device)  # finished prompt: its stream is no longer used
+        for b, g in enumerate(generators)
+    ]
+    uniform = torch.cat(blocks).index_select(0, rows)  # [B*N, V] -> [A, V]
+    gumbel = -torch.log(-torch.log(uniform.clamp_(min=1e-20, max=1.0 - 1e-7)))
     return (scaled + gumbel).argmax(-1)
 
 
@@ -96,11 +104,14 @@ def generate_samples(
     pad_token_id: int,
     seed: int = 0,
     round_index: int = 0,
+    compact_finished: bool = True,
 ) -> SampleBatch:
     """Draw ``cfg.samples_per_prompt`` responses for every prompt, with a KV cache shared per prompt.
 
     Rows stop at EOS (which is kept and scored). Returns token ids, the model's temperature-1 log-prob of
-    each drawn token, and a truncated flag for rows that hit ``max_new_tokens`` before EOS.
+    each drawn token, and a truncated flag for rows that hit ``max_new_tokens`` before EOS. With
+    ``compact_finished``, finished rows leave the batch and the KV cache (once a quarter of the batch has
+    finished), so they stop costing compute; the draws are the same either way.
     """
     n, device = cfg.samples_per_prompt, prompts.prompt_ids.device
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
@@ -118,23 +129,31 @@ def generate_samples(
     logits = out.logits[:, -1].float().repeat_interleave(n, 0)  # [B*N, V]
     mask = mask.repeat_interleave(n, 0)  # [B*N, P]
     next_position = positions[:, -1:].repeat_interleave(n, 0) + 1  # [B*N, 1]
+    compact_finished = compact_finished and hasattr(cache, "batch_select_indices")
 
-    rows = logits.shape[0]
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    total = logits.shape[0]
+    rows = torch.arange(total, device=device)  # original index of each row still in the batch
+    done = torch.zeros(total, dtype=torch.bool, device=device)  # per batch row: EOS already emitted
+    finished = torch.zeros(total, dtype=torch.bool, device=device)  # per original row
     tokens, logprobs, valid = [], [], []
     for step in range(cfg.max_new_tokens):
-        token = _draw(logits, generators, n, cfg)  # [B*N]
-        token_logprob = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)  # [B*N]
-        alive = ~finished
-        tokens.append(torch.where(alive, token, pad_token_id))
-        logprobs.append(torch.where(alive, token_logprob, 0.0))
-        valid.append(alive)
-        finished = finished | torch.isin(token, eos)
-        if bool(finished.all()) or step == cfg.max_new_tokens - 1:
+        token = _draw(logits, rows, generators, n, cfg)  # [A]
+        token_logprob = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)  # [A]
+        live = rows[~done]
+        tokens.append(torch.full((total,), pad_token_id, device=device).index_put((live,), token[~done]))
+        logprobs.append(torch.zeros(total, device=device).index_put((live,), token_logprob[~done]))
+        valid.append(torch.zeros(total, dtype=torch.bool, device=device).index_fill(0, live, True))
+        done = done | torch.isin(token, eos)
+        finished[rows[done]] = True
+        if bool(done.all()) or step == cfg.max_new_tokens - 1:
             break
+        if compact_finished and int(done.sum()) >= max(1, done.numel() // 4):
+            keep = (~done).nonzero().squeeze(-1)  # [A'] rows that go on
+            cache.batch_select_indices(keep)
+            mask, next_position, rows, token, done = mask[keep], next_position[keep], rows[keep], token[keep], done[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         out = model(
-            input_ids=tokens[-1][:, None],
+            input_ids=token[:, None],
             attention_mask=mask,
             position_ids=next_position,
             past_key_values=cache,

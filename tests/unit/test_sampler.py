@@ -415,3 +415,34 @@ def test_top_k_restricts_the_support():
     counts, _ = _frequencies(probs.log(), top_k=2)
     assert counts[0] == 0 and counts[2] == 0
     assert chi2_stat(counts[[1, 3]], torch.tensor([3 / 7, 4 / 7])) < chi2_critical(1)
+
+
+def test_finished_rows_leave_the_batch_and_the_draws_do_not_change(tiny_model_path):
+    """Compaction (issue 5): same tokens, log-probs and flags; later decode steps run on fewer rows."""
+    from transformers import AutoModelForCausalLM
+
+    from sharpening.types import PromptBatch
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path).eval()
+    with torch.no_grad():  # make EOS (id 2) likely, so rows finish at different steps
+        model.lm_head.weight[2] *= 0
+        model.lm_head.weight[2] += model.lm_head.weight.mean(0) + 0.02
+    prompts = PromptBatch(
+        torch.tensor([[0, 1, 5, 6], [1, 7, 8, 9], [0, 0, 1, 4]]),
+        torch.tensor([[False, True, True, True], [True] * 4, [False, False, True, True]]),
+        torch.tensor([3, 11, 7]),
+        [None] * 3,
+    )
+    cfg = SamplingConfig(samples_per_prompt=8, max_new_tokens=12)
+    batch_sizes = []
+    hook = model.model.register_forward_pre_hook(lambda m, a, k: batch_sizes.append(k["input_ids"].shape[0]), with_kwargs=True)
+    compact = generate_samples(model, prompts, cfg, eos_token_id=2, pad_token_id=0, seed=5, compact_finished=True)
+    hook.remove()
+    plain = generate_samples(model, prompts, cfg, eos_token_id=2, pad_token_id=0, seed=5, compact_finished=False)
+    assert torch.equal(compact.response_ids, plain.response_ids)
+    assert torch.equal(compact.response_mask, plain.response_mask)
+    assert torch.equal(compact.truncated, plain.truncated)
+    torch.testing.assert_close(compact.logprobs, plain.logprobs, rtol=1e-5, atol=1e-5)
+    lengths = compact.response_mask.sum(-1)
+    assert lengths.min() < lengths.max()  # rows finished at different steps
+    assert min(batch_sizes[1:]) < 3 * 8  # decode steps ran on fewer rows once some had finished

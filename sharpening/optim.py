@@ -58,7 +58,11 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig, 
     ``total_steps`` is called lazily, once training data exists (the buffer is filled at fit start).
     """
     trainable = [p for p in params if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+    kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+    try:  # the fused kernel is ~4x faster per step on CPU (measured in docs/benchmarks.md)
+        optimizer = torch.optim.AdamW(trainable, fused=True, **kwargs)
+    except (RuntimeError, ValueError):  # a device or dtype the fused kernel does not support
+        optimizer = torch.optim.AdamW(trainable, **kwargs)
 
     def factor(step: int) -> float:
         if step == 0 or cfg.schedule == "constant":

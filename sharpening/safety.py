@@ -87,8 +87,8 @@ class NonFiniteGuardCallback(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
-            return
+        if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+            return  # a NaN or inf anywhere makes its tensor's norm non-finite: one fused check
         path = os.path.join(checkpoint_dir(trainer), LAST_GOOD_CHECKPOINT)
         trainer.save_checkpoint(path)  # the weights are still those before this update
         raise NonFiniteError(

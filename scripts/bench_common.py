@@ -1,0 +1,190 @@
+"""Measuring helpers shared by both sides of scripts/bench.py: the workload, phase timers, peak RSS, FLOPs.
+
+The workload is the same for both sides: a random Llama built from a config with a fixed seed, saved to
+a temporary directory (both sides load it by path), a ~100-token character vocabulary, and arithmetic
+prompts such as ``"12+34="``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import random
+import string
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+
+CHARS = string.digits + string.ascii_letters + string.punctuation + " "  # 95 printable characters
+MODEL_SHAPES = {
+    "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=704),
+    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408),
+}
+
+
+@dataclass
+class Workload:
+    """What both sides run, fixed for the whole benchmark."""
+
+    model_path: str  # save_pretrained directory of the model and its tokenizer
+    prompt_texts: list[str]  # e.g. "12+34="
+    prompts_file: str  # the same prompts as JSONL ({"prompt": ...}), for our PromptDataModule
+    samples_per_prompt: int = 8  # N (SFT) and the group size G (RL)
+    max_new_tokens: int = 32
+    prompts_per_batch: int = 16  # prompts generated together in the SFT round (both sides)
+    rl_prompts: int = 8  # prompts per RL step
+    sft_batch_size: int = 8  # selected samples per SFT optimizer step
+    lr: float = 1e-5
+    kl_coef: float = 0.05
+    fixed_length: bool = False  # EOS suppressed: every response is max_new_tokens long
+    matmul_params: int = 0  # weights that take part in matmuls (all but the embedding table and norms)
+
+
+@dataclass
+class Measurement:
+    """One side's run of one task (SFT round or RL step): seconds and token counts per phase."""
+
+    seconds: dict[str, float] = field(default_factory=dict)  # generate / score / train / total
+    completions: dict[str, int] = field(default_factory=dict)  # completions handled per phase
+    response_tokens: dict[str, int] = field(default_factory=dict)  # response tokens handled per phase
+    useful_flops: dict[str, float] = field(default_factory=dict)  # model FLOPs the phase needs (see useful_flops)
+    setup_seconds: float = 0.0  # loading weights, building trainers: reported, not in total
+    peak_rss_mib: float = 0.0  # process RSS peak during the side's run, setup included
+    rss_growth_mib: float = 0.0  # that peak minus the process RSS when the side started
+
+
+def build_workload(name: str, root: str, prompts: int, fixed_length: bool = False, seed: int = 0) -> Workload:
+    """Save the ``name`` Llama (random, seeded) and its character tokenizer under ``root``; write the prompts."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sharpening.tasks.chars import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer(CHARS)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **MODEL_SHAPES[name],
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    path = os.path.join(root, name)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    rng = random.Random(seed)
+    texts = [f"{rng.randint(1, 99)}+{rng.randint(1, 99)}=" for _ in range(prompts)]
+    prompts_file = os.path.join(root, f"{name}-prompts.jsonl")
+    with open(prompts_file, "w") as f:
+        f.writelines(json.dumps({"prompt": t}) + "\n" for t in texts)
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return Workload(path, texts, prompts_file, fixed_length=fixed_length, matmul_params=matmul)
+
+
+def useful_flops(w: Workload, kind: str, sequence_tokens: int) -> float:
+    """FLOPs the task needs for ``sequence_tokens`` real (unpadded) tokens: 2 per matmul weight per token
+    forward, 6 forward + backward. Attention scores (< 3% at these lengths), padding, repeated prompt
+    prefills and duplicate passes are not counted, so both sides get the same figure for the same tokens."""
+    per_token = {"forward": 2, "train": 6}[kind]
+    return float(per_token * w.matmul_params * sequence_tokens)
+
+
+class PhaseClock:
+    """Accumulates wall time per phase name."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def wrap(self, name: str, fn: Callable, on_result: Callable | None = None) -> Callable:
+        """``fn`` with its time added to ``name`` (and its result passed to ``on_result``)."""
+
+        def timed(*args, **kwargs):
+            with self.phase(name):
+                result = fn(*args, **kwargs)
+            if on_result is not None:
+                on_result(result, *args, **kwargs)
+            return result
+
+        return timed
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS, so the next side starts from a low RSS."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def current_rss() -> int:
+    """Resident set size of this process in bytes (psutil, or /proc)."""
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@contextlib.contextmanager
+def rss_peak(measurement: Measurement, interval_s: float = 0.005) -> Iterator[None]:
+    """Sample the process RSS in a thread while the block runs; store its peak and growth (MiB)."""
+    release_memory()
+    start = current_rss()
+    peak = [start]
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(interval_s):
+            peak[0] = max(peak[0], current_rss())
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        peak[0] = max(peak[0], current_rss())
+        measurement.peak_rss_mib = peak[0] / 2**20
+        measurement.rss_growth_mib = (peak[0] - start) / 2**20
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """This CPU's fp32 matmul throughput (best of ``repeats``), with torch's current thread count."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and bool mask [R, P] from unpadded rows."""
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = True
+    return ids, mask

@@ -180,11 +180,8 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and bool mask [R, P] from unpadded rows."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r) :] = True
-    return ids, mask
+    """Left-padded ids and bool mask [R, P] from unpadded rows (the library's own padding)."""
+    from sharpening.prompts import pad_prompts
+
+    batch = pad_prompts(rows, list(range(len(rows))), [None] * len(rows), pad_id)
+    return batch.prompt_ids, batch.prompt_mask

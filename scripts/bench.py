@@ -46,6 +46,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fixed-length", action="store_true", help="suppress EOS: every response is 32 tokens")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each side")
     parser.add_argument("--quick", action="store_true", help="tiny model, 8 prompts, 1 repeat (smoke test)")
+    parser.add_argument(
+        "--complete-all-samples", action="store_true",
+        help="ours: draw every SFT sample to its end (turn off stopping samples that cannot be kept)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
     args = parser.parse_args(argv)
     if args.quick:
@@ -89,6 +93,7 @@ def quiet() -> None:
 def run_model(name: str, sides: dict, args: argparse.Namespace, root: str) -> dict[str, dict[str, list[Measurement]]]:
     """All repetitions for one model: {task: {side: [Measurement per repetition]}}, sides alternating."""
     workload = build_workload(name, root, args.prompts, args.fixed_length)
+    workload.complete_all_samples = args.complete_all_samples
     results = {task: {side: [] for side in sides} for task in TASKS}
     order = list(sides)
     for rep in range(args.repeats):

@@ -42,6 +42,7 @@ class Workload:
     lr: float = 1e-5
     kl_coef: float = 0.05
     fixed_length: bool = False  # EOS suppressed: every response is max_new_tokens long
+    complete_all_samples: bool = False  # ours: draw every sample to its end (no stopping of unselectable ones)
     matmul_params: int = 0  # weights that take part in matmuls (all but the embedding table and norms)
 
 

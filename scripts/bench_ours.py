@@ -85,6 +85,7 @@ def sft_round(w: Workload, round_index: int) -> Measurement:
         callback = SelfVerificationCallback(
             sampling, SelectionConfig(reward="loglik", keep_top_k=1, truncated="keep"),
             sample_from="base", greedy_accuracy=False, seed=round_index, show_progress=False,
+            stop_unselectable=not w.complete_all_samples,
         )
         callback.run_round = clock.wrap("round", callback.run_round)
         m.setup_seconds = time.perf_counter() - start

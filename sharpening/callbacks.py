@@ -25,7 +25,13 @@ from sharpening.metrics import SharpeningMetric
 from sharpening.policy import eval_mode
 from sharpening.safety import preempt, sigterm_requested
 from sharpening.rewards import extract_answers, score_samples
-from sharpening.sampler import SamplingConfig, decode_responses, generate_samples, validate_sampling_config
+from sharpening.sampler import (
+    SamplingConfig,
+    decode_responses,
+    generate_samples,
+    is_exact_sampling,
+    validate_sampling_config,
+)
 from sharpening.selection import SelectionConfig, select_top_k, validate_selection_config
 from sharpening.tasks.extractors import answers_match, resolve_extractor
 from sharpening.types import PromptBatch, SampleBatch, ScoredSamples
@@ -43,6 +49,7 @@ class SelfVerificationCallback(L.Callback):
         greedy_accuracy: bool = True,
         seed: int = 0,
         show_progress: bool = True,
+        stop_unselectable: bool = True,
     ) -> None:
         """
         Args:
@@ -53,6 +60,8 @@ class SelfVerificationCallback(L.Callback):
             greedy_accuracy: When prompts have answers, also decode greedily to report greedy accuracy.
             seed: Seed of the draws; a prompt's samples depend only on (seed, epoch, prompt index).
             show_progress: Show a progress bar while generating (rank zero).
+            stop_unselectable: Stop drawing a sample once it can no longer be kept (exact: loglik reward, exact
+                draws from the base); the first draw per prompt is always completed for the sample/ statistics.
         """
         super().__init__()
         self.sampling = sampling
@@ -75,6 +84,7 @@ class SelfVerificationCallback(L.Callback):
         self.greedy_accuracy = greedy_accuracy
         self.seed = seed
         self.show_progress = show_progress
+        self.stop_unselectable = stop_unselectable
         self.buffer = SampleBuffer()
         self.rounds_done = 0
         self.last_metrics: dict[str, float] = {}
@@ -168,12 +178,17 @@ class SelfVerificationCallback(L.Callback):
         """One batch of prompts: samples scored and selected, plus correctness when answers exist."""
         tokenizer = pl_module.tokenizer
         eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        keep_all = getattr(pl_module, "keep_all_samples", False)  # e.g. offline RL forms pairs from all N
         with pl_module.sampling_model(self.sample_from) as model:
-            samples = generate_samples(model, prompts, self.sampling, eos, pad, seed=self.seed, round_index=epoch)
+            samples = generate_samples(
+                model, prompts, self.sampling, eos, pad, seed=self.seed, round_index=epoch,
+                stop_unselectable=0 if keep_all else self.stopping_top_k(),
+            )
         texts = decode_responses(tokenizer, samples)
         answers = extract_answers(texts, self.extractor)
         scores = self.score(pl_module, samples, answers)
-        keep_all = getattr(pl_module, "keep_all_samples", False)  # e.g. offline RL forms pairs from all N
+        if samples.pruned is not None:  # stopped samples are partial: not a score, never kept
+            scores = scores.masked_fill(samples.pruned.to(scores.device), float("-inf"))
         selected, selected_mask = select_top_k(
             scores.to(samples.truncated.device),
             samples.truncated,
@@ -190,6 +205,14 @@ class SelfVerificationCallback(L.Callback):
         )  # [B, N]
         greedy_correct = self.greedy_correctness(pl_module, prompts) if self.greedy_accuracy else None
         return scored, correct, greedy_correct
+
+    def stopping_top_k(self) -> int:
+        """k for the sampler's stopping of samples that cannot be among the k kept, or 0 where stopping is not
+        exact: the score must be the sum of the sampler's own log-probs (loglik of exact draws from the base)."""
+        exact = self.sample_from == "base" and is_exact_sampling(
+            self.sampling.temperature, self.sampling.top_k, self.sampling.top_p
+        )
+        return self.selection.keep_top_k if self.stop_unselectable and exact and self.selection.reward == "loglik" else 0
 
     def score(self, pl_module: L.LightningModule, samples: SampleBatch, answers) -> torch.Tensor:
         """Self-rewards [B, N] from the frozen base; sampler log-probs are reused only when they ARE base

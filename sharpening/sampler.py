@@ -105,6 +105,7 @@ def generate_samples(
     seed: int = 0,
     round_index: int = 0,
     compact_finished: bool = True,
+    stop_unselectable: int = 0,
 ) -> SampleBatch:
     """Draw ``cfg.samples_per_prompt`` responses for every prompt, with a KV cache shared per prompt.
 
@@ -135,6 +136,9 @@ def generate_samples(
     rows = torch.arange(total, device=device)  # original index of each row still in the batch
     done = torch.zeros(total, dtype=torch.bool, device=device)  # per batch row: EOS already emitted
     finished = torch.zeros(total, dtype=torch.bool, device=device)  # per original row
+    pruned = torch.zeros(total, dtype=torch.bool, device=device)  # per original row: stopped, cannot be kept
+    running = torch.zeros(total, device=device)  # per batch row: summed log-prob so far
+    end_scores = torch.full((total,), float("-inf"), device=device)  # per original row: score once ended by EOS
     tokens, logprobs, valid = [], [], []
     for step in range(cfg.max_new_tokens):
         token = _draw(logits, rows, generators, n, cfg)  # [A]
@@ -143,14 +147,22 @@ def generate_samples(
         tokens.append(torch.full((total,), pad_token_id, device=device).index_put((live,), token[~done]))
         logprobs.append(torch.zeros(total, device=device).index_put((live,), token_logprob[~done]))
         valid.append(torch.zeros(total, dtype=torch.bool, device=device).index_fill(0, live, True))
-        done = done | torch.isin(token, eos)
-        finished[rows[done]] = True
+        ended = ~done & torch.isin(token, eos)
+        finished[rows[ended]] = True
+        if stop_unselectable > 0:
+            running = running + torch.where(done, torch.zeros_like(token_logprob), token_logprob)
+            end_scores[rows[ended]] = running[ended]
+            hopeless = ~done & ~ended & _unselectable(running, rows, end_scores.view(-1, n), stop_unselectable)
+            pruned[rows[hopeless]] = True
+            ended = ended | hopeless
+        done = done | ended
         if bool(done.all()) or step == cfg.max_new_tokens - 1:
             break
         if compact_finished and int(done.sum()) >= max(1, done.numel() // 4):
             keep = (~done).nonzero().squeeze(-1)  # [A'] rows that go on
             cache.batch_select_indices(keep)
             mask, next_position, rows, token, done = mask[keep], next_position[keep], rows[keep], token[keep], done[keep]
+            running = running[keep]
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
         out = model(
             input_ids=token[:, None],
@@ -168,9 +180,22 @@ def generate_samples(
         response_ids=torch.stack(tokens, -1).view(b, n, -1),  # [B*N, T] -> [B, N, T]
         response_mask=torch.stack(valid, -1).view(b, n, -1),
         logprobs=torch.stack(logprobs, -1).view(b, n, -1),
-        truncated=(~finished).view(b, n),
+        truncated=(~finished & ~pruned).view(b, n),
         exact_draws=is_exact_sampling(cfg.temperature, cfg.top_k, cfg.top_p),
+        pruned=pruned.view(b, n) if stop_unselectable > 0 else None,
     )
+
+
+def _unselectable(running: torch.Tensor, rows: torch.Tensor, end_scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Rows whose summed log-prob so far is already below the k-th best ended response of their prompt.
+
+    running [A] per batch row, rows [A] original indices, end_scores [B, N] (-inf until a row ends by EOS).
+    A margin of 1e-4 relative keeps float rounding of the final sum from turning a near-tie into a wrong
+    stop; sample 0 is never stopped. Returns [A] bool."""
+    n = end_scores.shape[1]
+    bound = end_scores.topk(min(k, n), dim=-1).values[:, -1]  # [B]: -inf while fewer than k have ended
+    bound = bound.index_select(0, rows // n)  # [B] -> [A]
+    return (running < bound - 1e-4 * (1.0 + bound.abs())) & (rows % n != 0)
 
 
 def decode_responses(tokenizer, samples: SampleBatch) -> list[list[str]]:

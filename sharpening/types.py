@@ -35,6 +35,7 @@ class SampleBatch:
     logprobs: torch.Tensor  # [B, N, T] float32, log pi(token) under the SAMPLING model at temperature 1
     truncated: torch.Tensor  # [B, N] bool, True when max_new_tokens was hit before EOS
     exact_draws: bool  # True when drawn at temperature 1 with no top-k/top-p truncation
+    pruned: torch.Tensor | None = None  # [B, N] bool, True where drawing stopped early: the sample could not be kept
 
     @property
     def samples_per_prompt(self) -> int:

@@ -117,10 +117,41 @@ def test_callback_selects_the_sample_the_frozen_base_likes_best(sample_from, tin
     scored, correct, _ = verifier.process_batch(module, prompts, epoch=0)
     with module.frozen_base() as base:
         expected = loglik_reward(sample_logprobs(base, scored.samples), scored.samples.response_mask)  # [B, N]
+    if scored.samples.pruned is not None:  # a stopped sample is partial: not scored, never kept
+        expected = expected.masked_fill(scored.samples.pruned, float("-inf"))
     torch.testing.assert_close(scored.scores, expected, rtol=1e-5, atol=1e-5)
     top2 = torch.sort(expected, dim=-1, descending=True, stable=True).indices[:, :2]
     assert torch.equal(scored.selected, top2)
     assert correct.shape == (2, 6)
+
+
+@pytest.mark.parametrize("keep_top_k", [1, 2])
+def test_stopping_unselectable_samples_keeps_the_same_buffer(keep_top_k, tiny_model_path):
+    """The callback's default stopping of samples that cannot be kept selects exactly what drawing every
+    sample to its end selects (indices, tokens, scores), with fewer tokens drawn."""
+    from sharpening.buffer import selected_examples
+
+    module = _module(tiny_model_path, "lora")
+    module.eval()
+    tok = module.tokenizer
+    words = ["abcd=", "ab=", "hgf=", "a=", "cdeh=", "bb="]
+    prompts = pad_prompts([tok(w).input_ids for w in words], list(range(6)), [None] * 6, tok.pad_token_id)
+    runs = {}
+    for stop in (False, True):
+        verifier = SelfVerificationCallback(
+            SamplingConfig(samples_per_prompt=16, max_new_tokens=12),
+            SelectionConfig(keep_top_k=keep_top_k),
+            greedy_accuracy=False,
+            stop_unselectable=stop,
+        )
+        runs[stop] = verifier.process_batch(module, prompts, epoch=0)[0]
+    assert runs[True].samples.pruned.any() and runs[False].samples.pruned is None
+    want, got = selected_examples(runs[False]), selected_examples(runs[True])
+    assert [(e.prompt_index, e.sample_index, e.response_ids) for e in want] == [
+        (e.prompt_index, e.sample_index, e.response_ids) for e in got
+    ]
+    assert [e.score for e in got] == pytest.approx([e.score for e in want], abs=1e-5)
+    assert runs[True].samples.response_mask.sum() < runs[False].samples.response_mask.sum()
 
 
 @pytest.mark.parametrize("finetuning", ["lora", "qlora"])

@@ -154,3 +154,22 @@ def test_self_reward_mean_ignores_non_finite_scores_consistently():
     out = metric.compute()
     # a mean over the finite scores (the only ones summed)
     assert out["sample/self_reward_mean"].item() == pytest.approx((-1 - 2 - 4 - 0.5 - 6) / 5)
+
+
+def test_stopped_samples_use_first_draws_and_drop_all_sample_statistics():
+    """With samples stopped early (pruned), random-sample statistics come from the first draws (complete),
+    pass@N and distinct responses are not reported, and the stopped share is."""
+    scored = _batch()
+    scored.samples.pruned = torch.tensor([[F, F, T], [F, F, F]])
+    scored.scores[0, 2] = float("-inf")
+    correct = torch.tensor([[F, F, T], [T, T, F]])
+    metric = SharpeningMetric()
+    metric.update(scored, correct)
+    out = metric.compute()
+    assert out["sample/self_reward_mean"].item() == pytest.approx((-1 - 4) / 2)  # first draws only
+    assert out["sample/selected_minus_random"].item() == pytest.approx((-1 - 0.5) / 2 - (-1 - 4) / 2)
+    assert out["sample/truncated_fraction"].item() == 0.0
+    assert out["sample/stopped_fraction"].item() == pytest.approx(1 / 6)
+    assert out["sample/accuracy"].item() == pytest.approx(1 / 2)
+    assert out["sample/bon_accuracy"].item() == pytest.approx(1 / 2)  # prompt 0 kept a wrong sample
+    assert "sample/pass_at_n" not in out and "sample/distinct_per_prompt" not in out

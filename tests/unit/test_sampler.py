@@ -446,3 +446,54 @@ def test_finished_rows_leave_the_batch_and_the_draws_do_not_change(tiny_model_pa
     lengths = compact.response_mask.sum(-1)
     assert lengths.min() < lengths.max()  # rows finished at different steps
     assert min(batch_sizes[1:]) < 3 * 8  # decode steps ran on fewer rows once some had finished
+
+
+# ---------------------------------------------------------------- stopping samples that cannot be kept
+
+
+def _loglik(samples):
+    return (samples.logprobs * samples.response_mask).sum(-1)  # [B, N]
+
+
+@pytest.mark.parametrize("keep_top_k", [1, 3])
+def test_stop_unselectable_keeps_the_same_winners_and_draws(tiny_model, keep_top_k):
+    """Stopping rows that cannot be among the k best changes no kept sample: the same top-k (indices, tokens,
+    scores), every unstopped row token for token as in the full run, and every stopped row would have lost."""
+    from sharpening.selection import select_top_k
+
+    eos_ids = [2, 5, 9, 13]  # several end tokens, so rows end early and the bound bites
+    prompts = _prompts(PROMPTS * 3, list(range(9)))
+    cfg = SamplingConfig(samples_per_prompt=8, max_new_tokens=16, prompts_per_batch=9)
+    full = generate_samples(tiny_model, prompts, cfg, eos_ids, PAD, seed=3)
+    fast = generate_samples(tiny_model, prompts, cfg, eos_ids, PAD, seed=3, stop_unselectable=keep_top_k)
+    assert full.pruned is None and fast.pruned is not None
+    assert fast.pruned.any(), "the test must exercise stopping"
+    assert not fast.pruned[:, 0].any()  # sample 0 always runs to its end
+    assert not (fast.pruned & fast.truncated).any()
+    for policy in ("drop", "keep", "penalize"):
+        want = select_top_k(_loglik(full), full.truncated, keep_top_k, policy)
+        got = select_top_k(_loglik(fast), fast.truncated, keep_top_k, policy)
+        assert torch.equal(want[0][want[1]], got[0][got[1]]) and torch.equal(want[1], got[1])
+    whole, t = ~fast.pruned, fast.response_ids.shape[-1]  # the fast run may end in fewer steps
+    assert not full.response_mask[..., t:][whole].any()
+    assert torch.equal(full.response_ids[..., :t][whole], fast.response_ids[whole])
+    # batch rows leave at other steps, so matmuls see other batch sizes: log-probs agree to float rounding
+    torch.testing.assert_close(full.logprobs[..., :t][whole], fast.logprobs[whole], atol=1e-5, rtol=0)
+    assert torch.equal(full.truncated[whole], fast.truncated[whole])
+    # A stopped row's partial response is a prefix of its full response, and its full score is below the
+    # k-th best response that ended by EOS.
+    ended = torch.where(~full.truncated, _loglik(full), torch.full_like(_loglik(full), float("-inf")))
+    kth = ended.topk(keep_top_k, dim=-1).values[:, -1:]  # [B, 1]
+    assert (_loglik(full)[fast.pruned] < kth.expand_as(ended)[fast.pruned]).all()
+    prefix = fast.response_mask & fast.pruned[..., None]
+    assert torch.equal(full.response_ids[..., :t][prefix], fast.response_ids[prefix])
+    assert fast.response_mask.sum() < full.response_mask.sum()  # tokens not drawn
+
+
+def test_stop_unselectable_off_without_an_ended_row(uniform_model):
+    """Nothing is stopped before some row has ended: there is no bound yet."""
+    samples = generate_samples(
+        uniform_model, _prompts(PROMPTS), SamplingConfig(samples_per_prompt=4, max_new_tokens=5), [VOCAB + 50], PAD,
+        stop_unselectable=1,
+    )
+    assert not samples.pruned.any() and samples.truncated.all()

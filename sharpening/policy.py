@@ -142,15 +142,34 @@ def load_tokenizer(cfg: PolicyConfig):
     return tokenizer
 
 
-def load_policy(cfg: PolicyConfig, device: torch.device | None = None):
-    """Load the trainable policy and, for full fine-tuning only, a frozen copy of the base.
+def load_policy(cfg: PolicyConfig, device: torch.device | None = None, frozen_copy: bool = True):
+    """Load the trainable policy and, for full fine-tuning with ``frozen_copy``, a frozen copy of the base.
 
     Returns ``(policy, frozen_base)``; ``frozen_base`` is None for LoRA/QLoRA, whose base is the
-    policy itself with the adapter disabled (see :func:`frozen_base`).
+    policy itself with the adapter disabled (see :func:`frozen_base`), and for full fine-tuning without
+    ``frozen_copy`` (the caller loads the base later with :func:`load_frozen_base`, when it needs one).
     """
+    model = _load_model(cfg, device or torch.device("cpu"))
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if cfg.finetuning == "full":
+        frozen = copy.deepcopy(model).eval().requires_grad_(False) if frozen_copy else None
+        return model.train(), frozen  # from_pretrained returns eval mode: dropout would stay off in training
+    return _add_lora(model, cfg).train(), None
+
+
+def load_frozen_base(cfg: PolicyConfig, device: torch.device | None = None) -> torch.nn.Module:
+    """The base model of a full fine-tuning run, loaded again from ``cfg.model_name_or_path``: eval mode,
+    no gradients. Equal to the frozen copy :func:`load_policy` makes, without holding one from the start."""
+    device = device or torch.device("cpu")
+    return _load_model(cfg, device).to(device).eval().requires_grad_(False)
+
+
+def _load_model(cfg: PolicyConfig, device: torch.device):
+    """``from_pretrained`` with the run's dtype, attention backend and (QLoRA) 4-bit quantization."""
     from transformers import AutoModelForCausalLM
 
-    device = device or torch.device("cpu")
     dtype = resolve_dtype(cfg.dtype, device)
     attn = select_attn_implementation(
         cfg.attn_implementation, torch.cuda.is_available(), importlib.util.find_spec("flash_attn") is not None
@@ -166,14 +185,7 @@ def load_policy(cfg: PolicyConfig, device: torch.device | None = None):
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": device}
-    model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if cfg.finetuning == "full":
-        frozen = copy.deepcopy(model).eval().requires_grad_(False)
-        return model.train(), frozen  # from_pretrained returns eval mode: dropout would stay off in training
-    return _add_lora(model, cfg).train(), None
+    return AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
 
 
 def _add_lora(model, cfg: PolicyConfig):

@@ -19,11 +19,22 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from sharpening.errors import raise_if_problems
 from sharpening.optim import OptimizerConfig, build_optimizer, validate_optimizer_config
-from sharpening.policy import PolicyConfig, frozen_base, load_policy, load_tokenizer, validate_policy_config
+from sharpening.policy import (
+    PolicyConfig,
+    eval_mode,
+    frozen_base,
+    load_frozen_base,
+    load_policy,
+    load_tokenizer,
+    validate_policy_config,
+)
 
 
 class PolicyModule(L.LightningModule):
     """Base class: a policy, its tokenizer and its frozen base. Subclasses define the loss."""
+
+    lazy_frozen_base = True
+    """Full fine-tuning: hold no frozen copy while the policy still IS the base (a single SFT round needs none)."""
 
     def __init__(
         self,
@@ -51,6 +62,7 @@ class PolicyModule(L.LightningModule):
         raise_if_problems(problems + list(extra_problems or []))
         self.policy: torch.nn.Module | None = None
         self.frozen_copy: torch.nn.Module | None = None
+        self._policy_is_base = False  # True from loading until the first optimizer step or checkpoint load
         self._tokenizer = None
 
     @property
@@ -63,14 +75,33 @@ class PolicyModule(L.LightningModule):
     def configure_model(self) -> None:
         if self.policy is not None:
             return
+        from lightning.pytorch.strategies import FSDPStrategy
+
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        self.policy, self.frozen_copy = load_policy(self.policy_config, device=device)
+        sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+        lazy = self.lazy_frozen_base and not sharded  # under FSDP the copy is made now, so it is sharded too
+        self.policy, self.frozen_copy = load_policy(self.policy_config, device=device, frozen_copy=not lazy)
+        self._policy_is_base = self.policy_config.finetuning == "full" and self.frozen_copy is None
 
     @contextlib.contextmanager
     def frozen_base(self) -> Iterator[torch.nn.Module]:
-        """The verifier: the frozen base model (adapter off, or the frozen copy), gradients off."""
+        """The verifier: the frozen base model (adapter off, or the frozen copy), gradients off.
+
+        Full fine-tuning holds no copy until one is needed: before the first optimizer step the policy is
+        the base itself; after it, the base is loaded again from the model path (once)."""
+        if self.policy_config.finetuning == "full" and self.frozen_copy is None:
+            if self._policy_is_base and (self._trainer is None or self.trainer.global_step == 0):
+                with torch.no_grad(), eval_mode(self.policy):
+                    yield self.policy
+                return
+            device = next(self.policy.parameters()).device
+            self.frozen_copy = load_frozen_base(self.policy_config, device=device)
+            rank_zero_info("loaded the frozen base again from the model path (the policy has been updated)")
         with frozen_base(self.policy, self.frozen_copy) as base:
             yield base
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        self._policy_is_base = False  # the policy leaves the base with this step
 
     @contextlib.contextmanager
     def gathered_for_generation(self) -> Iterator[None]:
@@ -124,6 +155,7 @@ class PolicyModule(L.LightningModule):
         bitsandbytes' hooks re-quantize 4-bit layers, which would perturb a QLoRA run's frozen base."""
         if self.policy is None:
             self.configure_model()
+        self._policy_is_base = False  # the weights are a checkpoint's from here on
         params = dict(self.named_parameters())
         trainable = self._trainable_names()
         missing = sorted(trainable - set(state_dict))

@@ -105,6 +105,8 @@ def validate_rl_config(rl: RLConfig, sampling: SamplingConfig) -> list[str]:
 class RLSharpeningModule(PolicyModule):
     """Sharpen by KL-regularized RL with the frozen base's log-likelihood as reward."""
 
+    lazy_frozen_base = False  # the base is scored against every step: hold the frozen copy from the start
+
     def __init__(
         self,
         policy: PolicyConfig,

@@ -53,6 +53,7 @@ def test_one_step_changes_only_trainable_weights(finetuning, tiny_model_path):
     # LoRA B starts at zero, so one step moves B only; a second step then moves A too
     for _ in range(2):
         _loss(module).backward()
+        module.on_before_optimizer_step(optimizer)  # as Lightning calls it before every step
         optimizer.step()
         optimizer.zero_grad()
     after = _parameters(module)
@@ -86,6 +87,7 @@ def test_frozen_base_stays_the_base_after_training(finetuning, tiny_model_path, 
     optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0)
     for _ in range(3):
         _loss(module).backward()
+        module.on_before_optimizer_step(optimizer)  # as Lightning calls it before every step
         optimizer.step()
         optimizer.zero_grad()
     ids = torch.tensor([[1, 3, 4, 5]])
@@ -96,6 +98,30 @@ def test_frozen_base_stays_the_base_after_training(finetuning, tiny_model_path, 
             verified = base(ids).logits
     assert not torch.allclose(trained, reference, atol=1e-4)
     torch.testing.assert_close(verified, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_full_finetuning_loads_its_frozen_base_only_once_the_policy_moved(tiny_model_path, tiny_model):
+    """No frozen copy while the policy is the base (a one-round SFT run never holds two models); after the
+    first optimizer step, or once a checkpoint's weights are loaded, the base comes again from the model path."""
+    module = _module(tiny_model_path, "full")
+    assert module.frozen_copy is None
+    with module.frozen_base() as base:
+        assert base is module.policy and not torch.is_grad_enabled() and not base.training
+    assert module.policy.training  # restored
+    optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=1.0)
+    _loss(module).backward()
+    module.on_before_optimizer_step(optimizer)
+    optimizer.step()
+    ids = torch.tensor([[1, 3, 4, 5]])
+    with torch.no_grad(), module.frozen_base() as base:
+        assert base is not module.policy and base is module.frozen_copy
+        assert not any(p.requires_grad for p in base.parameters())
+        torch.testing.assert_close(base(ids).logits, tiny_model(ids).logits, rtol=0, atol=0)
+    resumed = _module(tiny_model_path, "full")
+    resumed.load_state_dict(module.state_dict())
+    with torch.no_grad(), resumed.frozen_base() as base:
+        assert base is not resumed.policy
+        torch.testing.assert_close(base(ids).logits, tiny_model(ids).logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("sample_from", ["base", "policy"])

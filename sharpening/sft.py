@@ -2,6 +2,8 @@
 
 The SelfVerificationCallback fills ``self.buffer`` with (prompt, best response) pairs scored by the
 frozen base; this module minimises the NLL of the response tokens, prompt tokens masked.
+With ``packing`` the examples of a batch are concatenated into a few rows (each attending only to
+itself) instead of padded: the same examples and the same token-mean loss, without padding compute.
 Deviation from the paper: it may resample every epoch (``verifier.resample_every_epoch``); the paper
 samples once.
 """
@@ -11,10 +13,11 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from sharpening.buffer import SampleBuffer, collate_examples, epoch_sampler
-from sharpening.logprobs import response_logprobs
+from sharpening.buffer import SampleBuffer, collate_examples, collate_packed, epoch_sampler
+from sharpening.logprobs import packed_response_logprobs, packing_problem, response_logprobs
 from sharpening.losses import masked_nll
 from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig
@@ -34,6 +37,8 @@ class SFTSharpeningModule(PolicyModule):
         output_dir: str | None = None,
         overwrite_output_dir: bool = False,
         logprob_chunk_size: int = 1024,
+        packing: bool = True,
+        pack_length: int = 512,
     ) -> None:
         """
         Args:
@@ -44,12 +49,18 @@ class SFTSharpeningModule(PolicyModule):
             output_dir: Where the fitted policy (full model or PEFT adapter) is written at the end; null = nowhere.
             overwrite_output_dir: Allow writing into a non-empty output_dir.
             logprob_chunk_size: Response positions per LM-head chunk (bounds logits memory).
+            packing: Concatenate each batch's examples into rows instead of padding them: same loss, less compute.
+            pack_length: Most tokens per packed row, or the batch's longest example if longer (buffer.collate_packed).
         """
         problems = [] if batch_size >= 1 else [f"--model.batch_size={batch_size}: must be >= 1"]
+        if pack_length < 0:
+            problems.append(f"--model.pack_length={pack_length}: must be >= 0 (0 = the longest example of each batch)")
         super().__init__(policy, optimizer, output_dir, overwrite_output_dir, logprob_chunk_size, problems)
         self.save_hyperparameters(plain_hparams(locals()))
         self.batch_size = batch_size
         self.shuffle_seed = shuffle_seed
+        self.packing = packing
+        self.pack_length = pack_length
         self.buffer: SampleBuffer | None = None  # attached by SelfVerificationCallback.setup
         self.ensure_buffer = lambda epoch: None  # replaced by SelfVerificationCallback.setup
 
@@ -65,20 +76,34 @@ class SFTSharpeningModule(PolicyModule):
             self.buffer,
             batch_size=self.batch_size,
             sampler=epoch_sampler(self._trainer, len(self.buffer), seed, self.batch_size),
-            collate_fn=partial(collate_examples, pad_token_id=self.tokenizer.pad_token_id),
+            collate_fn=self._collate_fn(),
         )
 
+    def _collate_fn(self):
+        """collate_packed when packing is on and exact for the loaded policy, else collate_examples."""
+        pad_token_id = self.tokenizer.pad_token_id
+        problem = "the policy is not loaded yet" if self.policy is None else packing_problem(self.policy)
+        if self.packing and problem is None:
+            return partial(collate_packed, pad_token_id=pad_token_id, pack_length=self.pack_length)
+        if self.packing:
+            rank_zero_warn(f"--model.packing=true: training on padded batches instead ({problem})")
+        return partial(collate_examples, pad_token_id=pad_token_id)
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        token_logprobs = response_logprobs(
-            self.policy,
-            batch["prompt_ids"],
-            batch["prompt_mask"],
-            batch["response_ids"],
-            batch["response_mask"],
-            chunk_size=self.logprob_chunk_size,
-        )  # [B, T]
-        loss = masked_nll(token_logprobs, batch["response_mask"])
-        size = batch["response_ids"].shape[0]
+        if "input_ids" in batch:  # packed (collate_packed)
+            token_logprobs = packed_response_logprobs(self.policy, batch, chunk_size=self.logprob_chunk_size)  # [R, L]
+            size = batch["response_lengths"].shape[0]
+        else:
+            token_logprobs = response_logprobs(
+                self.policy,
+                batch["prompt_ids"],
+                batch["prompt_mask"],
+                batch["response_ids"],
+                batch["response_mask"],
+                chunk_size=self.logprob_chunk_size,
+            )  # [B, T]
+            size = batch["response_ids"].shape[0]
+        loss = masked_nll(token_logprobs, batch["response_mask"])  # mean over the same response tokens either way
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size, sync_dist=True)
         self.log("train/response_tokens", batch["response_mask"].sum().float(), batch_size=size, reduce_fx="sum")
         return loss

@@ -34,20 +34,88 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, softcap, 
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
+def _linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Logits of a plain linear head in float32 (float64 kept), as a fresh tensor the caller may overwrite.
+    -> [M, V]"""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _picked_and_logsumexp_(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits[target], logsumexp(logits)) per row, overwriting ``logits`` with exp(logits - rowmax):
+    one [M, V] buffer instead of logsumexp's second one. logits [M, V] float32 -> [M], [M]."""
+    picked = logits.gather(-1, targets[:, None]).squeeze(-1)  # [M]
+    top = logits.amax(-1, keepdim=True)  # [M, 1]
+    top = top.masked_fill(~torch.isfinite(top), 0.0)  # an all -inf row: logsumexp -inf, like torch's
+    lse = logits.sub_(top).exp_().sum(-1).log_() + top.squeeze(-1)  # [M]
+    return picked, lse
+
+
+class _LinearHeadLogprobs(torch.autograd.Function):
+    """log softmax(hidden @ W.T + b)[target] for a plain ``nn.Linear`` head, holding one [M, V] buffer.
+
+    Forward keeps only its inputs (no logits); backward recomputes the logits once and turns them, in
+    place, into d logp / d logits = onehot(target) - softmax, scaled by the incoming gradient. Peak:
+    one chunk of logits when scoring, two in backward (the float32 buffer and its cast to a half-precision
+    weight's dtype; one when the weight is float32), against two and four for autograd through logsumexp.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets):
+        picked, lse = _picked_and_logsumexp_(_linear_logits(hidden, weight, bias), targets)
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        return picked - lse
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        grad = _linear_logits(hidden, weight, bias)  # [M, V]
+        grad.sub_(lse[:, None]).exp_().mul_(-grad_out[:, None])  # -g * softmax
+        rows = torch.arange(targets.shape[0], device=targets.device)
+        grad[rows, targets] += grad_out  # + g * onehot
+        grad = grad.to(weight.dtype)
+        grad_hidden = grad @ weight if ctx.needs_input_grad[0] else None  # [M, H]
+        grad_weight = grad.t() @ hidden.to(weight.dtype) if ctx.needs_input_grad[1] else None  # [V, H]
+        grad_bias = grad.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
+        return grad_hidden, grad_weight, grad_bias, None
+
+
+def _plain_linear_head(head, softcap, scale) -> bool:
+    """A head the fused path computes exactly: ``nn.Linear`` itself (not a LoRA or quantized wrapper),
+    full weights (not a sharded shell), no logit scaling or softcapping."""
+    return (
+        type(head) is torch.nn.Linear
+        and head.weight.dim() == 2
+        and head.weight.shape == (head.out_features, head.in_features)
+        and scale is None
+        and not softcap
+    )
+
+
 def _chunked_logprobs(
     model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
-    """``_chunk_logprobs`` over ``chunk_size`` rows at a time, each chunk recomputed in backward under grad.
-    hidden [M, H], targets [M] -> [M] float32 (M > 0)."""
+    """``_chunk_logprobs`` over ``chunk_size`` rows at a time. hidden [M, H], targets [M] -> [M] float32 (M > 0).
+
+    A plain linear head goes through ``_LinearHeadLogprobs`` (one logits buffer per chunk, two in
+    backward); any other head through autograd, each chunk recomputed in backward (checkpointing).
+    """
     head, softcap, scale = _head_transform(model)
+    fused = _plain_linear_head(head, softcap, scale)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or (fused and head.weight.requires_grad))
     pieces = []
     for start in range(0, targets.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
-        if torch.is_grad_enabled() and h.requires_grad:
+        if fused and grad:
+            pieces.append(_LinearHeadLogprobs.apply(h, head.weight, head.bias, t))
+        elif fused:
+            picked, lse = _picked_and_logsumexp_(_linear_logits(h, head.weight, head.bias), t)
+            pieces.append(picked - lse)
+        elif grad:
             pieces.append(checkpoint(_chunk_logprobs, h, t, head, softcap, scale, use_reentrant=False))
         else:
             pieces.append(_chunk_logprobs(h, t, head, softcap, scale))
-    return torch.cat(pieces)
+    return torch.cat(pieces).float()
 
 
 def response_logprobs(
@@ -56,7 +124,7 @@ def response_logprobs(
     prompt_mask: torch.Tensor,
     response_ids: torch.Tensor,
     response_mask: torch.Tensor,
-    chunk_size: int = 1024,
+    chunk_size: int = 256,
 ) -> torch.Tensor:
     """log pi(response token | prompt, earlier response tokens), zero where ``response_mask`` is False.
 
@@ -79,7 +147,7 @@ def response_logprobs(
     return out
 
 
-def sample_logprobs(model: torch.nn.Module, samples: SampleBatch, chunk_size: int = 1024) -> torch.Tensor:
+def sample_logprobs(model: torch.nn.Module, samples: SampleBatch, chunk_size: int = 256) -> torch.Tensor:
     """Teacher-forced per-token log-probs of every sample under ``model``: [B, N, T] float32.
 
     Uses exactly the prompt ids the samples were drawn from (SPEC 4.1).
@@ -163,7 +231,7 @@ def packed_attention_kwargs(model: torch.nn.Module, example_ids: torch.Tensor, p
 
 
 def packed_response_logprobs(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 1024
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 256
 ) -> torch.Tensor:
     """Per-token log-probs of the response tokens of a packed batch (``buffer.collate_packed``).
 

@@ -42,7 +42,7 @@ class PolicyModule(L.LightningModule):
         optimizer: OptimizerConfig | None = None,
         output_dir: str | None = None,
         overwrite_output_dir: bool = False,
-        logprob_chunk_size: int = 1024,
+        logprob_chunk_size: int = 256,
         extra_problems: list[str] | None = None,
     ) -> None:
         super().__init__()
@@ -53,7 +53,7 @@ class PolicyModule(L.LightningModule):
         problems = validate_policy_config(policy, "--model.policy")
         problems += validate_optimizer_config(self.optimizer_config, "--model.optimizer")
         if logprob_chunk_size < 1:
-            problems.append(f"--model.logprob_chunk_size={logprob_chunk_size}: must be >= 1 (e.g. 1024)")
+            problems.append(f"--model.logprob_chunk_size={logprob_chunk_size}: must be >= 1 (e.g. 256)")
         if output_dir and os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite_output_dir:
             problems.append(
                 f"--model.output_dir={output_dir!r}: already holds files ({sorted(os.listdir(output_dir))[:5]}); "

@@ -117,7 +117,7 @@ class RLSharpeningModule(PolicyModule):
         seed: int = 0,
         output_dir: str | None = None,
         overwrite_output_dir: bool = False,
-        logprob_chunk_size: int = 1024,
+        logprob_chunk_size: int = 256,
     ) -> None:
         """
         Args:

@@ -36,7 +36,7 @@ class SFTSharpeningModule(PolicyModule):
         shuffle_seed: int = 0,
         output_dir: str | None = None,
         overwrite_output_dir: bool = False,
-        logprob_chunk_size: int = 1024,
+        logprob_chunk_size: int = 256,
         packing: bool = True,
         pack_length: int = 512,
     ) -> None:

@@ -219,3 +219,103 @@ def test_logit_post_processing_families_match_model_forward(family, batch):
 def test_prompt_batch_len():
     batch = PromptBatch(torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.bool), torch.arange(3), [None] * 3)
     assert len(batch) == 3
+
+
+# ---- the fused linear-head path (one logits buffer per chunk) against autograd through logsumexp ----------
+
+
+def _head_inputs(dtype=torch.float32, bias=True, rows=7, hidden=5, vocab=11, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    h = torch.randn(rows, hidden, generator=gen, dtype=torch.float64).to(dtype).requires_grad_()
+    head = torch.nn.Linear(hidden, vocab, bias=bias, dtype=dtype)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, hidden, generator=gen))
+        if bias:
+            head.bias.copy_(torch.randn(vocab, generator=gen))
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    return h, head, targets
+
+
+def _autograd_reference(h, head, targets):
+    logits = head(h).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_head_matches_autograd_values_and_gradients(bias):
+    from sharpening.logprobs import _LinearHeadLogprobs
+
+    h, head, targets = _head_inputs(bias=bias)
+    upstream = torch.randn(h.shape[0])
+    got = _LinearHeadLogprobs.apply(h, head.weight, head.bias, targets)
+    params = [h, head.weight] + ([head.bias] if bias else [])
+    got_grads = torch.autograd.grad((got * upstream).sum(), params)
+    want = _autograd_reference(h, head, targets)
+    want_grads = torch.autograd.grad((want * upstream).sum(), params)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_head_passes_gradcheck_in_float64():
+    from sharpening.logprobs import _LinearHeadLogprobs
+
+    h, head, targets = _head_inputs(dtype=torch.float64, rows=4, hidden=3, vocab=6)
+    weight = head.weight.detach().clone().requires_grad_()
+    bias = head.bias.detach().clone().requires_grad_()
+    # float64 logits are kept as they are (no float32 cast), so finite differences are exact enough
+    assert torch.autograd.gradcheck(lambda a, w, b: _LinearHeadLogprobs.apply(a, w, b, targets), (h, weight, bias))
+
+
+def test_fused_head_bfloat16_matches_autograd():
+    from sharpening.logprobs import _LinearHeadLogprobs
+
+    h, head, targets = _head_inputs(dtype=torch.bfloat16)
+    got = _LinearHeadLogprobs.apply(h, head.weight, head.bias, targets)
+    want = _autograd_reference(h, head, targets)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got_grads = torch.autograd.grad(got.sum(), [h, head.weight])
+    want_grads = torch.autograd.grad(want.sum(), [h, head.weight])
+    for g, w in zip(got_grads, want_grads):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.float(), w.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_only_a_plain_linear_head_takes_the_fused_path():
+    from sharpening.logprobs import _plain_linear_head
+
+    class Wrapped(torch.nn.Linear):  # a LoRA or quantized layer is a subclass or another module
+        pass
+
+    assert _plain_linear_head(torch.nn.Linear(4, 8), None, None)
+    assert not _plain_linear_head(Wrapped(4, 8), None, None)
+    assert not _plain_linear_head(torch.nn.Linear(4, 8), 30.0, None)  # gemma2-style softcap
+    assert not _plain_linear_head(torch.nn.Linear(4, 8), None, 0.0625)  # cohere-style scale
+    sharded = torch.nn.Linear(4, 8)
+    sharded.weight = torch.nn.Parameter(torch.empty(0))  # an FSDP shell outside forward
+    assert not _plain_linear_head(sharded, None, None)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_fused_and_checkpointed_chunk_paths_agree_on_the_model(tiny_model, batch, grad, monkeypatch):
+    import sharpening.logprobs as lp
+
+    prompts, response_ids, response_mask = batch
+    args = (tiny_model, prompts.prompt_ids, prompts.prompt_mask, response_ids, response_mask, 3)
+    with torch.set_grad_enabled(grad):
+        fused = response_logprobs(*args)
+        monkeypatch.setattr(lp, "_plain_linear_head", lambda *a: False)
+        plain = response_logprobs(*args)
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=1e-6)
+    if grad:
+        params = [p for p in tiny_model.parameters() if p.requires_grad]
+        monkeypatch.undo()
+        fused_grads = torch.autograd.grad(response_logprobs(*args).sum(), params, allow_unused=True)
+        monkeypatch.setattr(lp, "_plain_linear_head", lambda *a: False)
+        plain_grads = torch.autograd.grad(response_logprobs(*args).sum(), params, allow_unused=True)
+        for f, p in zip(fused_grads, plain_grads):
+            if p is None:
+                assert f is None or (f == 0).all()
+            else:
+                torch.testing.assert_close(f, p, atol=1e-6, rtol=1e-5)

@@ -64,12 +64,16 @@ class _LinearHeadLogprobs(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets):
         picked, lse = _picked_and_logsumexp_(_linear_logits(hidden, weight, bias), targets)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        device = hidden.device.type  # backward recomputes under the same autocast as this forward
+        ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return picked - lse
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        grad = _linear_logits(hidden, weight, bias)  # [M, V]
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            grad = _linear_logits(hidden, weight, bias)  # [M, V], the forward's logits again
         grad.sub_(lse[:, None]).exp_().mul_(-grad_out[:, None])  # -g * softmax
         rows = torch.arange(targets.shape[0], device=targets.device)
         grad[rows, targets] += grad_out  # + g * onehot

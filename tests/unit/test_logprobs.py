@@ -319,3 +319,21 @@ def test_fused_and_checkpointed_chunk_paths_agree_on_the_model(tiny_model, batch
                 assert f is None or (f == 0).all()
             else:
                 torch.testing.assert_close(f, p, atol=1e-6, rtol=1e-5)
+
+
+def test_fused_head_under_autocast_recomputes_the_same_logits_in_backward():
+    """Under bf16 autocast the forward's logits are bf16 matmuls; backward must recompute them the same way,
+    or softmax = exp(logits - lse) would not sum to one and the gradient would be off."""
+    from sharpening.logprobs import _LinearHeadLogprobs
+
+    h, head, targets = _head_inputs(rows=16, hidden=32, vocab=50)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _LinearHeadLogprobs.apply(h, head.weight, head.bias, targets)
+        want = _autograd_reference(h, head, targets)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    got_grads = torch.autograd.grad(got.sum(), [h, head.weight, head.bias])
+    want_grads = torch.autograd.grad(want.sum(), [h, head.weight, head.bias])
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g.float(), w.float(), atol=1e-2, rtol=1e-2)
+    # the gradient with respect to the logits sums to zero per row: the bias gradient's total is ~0
+    assert abs(float(got_grads[2].sum())) < 1e-2

@@ -184,36 +184,42 @@ def collate_pairs(pairs: list[PairExample], pad_token_id: int) -> dict[str, torc
     return batch
 
 
-class EpochSampler(torch.utils.data.Sampler[int]):
-    """A shuffled order that depends only on ``seed``, however often it is iterated.
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """A shuffled order that depends only on ``seed``, however often it is iterated, split over ranks.
 
     (Lightning calls ``iter()`` twice at a normal epoch start but once after a resume, and a
     RandomSampler draws a new permutation each time, so a resumed epoch would see another order.)
-    ``skip`` leaves out the first indices already consumed before a mid-epoch restart; the length
-    stays the full epoch's, as Lightning counts the consumed batches itself.
+    Each rank takes its shard of the order as Lightning's distributed sampler would (padded by wrapping
+    round to equal shards, then every ``num_replicas``-th index), and Lightning keeps a DistributedSampler
+    as it is. ``skip`` leaves out the first indices of this rank's shard already consumed before a
+    mid-epoch restart: skipping must follow the split, or the shards shift. The length stays the full
+    shard's, as Lightning counts the consumed batches itself.
     """
 
-    def __init__(self, size: int, seed: int, shuffle: bool = True, skip: int = 0) -> None:
-        self.size, self.seed, self.shuffle, self.skip = size, seed, shuffle, skip
+    def __init__(
+        self, size: int, seed: int, shuffle: bool = True, skip: int = 0, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.size, self.order_seed, self.order_shuffled, self.skip = size, seed, shuffle, skip
 
     def __iter__(self):
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed)).tolist()
+        if self.order_shuffled:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.order_seed)).tolist()
         else:
             order = list(range(self.size))
-        return iter(order[self.skip :])
-
-    def __len__(self) -> int:
-        return self.size
+        shard = [order[i] for i in super().__iter__()]  # this rank's positions of the order
+        return iter(shard[self.skip :])
 
 
 def epoch_sampler(trainer, size: int, seed: int, batch_size: int) -> EpochSampler:
-    """The sampler for this epoch; after a mid-epoch restart it skips the batches already trained on
-    (those whose update the checkpoint holds: Lightning's ``processed`` count, which a checkpoint
-    written at batch end already includes)."""
-    skip = 0
-    if trainer is not None and trainer.fit_loop.restarting:
-        epoch = trainer.fit_loop.epoch_progress.current
-        if epoch.started > epoch.processed:  # the restored epoch was under way
-            skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed * batch_size
-    return EpochSampler(size, seed, shuffle=size > 0, skip=skip)
+    """The sampler for this epoch (this rank's shard); after a mid-epoch restart it skips the batches
+    already trained on (those whose update the checkpoint holds: Lightning's ``processed`` count, which a
+    checkpoint written at batch end already includes; every rank steps the same number of batches)."""
+    skip, replicas, rank = 0, 1, 0
+    if trainer is not None:
+        replicas, rank = trainer.world_size, trainer.global_rank
+        if trainer.fit_loop.restarting:
+            epoch = trainer.fit_loop.epoch_progress.current
+            if epoch.started > epoch.processed:  # the restored epoch was under way
+                skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed * batch_size
+    return EpochSampler(size, seed, shuffle=size > 0, skip=skip, num_replicas=replicas, rank=rank)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from sharpening.buffer import BufferExample, SampleBuffer, collate_examples, selected_examples
+from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+from sharpening.buffer import BufferExample, EpochSampler, SampleBuffer, collate_examples, selected_examples
 from sharpening.types import PromptBatch, SampleBatch, ScoredSamples
 
 PAD = 0
@@ -152,3 +154,15 @@ def test_collate_round_trips_selected_examples():
     for i, e in enumerate(examples):
         assert batch["prompt_ids"][i][batch["prompt_mask"][i]].tolist() == e.prompt_ids
         assert batch["response_ids"][i][batch["response_mask"][i]].tolist() == e.response_ids
+
+
+def test_epoch_sampler_shards_like_lightning_and_skips_within_each_shard():
+    for size in (7, 8, 1):
+        whole = EpochSampler(size, seed=3)
+        for rank in (0, 1):
+            lightning = list(DistributedSamplerWrapper(whole, num_replicas=2, rank=rank, shuffle=False))
+            ours = EpochSampler(size, seed=3, num_replicas=2, rank=rank)
+            assert list(ours) == lightning and len(ours) == len(lightning)
+            # a mid-epoch restart that consumed 2 indices of this rank's shard resumes at the third
+            assert list(EpochSampler(size, seed=3, skip=2, num_replicas=2, rank=rank)) == lightning[2:]
+    assert list(EpochSampler(6, seed=3, skip=4)) == list(EpochSampler(6, seed=3))[4:]  # one process

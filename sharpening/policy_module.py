@@ -72,14 +72,22 @@ class PolicyModule(L.LightningModule):
             self._tokenizer = load_tokenizer(self.policy_config)
         return self._tokenizer
 
+    @property
+    def sharded(self) -> bool:
+        """True under Lightning's FSDP strategy (parameters sharded across ranks)."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+
     def configure_model(self) -> None:
         if self.policy is not None:
             return
-        from lightning.pytorch.strategies import FSDPStrategy
-
         device = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        sharded = self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+        sharded = self.sharded
         lazy = self.lazy_frozen_base and not sharded  # under FSDP the copy is made now, so it is sharded too
+        # FSDP loads a full checkpoint itself, through the root's load_state_dict, which expects every key;
+        # ours hold trainable weights only (on_save_checkpoint), so the frozen ones are absent on purpose
+        self.strict_loading = not sharded
         self.policy, self.frozen_copy = load_policy(self.policy_config, device=device, frozen_copy=not lazy)
         self._policy_is_base = self.policy_config.finetuning == "full" and self.frozen_copy is None
 
@@ -105,12 +113,10 @@ class PolicyModule(L.LightningModule):
 
     @contextlib.contextmanager
     def gathered_for_generation(self) -> Iterator[None]:
-        """Under FSDP, generating outside the training forward (the self-verification round) needs whole
-        weights on every rank: gather them read-only for the duration. A no-op for other strategies."""
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        if not isinstance(strategy, FSDPStrategy):
+        """Under FSDP, generating outside the training forward (the self-verification round) or writing the
+        policy needs whole weights on every rank: gather them read-only for the duration. A no-op for other
+        strategies. Collective: every rank must enter it."""
+        if not self.sharded:
             yield
             return
         from torch.distributed.fsdp import FullyShardedDataParallel
@@ -143,12 +149,30 @@ class PolicyModule(L.LightningModule):
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         """Trainable parameters only, read directly (no module hooks: bitsandbytes' 4-bit serializer
-        mutates the packed weights in place on CPU, which would perturb a QLoRA run's frozen base)."""
+        mutates the packed weights in place on CPU, which would perturb a QLoRA run's frozen base).
+
+        Under FSDP the full module state dict is returned: FSDP's state-dict hooks gather and rename every
+        parameter and fail on a missing one. on_save_checkpoint then keeps the trainable ones."""
+        if self.sharded:
+            return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
         out = collections.OrderedDict() if destination is None else destination
         for name, param in self.named_parameters():
             if param.requires_grad:
                 out[prefix + name] = param if keep_vars else param.detach()
         return out
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.sharded:  # the gathered full state dict (on rank 0) -> trainable weights only, as without FSDP
+            trainable = self._trainable_names()
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Norm clipping under FSDP goes through the root's ``clip_grad_norm_``, which reduces the norm over
+        every rank's shard (Lightning's FSDP precision plugin refuses norm clipping)."""
+        if gradient_clip_val and self.sharded and gradient_clip_algorithm in (None, "norm"):
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Copy the checkpoint's trainable weights into place. Module load hooks are bypassed on purpose:
@@ -186,9 +210,12 @@ class PolicyModule(L.LightningModule):
         if sigterm_requested(self.trainer):
             rank_zero_info("preempted: the policy is not written to output_dir; resume the run to finish it")
             return
-        if self.output_dir and self.trainer.is_global_zero:
-            save_policy(self.policy, self.tokenizer, self.output_dir)
-            rank_zero_info(f"sharpened policy written to {self.output_dir}")
+        if not self.output_dir:
+            return
+        with self.gathered_for_generation():  # FSDP: whole weights (every rank joins the gather), rank 0 writes
+            if self.trainer.is_global_zero:
+                save_policy(self.policy, self.tokenizer, self.output_dir)
+        rank_zero_info(f"sharpened policy written to {self.output_dir}")
 
 
 def plain_hparams(arguments: dict) -> dict:

@@ -28,6 +28,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sharpening.buffer import PairExample, SampleBuffer, collate_pairs, epoch_sampler, pairs_from_buffer
+from sharpening.errors import raise_if_problems
 from sharpening.logprobs import response_logprobs, sample_logprobs
 from sharpening.losses import (
     group_advantages,
@@ -146,6 +147,17 @@ class RLSharpeningModule(PolicyModule):
         self.best: dict = {"j_beta": float("-inf"), "round": -1, "state": None}
 
     # -- data ------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Refuse FSDP before any weights load: every RL update runs inside the training step (manual
+        optimization), and FSDP cannot run a backward pass inside its own forward."""
+        if self.sharded:
+            raise_if_problems([
+                f"--trainer.strategy={type(self.trainer.strategy).__name__}: RL-sharpening does not run under FSDP "
+                "(its updates are taken inside the training step, and FSDP allows no backward pass within its "
+                "forward); use --trainer.strategy ddp, with --model.policy.finetuning lora or qlora to keep each "
+                "rank's copy small. SFT-sharpening runs under FSDP (configs/fsdp.yaml)."
+            ])
+
     def train_dataloader(self) -> DataLoader:
         seed = derive_seed(self.seed, self.current_epoch)
         if self.rl.algorithm == "offline":
@@ -298,7 +310,7 @@ class RLSharpeningModule(PolicyModule):
         optimizer = self.optimizers()
         self.manual_backward(loss)
         if self.rl.max_grad_norm:
-            self.clip_gradients(optimizer, gradient_clip_val=self.rl.max_grad_norm, gradient_clip_algorithm="norm")
+            self.configure_gradient_clipping(optimizer, self.rl.max_grad_norm, "norm")
         optimizer.step()
         optimizer.zero_grad()
         self.lr_schedulers().step()
@@ -324,6 +336,7 @@ class RLSharpeningModule(PolicyModule):
 
     # -- checkpoint and output ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)
         checkpoint["xpo"] = {
             "pairs": [dataclasses.asdict(p) for p in self.xpo_pairs],
             "best_j_beta": self.best["j_beta"],

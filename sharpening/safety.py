@@ -87,8 +87,13 @@ class NonFiniteGuardCallback(L.Callback):
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module, optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
-            return  # a NaN or inf anywhere makes its tensor's norm non-finite: one fused check
+        # a NaN or inf anywhere makes its tensor's norm non-finite: one fused check. Every rank must take
+        # the same decision (under FSDP each holds a shard of the gradient), so it is reduced over ranks.
+        finite = not grads or bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all())
+        if trainer.world_size > 1:
+            finite = trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            return
         path = os.path.join(checkpoint_dir(trainer), LAST_GOOD_CHECKPOINT)
         trainer.save_checkpoint(path)  # the weights are still those before this update
         raise NonFiniteError(

@@ -72,11 +72,22 @@ def tiny_tokenizer(tiny_model_path):
     return AutoTokenizer.from_pretrained(tiny_model_path)
 
 
+def _reversal_prompts(path, words: list[str]) -> str:
+    with open(path, "w") as f:
+        for p in words:
+            f.write(json.dumps({"prompt": p + "=", "answer": p[::-1]}) + "\n")
+    return str(path)
+
+
 @pytest.fixture(scope="session")
 def prompts_file(tmp_path_factory) -> str:
     """A JSONL file of 6 reversal prompts with answers."""
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    with open(path, "w") as f:
-        for p in ["abcd", "bcde", "cdef", "defg", "efgh", "fgha"]:
-            f.write(json.dumps({"prompt": p + "=", "answer": p[::-1]}) + "\n")
-    return str(path)
+    words = ["abcd", "bcde", "cdef", "defg", "efgh", "fgha"]
+    return _reversal_prompts(tmp_path_factory.mktemp("prompts") / "prompts.jsonl", words)
+
+
+@pytest.fixture(scope="session")
+def seven_prompts(tmp_path_factory) -> str:
+    """7 reversal prompts: an odd count, so 2 ranks get uneven shards."""
+    words = ["abcd", "bcde", "cdef", "defg", "efgh", "fgha", "ghab"]
+    return _reversal_prompts(tmp_path_factory.mktemp("seven") / "prompts.jsonl", words)

@@ -5,7 +5,6 @@ single-process one, because every prompt's draws depend only on (seed, epoch, pr
 from __future__ import annotations
 
 import glob
-import json
 import os
 import subprocess
 import sys
@@ -14,15 +13,6 @@ import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def seven_prompts(tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp("ddp") / "prompts.jsonl"
-    with open(path, "w") as f:
-        for p in ["abcd", "bcde", "cdef", "defg", "efgh", "fgha", "ghab"]:  # odd: uneven shards
-            f.write(json.dumps({"prompt": p + "=", "answer": p[::-1]}) + "\n")
-    return str(path)
 
 
 def _run(config: str, model: str, prompts: str, root, devices: int, *extra) -> dict:

@@ -26,6 +26,7 @@ from sharpening.policy import (
     load_frozen_base,
     load_policy,
     load_tokenizer,
+    resolve_dtype,
     validate_policy_config,
 )
 
@@ -78,6 +79,11 @@ class PolicyModule(L.LightningModule):
         from lightning.pytorch.strategies import FSDPStrategy
 
         return self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy)
+
+    def setup(self, stage: str) -> None:
+        """Refuse, before any weights load, what FSDP cannot shard."""
+        if self.sharded:
+            raise_if_problems(fsdp_problems(self.policy_config, self.trainer.strategy.root_device))
 
     def configure_model(self) -> None:
         if self.policy is not None:
@@ -216,6 +222,20 @@ class PolicyModule(L.LightningModule):
             if self.trainer.is_global_zero:
                 save_policy(self.policy, self.tokenizer, self.output_dir)
         rank_zero_info(f"sharpened policy written to {self.output_dir}")
+
+
+def fsdp_problems(cfg: PolicyConfig, device: torch.device) -> list[str]:
+    """FSDP flattens each unit's parameters into one tensor of one dtype: LoRA adapters (kept in float32)
+    next to a bfloat16 base cannot be flattened, nor can bitsandbytes' packed 4-bit weights."""
+    o = "--model.policy"
+    if cfg.finetuning == "qlora":
+        return [f"{o}.finetuning=qlora: QLoRA does not run under FSDP (4-bit weights are not sharded); "
+                "use --trainer.strategy ddp with qlora, or finetuning lora or full under FSDP"]
+    if cfg.finetuning == "lora" and resolve_dtype(cfg.dtype, device) != torch.float32:
+        return [f"{o}.dtype={cfg.dtype}: LoRA under FSDP needs float32 weights (FSDP flattens the base and the "
+                "float32 adapters into one tensor of one dtype); set --model.policy.dtype float32 and keep "
+                "--trainer.precision bf16-mixed for bfloat16 compute"]
+    return []
 
 
 def plain_hparams(arguments: dict) -> dict:

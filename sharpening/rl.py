@@ -150,13 +150,14 @@ class RLSharpeningModule(PolicyModule):
     def setup(self, stage: str) -> None:
         """Refuse FSDP before any weights load: every RL update runs inside the training step (manual
         optimization), and FSDP cannot run a backward pass inside its own forward."""
-        if self.sharded:
-            raise_if_problems([
-                f"--trainer.strategy={type(self.trainer.strategy).__name__}: RL-sharpening does not run under FSDP "
-                "(its updates are taken inside the training step, and FSDP allows no backward pass within its "
-                "forward); use --trainer.strategy ddp, with --model.policy.finetuning lora or qlora to keep each "
-                "rank's copy small. SFT-sharpening runs under FSDP (configs/fsdp.yaml)."
-            ])
+        if not self.sharded:
+            return
+        raise_if_problems([
+            f"--trainer.strategy={type(self.trainer.strategy).__name__}: RL-sharpening does not run under FSDP "
+            "(its updates are taken inside the training step, and FSDP allows no backward pass within its "
+            "forward); use --trainer.strategy ddp, with --model.policy.finetuning lora or qlora to keep each "
+            "rank's copy small. SFT-sharpening runs under FSDP (configs/fsdp.yaml)."
+        ])
 
     def train_dataloader(self) -> DataLoader:
         seed = derive_seed(self.seed, self.current_epoch)

@@ -49,10 +49,14 @@ def _load(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+# with LoRA, the config's bf16-mixed compute and gradient checkpointing (float32 weights: LoRA needs them)
+AS_SHIPPED = ["--trainer.precision=bf16-mixed", "--model.policy.gradient_checkpointing=true"]
+
+
 @pytest.mark.parametrize("finetuning", ["full", "lora"])
 def test_fsdp_config_generates_trains_and_writes_whole_weights(finetuning, tiny_model_path, seven_prompts, tmp_path):
     done = _fit("fsdp.yaml", tiny_model_path, seven_prompts, tmp_path, *SFT, f"--model.policy.finetuning={finetuning}",
-                "--model.policy.lora_r=4", f"--model.output_dir={tmp_path}/out")
+                "--model.policy.lora_r=4", f"--model.output_dir={tmp_path}/out", *(AS_SHIPPED if finetuning == "lora" else []))
     assert done.returncode == 0, done.stderr[-4000:]
     checkpoint = _load(glob.glob(os.path.join(tmp_path, "checkpoints", "*.ckpt"))[0])
     assert checkpoint["global_step"] == 4  # 7 prompts -> 4 per rank -> 2 batches of 2, x 2 epochs
@@ -94,9 +98,19 @@ def test_fsdp_resume_mid_epoch_and_at_the_epoch_boundary_is_exact(tiny_model_pat
             assert torch.equal(resumed["state_dict"][name], value), (step, name)
 
 
-def test_rl_under_fsdp_is_refused_before_weights_load(tiny_model_path, seven_prompts, tmp_path):
-    done = _fit("rl.yaml", tiny_model_path, seven_prompts, tmp_path, "--model.prompts_per_step=2",
-                "--model.sampling.samples_per_prompt=3", "--model.sampling.max_new_tokens=5")
+@pytest.mark.parametrize(
+    "config, extra, message",
+    [
+        ("rl.yaml", ["--model.prompts_per_step=2"], ["RL-sharpening does not run under FSDP", "--trainer.strategy ddp"]),
+        ("fsdp.yaml", [*SFT, "--model.policy.finetuning=lora", "--model.policy.dtype=bfloat16"],
+         ["--model.policy.dtype=bfloat16: LoRA under FSDP needs float32 weights", "--model.policy.dtype float32"]),
+        ("fsdp.yaml", [*SFT, "--model.policy.finetuning=qlora"], ["--model.policy.finetuning=qlora: QLoRA does not run under FSDP"]),
+    ],
+    ids=["rl", "lora-bf16", "qlora"],
+)
+def test_what_fsdp_cannot_shard_is_refused_before_weights_load(config, extra, message, tiny_model_path, seven_prompts, tmp_path):
+    done = _fit(config, tiny_model_path, seven_prompts, tmp_path, *extra)
     assert done.returncode != 0
-    assert "RL-sharpening does not run under FSDP" in done.stderr and "--trainer.strategy ddp" in done.stderr
+    for part in message:
+        assert part in done.stderr
     assert "Loading weights" not in done.stderr

@@ -10,6 +10,7 @@ No timing is asserted; scripts/logprob_memory.py has the figures.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import platform
@@ -25,6 +26,15 @@ from sharpening.logprobs import response_logprobs
 VOCAB = 151_936  # Qwen2/2.5/3
 MIB = 2**20
 
+def _reference():
+    """scripts/logprob_memory.py: its ``plain_logprobs`` is the full-logits reference (logits -> log_softmax)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("logprob_memory", os.path.join(root, "scripts", "logprob_memory.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # One subprocess measures every case in turn: chunked ones first, the full-logits path last.
 _MEASURE = textwrap.dedent(
     """
@@ -32,6 +42,8 @@ _MEASURE = textwrap.dedent(
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
     from sharpening.logprobs import response_logprobs
+    sys.path.insert(0, "scripts")
+    from logprob_memory import plain_logprobs  # the full-logits reference (cwd: the repository)
 
     torch.set_num_threads(1)
     V, H, B, P = {vocab}, 32, 2, 8
@@ -45,17 +57,12 @@ _MEASURE = textwrap.dedent(
         with open("/proc/self/status") as f:
             return int(re.search(key + r":\\s+(\\d+) kB", f.read()).group(1)) * 1024
 
-    def plain(prompt_ids, prompt_mask, response_ids, response_mask):
-        ids = torch.cat([prompt_ids, response_ids], 1)
-        mask = torch.cat([prompt_mask, response_mask], 1).long()
-        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, P - 1 : -1]  # [B, T, V]
-        return logits.float().log_softmax(-1).gather(-1, response_ids[..., None]).squeeze(-1) * response_mask
-
     def run(path, t, chunk, backward):
         g = torch.Generator().manual_seed(1)
         args = (torch.randint(3, V, (B, P), generator=g), torch.ones(B, P, dtype=torch.bool),
                 torch.randint(3, V, (B, t), generator=g), torch.ones(B, t, dtype=torch.bool))
-        score = plain if path == "plain" else (lambda *a: response_logprobs(model, *a, chunk_size=chunk))
+        score = (lambda *a: plain_logprobs(model, *a)) if path == "plain" else (
+            lambda *a: response_logprobs(model, *a, chunk_size=chunk))
         with torch.set_grad_enabled(backward):
             logprobs = score(*args)
             if backward:
@@ -136,15 +143,6 @@ def test_backward_peak_does_not_grow_with_length(peak_growth):
     }
 
 
-def _plain_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask) -> torch.Tensor:
-    """model(...).logits -> log_softmax -> gather, zero on padding. Prompts must not be left-padded."""
-    p = prompt_ids.shape[1]
-    input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # [R, P+T]
-    attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, p - 1 : -1]  # [R, T, V]
-    return logits.float().log_softmax(-1).gather(-1, response_ids[..., None]).squeeze(-1) * response_mask
-
-
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "checkpointed"])
 def test_chunked_equals_full_logits_at_150k_vocab(grad):
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -163,7 +161,7 @@ def test_chunked_equals_full_logits_at_150k_vocab(grad):
     with torch.set_grad_enabled(grad):
         got = response_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask, chunk_size=4)
     with torch.no_grad():
-        want = _plain_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask)
+        want = _reference().plain_logprobs(model, prompt_ids, prompt_mask, response_ids, response_mask)
     assert got.requires_grad == grad
     torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=0)
     assert (got[~response_mask] == 0).all() and (got[response_mask] < 0).all()

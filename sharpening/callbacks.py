@@ -165,6 +165,7 @@ class SelfVerificationCallback(L.Callback):
             )
         self.buffer.replace(kept, epoch)
         self.rounds_done += 1
+        metric = metric.to(pl_module.device)  # NCCL reduces device tensors only; the counts are summed on CPU
         self.last_metrics = {k: float(v) for k, v in metric.compute().items()}
         self.last_metrics["sample/buffer_size"] = float(len(self.buffer))
         for logger in trainer.loggers:

@@ -192,7 +192,7 @@ def train_on_toy(algorithm: str, toy_dir: str | Path, kl_coef: float = 0.5, lr: 
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=max_steps or steps, max_epochs=-1, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[verifier], reload_dataloaders_every_n_epochs=1,
+        default_root_dir=str(toy_dir), callbacks=[verifier], reload_dataloaders_every_n_epochs=1,
     )
     data = PromptDataModule(dataset=str(Path(toy_dir) / "prompts.jsonl"), answer_column="answer")
     trainer.fit(module, datamodule=data)

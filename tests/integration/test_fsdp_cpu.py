@@ -29,7 +29,8 @@ def _fit(config: str, model: str, prompts: str, root, *extra) -> subprocess.Comp
         f"--data.dataset={prompts}", "--data.subset=null", "--data.prompt_column=prompt",
         "--data.prompt_template={prompt}", "--data.use_chat_template=false", *extra,
     ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=TESTS)
+    path = os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))  # keep what the caller set
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
     return subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
 
 

@@ -4,6 +4,10 @@ Each prompt is prefilled ONCE and its KV cache is expanded to its N samples (sha
 token is drawn with a per-prompt random generator seeded from (seed, round, prompt index), so a prompt's
 samples do not depend on which other prompts share its batch, on the batch size or on the rank that
 draws it. The model's own temperature-1 log-prob of each drawn token comes for free.
+
+``decode="static"`` decodes into a preallocated fixed-size KV cache, so every decode forward has the same
+shapes; ``decode="compiled"`` also runs that forward through ``torch.compile(mode="reduce-overhead")`` (CUDA
+graphs), for launch-bound decoding on CUDA. Both draw the same tokens as ``decode="dynamic"``.
 """
 
 from __future__ import annotations
@@ -32,6 +36,14 @@ class SamplingConfig:
     """Nucleus sampling mass (1.0 = off)."""
     prompts_per_batch: int = 16
     """Prompts generated together (each with its N samples)."""
+    decode: str = "dynamic"
+    """Decode loop: 'dynamic' (growing KV cache, finished rows leave the batch; best on CPU), 'static'
+    (preallocated KV cache, fixed shapes, every row to the end) or 'compiled' (static + CUDA graphs; CUDA only).
+    'static' and 'compiled' need a model with full attention in every layer (no sliding window)."""
+
+
+DECODE_MODES = ("dynamic", "static", "compiled")
+STATIC_CACHE_MULTIPLE = 64  # static KV cache length is rounded up to this, so similar prompt lengths share a shape
 
 
 def validate_sampling_config(cfg: SamplingConfig, option: str) -> list[str]:
@@ -49,6 +61,11 @@ def validate_sampling_config(cfg: SamplingConfig, option: str) -> list[str]:
         problems.append(f"{option}.top_p={cfg.top_p}: must be in (0, 1] (1.0 turns it off)")
     if cfg.prompts_per_batch < 1:
         problems.append(f"{option}.prompts_per_batch={cfg.prompts_per_batch}: must be >= 1")
+    if cfg.decode not in DECODE_MODES:
+        problems.append(
+            f"{option}.decode={cfg.decode!r}: must be one of 'dynamic', 'static', 'compiled' "
+            "(use 'dynamic' on CPU, 'static' or 'compiled' for CUDA graphs on CUDA)"
+        )
     return problems
 
 
@@ -112,9 +129,16 @@ def generate_samples(
     Rows stop at EOS (which is kept and scored). Returns token ids, the model's temperature-1 log-prob of
     each drawn token, and a truncated flag for rows that hit ``max_new_tokens`` before EOS. With
     ``compact_finished``, finished rows leave the batch and the KV cache (once a quarter of the batch has
-    finished), so they stop costing compute; the draws are the same either way.
+    finished), so they stop costing compute; the draws are the same either way. ``cfg.decode`` 'static' and
+    'compiled' keep every row to the end in a fixed-size KV cache instead (see ``SamplingConfig.decode``).
     """
     n, device = cfg.samples_per_prompt, prompts.prompt_ids.device
+    static = cfg.decode in ("static", "compiled")
+    if cfg.decode == "compiled" and device.type != "cuda":
+        raise ValueError(
+            f"sampling.decode='compiled' captures CUDA graphs, but the prompts are on {device}: "
+            "use sampling.decode='static' or 'dynamic' off CUDA"
+        )
     eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), device=device)
     generators = [
         torch.Generator(device=device).manual_seed(derive_seed(seed, round_index, int(i)))
@@ -125,12 +149,18 @@ def generate_samples(
     out = model(
         input_ids=prompts.prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
     )
-    cache = out.past_key_values
-    cache.batch_repeat_interleave(n)  # [B, ...] -> [B*N, ...]: the prompt is prefilled once
+    cache, prompt_len = out.past_key_values, mask.shape[1]
     logits = out.logits[:, -1].float().repeat_interleave(n, 0)  # [B*N, V]
     mask = mask.repeat_interleave(n, 0)  # [B*N, P]
     next_position = positions[:, -1:].repeat_interleave(n, 0) + 1  # [B*N, 1]
-    compact_finished = compact_finished and hasattr(cache, "batch_select_indices")
+    if static:
+        length = _static_cache_length(prompt_len, cfg.max_new_tokens)
+        cache = _static_cache(cache, n, length, cfg.decode)  # [B, ...] -> [B*N, ..., L, ...]
+        mask = torch.cat([mask, mask.new_zeros(mask.shape[0], length - prompt_len)], -1)  # [B*N, P] -> [B*N, L]
+    else:
+        cache.batch_repeat_interleave(n)  # [B, ...] -> [B*N, ...]: the prompt is prefilled once
+    compact_finished = compact_finished and not static and hasattr(cache, "batch_select_indices")
+    decode_step = _decode_step(model, cfg.decode)
 
     total = logits.shape[0]
     rows = torch.arange(total, device=device)  # original index of each row still in the batch
@@ -163,16 +193,12 @@ def generate_samples(
             cache.batch_select_indices(keep)
             mask, next_position, rows, token, done = mask[keep], next_position[keep], rows[keep], token[keep], done[keep]
             running = running[keep]
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
-        out = model(
-            input_ids=token[:, None],
-            attention_mask=mask,
-            position_ids=next_position,
-            past_key_values=cache,
-            use_cache=True,
-        )
-        cache, next_position = out.past_key_values, next_position + 1
-        logits = out.logits[:, -1].float()
+        if static:  # the cache writes slot P + step (its own counter); unwritten slots stay masked
+            mask[:, prompt_len + step] = 1
+        else:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=-1)
+        logits = decode_step(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, cache=cache)
+        next_position = next_position + 1
 
     b = len(prompts)
     return SampleBatch(
@@ -184,6 +210,56 @@ def generate_samples(
         exact_draws=is_exact_sampling(cfg.temperature, cfg.top_k, cfg.top_p),
         pruned=pruned.view(b, n) if stop_unselectable > 0 else None,
     )
+
+
+def _static_cache_length(prompt_len: int, max_new_tokens: int) -> int:
+    """Slots of a static KV cache: the prompt and every token fed back (the last drawn token never is),
+    rounded up to ``STATIC_CACHE_MULTIPLE``."""
+    need = prompt_len + max_new_tokens - 1
+    return -(-need // STATIC_CACHE_MULTIPLE) * STATIC_CACHE_MULTIPLE
+
+
+def _static_cache(cache, n: int, length: int, decode: str):
+    """A fixed-size copy of a prefilled ``DynamicCache``, each prompt repeated for its N samples: keys and
+    values [B, H, P, D] -> [B*N, H, L, D], slots P.. still empty. Each layer's write counter stands at P, so
+    the next forward writes slot P, the one after P + 1, and so on."""
+    from transformers.cache_utils import Cache, DynamicLayer, StaticLayer
+
+    kinds = {type(layer).__name__ for layer in getattr(cache, "layers", [cache])}
+    if kinds != {DynamicLayer.__name__}:
+        raise ValueError(
+            f"sampling.decode={decode!r} needs full attention in every layer, but this model's KV cache has "
+            f"{sorted(kinds)} (sliding window, linear or hybrid layers): use sampling.decode='dynamic'"
+        )
+    static = Cache(layers=[StaticLayer(max_cache_len=length) for _ in cache.layers])
+    if not all(hasattr(layer, "cumulative_length") for layer in static.layers):  # older: slots from cache_position
+        import transformers
+
+        raise ValueError(
+            f"sampling.decode={decode!r} needs a transformers whose static cache counts its own slots (5.17 or "
+            f"newer; found {transformers.__version__}): upgrade transformers or use sampling.decode='dynamic'"
+        )
+    for i, layer in enumerate(cache.layers):  # writes slots [0, P) and sets the counter to P
+        static.update(layer.keys.repeat_interleave(n, 0), layer.values.repeat_interleave(n, 0), i)
+    return static
+
+
+def _decode_step(model: torch.nn.Module, decode: str):
+    """One decode forward, ``(input_ids [R, 1], attention_mask, position_ids [R, 1], cache)`` -> next-token
+    logits [R, V] float32. For 'compiled', the model's CUDA-graph forward (compiled once per model)."""
+    if decode != "compiled":
+        return lambda cache, **inputs: model(**inputs, past_key_values=cache, use_cache=True).logits[:, -1].float()
+    forward = model.__dict__.get("_sharpening_compiled_forward")
+    if forward is None:  # graph breaks fall back to eager, hence fullgraph=False (as transformers' generate)
+        forward = torch.compile(model.__call__, mode="reduce-overhead", fullgraph=False)
+        model.__dict__["_sharpening_compiled_forward"] = forward
+
+    def step(cache, **inputs):
+        torch.compiler.cudagraph_mark_step_begin()
+        out = forward(**inputs, past_key_values=cache, use_cache=True)
+        return out.logits[:, -1].float().clone()  # the graph's output buffer is overwritten by the next replay
+
+    return step
 
 
 def _unselectable(running: torch.Tensor, rows: torch.Tensor, end_scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from types import SimpleNamespace
 
@@ -497,3 +498,114 @@ def test_stop_unselectable_off_without_an_ended_row(uniform_model):
         stop_unselectable=1,
     )
     assert not samples.pruned.any() and samples.truncated.all()
+
+
+# ---------------------------------------------------------------- fixed-shape decoding (sampling.decode)
+
+
+@pytest.fixture(scope="module", params=["sdpa", "eager"])
+def eos_likely_model(tiny_model_path, request):
+    """The tiny Llama with EOS (id 2) made likely, so rows finish at different steps; each attention backend
+    turns the full-length 2-D mask into its own 4-D mask."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation=request.param).eval()
+    assert model.config._attn_implementation == request.param
+    with torch.no_grad():
+        model.lm_head.weight[EOS] = model.lm_head.weight.mean(0) + 0.02
+    return model
+
+
+def _assert_same_draws(got, want, atol=1e-5):
+    assert torch.equal(got.response_ids, want.response_ids)
+    assert torch.equal(got.response_mask, want.response_mask)
+    assert torch.equal(got.truncated, want.truncated)
+    assert (got.pruned is None) == (want.pruned is None)
+    if want.pruned is not None:
+        assert torch.equal(got.pruned, want.pruned)
+    torch.testing.assert_close(got.logprobs, want.logprobs, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "cfg, stop_unselectable",
+    [(dict(), 0), (dict(temperature=0.7, top_k=8), 0), (dict(), 2), (dict(temperature=0.0), 0)],
+    ids=["exact", "filtered", "stop_unselectable", "greedy"],
+)
+def test_static_decode_draws_as_dynamic(eos_likely_model, cfg, stop_unselectable):
+    prompts = _prompts(PROMPTS * 2, [4, 9, 2, 7, 5, 3])  # prompt lengths 4, 7, 3: left padding
+    eos_ids = [EOS, 3]  # 3 ends the first prompt's greedy response at step 7
+    kwargs = dict(samples_per_prompt=6, max_new_tokens=14, prompts_per_batch=6, **cfg)
+    dynamic = generate_samples(eos_likely_model, prompts, SamplingConfig(**kwargs), eos_ids, PAD, seed=4,
+                               stop_unselectable=stop_unselectable)
+    mask_shapes = []
+    hook = eos_likely_model.model.register_forward_pre_hook(
+        lambda m, a, k: mask_shapes.append(tuple(k["attention_mask"].shape)), with_kwargs=True
+    )
+    try:
+        static = generate_samples(eos_likely_model, prompts, SamplingConfig(decode="static", **kwargs), eos_ids, PAD,
+                                  seed=4, stop_unselectable=stop_unselectable)
+    finally:
+        hook.remove()
+    _assert_same_draws(static, dynamic)
+    lengths = dynamic.response_mask.sum(-1)
+    assert lengths.min() < lengths.max()  # rows finished at different steps
+    assert (~dynamic.truncated).any() and dynamic.truncated.any()
+    if stop_unselectable:
+        assert dynamic.pruned.any()
+    # every decode forward has the same shapes: all B*N rows, a mask over the whole cache
+    decode_shapes = set(mask_shapes[1:])
+    assert decode_shapes == {(6 * 6, 64)}, decode_shapes
+
+
+def test_static_cache_length_covers_every_fed_back_token():
+    from sharpening.sampler import _static_cache_length
+
+    assert _static_cache_length(7, 14) == 64
+    assert _static_cache_length(7, 58) == 64  # 7 + 57 fed-back tokens fit exactly
+    assert _static_cache_length(7, 59) == 128
+
+
+def test_static_decode_rejects_a_sliding_window_model(tmp_path):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    model = MistralForCausalLM(config).eval()
+    with pytest.raises(ValueError, match=r"sampling.decode='static'.*use sampling.decode='dynamic'"):
+        _generate(model, _prompts(PROMPTS), samples_per_prompt=2, max_new_tokens=3, decode="static")
+
+
+def test_validate_rejects_an_unknown_decode_mode():
+    problems = validate_sampling_config(SamplingConfig(decode="fast"), "--model.sampling")
+    assert problems == [problems[0]] and problems[0].startswith("--model.sampling.decode='fast': must be one of")
+    for mode in ("dynamic", "static", "compiled"):
+        assert validate_sampling_config(SamplingConfig(decode=mode), "--model.sampling") == []
+
+
+def test_compiled_decode_off_cuda_fails_before_any_forward():
+    model = FixedLogitsLM(torch.zeros(6))
+    with pytest.raises(ValueError, match=r"sampling.decode='compiled'.*cpu.*'static' or 'dynamic'"):
+        _generate(model, _prompts([[1, 3]]), eos=99, samples_per_prompt=2, max_new_tokens=3, decode="compiled")
+    assert model.calls == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compiled_and_static_decode_draw_as_dynamic_on_cuda(tiny_model_path):
+    """On CUDA (float32), 'static' and 'compiled' give the dynamic loop's tokens; the second compiled call
+    reuses the compiled forward."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).cuda().eval()
+    prompts = _prompts(PROMPTS, [0, 1, 2])
+    prompts = dataclasses.replace(prompts, prompt_ids=prompts.prompt_ids.cuda(), prompt_mask=prompts.prompt_mask.cuda())
+
+    def run(decode, seed):
+        cfg = SamplingConfig(samples_per_prompt=4, max_new_tokens=10, decode=decode)
+        return generate_samples(model, prompts, cfg, EOS, PAD, seed=seed)
+
+    for seed in (0, 1):  # the second round reuses the compiled forward
+        want = run("dynamic", seed)
+        _assert_same_draws(run("static", seed), want, atol=1e-4)
+        _assert_same_draws(run("compiled", seed), want, atol=1e-4)
+    assert "_sharpening_compiled_forward" in model.__dict__

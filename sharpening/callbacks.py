@@ -30,6 +30,7 @@ from sharpening.sampler import (
     decode_responses,
     generate_samples,
     is_exact_sampling,
+    decode_device_problems,
     validate_sampling_config,
 )
 from sharpening.selection import SelectionConfig, select_top_k, validate_selection_config
@@ -91,6 +92,9 @@ class SelfVerificationCallback(L.Callback):
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        sharded = bool(getattr(pl_module, "sharded", False))
+        device = trainer.strategy.root_device
+        raise_if_problems(decode_device_problems(self.sampling, device, "--verifier.sampling", sharded))
         data = trainer.datamodule
         if data is not None and getattr(data, "prompt_ids", None) and hasattr(pl_module, "policy_config"):
             module_sampling = getattr(pl_module, "sampling", None)  # RL samples with its own settings

@@ -42,7 +42,13 @@ from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig, eval_mode
 from sharpening.policy_module import PolicyModule, plain_hparams
 from sharpening.prompts import pad_prompts
-from sharpening.sampler import SamplingConfig, derive_seed, generate_samples, validate_sampling_config
+from sharpening.sampler import (
+    SamplingConfig,
+    decode_device_problems,
+    derive_seed,
+    generate_samples,
+    validate_sampling_config,
+)
 from sharpening.types import PromptBatch, SampleBatch
 
 
@@ -149,7 +155,9 @@ class RLSharpeningModule(PolicyModule):
     # -- data ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         """Refuse FSDP before any weights load: every RL update runs inside the training step (manual
-        optimization), and FSDP cannot run a backward pass inside its own forward."""
+        optimization), and FSDP cannot run a backward pass inside its own forward. Also a decode loop the
+        device cannot run (CUDA graphs off CUDA)."""
+        raise_if_problems(decode_device_problems(self.sampling, self.trainer.strategy.root_device, "--model.sampling"))
         if not self.sharded:
             return
         raise_if_problems([

@@ -69,6 +69,24 @@ def validate_sampling_config(cfg: SamplingConfig, option: str) -> list[str]:
     return problems
 
 
+def decode_device_problems(cfg: SamplingConfig, device: torch.device, option: str, sharded: bool = False) -> list[str]:
+    """``cfg.decode`` against the device the run generates on and its strategy, known once the Trainer is
+    set up (before any weights load)."""
+    if cfg.decode != "compiled":
+        return []
+    if torch.device(device).type != "cuda":
+        return [
+            f"{option}.decode=compiled: CUDA graphs need a CUDA device, but this run generates on {device}; "
+            f"use {option}.decode=static or dynamic, or run on a GPU (--trainer.accelerator gpu)"
+        ]
+    if sharded:
+        return [
+            f"{option}.decode=compiled: not supported under FSDP (the weights are gathered anew for every round, "
+            f"so a captured CUDA graph would read freed memory); use {option}.decode=static"
+        ]
+    return []
+
+
 def is_exact_sampling(temperature: float, top_k: int, top_p: float) -> bool:
     """True when draws follow the model's distribution exactly (temperature 1, no truncation)."""
     return temperature == 1.0 and top_k == 0 and top_p >= 1.0

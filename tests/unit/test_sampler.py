@@ -582,6 +582,19 @@ def test_validate_rejects_an_unknown_decode_mode():
         assert validate_sampling_config(SamplingConfig(decode=mode), "--model.sampling") == []
 
 
+def test_decode_device_problems():
+    from sharpening.sampler import decode_device_problems
+
+    compiled = SamplingConfig(decode="compiled")
+    assert decode_device_problems(compiled, torch.device("cuda", 0), "--x") == []
+    (cpu,) = decode_device_problems(compiled, torch.device("cpu"), "--x")
+    assert cpu.startswith("--x.decode=compiled: CUDA graphs need a CUDA device") and "--x.decode=static" in cpu
+    (fsdp,) = decode_device_problems(compiled, torch.device("cuda", 0), "--x", sharded=True)
+    assert "FSDP" in fsdp
+    for mode in ("dynamic", "static"):
+        assert decode_device_problems(SamplingConfig(decode=mode), torch.device("cpu"), "--x", sharded=True) == []
+
+
 def test_compiled_decode_off_cuda_fails_before_any_forward():
     model = FixedLogitsLM(torch.zeros(6))
     with pytest.raises(ValueError, match=r"sampling.decode='compiled'.*cpu.*'static' or 'dynamic'"):

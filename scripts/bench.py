@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
-from bench_common import Measurement, build_workload, matmul_peak_gflops  # noqa: E402
+from bench_common import Measurement, Workload, build_workload, copy_bandwidth_gbs, matmul_peak_gflops  # noqa: E402
 
 TASKS = ("sft_round", "rl_step")
 PHASES = ("generate", "score", "train", "total")
@@ -50,8 +50,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--complete-all-samples", action="store_true",
         help="ours: draw every SFT sample to its end (turn off stopping samples that cannot be kept)",
     )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run")
+    parser.add_argument(
+        "--decode", choices=("dynamic", "static", "compiled"), default="dynamic",
+        help="ours: the sampler's decode loop (SamplingConfig.decode; compiled = CUDA graphs, CUDA only)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device=cuda: torch sees no CUDA device here; run on a GPU machine or use --device=cpu")
+    if args.decode == "compiled" and args.device != "cuda":
+        parser.error(f"--decode=compiled needs --device=cuda (got --device={args.device}); use --decode=static or dynamic")
     if args.quick:
         args.models, args.prompts, args.repeats = ["tiny"], 8, 1
     if args.repeats < 1 or args.prompts < 8:
@@ -90,10 +99,10 @@ def quiet() -> None:
     datasets.disable_progress_bars()
 
 
-def run_model(name: str, sides: dict, args: argparse.Namespace, root: str) -> dict[str, dict[str, list[Measurement]]]:
-    """All repetitions for one model: {task: {side: [Measurement per repetition]}}, sides alternating."""
+def run_model(name: str, sides: dict, args: argparse.Namespace, root: str) -> tuple[dict, Workload]:
+    """All repetitions for one model: ({task: {side: [Measurement per repetition]}}, workload), sides alternating."""
     workload = build_workload(name, root, args.prompts, args.fixed_length)
-    workload.complete_all_samples = args.complete_all_samples
+    workload.complete_all_samples, workload.device, workload.decode = args.complete_all_samples, args.device, args.decode
     results = {task: {side: [] for side in sides} for task in TASKS}
     order = list(sides)
     for rep in range(args.repeats):
@@ -102,12 +111,24 @@ def run_model(name: str, sides: dict, args: argparse.Namespace, root: str) -> di
                 m = getattr(sides[side], task)(workload, rep)
                 results[task][side].append(m)
                 print(f"  {name} rep {rep} {task:9s} {side:4s} {m.seconds['total']:7.2f} s", file=sys.stderr, flush=True)
-    return results
+    return results, workload
 
 
-def warm_up(sides: dict, root: str) -> None:
+def bandwidth_bounds(w: Workload, bandwidth_gbs: float | None) -> dict[str, float | None]:
+    """Per task, the response tokens/s that decoding could reach if memory bandwidth were the only limit:
+    each decode step reads every matmul weight once (fp32) and gives one token to each of the rows decoded
+    together (prompts per batch x N). KV-cache reads, prefill and kernel launches are not counted: a bound."""
+    if bandwidth_gbs is None:
+        return dict.fromkeys(TASKS)
+    weight_bytes = 4 * w.matmul_params
+    rows = {"sft_round": w.prompts_per_batch * w.samples_per_prompt, "rl_step": w.rl_prompts * w.samples_per_prompt}
+    return {task: rows[task] * bandwidth_gbs * 1e9 / weight_bytes for task in TASKS}
+
+
+def warm_up(sides: dict, args: argparse.Namespace, root: str) -> None:
     """One untimed run of every side and task on a tiny workload: lazy imports and first-call costs."""
     workload = build_workload("tiny", os.path.join(root, "warmup"), 8)
+    workload.device, workload.decode = args.device, args.decode
     for side in sides.values():
         for task in TASKS:
             getattr(side, task)(workload, 0)
@@ -138,8 +159,9 @@ def phase_stats(runs: list[Measurement], phase: str, peak_gflops: float) -> dict
     }
 
 
-def summarize(results: dict, peak_gflops: float) -> dict:
-    """{model: {task: {side: stats, "ratios": TRL time / our time}}} from the raw measurements."""
+def summarize(results: dict, peak_gflops: float, bounds: dict | None = None) -> dict:
+    """{model: {task: {side: stats, "ratios": TRL time / our time}}} from the raw measurements; with
+    ``bounds`` ({model: {task: tokens/s}}, on CUDA) each side's generate phase also gets its fraction of it."""
     out = {}
     for model, tasks in results.items():
         out[model] = {}
@@ -151,13 +173,20 @@ def summarize(results: dict, peak_gflops: float) -> dict:
                     "seconds_per_repeat": [round(r.seconds["total"], 3) for r in runs],
                     "setup_seconds": statistics.median(r.setup_seconds for r in runs),
                     "peak_rss_mib": max(r.peak_rss_mib for r in runs),
+                    "peak_gpu_mib": max(r.peak_gpu_mib for r in runs),
                     "rss_growth_mib": statistics.median(r.rss_growth_mib for r in runs),
                     "mean_response_tokens": statistics.median(
                         r.response_tokens["generate"] / max(r.completions["generate"], 1) for r in runs
                     ),
                 }
+                bound = (bounds or {}).get(model, {}).get(task)
+                if bound:
+                    generate = entry[side]["phases"]["generate"]
+                    generate["fraction_of_bandwidth_bound"] = (generate["tokens_per_s"] or 0.0) / bound
             if "trl" in sides:
                 entry["ratios"] = ratios(sides["ours"], sides["trl"])
+            if (bounds or {}).get(model, {}).get(task):
+                entry["generate_bandwidth_bound_tokens_per_s"] = bounds[model][task]
             out[model][task] = entry
     return out
 
@@ -192,8 +221,9 @@ def print_tables(summary: dict) -> None:
                         f"| {model} | {task} | {phase} | {side} | {s['seconds']:.3f} | {_fmt(s['completions_per_s'], digits=1)}"
                         f" | {_fmt(s['tokens_per_s'], digits=0)} | {_fmt(s['fraction_of_peak'], 100, 1)} | {ratio} |"
                     )
-    print("\n| model | task | side | total s per repeat | setup s | peak RSS MiB | RSS growth MiB | mean tokens/response | TRL/ours per repeat (median) |")
-    print("|---|---|---|---|---:|---:|---:|---:|---|")
+    print("\n| model | task | side | total s per repeat | setup s | peak RSS MiB | RSS growth MiB | peak GPU MiB"
+          " | mean tokens/response | TRL/ours per repeat (median) |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---|")
     for model, tasks in summary.items():
         for task, entry in tasks.items():
             for side in ("ours", "trl"):
@@ -207,6 +237,7 @@ def print_tables(summary: dict) -> None:
                 print(
                     f"| {model} | {task} | {side} | {', '.join(f'{x:.2f}' for x in e['seconds_per_repeat'])} |"
                     f" {e['setup_seconds']:.2f} | {e['peak_rss_mib']:.0f} | {e['rss_growth_mib']:.0f} |"
+                    f" {e['peak_gpu_mib']:.0f} |"
                     f" {e['mean_response_tokens']:.1f} | {ratio} |"
                 )
 
@@ -245,17 +276,33 @@ def main(argv: list[str] | None = None) -> dict:
     sides = load_sides(args.compare)
     info = machine_info(args.threads)
     started = time.perf_counter()
-    peak_start = matmul_peak_gflops()
+    peak_start = matmul_peak_gflops(device=args.device)
+    bandwidth = copy_bandwidth_gbs(args.device)
+    results, bounds = {}, {}
     with tempfile.TemporaryDirectory() as root:
         if not (args.no_warmup or args.quick):
-            warm_up(sides, root)
-        results = {name: run_model(name, sides, args, root) for name in args.models}
-    peak_end = matmul_peak_gflops()
+            warm_up(sides, args, root)
+        for name in args.models:
+            results[name], workload = run_model(name, sides, args, root)
+            bounds[name] = bandwidth_bounds(workload, bandwidth)
+    peak_end = matmul_peak_gflops(device=args.device)
     peak = max(peak_start, peak_end)
     info.update(matmul_peak_gflops_start=peak_start, matmul_peak_gflops_end=peak_end, load_average_end=os.getloadavg())
-    summary = summarize(results, peak)
-    print(f"\nfp32 matmul peak {peak:.0f} GFLOP/s (start {peak_start:.0f}, end {peak_end:.0f}); {args.threads} threads;"
-          f" load average {info['load_average_start']} -> {info['load_average_end']}")
+    info.update(device=args.device, copy_bandwidth_gbs=bandwidth)
+    if args.device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    summary = summarize(results, peak, bounds)
+    print(f"\nfp32 matmul peak {peak:.0f} GFLOP/s (start {peak_start:.0f}, end {peak_end:.0f}) on {args.device};"
+          f" {args.threads} threads; load average {info['load_average_start']} -> {info['load_average_end']}")
+    if bandwidth is not None:
+        print(f"{info['gpu']}: copy bandwidth {bandwidth:.0f} GB/s; decode bound on response tokens/s (weights read"
+              " once per step): " + "; ".join(f"{m} {t} {b:,.0f}" for m, tb in bounds.items() for t, b in tb.items()))
+        for model, tasks in summary.items():
+            for task, entry in tasks.items():
+                for side in ("ours", "trl"):
+                    if side in entry:
+                        f = entry[side]["phases"]["generate"]["fraction_of_bandwidth_bound"]
+                        print(f"  {model} {task} {side}: generate at {100 * f:.1f}% of that bound")
     print_tables(summary)
     report = {
         "machine": info,

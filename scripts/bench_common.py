@@ -43,6 +43,8 @@ class Workload:
     kl_coef: float = 0.05
     fixed_length: bool = False  # EOS suppressed: every response is max_new_tokens long
     complete_all_samples: bool = False  # ours: draw every sample to its end (no stopping of unselectable ones)
+    device: str = "cpu"  # where both sides run: "cpu" or "cuda"
+    decode: str = "dynamic"  # ours: SamplingConfig.decode (static KV cache / CUDA graphs are options on CUDA)
     matmul_params: int = 0  # weights that take part in matmuls (all but the embedding table and norms)
 
 
@@ -56,6 +58,7 @@ class Measurement:
     useful_flops: dict[str, float] = field(default_factory=dict)  # model FLOPs the phase needs (see useful_flops)
     setup_seconds: float = 0.0  # loading weights, building trainers: reported, not in total
     peak_rss_mib: float = 0.0  # process RSS peak during the side's run, setup included
+    peak_gpu_mib: float = 0.0  # CUDA memory allocated at peak during the side's run (0 on CPU)
     rss_growth_mib: float = 0.0  # that peak minus the process RSS when the side started
 
 
@@ -99,18 +102,26 @@ def useful_flops(w: Workload, kind: str, sequence_tokens: int) -> float:
     return float(per_token * w.matmul_params * sequence_tokens)
 
 
+def synchronize() -> None:
+    """Wait for queued CUDA work, so a phase's wall time includes its kernels (no-op on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 class PhaseClock:
-    """Accumulates wall time per phase name."""
+    """Accumulates wall time per phase name (CUDA work synchronized at both ends)."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        synchronize()
         start = time.perf_counter()
         try:
             yield
         finally:
+            synchronize()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
     def wrap(self, name: str, fn: Callable, on_result: Callable | None = None) -> Callable:
@@ -148,6 +159,9 @@ def current_rss() -> int:
 def rss_peak(measurement: Measurement, interval_s: float = 0.005) -> Iterator[None]:
     """Sample the process RSS in a thread while the block runs; store its peak and growth (MiB)."""
     release_memory()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     start = current_rss()
     peak = [start]
     stop = threading.Event()
@@ -166,18 +180,41 @@ def rss_peak(measurement: Measurement, interval_s: float = 0.005) -> Iterator[No
         peak[0] = max(peak[0], current_rss())
         measurement.peak_rss_mib = peak[0] / 2**20
         measurement.rss_growth_mib = (peak[0] - start) / 2**20
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            measurement.peak_gpu_mib = torch.cuda.max_memory_allocated() / 2**20
 
 
-def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:
-    """This CPU's fp32 matmul throughput (best of ``repeats``), with torch's current thread count."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """This device's fp32 matmul throughput (best of ``repeats``); on CPU with torch's current thread count.
+    On CUDA, fp32 as the benchmark runs it (TF32 as torch's current setting, off by default) and size 8192."""
+    size = 8192 if device == "cuda" else size
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     a @ b  # warm-up
     best = float("inf")
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         a @ b
+        synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
+
+
+def copy_bandwidth_gbs(device: str, mib: int = 1024, repeats: int = 10) -> float | None:
+    """Memory bandwidth of this GPU (GB/s, bytes read + written by a device-to-device copy); None on CPU."""
+    if device != "cuda":
+        return None
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize()
+        start = time.perf_counter()
+        dst.copy_(src)
+        synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * src.numel() / best / 1e9
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,13 +20,13 @@ from bench_common import Measurement, PhaseClock, Workload, rss_peak, useful_flo
 NO_EOS = -1  # an id the sampler never draws: responses run to max_new_tokens (the fixed-length variant)
 
 
-def _trainer(**kwargs):
-    """A quiet CPU Lightning Trainer: no logger, checkpoints, progress bar or summary."""
+def _trainer(device: str, **kwargs):
+    """A quiet one-device Lightning Trainer: no logger, checkpoints, progress bar or summary."""
     import lightning as L
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     return L.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        accelerator=device, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, num_sanity_val_steps=0, **kwargs,
     )
 
@@ -81,7 +81,9 @@ def sft_round(w: Workload, round_index: int) -> Measurement:
         module.configure_model()  # policy + frozen copy, before the clock (TRL's models also load first)
         data = PromptDataModule(w.prompts_file)
         data.load_prompts(module.tokenizer)
-        sampling = SamplingConfig(w.samples_per_prompt, w.max_new_tokens, 1.0, 0, 1.0, w.prompts_per_batch)
+        sampling = SamplingConfig(
+            w.samples_per_prompt, w.max_new_tokens, 1.0, 0, 1.0, w.prompts_per_batch, decode=w.decode
+        )
         callback = SelfVerificationCallback(
             sampling, SelectionConfig(reward="loglik", keep_top_k=1, truncated="keep"),
             sample_from="base", greedy_accuracy=False, seed=round_index, show_progress=False,
@@ -90,7 +92,7 @@ def sft_round(w: Workload, round_index: int) -> Measurement:
         callback.run_round = clock.wrap("round", callback.run_round)
         m.setup_seconds = time.perf_counter() - start
         with _patched(callbacks_module, "generate_samples", _timed_generate(clock, w, counts)), clock.phase("total"):
-            _trainer(max_epochs=1, gradient_clip_val=1.0, callbacks=[callback]).fit(module, datamodule=data)
+            _trainer(w.device, max_epochs=1, gradient_clip_val=1.0, callbacks=[callback]).fit(module, datamodule=data)
     winners = callback.buffer.examples
     _fill_sft(m, w, clock, counts, winners)
     return m
@@ -128,7 +130,7 @@ def rl_step(w: Workload, round_index: int) -> Measurement:
         module = RLSharpeningModule(
             PolicyConfig(model_name_or_path=w.model_path, finetuning="full", dtype="float32", attn_implementation="sdpa"),
             RLConfig(algorithm="online", kl_coef=w.kl_coef, max_grad_norm=1.0),
-            SamplingConfig(w.samples_per_prompt, w.max_new_tokens, 1.0, 0, 1.0, w.rl_prompts),
+            SamplingConfig(w.samples_per_prompt, w.max_new_tokens, 1.0, 0, 1.0, w.rl_prompts, decode=w.decode),
             OptimizerConfig(lr=w.lr, schedule="constant"),
             prompts_per_step=w.rl_prompts,
             seed=round_index,
@@ -141,7 +143,7 @@ def rl_step(w: Workload, round_index: int) -> Measurement:
         with _patched(rl_module, "generate_samples", _timed_generate(clock, w, counts)), _patched(
             rl_module, "sample_logprobs", score
         ), clock.phase("total"):
-            _trainer(max_steps=1, max_epochs=1).fit(module, datamodule=data)
+            _trainer(w.device, max_steps=1, max_epochs=1).fit(module, datamodule=data)
     s = clock.seconds
     m.seconds = {
         "generate": s["generate"], "score": s["score"], "train": s["total"] - s["generate"] - s["score"], "total": s["total"]

@@ -21,23 +21,24 @@ from bench_common import Measurement, PhaseClock, Workload, left_pad, rss_peak, 
 
 
 def _load(w: Workload):
-    """(model, tokenizer) from the workload's path, fp32, sdpa attention."""
+    """(model, tokenizer) from the workload's path, fp32, sdpa attention, on the workload's device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(w.model_path, dtype=torch.float32, attn_implementation="sdpa")
-    return model, AutoTokenizer.from_pretrained(w.model_path)
+    return model.to(w.device), AutoTokenizer.from_pretrained(w.model_path)
 
 
 @torch.inference_mode()
 def sequence_logliks(model, prompt_rows: list[list[int]], completion_rows: list[list[int]], pad_id: int) -> torch.Tensor:
     """log p(completion | prompt) per row with a plain HF forward over [prompt | completion]: [R]."""
-    prompt_ids, prompt_mask = left_pad(prompt_rows, pad_id)
+    prompt_ids, prompt_mask = (t.to(model.device) for t in left_pad(prompt_rows, pad_id))
     width = max(max(len(c) for c in completion_rows), 1)
     completion_ids = torch.full((len(completion_rows), width), pad_id, dtype=torch.long)
     completion_mask = torch.zeros(len(completion_rows), width, dtype=torch.bool)
     for i, c in enumerate(completion_rows):
         completion_ids[i, : len(c)] = torch.tensor(c, dtype=torch.long)
         completion_mask[i, : len(c)] = True
+    completion_ids, completion_mask = completion_ids.to(model.device), completion_mask.to(model.device)
     attention_mask = torch.cat([prompt_mask, completion_mask], 1).long()  # [R, P+T]
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     logits = model(
@@ -69,7 +70,8 @@ def _generate(model, tok, w: Workload, prompt_rows: list[list[int]], seed: int) 
     extra = {"min_new_tokens": w.max_new_tokens} if w.fixed_length else {}
     completions = []
     for start in range(0, len(prompt_rows), w.prompts_per_batch):
-        ids, mask = left_pad(prompt_rows[start : start + w.prompts_per_batch], tok.pad_token_id)
+        rows = prompt_rows[start : start + w.prompts_per_batch]
+        ids, mask = (t.to(model.device) for t in left_pad(rows, tok.pad_token_id))
         with torch.inference_mode():
             out = model.generate(
                 input_ids=ids, attention_mask=mask.long(), do_sample=True, num_return_sequences=w.samples_per_prompt,
@@ -106,7 +108,8 @@ def _sft_train(model, tok, w: Workload, prompt_rows, winners, seed: int) -> None
             output_dir=out, per_device_train_batch_size=w.sft_batch_size, num_train_epochs=1, learning_rate=w.lr,
             lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False,
             gradient_checkpointing=False, completion_only_loss=True, packing=False, max_length=None,
-            report_to="none", save_strategy="no", logging_steps=1000, disable_tqdm=True, use_cpu=True, seed=seed,
+            report_to="none", save_strategy="no", logging_steps=1000, disable_tqdm=True, use_cpu=w.device == "cpu",
+            seed=seed,
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
         _silence(trainer)
@@ -182,7 +185,8 @@ def _grpo_trainer(w: Workload, tok, reward, round_index: int, out: str):
         temperature=1.0, top_k=0, top_p=1.0, bf16=False, fp16=False, gradient_checkpointing=False,
         generation_kwargs={"min_new_tokens": w.max_new_tokens} if w.fixed_length else None,
         model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"},
-        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=True, seed=round_index,
+        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=w.device == "cpu",
+        seed=round_index,
     )
     data = Dataset.from_dict({"prompt": w.prompt_texts[: w.rl_prompts]})
     return GRPOTrainer(model=w.model_path, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok)

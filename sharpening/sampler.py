@@ -44,6 +44,7 @@ class SamplingConfig:
 
 DECODE_MODES = ("dynamic", "static", "compiled")
 STATIC_CACHE_MULTIPLE = 64  # static KV cache length is rounded up to this, so similar prompt lengths share a shape
+STATIC_DONE_CHECK = 8  # on CUDA the fixed-shape loop checks for "every row ended" every this many steps
 
 
 def validate_sampling_config(cfg: SamplingConfig, option: str) -> list[str]:
@@ -115,11 +116,14 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 def _draw(logits: torch.Tensor, rows: torch.Tensor, generators: list[torch.Generator], n: int, cfg: SamplingConfig):
     """One token per live row by the Gumbel-max trick. ``rows`` [A] are the live rows' original indices
     (row r belongs to prompt r // n). Each prompt with a live row draws its full [n, V] noise block from its
-    own generator every step, so a row's token does not depend on which rows were dropped. [A, V] -> [A]."""
+    own generator every step, so a row's token does not depend on which rows were dropped. A prompt with no
+    live row left never reads its stream again: on CPU its block is skipped; on CUDA it is drawn anyway, since
+    finding the live prompts would wait for the GPU every step. [A, V] -> [A]."""
     if cfg.temperature == 0:
         return logits.argmax(-1)
     scaled = filter_logits(logits / cfg.temperature, cfg.top_k, cfg.top_p)
-    vocab, live_prompts = logits.shape[-1], set((rows // n).tolist())
+    vocab = logits.shape[-1]
+    live_prompts = range(len(generators)) if _avoid_syncs(logits.device) else set((rows // n).tolist())
     blocks = [
         torch.rand(n, vocab, generator=g, device=logits.device) if b in live_prompts
         else torch.zeros(n, vocab, device=logits.device)  # finished prompt: its stream is no longer used
@@ -191,20 +195,24 @@ def generate_samples(
     for step in range(cfg.max_new_tokens):
         token = _draw(logits, rows, generators, n, cfg)  # [A]
         token_logprob = logits.log_softmax(-1).gather(-1, token[:, None]).squeeze(-1)  # [A]
-        live = rows[~done]
-        tokens.append(torch.full((total,), pad_token_id, device=device).index_put((live,), token[~done]))
-        logprobs.append(torch.zeros(total, device=device).index_put((live,), token_logprob[~done]))
-        valid.append(torch.zeros(total, dtype=torch.bool, device=device).index_fill(0, live, True))
-        ended = ~done & torch.isin(token, eos)
-        finished[rows[ended]] = True
+        # per batch row -> per original row by index (no boolean indexing: it would wait for the GPU)
+        live = ~done
+        tokens.append(_by_row(torch.where(live, token, pad_token_id), rows, total, pad_token_id))
+        logprobs.append(_by_row(torch.where(live, token_logprob, 0.0), rows, total, 0.0))
+        valid.append(_by_row(live, rows, total, False))
+        ended = live & torch.isin(token, eos)
+        finished.index_put_((rows,), finished.index_select(0, rows) | ended)
         if stop_unselectable > 0:
             running = running + torch.where(done, torch.zeros_like(token_logprob), token_logprob)
-            end_scores[rows[ended]] = running[ended]
-            hopeless = ~done & ~ended & _unselectable(running, rows, end_scores.view(-1, n), stop_unselectable)
-            pruned[rows[hopeless]] = True
+            end_scores.index_put_((rows,), torch.where(ended, running, end_scores.index_select(0, rows)))
+            hopeless = live & ~ended & _unselectable(running, rows, end_scores.view(-1, n), stop_unselectable)
+            pruned.index_put_((rows,), pruned.index_select(0, rows) | hopeless)
             ended = ended | hopeless
         done = done | ended
-        if bool(done.all()) or step == cfg.max_new_tokens - 1:
+        if step == cfg.max_new_tokens - 1:
+            break
+        look = not (static and _avoid_syncs(device)) or step % STATIC_DONE_CHECK == STATIC_DONE_CHECK - 1
+        if look and bool(done.all()):  # on CUDA the fixed-shape loop looks every few steps: it waits for the GPU
             break
         if compact_finished and int(done.sum()) >= max(1, done.numel() // 4):
             keep = (~done).nonzero().squeeze(-1)  # [A'] rows that go on
@@ -218,16 +226,28 @@ def generate_samples(
         logits = decode_step(input_ids=token[:, None], attention_mask=mask, position_ids=next_position, cache=cache)
         next_position = next_position + 1
 
-    b = len(prompts)
+    b, valid = len(prompts), torch.stack(valid, -1)  # [B*N, T]
+    width = int(valid.any(0).nonzero().max()) + 1  # steps run after every row ended hold no token
     return SampleBatch(
         prompts=prompts,
-        response_ids=torch.stack(tokens, -1).view(b, n, -1),  # [B*N, T] -> [B, N, T]
-        response_mask=torch.stack(valid, -1).view(b, n, -1),
-        logprobs=torch.stack(logprobs, -1).view(b, n, -1),
+        response_ids=torch.stack(tokens, -1)[:, :width].reshape(b, n, -1),  # [B*N, T] -> [B, N, T]
+        response_mask=valid[:, :width].reshape(b, n, -1),
+        logprobs=torch.stack(logprobs, -1)[:, :width].reshape(b, n, -1),
         truncated=(~finished & ~pruned).view(b, n),
         exact_draws=is_exact_sampling(cfg.temperature, cfg.top_k, cfg.top_p),
         pruned=pruned.view(b, n) if stop_unselectable > 0 else None,
     )
+
+
+def _avoid_syncs(device: torch.device) -> bool:
+    """True where reading a value back from the device waits for it (CUDA): the loop then skips optional
+    checks whose outcome does not change the draws."""
+    return device.type != "cpu"
+
+
+def _by_row(values: torch.Tensor, rows: torch.Tensor, total: int, fill) -> torch.Tensor:
+    """Per-batch-row ``values`` [A] placed at their original rows ``rows`` [A] of a [total] tensor of ``fill``."""
+    return torch.full((total,), fill, dtype=values.dtype, device=values.device).index_put_((rows,), values)
 
 
 def _static_cache_length(prompt_len: int, max_new_tokens: int) -> int:

@@ -557,6 +557,21 @@ def test_static_decode_draws_as_dynamic(eos_likely_model, cfg, stop_unselectable
     assert decode_shapes == {(6 * 6, 64)}, decode_shapes
 
 
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_sync_free_loop_draws_the_same(eos_likely_model, decode, monkeypatch):
+    """What the loop skips on CUDA (finding live prompts, checking "every row ended" each step) changes no
+    output: run here on CPU with those skips forced on."""
+    import sharpening.sampler as sampler
+
+    prompts = _prompts(PROMPTS * 2, [4, 9, 2, 7, 5, 3])
+    cfg = SamplingConfig(samples_per_prompt=6, max_new_tokens=60, prompts_per_batch=6, decode=decode)
+    want = generate_samples(eos_likely_model, prompts, cfg, [EOS, 3], PAD, seed=2, stop_unselectable=2)
+    monkeypatch.setattr(sampler, "_avoid_syncs", lambda device: True)
+    got = generate_samples(eos_likely_model, prompts, cfg, [EOS, 3], PAD, seed=2, stop_unselectable=2)
+    _assert_same_draws(got, want)
+    assert want.response_ids.shape[-1] < 60 and not want.truncated.any()  # every row ended before the limit
+
+
 def test_static_cache_length_covers_every_fed_back_token():
     from sharpening.sampler import _static_cache_length
 

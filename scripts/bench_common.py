@@ -102,9 +102,14 @@ def useful_flops(w: Workload, kind: str, sequence_tokens: int) -> float:
     return float(per_token * w.matmul_params * sequence_tokens)
 
 
+def cuda_in_use() -> bool:
+    """True once this process has started CUDA (a --device cuda run)."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def synchronize() -> None:
     """Wait for queued CUDA work, so a phase's wall time includes its kernels (no-op on CPU)."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if cuda_in_use():
         torch.cuda.synchronize()
 
 
@@ -159,7 +164,7 @@ def current_rss() -> int:
 def rss_peak(measurement: Measurement, interval_s: float = 0.005) -> Iterator[None]:
     """Sample the process RSS in a thread while the block runs; store its peak and growth (MiB)."""
     release_memory()
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if cuda_in_use():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     start = current_rss()
@@ -180,7 +185,7 @@ def rss_peak(measurement: Measurement, interval_s: float = 0.005) -> Iterator[No
         peak[0] = max(peak[0], current_rss())
         measurement.peak_rss_mib = peak[0] / 2**20
         measurement.rss_growth_mib = (peak[0] - start) / 2**20
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if cuda_in_use():
             measurement.peak_gpu_mib = torch.cuda.max_memory_allocated() / 2**20
 
 

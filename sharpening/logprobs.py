@@ -151,13 +151,89 @@ def response_logprobs(
     return out
 
 
-def sample_logprobs(model: torch.nn.Module, samples: SampleBatch, chunk_size: int = 256) -> torch.Tensor:
+def shared_prompt_problem(model: torch.nn.Module) -> str | None:
+    """Why ``group_response_logprobs`` cannot run the prompt once per group for ``model`` right now; None
+    when it can. The caller then scores every row with its own copy of the prompt (same values).
+
+    Gradient checkpointing drops the KV cache in training (transformers' checkpointed layers set
+    ``past_key_values=None``, and a replayed layer would append to it twice), and layers with a sliding
+    window or chunked attention keep only part of the cache, so both take the one-pass path.
+    """
+    if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
+        return "gradient checkpointing is on (it drops the KV cache in training)"
+    if _windowed_attention(model.config):
+        return "sliding-window or chunked attention layers"
+    return None
+
+
+def _windowed_attention(config) -> bool:
+    """True when some attention layer sees only a window or chunk of the sequence (not full causal)."""
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    windowed = getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
+    return bool(windowed) or layer_types != {"full_attention"}
+
+
+def group_response_logprobs(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    chunk_size: int = 256,
+) -> torch.Tensor:
+    """``response_logprobs`` for N responses per prompt, with each prompt run once, not N times.
+
+    The decoder runs over the B prompts with a KV cache; the cache is repeated to the B*N rows (under
+    grad the repeat sums the rows' gradients back into the prompt's keys and values), and a second
+    decoder call runs the responses against it. The last prompt position's hidden state predicts every
+    row's first response token. Same values as ``response_logprobs`` on the flattened rows, up to float
+    rounding; the prompt part costs B instead of B*N rows (forward and backward). Check
+    ``shared_prompt_problem(model)`` first.
+
+    prompt_ids/prompt_mask: [B, P] left-padded; response_ids/response_mask: [B, N, T] right-padded.
+    Returns [B, N, T] float32.
+    """
+    b, n, t = response_ids.shape
+    decoder = model.get_decoder()
+    mask = prompt_mask.long()
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
+    prompt_out = decoder(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    cache = prompt_out.past_key_values
+    cache.batch_repeat_interleave(n)  # [B, ...] -> [B*N, ...]
+    flat_ids, flat_mask = response_ids.reshape(b * n, t), response_mask.reshape(b * n, t)  # [B, N, T] -> [B*N, T]
+    first = positions[:, -1:].repeat_interleave(n, 0) + 1  # [B*N, 1]: the first response position
+    hidden = decoder(
+        input_ids=flat_ids,
+        attention_mask=torch.cat([mask.repeat_interleave(n, 0), flat_mask.long()], dim=1),  # [B*N, P+T]
+        position_ids=first + torch.arange(t, device=first.device),  # [B*N, T]
+        past_key_values=cache,
+        use_cache=True,
+    ).last_hidden_state  # [B*N, T, H]
+    last_prompt = prompt_out.last_hidden_state[:, -1:].repeat_interleave(n, 0)  # [B*N, 1, H]
+    predicting = torch.cat([last_prompt, hidden[:, :-1]], dim=1)  # [B*N, T, H]: state before token t
+    out = torch.zeros(flat_ids.shape, dtype=torch.float32, device=flat_ids.device)  # [B*N, T]
+    flat_targets = flat_ids[flat_mask]  # [M]
+    if flat_targets.numel():
+        logprobs = _chunked_logprobs(model, predicting[flat_mask], flat_targets, chunk_size)  # [M]
+        out = out.masked_scatter(flat_mask, logprobs)
+    return out.view(b, n, t)  # [B*N, T] -> [B, N, T]
+
+
+def sample_logprobs(
+    model: torch.nn.Module, samples: SampleBatch, chunk_size: int = 256, share_prompt: bool = True
+) -> torch.Tensor:
     """Teacher-forced per-token log-probs of every sample under ``model``: [B, N, T] float32.
 
-    Uses exactly the prompt ids the samples were drawn from (SPEC 4.1).
+    Uses exactly the prompt ids the samples were drawn from (SPEC 4.1). With ``share_prompt`` (and N > 1,
+    and no ``shared_prompt_problem``) each prompt runs once for its N samples (``group_response_logprobs``);
+    otherwise every sample row carries its own copy of the prompt. Gradients flow when called under grad.
     """
     b, n, t = samples.response_ids.shape
     prompts = samples.prompts
+    if share_prompt and n > 1 and t > 0 and shared_prompt_problem(model) is None:
+        return group_response_logprobs(
+            model, prompts.prompt_ids, prompts.prompt_mask, samples.response_ids, samples.response_mask, chunk_size
+        )
     flat = response_logprobs(
         model,
         prompts.prompt_ids.repeat_interleave(n, 0),  # [B, P] -> [B*N, P]
@@ -191,9 +267,7 @@ def packing_problem(model: torch.nn.Module) -> str | None:
         return f"attention {attention!r} is not one of {', '.join(PACKED_ATTENTION)}"
     if attention == "flash_attention_2":
         return None
-    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    windowed = getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
-    if windowed or layer_types != {"full_attention"}:
+    if _windowed_attention(config):
         return f"sliding-window or chunked attention layers under {attention!r} (use flash_attention_2)"
     return None
 

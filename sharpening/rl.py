@@ -5,7 +5,8 @@ The optimum is pi*_beta proportional to pi_base^(1 + 1/beta). Three algorithms:
 - ``online`` (default): each step samples G responses per prompt from the current policy, computes the
   reward log pi_base(y|x) AND the KL from ONE frozen-base pass over the group, uses a group baseline,
   and takes ``inner_updates`` clipped importance-weighted steps. With one update the ratio is 1 and no
-  second policy forward is made.
+  second policy forward is made. Base and policy passes run each prompt once for its group
+  (``sample_logprobs``: the prompt's KV cache is shared by the G responses).
 - ``offline``: the paper's Eq. 8 squared regression on pairs (y, y') both drawn from the base by the
   SelfVerificationCallback (which keeps all N samples for this module).
 - ``xpo``: paper Algorithm 1. Each step is a round: y ~ policy and y' ~ base per prompt are appended to
@@ -213,14 +214,14 @@ class RLSharpeningModule(PolicyModule):
         old_seq = (samples.logprobs * mask).sum(-1)  # sampler's log pi(y): exact draws, so free
         rewards = kl_regularized_rewards(base_seq, old_seq, rl.kl_coef) if rl.kl_estimator == "sequence" else base_seq
         advantages = group_advantages(rewards, rl.baseline, rl.normalize_advantages).flatten()  # [B, G] -> [B*G]
-        rows = _flatten(samples)
-        for _ in range(rl.inner_updates):
-            logprobs = response_logprobs(self.policy, *rows, chunk_size=self.logprob_chunk_size)  # [B*G, T]
+        mask = mask.flatten(0, 1)  # [B, G, T] -> [B*G, T]
+        for _ in range(rl.inner_updates):  # each prompt runs once for its group (sample_logprobs)
+            logprobs = sample_logprobs(self.policy, samples, self.logprob_chunk_size).flatten(0, 1)  # [B*G, T]
             # one update: the ratio is exactly 1 (no second policy forward); more: ratio to the sampler's
             old = logprobs.detach() if rl.inner_updates == 1 else samples.logprobs.flatten(0, 1)  # [B*G, T]
             k3 = rl.kl_coef if rl.kl_estimator == "k3" else 0.0
             loss = policy_gradient_loss(
-                logprobs, old, advantages, rows[3], rl.clip_ratio, base_lp.flatten(0, 1), k3
+                logprobs, old, advantages, mask, rl.clip_ratio, base_lp.flatten(0, 1), k3
             )
             self._update(loss)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(prompts))
@@ -381,14 +382,3 @@ def _to_device(prompts: PromptBatch, device: torch.device) -> PromptBatch:
         prompt_indices=prompts.prompt_indices.to(device),
     )
 
-
-def _flatten(samples: SampleBatch) -> tuple[torch.Tensor, ...]:
-    """(prompt_ids, prompt_mask, response_ids, response_mask) with one row per sample: [B, N, ...] -> [B*N, ...]."""
-    n = samples.samples_per_prompt
-    prompts = samples.prompts
-    return (
-        prompts.prompt_ids.repeat_interleave(n, 0),
-        prompts.prompt_mask.repeat_interleave(n, 0),
-        samples.response_ids.flatten(0, 1),
-        samples.response_mask.flatten(0, 1),
-    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharpening.logprobs import response_logprobs, sample_logprobs
+from sharpening.logprobs import response_logprobs, sample_logprobs, shared_prompt_problem
 from sharpening.prompts import pad_prompts
 from sharpening.types import PromptBatch, SampleBatch
 
@@ -185,6 +185,79 @@ def test_sample_logprobs_shape_and_values(tiny_model, batch):
         rows = [response_ids[i, j][response_mask[i, j]].tolist() for j in range(n)]
         want = _reference_logprobs(tiny_model, [PROMPTS[i]] * n, rows, t)
         torch.testing.assert_close(got[i], want, atol=1e-5, rtol=0)
+
+
+def _group_samples(prompts: PromptBatch, n: int = 3, t: int = 5, seed: int = 0) -> SampleBatch:
+    """N random responses per prompt of random lengths (0..t tokens: some rows are all padding)."""
+    b = len(prompts)
+    gen = torch.Generator().manual_seed(seed)
+    response_mask = torch.arange(t)[None, None, :] < torch.randint(0, t + 1, (b, n, 1), generator=gen)  # [B, N, T]
+    response_ids = torch.where(response_mask, torch.randint(3, 24, (b, n, t), generator=gen), PAD)
+    return SampleBatch(
+        prompts, response_ids, response_mask, torch.zeros(b, n, t), torch.zeros(b, n, dtype=torch.bool), True
+    )
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_shared_prompt_equals_a_prompt_copy_per_sample_in_values_and_gradients(tiny_model_path, batch, attention):
+    """Each prompt runs once for its N samples (KV cache repeated); values and gradients are those of the
+    one-row-per-sample pass, with left-padded prompts and empty responses in the batch."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation=attention)
+    samples = _group_samples(batch[0])
+    assert shared_prompt_problem(model) is None
+    params = [p for p in model.parameters() if p.requires_grad]
+    results = {}
+    for share in (True, False):
+        got = sample_logprobs(model, samples, chunk_size=4, share_prompt=share)
+        results[share] = (got.detach(), torch.autograd.grad((got * got.detach()).sum(), params, allow_unused=True))
+    torch.testing.assert_close(results[True][0], results[False][0], atol=1e-5, rtol=0)
+    assert (results[True][0][~samples.response_mask] == 0).all()
+    for shared, flat in zip(results[True][1], results[False][1]):
+        assert (shared is None) == (flat is None)
+        if flat is not None:
+            torch.testing.assert_close(shared, flat, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompt_runs_each_prompt_once(tiny_model, batch):
+    """Token positions through the decoder: B*P + B*N*T with the shared prompt, B*N*(P+T) without."""
+    samples = _group_samples(batch[0], n=4)
+    (b, p), (_, n, t) = samples.prompts.prompt_ids.shape, samples.response_ids.shape
+    seen = []
+    hook = tiny_model.get_input_embeddings().register_forward_hook(lambda m, i, out: seen.append(out.shape[:2].numel()))
+    try:
+        with torch.no_grad():
+            sample_logprobs(tiny_model, samples)
+            shared = sum(seen)
+            seen.clear()
+            sample_logprobs(tiny_model, samples, share_prompt=False)
+    finally:
+        hook.remove()
+    assert (shared, sum(seen)) == (b * p + b * n * t, b * n * (p + t))
+
+
+def test_shared_prompt_gives_way_to_gradient_checkpointing_and_sliding_windows(tiny_model_path, batch):
+    """Checkpointed layers drop the KV cache in training, and windowed layers keep part of it: both take
+    the one-row-per-sample pass, with the same values."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    assert "gradient checkpointing" in shared_prompt_problem(model)
+    samples = _group_samples(batch[0])
+    got = sample_logprobs(model, samples)
+    model.eval()
+    assert shared_prompt_problem(model) is None  # no replay outside training
+    with torch.no_grad():
+        torch.testing.assert_close(got.detach(), sample_logprobs(model, samples, share_prompt=False), atol=1e-5, rtol=0)
+    windowed = transformers.MistralConfig(
+        vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, sliding_window=4,
+    )
+    assert "sliding-window" in shared_prompt_problem(transformers.MistralForCausalLM(windowed))
 
 
 def _tiny_family_model(family: str):

@@ -42,7 +42,7 @@ from sharpening.logprobs import sample_logprobs
 from sharpening.policy import frozen_base, resolve_dtype, select_attn_implementation
 from sharpening.prompts import PromptDataModule
 from sharpening.rewards import extract_answers, loglik_reward
-from sharpening.sampler import SamplingConfig, decode_responses, generate_samples
+from sharpening.sampler import SamplingConfig, decode_device_problems, decode_responses, generate_samples
 from sharpening.tasks.extractors import answers_match, resolve_extractor
 from sharpening.types import SampleBatch
 
@@ -137,8 +137,8 @@ def draw_batch(ctx: DrawContext, prompts, kind: str, seed: int) -> SeedDraws:
     """One prompt batch of one seed (kind=sample) or of the greedy run (kind=greedy), from the cache if there."""
     p = ctx.protocol
     greedy = kind == "greedy"
-    cfg = SamplingConfig(1 if greedy else p.n_max, p.max_new_tokens, 0.0 if greedy else p.temperature)
-    settings = {k: v for k, v in asdict(cfg).items() if k != "prompts_per_batch"}
+    cfg = SamplingConfig(1 if greedy else p.n_max, p.max_new_tokens, 0.0 if greedy else p.temperature, decode=p.decode)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("prompts_per_batch", "decode")}  # same draws
     texts = [ctx.data.prompt_texts[i] for i in prompts.prompt_indices.tolist()]
     eos, pad = ctx.tokenizer.eos_token_id, ctx.tokenizer.pad_token_id
     path = ctx.cache.path(kind, seed, settings, prompts, texts)
@@ -188,6 +188,8 @@ def measure(model_cfg: EvalModelConfig, protocol: ProtocolConfig, data_args: dic
     tokenizer = load_tokenizer_for(model_cfg, model_path, adapter)
     data.load_prompts(tokenizer)  # missing columns and empty files fail here, still before any weights load
     device = resolve_device(model_cfg.device)
+    compiled_off_cuda = decode_device_problems(SamplingConfig(decode=protocol.decode), device, "--protocol", gpu_option="--model.device cuda")
+    raise_if_problems(compiled_off_cuda)
     model, base = load_models(model_cfg, model_path, adapter, device)
     identity = model_identity(model_cfg, model_path, adapter, next(model.parameters()).dtype)
     cache = DrawCache(cache_dir, {"model": identity["fingerprint"], "adapter": identity["adapter_fingerprint"],

@@ -60,6 +60,8 @@ class ProtocolConfig:
     """Sampling temperature; 1.0 (the protocol) draws exactly from the model. Other values are rescored."""
     prompts_per_batch: int = 8
     """Prompts sampled together (each with its N_max draws); lower it when memory runs out."""
+    decode: Literal["dynamic", "static", "compiled"] = "dynamic"
+    """Decode loop (same draws, other speed): dynamic on CPU; compiled (static KV cache + CUDA graphs) on CUDA."""
     answer_extractor: str = "strip"
     """Answer extraction: strip, last_number, gsm8k, boxed, choice, bool, or an import path (pkg.mod:func)."""
     truncated: Literal["drop", "keep", "penalize"] = "drop"
@@ -128,6 +130,7 @@ def validate_protocol_config(cfg: ProtocolConfig, option: str = "--protocol") ->
         max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature,
         prompts_per_batch=cfg.prompts_per_batch,
+        decode=cfg.decode,
     )
     problems += [p for p in validate_sampling_config(sampling, option) if ".samples_per_prompt" not in p]
     if cfg.temperature == 0:

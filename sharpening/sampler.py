@@ -70,15 +70,18 @@ def validate_sampling_config(cfg: SamplingConfig, option: str) -> list[str]:
     return problems
 
 
-def decode_device_problems(cfg: SamplingConfig, device: torch.device, option: str, sharded: bool = False) -> list[str]:
+def decode_device_problems(
+    cfg: SamplingConfig, device: torch.device, option: str, sharded: bool = False,
+    gpu_option: str = "--trainer.accelerator gpu",
+) -> list[str]:
     """``cfg.decode`` against the device the run generates on and its strategy, known once the Trainer is
-    set up (before any weights load)."""
+    set up (before any weights load). ``gpu_option``: how the user's command asks for a GPU."""
     if cfg.decode != "compiled":
         return []
     if torch.device(device).type != "cuda":
         return [
             f"{option}.decode=compiled: CUDA graphs need a CUDA device, but this run generates on {device}; "
-            f"use {option}.decode=static or dynamic, or run on a GPU (--trainer.accelerator gpu)"
+            f"use {option}.decode=static or dynamic, or run on a GPU ({gpu_option})"
         ]
     if sharded:
         return [

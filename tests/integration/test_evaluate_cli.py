@@ -203,6 +203,19 @@ def test_a_rerun_draws_nothing_new(tiny_model_path, tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
+def test_the_static_decode_loop_gives_the_same_evaluation(tiny_model_path, tmp_path):
+    """--protocol.decode only changes how the draws are computed: the same draws, so the same accuracies;
+    log-likelihoods agree to float rounding (the static loop attends through a longer, masked cache)."""
+    dynamic = evaluate(tiny_model_path, tmp_path / "dynamic")
+    static = evaluate(tiny_model_path, tmp_path / "static", "--protocol.decode=static")
+    assert static["loglik_histogram"] == dynamic["loglik_histogram"]
+    assert [row.keys() for row in static["table"]] == [row.keys() for row in dynamic["table"]]
+    for got, want in zip(static["table"], dynamic["table"]):
+        for key, value in want.items():
+            loglik = "loglik" in key and value is not None
+            assert got[key] == (pytest.approx(value, rel=1e-5, abs=1e-5) if loglik else value), (got["method"], key)
+
+
 def _no_weights(monkeypatch):
     import sharpening.evaluate as evaluate_module
 
@@ -233,6 +246,7 @@ def test_a_non_empty_output_dir_is_refused(tiny_model_path, tmp_path, monkeypatc
         ("--data.prompt_column=question", "no such column"),
         ("--model.model_name_or_path=./no/such/model", "no such directory"),
         ("--model.score_with=base", "--model.score_with=base: no base"),
+        ("--protocol.decode=compiled", "--protocol.decode=compiled: CUDA graphs need a CUDA device"),
     ],
 )
 def test_bad_input_fails_before_weights_load(override, fragment, tiny_model_path, tmp_path, monkeypatch):

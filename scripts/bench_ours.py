@@ -15,6 +15,8 @@ import logging
 import time
 from typing import Iterator
 
+import torch
+
 from bench_common import Measurement, PhaseClock, Workload, rss_peak, useful_flops
 
 NO_EOS = -1  # an id the sampler never draws: responses run to max_new_tokens (the fixed-length variant)
@@ -118,6 +120,17 @@ def _fill_sft(m: Measurement, w: Workload, clock: PhaseClock, counts: dict[str, 
     }
 
 
+def _base_pass_timed(clock: PhaseClock, sample_logprobs):
+    """``sample_logprobs`` timed as ``score`` when it is the frozen-base pass (no grad); the policy's pass
+    under grad calls the same function and belongs to ``train``."""
+    timed = clock.wrap("score", sample_logprobs)
+
+    def score(*args, **kwargs):
+        return (sample_logprobs if torch.is_grad_enabled() else timed)(*args, **kwargs)
+
+    return score
+
+
 def rl_step(w: Workload, round_index: int) -> Measurement:
     """One online RL-sharpening step: G samples per prompt from the policy, one base pass, one update."""
     import sharpening.rl as rl_module
@@ -139,7 +152,7 @@ def rl_step(w: Workload, round_index: int) -> Measurement:
         data = PromptDataModule(w.prompts_file, max_prompts=w.rl_prompts)
         data.load_prompts(module.tokenizer)
         m.setup_seconds = time.perf_counter() - start
-        score = clock.wrap("score", rl_module.sample_logprobs)
+        score = _base_pass_timed(clock, rl_module.sample_logprobs)
         with _patched(rl_module, "generate_samples", _timed_generate(clock, w, counts)), _patched(
             rl_module, "sample_logprobs", score
         ), clock.phase("total"):

@@ -50,6 +50,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--complete-all-samples", action="store_true",
         help="ours: draw every SFT sample to its end (turn off stopping samples that cannot be kept)",
     )
+    parser.add_argument(
+        "--few-shot", type=int, default=0, metavar="K",
+        help="prefix every prompt with the same K worked sums (about 9 tokens each): long shared prompts",
+    )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run")
     parser.add_argument(
         "--decode", choices=("dynamic", "static", "compiled"), default="dynamic",
@@ -63,6 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--decode=compiled needs --device=cuda (got --device={args.device}); use --decode=static or dynamic")
     if args.quick:
         args.models, args.prompts, args.repeats = ["tiny"], 8, 1
+    if args.few_shot < 0:
+        parser.error(f"--few-shot={args.few_shot}: must be >= 0 (0 = the plain 'a+b=' prompts)")
     if args.repeats < 1 or args.prompts < 8:
         parser.error(f"--repeats={args.repeats} must be >= 1 and --prompts={args.prompts} >= 8 (an RL step uses 8)")
     return args
@@ -101,7 +107,7 @@ def quiet() -> None:
 
 def run_model(name: str, sides: dict, args: argparse.Namespace, root: str) -> tuple[dict, Workload]:
     """All repetitions for one model: ({task: {side: [Measurement per repetition]}}, workload), sides alternating."""
-    workload = build_workload(name, root, args.prompts, args.fixed_length)
+    workload = build_workload(name, root, args.prompts, args.fixed_length, few_shot=args.few_shot)
     workload.complete_all_samples, workload.device, workload.decode = args.complete_all_samples, args.device, args.decode
     results = {task: {side: [] for side in sides} for task in TASKS}
     order = list(sides)

@@ -62,8 +62,18 @@ class Measurement:
     rss_growth_mib: float = 0.0  # that peak minus the process RSS when the side started
 
 
-def build_workload(name: str, root: str, prompts: int, fixed_length: bool = False, seed: int = 0) -> Workload:
-    """Save the ``name`` Llama (random, seeded) and its character tokenizer under ``root``; write the prompts."""
+def few_shot_prefix(examples: int, seed: int = 1) -> str:
+    """``examples`` worked sums separated by spaces ("12+34=46 ..."), the same for every prompt: a few-shot prompt."""
+    rng = random.Random(seed)
+    pairs = [(rng.randint(1, 99), rng.randint(1, 99)) for _ in range(examples)]
+    return "".join(f"{a}+{b}={a + b} " for a, b in pairs)
+
+
+def build_workload(
+    name: str, root: str, prompts: int, fixed_length: bool = False, seed: int = 0, few_shot: int = 0
+) -> Workload:
+    """Save the ``name`` Llama (random, seeded) and its character tokenizer under ``root``; write the prompts
+    (each after ``few_shot`` worked examples when asked: long prompts that every sample of a prompt shares)."""
     import json
 
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -71,9 +81,10 @@ def build_workload(name: str, root: str, prompts: int, fixed_length: bool = Fals
     from sharpening.tasks.chars import build_char_tokenizer
 
     tokenizer = build_char_tokenizer(CHARS)
+    prefix = few_shot_prefix(few_shot)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        max_position_embeddings=128,
+        max_position_embeddings=128 + 64 * -(-len(prefix) // 64),  # room for the prefix, 128 without one
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
@@ -86,7 +97,7 @@ def build_workload(name: str, root: str, prompts: int, fixed_length: bool = Fals
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     rng = random.Random(seed)
-    texts = [f"{rng.randint(1, 99)}+{rng.randint(1, 99)}=" for _ in range(prompts)]
+    texts = [f"{prefix}{rng.randint(1, 99)}+{rng.randint(1, 99)}=" for _ in range(prompts)]
     prompts_file = os.path.join(root, f"{name}-prompts.jsonl")
     with open(prompts_file, "w") as f:
         f.writelines(json.dumps({"prompt": t}) + "\n" for t in texts)

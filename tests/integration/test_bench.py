@@ -32,3 +32,23 @@ def test_quick_benchmark_reports_every_phase_without_trl():
         assert ours["phases"]["train"]["fraction_of_peak"] > 0
         assert ours["peak_rss_mib"] > 0
     assert report["sft_round_speedup"] is None and report["rl_step_speedup"] is None
+
+
+def test_few_shot_workload_shares_one_long_prefix_and_fits_the_model(tmp_path):
+    """--few-shot K: every prompt starts with the same K worked sums; the model's positions cover prompt + 32."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        from bench_common import build_workload, few_shot_prefix
+    finally:
+        sys.path.pop(0)
+    from transformers import AutoConfig, AutoTokenizer
+
+    prefix = few_shot_prefix(16)
+    assert prefix.count("=") == 16 and len(prefix) > 128  # longer than the plain workload's position budget
+    w = build_workload("tiny", str(tmp_path), 8, few_shot=16)
+    assert all(t.startswith(prefix) and t.count("=") == 17 for t in w.prompt_texts)
+    tokenizer = AutoTokenizer.from_pretrained(w.model_path)
+    longest = max(len(tokenizer(t).input_ids) for t in w.prompt_texts)
+    assert AutoConfig.from_pretrained(w.model_path).max_position_embeddings >= longest + w.max_new_tokens
+    plain = build_workload("tiny", str(tmp_path / "plain"), 8)
+    assert AutoConfig.from_pretrained(plain.model_path).max_position_embeddings == 128  # the default is unchanged

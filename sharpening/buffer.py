@@ -106,23 +106,44 @@ def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
     return rows
 
 
-def collate_packed(examples: list[BufferExample], pad_token_id: int, pack_length: int = 0) -> dict[str, torch.Tensor]:
+def _cheapest_rows(lengths: list[int], pack_length: int, attention_span: float | None) -> list[list[int]]:
+    """``pack_rows`` at the row length, among the longest example, its doublings below ``pack_length`` and
+    ``pack_length``, whose [rows, width] batch costs least: rows x width tokens through the linear layers,
+    times (1 + width / attention_span) for dense attention over each row (no such term when None)."""
+    longest = max(lengths)
+    candidates = [longest]
+    while candidates[-1] * 2 < pack_length:
+        candidates.append(candidates[-1] * 2)
+    candidates.append(max(longest, pack_length))
+
+    def cost(rows: list[list[int]]) -> float:
+        width = max(sum(lengths[i] for i in row) for row in rows)
+        return len(rows) * width * (1.0 + width / attention_span if attention_span else 1.0)
+
+    return min((pack_rows(lengths, c) for c in reversed(candidates)), key=cost)  # ties: the longest rows
+
+
+def collate_packed(
+    examples: list[BufferExample], pad_token_id: int, pack_length: int = 0, attention_span: float | None = None
+) -> dict[str, torch.Tensor]:
     """The same examples as ``collate_examples``, concatenated into rows by first-fit decreasing.
 
-    Rows hold at most ``max(longest example, pack_length)`` tokens. The row length is a trade: under
-    the dense block mask of sdpa/eager every token of a row of L tokens attends over L positions, which
-    costs about L / (6 x hidden) of its linear-layer FLOPs, while longer rows leave less padding. 512
-    (SFTSharpeningModule's default) keeps that under 1/6 for hidden >= 512 and packs typical short-sample
-    batches into one or two rows; 0 (rows of the longest example) never has more rows than examples or
-    rows longer than the padded P+T, so it never costs more than padding. Flash attention computes each
-    example on its own, so for it longer rows only help. Each example keeps its own positions (0, 1, ...);
-    ``example_ids`` says which example a token belongs to (-1: padding at a row end, whose positions
-    restart too, so it is a segment of its own).
+    Rows hold at most ``pack_length`` tokens (an example longer than that gets a row of its own length).
+    The row length is a trade: longer rows leave less padding, but under the dense block mask of
+    sdpa/eager every token of a row of L tokens attends over all L positions, which costs about
+    L / (6 x hidden) of its linear-layer FLOPs. With ``attention_span`` (6 x hidden: the row length at
+    which attention would cost as much as the linear layers) the row length is chosen per batch among the
+    longest example, its doublings and ``pack_length``, minimising rows x width x (1 + width /
+    attention_span): short examples share rows, long ones of similar lengths (few-shot prompts) get a row
+    each, as padding would. ``attention_span=None`` (flash attention, which attends within each example)
+    minimises rows x width. Each example keeps its own positions (0, 1, ...); ``example_ids`` says which
+    example a token belongs to (-1: padding at a row end, whose positions restart too, so it is a segment
+    of its own).
     """
     if any(not e.prompt_ids for e in examples):
         raise ValueError("collate_packed needs a non-empty prompt per example: its last token predicts the response")
     lengths = [len(e.prompt_ids) + len(e.response_ids) for e in examples]
-    rows = pack_rows(lengths, max(max(lengths), pack_length))
+    rows = _cheapest_rows(lengths, pack_length, attention_span)
     width = max(sum(lengths[i] for i in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros(len(rows), width, dtype=torch.long)

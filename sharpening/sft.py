@@ -50,7 +50,9 @@ class SFTSharpeningModule(PolicyModule):
             overwrite_output_dir: Allow writing into a non-empty output_dir.
             logprob_chunk_size: Response positions per LM-head chunk (bounds logits memory).
             packing: Concatenate each batch's examples into rows instead of padding them: same loss, less compute.
-            pack_length: Most tokens per packed row, or the batch's longest example if longer (buffer.collate_packed).
+            pack_length: Most tokens per packed row, or the batch's longest example if longer; shorter rows are
+                chosen per batch when dense attention over long rows would cost more than the padding they
+                save (buffer.collate_packed).
         """
         problems = [] if batch_size >= 1 else [f"--model.batch_size={batch_size}: must be >= 1"]
         if pack_length < 0:
@@ -84,7 +86,9 @@ class SFTSharpeningModule(PolicyModule):
         pad_token_id = self.tokenizer.pad_token_id
         problem = "the policy is not loaded yet" if self.policy is None else packing_problem(self.policy)
         if self.packing and problem is None:
-            return partial(collate_packed, pad_token_id=pad_token_id, pack_length=self.pack_length)
+            dense = self.policy.config._attn_implementation != "flash_attention_2"  # flash: attention per example
+            span = 6 * self.policy.get_input_embeddings().embedding_dim if dense else None
+            return partial(collate_packed, pad_token_id=pad_token_id, pack_length=self.pack_length, attention_span=span)
         if self.packing:
             rank_zero_warn(f"--model.packing=true: training on padded batches instead ({problem})")
         return partial(collate_examples, pad_token_id=pad_token_id)

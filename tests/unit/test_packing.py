@@ -283,6 +283,24 @@ def test_real_flash_attention_equals_padded(tiny_model_path):
 # ---- the module -------------------------------------------------------------------------------------------
 
 
+def _examples_of_lengths(lengths: list[int]) -> list[BufferExample]:
+    return [BufferExample([1] * (n - 2), [5, 2], 0.0, i, 0) for i, n in enumerate(lengths)]
+
+
+def test_row_length_weighs_dense_attention_against_padding():
+    """Short examples share a row; long ones of similar lengths (few-shot prompts) get a row each under a
+    dense mask, where a 512-token row would triple every token's attention; flash (no span) packs them."""
+    short = collate_packed(_examples_of_lengths([9, 12, 10, 11, 8, 12, 10, 9]), PAD, 512, attention_span=384)
+    assert short["input_ids"].shape == (1, 81)
+    long = _examples_of_lengths([150, 152, 149, 151, 150, 148, 152, 150])
+    dense = collate_packed(long, PAD, 512, attention_span=6 * 512)
+    assert dense["input_ids"].shape == (8, 152)  # the padded layout's size: packing saves nothing here
+    flash = collate_packed(long, PAD, 512, attention_span=None)
+    assert flash["input_ids"].shape == (4, 304)  # two per row: as few tokens as padding, in fewer rows (ties: longer)
+    mixed = collate_packed(_examples_of_lengths([150, 20, 18, 22, 150, 19, 21, 20]), PAD, 512, attention_span=384)
+    assert mixed["input_ids"].shape[0] < 8 and mixed["input_ids"].shape[1] < 512  # pairs up, short rows
+
+
 def test_module_trains_on_packed_batches_with_the_padded_loss(tiny_model_path):
     policy = PolicyConfig(model_name_or_path=tiny_model_path, finetuning="full", dtype="float32")
     module = SFTSharpeningModule(policy)
@@ -290,6 +308,7 @@ def test_module_trains_on_packed_batches_with_the_padded_loss(tiny_model_path):
     module.eval()
     collate = module._collate_fn()
     assert collate.func is collate_packed and collate.keywords["pack_length"] == 512
+    assert collate.keywords["attention_span"] == 6 * 64  # dense sdpa mask: 6 x hidden
     examples = _examples()
     packed_loss = module.training_step(collate(examples), 0)
     padded_loss = module.training_step(collate_examples(examples, module.tokenizer.pad_token_id), 0)

@@ -143,11 +143,20 @@ def response_logprobs(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
     ).last_hidden_state  # [R, P+T, H]
     predicting = hidden[:, p - 1 : -1]  # [R, T, H]: state at position t predicts token t+1
-    flat_hidden = predicting[response_mask]  # [M, H], response positions only
-    flat_targets = response_ids[response_mask]  # [M]
+    return _response_positions_logprobs(model, predicting, response_ids, response_mask, chunk_size)
+
+
+def _response_positions_logprobs(
+    model: torch.nn.Module, predicting: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor,
+    chunk_size: int,
+) -> torch.Tensor:
+    """The head on response positions only. predicting [R, T, H] (the state before each response token),
+    response_ids/response_mask [R, T] -> [R, T] float32, zero where the mask is False."""
     out = torch.zeros(response_ids.shape, dtype=torch.float32, device=response_ids.device)
+    flat_targets = response_ids[response_mask]  # [M]
     if flat_targets.numel():
-        out = out.masked_scatter(response_mask, _chunked_logprobs(model, flat_hidden, flat_targets, chunk_size))
+        logprobs = _chunked_logprobs(model, predicting[response_mask], flat_targets, chunk_size)  # [M]
+        out = out.masked_scatter(response_mask, logprobs)
     return out
 
 
@@ -211,11 +220,7 @@ def group_response_logprobs(
     ).last_hidden_state  # [B*N, T, H]
     last_prompt = prompt_out.last_hidden_state[:, -1:].repeat_interleave(n, 0)  # [B*N, 1, H]
     predicting = torch.cat([last_prompt, hidden[:, :-1]], dim=1)  # [B*N, T, H]: state before token t
-    out = torch.zeros(flat_ids.shape, dtype=torch.float32, device=flat_ids.device)  # [B*N, T]
-    flat_targets = flat_ids[flat_mask]  # [M]
-    if flat_targets.numel():
-        logprobs = _chunked_logprobs(model, predicting[flat_mask], flat_targets, chunk_size)  # [M]
-        out = out.masked_scatter(flat_mask, logprobs)
+    out = _response_positions_logprobs(model, predicting, flat_ids, flat_mask, chunk_size)  # [B*N, T]
     return out.view(b, n, t)  # [B*N, T] -> [B, N, T]
 
 

@@ -39,7 +39,7 @@ from sharpening.evaluate_config import (
 )
 from sharpening.evaluate_protocol import SeedDraws, answer_codes, loglik_histogram, protocol_table, seed_metrics
 from sharpening.logprobs import sample_logprobs
-from sharpening.policy import frozen_base, resolve_dtype, select_attn_implementation
+from sharpening.policy import frozen_base, resolve_dtype, select_attn_implementation, set_cpu_linear
 from sharpening.prompts import PromptDataModule
 from sharpening.rewards import extract_answers, loglik_reward
 from sharpening.sampler import SamplingConfig, decode_device_problems, decode_responses, generate_samples
@@ -84,8 +84,9 @@ def load_models(cfg: EvalModelConfig, model: str, adapter: str | None, device: t
         evaluated = PeftModel.from_pretrained(evaluated, adapter)
     base = None
     if cfg.score_with == "base" and adapter is None:
-        base = AutoModelForCausalLM.from_pretrained(cfg.base_model_name_or_path, **kwargs).to(device).eval()
-    return evaluated.to(device).eval(), base
+        base = AutoModelForCausalLM.from_pretrained(cfg.base_model_name_or_path, **kwargs)
+        base = set_cpu_linear(base, cfg.cpu_linear, device).to(device).eval()
+    return set_cpu_linear(evaluated, cfg.cpu_linear, device).to(device).eval(), base
 
 
 def _has_flash_attn() -> bool:

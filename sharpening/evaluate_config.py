@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sharpening.policy import model_source_problem
+from sharpening.policy import cpu_linear_problems, model_source_problem
 from sharpening.prompts import validate_dataset_source
 from sharpening.sampler import SamplingConfig, validate_sampling_config
 from sharpening.selection import TRUNCATED_POLICIES
@@ -34,6 +34,8 @@ class EvalModelConfig:
     """Weight dtype; auto is bfloat16 on a CUDA device that supports it, else float32."""
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     """auto is flash_attention_2 when flash-attn is installed and CUDA is present, else sdpa."""
+    cpu_linear: Literal["auto", "onednn", "torch"] = "auto"
+    """Kernel of float32 linear layers on CPU: onednn (auto, where PyTorch has it) or torch (MKL on x86)."""
     device: str = "auto"
     """Device to run on: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
     trust_remote_code: bool = False
@@ -102,6 +104,7 @@ def validate_model_config(cfg: EvalModelConfig, option: str = "--model") -> list
         problems.append(f"{option}.base_model_name_or_path={cfg.base_model_name_or_path!r}: {problem}")
     if cfg.score_with not in ("self", "base"):
         problems.append(f"{option}.score_with={cfg.score_with!r}: must be self or base")
+    problems += cpu_linear_problems(cfg.cpu_linear, f"{option}.cpu_linear")
     if cfg.score_with == "base" and adapter is None and not cfg.base_model_name_or_path:
         problems.append(
             f"{option}.score_with=base: no base to score with; give the sharpened model's {option}.adapter_path, or "

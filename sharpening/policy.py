@@ -16,6 +16,8 @@ from typing import Iterator, Literal
 
 import torch
 
+from sharpening.cpu_linear import CPU_LINEAR_KERNELS, onednn_linear_available, select_cpu_linear, use_onednn_linears
+
 FINETUNING_MODES = ("full", "lora", "qlora")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,6 +36,8 @@ class PolicyConfig:
     """Weight dtype; auto is bfloat16 on a CUDA device that supports it, else float32."""
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     """auto is flash_attention_2 when flash-attn is installed and CUDA is present, else sdpa."""
+    cpu_linear: Literal["auto", "onednn", "torch"] = "auto"
+    """Kernel of float32 linear layers on CPU: onednn (auto, where PyTorch has it) or torch (MKL on x86)."""
     lora_r: int = 16
     """LoRA rank (lora and qlora)."""
     lora_alpha: int = 32
@@ -66,6 +70,7 @@ def validate_policy_config(cfg: PolicyConfig, option: str = "--model.policy") ->
         problems.append(
             f"{option}.attn_implementation={cfg.attn_implementation!r}: must be one of {', '.join(ATTN_IMPLEMENTATIONS)}"
         )
+    problems += cpu_linear_problems(cfg.cpu_linear, f"{option}.cpu_linear")
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         problems.append(f"{option}.dtype={cfg.dtype!r}: must be auto, float32, bfloat16 or float16")
     if cfg.finetuning in ("lora", "qlora"):
@@ -154,16 +159,18 @@ def load_policy(cfg: PolicyConfig, device: torch.device | None = None, frozen_co
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.finetuning == "full":
+        set_cpu_linear(model, cfg.cpu_linear, device)
         frozen = copy.deepcopy(model).eval().requires_grad_(False) if frozen_copy else None
         return model.train(), frozen  # from_pretrained returns eval mode: dropout would stay off in training
-    return _add_lora(model, cfg).train(), None
+    return set_cpu_linear(_add_lora(model, cfg), cfg.cpu_linear, device).train(), None
 
 
 def load_frozen_base(cfg: PolicyConfig, device: torch.device | None = None) -> torch.nn.Module:
     """The base model of a full fine-tuning run, loaded again from ``cfg.model_name_or_path``: eval mode,
     no gradients. Equal to the frozen copy :func:`load_policy` makes, without holding one from the start."""
     device = device or torch.device("cpu")
-    return _load_model(cfg, device).to(device).eval().requires_grad_(False)
+    model = set_cpu_linear(_load_model(cfg, device), cfg.cpu_linear, device)
+    return model.to(device).eval().requires_grad_(False)
 
 
 def _load_model(cfg: PolicyConfig, device: torch.device):
@@ -186,6 +193,24 @@ def _load_model(cfg: PolicyConfig, device: torch.device):
         )
         kwargs["device_map"] = {"": device}
     return AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
+
+
+def cpu_linear_problems(requested: str, option: str) -> list[str]:
+    """Problems with a ``cpu_linear`` choice: an unknown name, or onednn where PyTorch lacks it."""
+    if requested not in CPU_LINEAR_KERNELS:
+        return [f"{option}={requested!r}: must be one of {', '.join(CPU_LINEAR_KERNELS)}"]
+    if requested == "onednn" and not onednn_linear_available():
+        return [f"{option}=onednn: this PyTorch build has no working oneDNN linear; use auto or torch"]
+    return []
+
+
+def set_cpu_linear(model, requested: str, device: torch.device | None):
+    """Route ``model``'s plain float32 linear layers through oneDNN when it runs on CPU (see cpu_linear.py);
+    returns ``model``."""
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    if on_cpu and select_cpu_linear(requested, onednn_linear_available()) == "onednn":
+        use_onednn_linears(model)
+    return model
 
 
 def _add_lora(model, cfg: PolicyConfig):

@@ -12,11 +12,13 @@ graphs), for launch-bound decoding on CUDA. Both draw the same tokens as ``decod
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
 
 import torch
 
+from sharpening.cpu_linear import packed_linear_weights
 from sharpening.types import PromptBatch, SampleBatch
 
 
@@ -137,6 +139,18 @@ def _draw(logits: torch.Tensor, rows: torch.Tensor, generators: list[torch.Gener
     return (scaled + gumbel).argmax(-1)
 
 
+def _with_packed_weights(fn):
+    """Run ``fn(model, ...)`` with ``model``'s oneDNN linear weights packed (see cpu_linear.py)."""
+
+    @functools.wraps(fn)
+    def run(model, *args, **kwargs):
+        with packed_linear_weights(model):
+            return fn(model, *args, **kwargs)
+
+    return run
+
+
+@_with_packed_weights
 @torch.no_grad()
 def generate_samples(
     model: torch.nn.Module,

@@ -201,18 +201,25 @@ def rss_peak(measurement: Measurement, interval_s: float = 0.005) -> Iterator[No
 
 
 def matmul_peak_gflops(size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
-    """This device's fp32 matmul throughput (best of ``repeats``); on CPU with torch's current thread count.
+    """This device's fp32 matmul throughput (best of ``repeats``); on CPU with torch's current thread count,
+    the better of torch's ``mm`` (MKL on x86) and oneDNN's matmul (which our linear layers use on CPU).
     On CUDA, fp32 as the benchmark runs it (TF32 as torch's current setting, off by default) and size 8192."""
+    from sharpening.cpu_linear import onednn_linear, onednn_linear_available
+
     size = 8192 if device == "cuda" else size
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
-    a @ b  # warm-up
+    kernels = [lambda: a @ b]
+    if device == "cpu" and onednn_linear_available():
+        kernels.append(lambda: onednn_linear(a, b, None))  # a @ b.T: the same FLOPs
     best = float("inf")
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        a @ b
-        synchronize()
-        best = min(best, time.perf_counter() - start)
+    for kernel in kernels:
+        kernel()  # warm-up
+        for _ in range(repeats):
+            synchronize()
+            start = time.perf_counter()
+            kernel()
+            synchronize()
+            best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best / 1e9
 
 

@@ -5,7 +5,7 @@ Builds an enumerable toy (3 prompts, responses of at most 3 tokens over {a, b}, 
 known tables), computes pi*_beta = pi_base^(1 + 1/beta) exactly, trains each algorithm through the real
 RLSharpeningModule, and reports KL(pi_trained || pi*_beta) and the mass on argmax pi_base.
 
-    python scripts/oracle.py [--algorithms online offline xpo] [--kl-coef 0.5] [--json]
+    python scripts/oracle.py [--algorithms online offline xpo] [--kl-coef 0.5] [--cpu-linear torch] [--json]
 
 With --json the last line is one JSON object keyed by algorithm.
 """
@@ -28,6 +28,8 @@ def main() -> None:
     parser.add_argument("--algorithms", nargs="+", default=["online", "offline", "xpo"])
     parser.add_argument("--kl-coef", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cpu-linear", choices=["auto", "onednn", "torch"], default="auto",
+                        help="the policy's CPU linear kernel (PolicyConfig.cpu_linear): the kernels round differently")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny models: one thread is fastest
@@ -44,7 +46,7 @@ def main() -> None:
     print(f"{'base':<10} {results['base']['kl_to_target']:>12.4f} {results['base']['mass_on_argmax']:>15.3f} {'':>8}")
     for algorithm in args.algorithms:
         start = time.time()
-        module = toy.train_on_toy(algorithm, work, kl_coef=args.kl_coef, seed=args.seed)
+        module = toy.train_on_toy(algorithm, work, kl_coef=args.kl_coef, seed=args.seed, cpu_linear=args.cpu_linear)
         result = toy.measure(module.policy.eval(), tokenizer, base, prompts, args.kl_coef)
         result["seconds"] = time.time() - start
         results[algorithm] = result

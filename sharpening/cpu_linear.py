@@ -21,7 +21,7 @@ import torch.nn.functional as F
 CPU_LINEAR_KERNELS = ("auto", "onednn", "torch")
 
 
-def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x @ weight.T + bias`` by oneDNN: x [..., K], weight [N, K] -> [..., N]."""
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
     return y.view(*x.shape[:-1], weight.shape[0])  # [M, N] -> [..., N]
@@ -36,7 +36,7 @@ def onednn_linear_available() -> bool:
         generator = torch.Generator().manual_seed(0)
         x, w = torch.randn(3, 8, generator=generator), torch.randn(5, 8, generator=generator)
         b = torch.randn(5, generator=generator)
-        return bool(torch.allclose(_onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5))
+        return bool(torch.allclose(onednn_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5))
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
 
@@ -55,7 +55,7 @@ class _OneDNNLinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _onednn_linear(x, weight, bias)
+        return onednn_linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -63,7 +63,7 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         grad_2d = grad.reshape(-1, grad.shape[-1])  # [..., N] -> [M, N]
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _onednn_linear(grad, weight.t(), None)  # [..., N] @ [N, K] -> [..., K]
+            grad_x = onednn_linear(grad, weight.t(), None)  # [..., N] @ [N, K] -> [..., K]
         if ctx.needs_input_grad[1]:
             grad_weight = grad_2d.t().mm(x.reshape(-1, x.shape[-1]))  # [N, M] @ [M, K] -> [N, K]
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -163,7 +163,7 @@ ORACLE_SETTINGS = {
 
 
 def train_on_toy(algorithm: str, toy_dir: str | Path, kl_coef: float = 0.5, lr: float = 3e-3, max_steps: int | None = None,
-                 seed: int = 0, finetuning: str = "full"):
+                 seed: int = 0, finetuning: str = "full", cpu_linear: str = "auto"):
     """Train ``algorithm`` through the real RLSharpeningModule + Trainer on the toy; returns the module."""
     import lightning as L
 
@@ -178,7 +178,8 @@ def train_on_toy(algorithm: str, toy_dir: str | Path, kl_coef: float = 0.5, lr: 
     rl_over, sampling_over, module_over, steps = ORACLE_SETTINGS[algorithm]
     sampling = SamplingConfig(max_new_tokens=TOY_MAX_NEW_TOKENS, prompts_per_batch=8, **sampling_over)
     module = RLSharpeningModule(
-        PolicyConfig(model_name_or_path=str(Path(toy_dir) / "base"), finetuning=finetuning, dtype="float32", lora_r=8),
+        PolicyConfig(model_name_or_path=str(Path(toy_dir) / "base"), finetuning=finetuning, dtype="float32", lora_r=8,
+                     cpu_linear=cpu_linear),
         rl=RLConfig(kl_coef=kl_coef, **rl_over),
         sampling=sampling,
         optimizer=OptimizerConfig(lr=lr, schedule="constant"),

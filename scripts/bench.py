@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--decode", choices=("dynamic", "static", "compiled"), default="dynamic",
         help="ours: the sampler's decode loop (SamplingConfig.decode; compiled = CUDA graphs, CUDA only)",
     )
+    parser.add_argument(
+        "--cpu-linear", choices=("auto", "onednn", "torch"), default="auto",
+        help="ours: the CPU kernel of linear layers (PolicyConfig.cpu_linear; torch = nn.Linear's, as TRL runs)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -109,6 +113,7 @@ def run_model(name: str, sides: dict, args: argparse.Namespace, root: str) -> tu
     """All repetitions for one model: ({task: {side: [Measurement per repetition]}}, workload), sides alternating."""
     workload = build_workload(name, root, args.prompts, args.fixed_length, few_shot=args.few_shot)
     workload.complete_all_samples, workload.device, workload.decode = args.complete_all_samples, args.device, args.decode
+    workload.cpu_linear = args.cpu_linear
     results = {task: {side: [] for side in sides} for task in TASKS}
     order = list(sides)
     for rep in range(args.repeats):
@@ -134,7 +139,7 @@ def bandwidth_bounds(w: Workload, bandwidth_gbs: float | None) -> dict[str, floa
 def warm_up(sides: dict, args: argparse.Namespace, root: str) -> None:
     """One untimed run of every side and task on a tiny workload: lazy imports and first-call costs."""
     workload = build_workload("tiny", os.path.join(root, "warmup"), 8)
-    workload.device, workload.decode = args.device, args.decode
+    workload.device, workload.decode, workload.cpu_linear = args.device, args.decode, args.cpu_linear
     for side in sides.values():
         for task in TASKS:
             getattr(side, task)(workload, 0)

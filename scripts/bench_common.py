@@ -45,6 +45,7 @@ class Workload:
     complete_all_samples: bool = False  # ours: draw every sample to its end (no stopping of unselectable ones)
     device: str = "cpu"  # where both sides run: "cpu" or "cuda"
     decode: str = "dynamic"  # ours: SamplingConfig.decode (static KV cache / CUDA graphs are options on CUDA)
+    cpu_linear: str = "auto"  # ours: PolicyConfig.cpu_linear (oneDNN or nn.Linear's kernel for CPU linear layers)
     matmul_params: int = 0  # weights that take part in matmuls (all but the embedding table and norms)
 
 

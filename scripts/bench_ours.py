@@ -75,7 +75,8 @@ def sft_round(w: Workload, round_index: int) -> Measurement:
     with rss_peak(m):
         start = time.perf_counter()
         module = SFTSharpeningModule(
-            PolicyConfig(model_name_or_path=w.model_path, finetuning="full", dtype="float32", attn_implementation="sdpa"),
+            PolicyConfig(model_name_or_path=w.model_path, finetuning="full", dtype="float32", attn_implementation="sdpa",
+                         cpu_linear=w.cpu_linear),
             OptimizerConfig(lr=w.lr, schedule="linear"),
             batch_size=w.sft_batch_size,
             shuffle_seed=round_index,
@@ -141,7 +142,8 @@ def rl_step(w: Workload, round_index: int) -> Measurement:
     with rss_peak(m):
         start = time.perf_counter()
         module = RLSharpeningModule(
-            PolicyConfig(model_name_or_path=w.model_path, finetuning="full", dtype="float32", attn_implementation="sdpa"),
+            PolicyConfig(model_name_or_path=w.model_path, finetuning="full", dtype="float32", attn_implementation="sdpa",
+                         cpu_linear=w.cpu_linear),
             RLConfig(algorithm="online", kl_coef=w.kl_coef, max_grad_norm=1.0),
             SamplingConfig(w.samples_per_prompt, w.max_new_tokens, 1.0, 0, 1.0, w.rl_prompts, decode=w.decode),
             OptimizerConfig(lr=w.lr, schedule="constant"),

@@ -19,6 +19,10 @@ import torch
 import torch.nn.functional as F
 
 CPU_LINEAR_KERNELS = ("auto", "onednn", "torch")
+# Smallest weight (in_features x out_features) that oneDNN gets: below it, its per-call and per-shape setup
+# (about 10 us a call, 0.3-0.8 ms for each new row count) costs more than its faster inner loop gives back
+# (256 x 256 and 256 x 128 layers ran as fast or faster with nn.Linear's kernel; 256 x 704 and up faster with oneDNN).
+MIN_ONEDNN_WEIGHT = 2**17
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -126,12 +130,13 @@ def packed_linear_weights(model: torch.nn.Module) -> Iterator[None]:
             module._packing, module._packed = False, None
 
 
-def use_onednn_linears(model: torch.nn.Module) -> int:
-    """Turn every plain ``nn.Linear`` of ``model`` into a ``OneDNNLinear`` in place (same parameters,
-    hooks and state dict; subclasses such as bitsandbytes' 4-bit layers are left alone). Returns how many."""
+def use_onednn_linears(model: torch.nn.Module, min_weight: int = MIN_ONEDNN_WEIGHT) -> int:
+    """Turn every plain ``nn.Linear`` of ``model`` with at least ``min_weight`` weights into a ``OneDNNLinear``
+    in place (same parameters, hooks and state dict; subclasses such as bitsandbytes' 4-bit layers are left
+    alone). Returns how many."""
     count = 0
     for module in model.modules():
-        if type(module) is torch.nn.Linear:
+        if type(module) is torch.nn.Linear and module.in_features * module.out_features >= min_weight:
             module.__class__ = OneDNNLinear
             count += 1
     return count

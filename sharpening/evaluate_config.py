@@ -35,7 +35,8 @@ class EvalModelConfig:
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     """auto is flash_attention_2 when flash-attn is installed and CUDA is present, else sdpa."""
     cpu_linear: Literal["auto", "onednn", "torch"] = "auto"
-    """Kernel of float32 linear layers on CPU: onednn (auto, where PyTorch has it) or torch (MKL on x86)."""
+    """Kernel of float32 linear layers on CPU: onednn, torch (nn.Linear's: MKL on x86), or auto: onednn for
+    layers of 2^17 weights or more where PyTorch has it, torch for smaller ones."""
     device: str = "auto"
     """Device to run on: auto (cuda when available, else cpu), cpu, cuda, cuda:1, ..."""
     trust_remote_code: bool = False

@@ -16,7 +16,13 @@ from typing import Iterator, Literal
 
 import torch
 
-from sharpening.cpu_linear import CPU_LINEAR_KERNELS, onednn_linear_available, select_cpu_linear, use_onednn_linears
+from sharpening.cpu_linear import (
+    CPU_LINEAR_KERNELS,
+    MIN_ONEDNN_WEIGHT,
+    onednn_linear_available,
+    select_cpu_linear,
+    use_onednn_linears,
+)
 
 FINETUNING_MODES = ("full", "lora", "qlora")
 ATTN_IMPLEMENTATIONS = ("auto", "flash_attention_2", "sdpa", "eager")
@@ -37,7 +43,8 @@ class PolicyConfig:
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     """auto is flash_attention_2 when flash-attn is installed and CUDA is present, else sdpa."""
     cpu_linear: Literal["auto", "onednn", "torch"] = "auto"
-    """Kernel of float32 linear layers on CPU: onednn (auto, where PyTorch has it) or torch (MKL on x86)."""
+    """Kernel of float32 linear layers on CPU: onednn, torch (nn.Linear's: MKL on x86), or auto: onednn for
+    layers of 2^17 weights or more where PyTorch has it, torch for smaller ones."""
     lora_r: int = 16
     """LoRA rank (lora and qlora)."""
     lora_alpha: int = 32
@@ -209,7 +216,7 @@ def set_cpu_linear(model, requested: str, device: torch.device | None):
     returns ``model``."""
     on_cpu = device is None or torch.device(device).type == "cpu"
     if on_cpu and select_cpu_linear(requested, onednn_linear_available()) == "onednn":
-        use_onednn_linears(model)
+        use_onednn_linears(model, min_weight=0 if requested == "onednn" else MIN_ONEDNN_WEIGHT)  # auto: large layers
     return model
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sharpening.cpu_linear import (
+    MIN_ONEDNN_WEIGHT,
     OneDNNLinear,
     onednn_applies,
     onednn_linear_available,
@@ -24,7 +25,7 @@ def _pair(in_features=48, out_features=40, bias=True, seed=0):
     torch.manual_seed(seed)
     plain = torch.nn.Linear(in_features, out_features, bias=bias)
     fast = copy.deepcopy(plain)
-    assert use_onednn_linears(torch.nn.Sequential(fast)) == 1
+    assert use_onednn_linears(torch.nn.Sequential(fast), min_weight=0) == 1
     return plain, fast
 
 
@@ -113,7 +114,7 @@ def test_swap_keeps_state_dict_and_skips_subclasses():
 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), Custom(8, 8), torch.nn.Embedding(4, 8))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert use_onednn_linears(model) == 1
+    assert use_onednn_linears(model, min_weight=0) == 1
     assert type(model[0]) is OneDNNLinear and type(model[1]) is Custom
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
@@ -124,13 +125,23 @@ def test_swap_keeps_state_dict_and_skips_subclasses():
 @pytest.mark.parametrize("finetuning", ["full", "lora"])
 def test_load_policy_routes_cpu_linears_by_config(tiny_model_path, finetuning):
     kinds = {}
-    for choice in ("auto", "torch"):
+    for choice in ("onednn", "torch", "auto"):
         policy, _ = load_policy(PolicyConfig(model_name_or_path=tiny_model_path, finetuning=finetuning,
                                              dtype="float32", cpu_linear=choice))  # fmt: skip
         kinds[choice] = {type(m) for m in policy.modules() if isinstance(m, torch.nn.Linear)}
-    assert kinds["auto"] == {OneDNNLinear} and kinds["torch"] == {torch.nn.Linear}
-    base = load_frozen_base(PolicyConfig(model_name_or_path=tiny_model_path, finetuning="full", dtype="float32"))
+    assert kinds["onednn"] == {OneDNNLinear} and kinds["torch"] == {torch.nn.Linear}
+    assert kinds["auto"] == {torch.nn.Linear}  # the tiny model's layers are all under MIN_ONEDNN_WEIGHT
+    base = load_frozen_base(PolicyConfig(model_name_or_path=tiny_model_path, finetuning="full", dtype="float32",
+                                         cpu_linear="onednn"))  # fmt: skip
     assert {type(m) for m in base.modules() if isinstance(m, torch.nn.Linear)} == {OneDNNLinear}
+
+
+@needs_onednn
+def test_auto_takes_onednn_for_large_layers_only():
+    model = torch.nn.Sequential(torch.nn.Linear(512, 256), torch.nn.Linear(256, 256), torch.nn.Linear(256, 704))
+    assert 256 * 256 < MIN_ONEDNN_WEIGHT <= 512 * 256
+    assert use_onednn_linears(model) == 2
+    assert [type(m) for m in model] == [OneDNNLinear, torch.nn.Linear, OneDNNLinear]
 
 
 def test_cpu_linear_option_is_validated(tiny_model_path):
@@ -146,7 +157,7 @@ def test_sampler_and_scoring_agree_with_nn_linear(tiny_model):
     from sharpening.sampler import SamplingConfig, generate_samples
 
     fast = copy.deepcopy(tiny_model)
-    assert use_onednn_linears(fast) > 0
+    assert use_onednn_linears(fast, min_weight=0) > 0
     prompts = pad_prompts([[1, 3, 4, 11], [1, 5, 6, 7, 8, 9, 11], [1, 10, 11]], [0, 1, 2], [None] * 3, 0)
     cfg = SamplingConfig(samples_per_prompt=4, max_new_tokens=12)
     plain_samples = generate_samples(tiny_model, prompts, cfg, 2, 0, seed=3)

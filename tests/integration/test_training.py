@@ -199,3 +199,36 @@ def test_checkpoint_round_trip_holds_the_adapter_and_leaves_the_base_bit_identic
     ids = torch.tensor([[1, 3, 4, 5]])
     with torch.no_grad():
         torch.testing.assert_close(restored.policy(ids).logits, module.policy(ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("finetuning", ["full", "lora"])
+def test_onednn_linears_train_like_nn_linear(finetuning, tiny_model_path):
+    """Three steps with every linear layer on oneDNN (cpu_linear=onednn) track nn.Linear's kernel: losses,
+    weights and the frozen base agree to float32 rounding."""
+    from sharpening.cpu_linear import OneDNNLinear, onednn_linear_available
+
+    if not onednn_linear_available():
+        pytest.skip("this PyTorch has no oneDNN linear")
+    runs = {}
+    for kernel in ("onednn", "torch"):
+        torch.manual_seed(0)  # the same LoRA A initialisation on both sides
+        module = SFTSharpeningModule(PolicyConfig(model_name_or_path=tiny_model_path, finetuning=finetuning, lora_r=4,
+                                                  dtype="float32", cpu_linear=kernel))  # fmt: skip
+        module.configure_model()
+        module.eval()
+        assert any(isinstance(m, OneDNNLinear) for m in module.policy.modules()) == (kernel == "onednn")
+        optimizer = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=0.5)
+        losses = []
+        for _ in range(3):
+            loss = _loss(module)
+            loss.backward()
+            module.on_before_optimizer_step(optimizer)
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        runs[kernel] = losses, _parameters(module), _base_logits(module)
+    (losses, weights, base), (ref_losses, ref_weights, ref_base) = runs["onednn"], runs["torch"]
+    assert losses == pytest.approx(ref_losses, rel=1e-5)
+    for name, value in ref_weights.items():
+        torch.testing.assert_close(weights[name], value, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(base, ref_base, rtol=1e-5, atol=1e-5)

@@ -98,6 +98,11 @@ def test_packed_weights_give_the_same_values_and_follow_weight_updates():
             plain.weight.mul_(2.0)
             torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
         assert fast._packed is None and not fast._packing  # copies dropped on exit
+        with packed_linear_weights(fast):
+            with packed_linear_weights(fast):  # nested (a sampler call inside a caller's context): the outer keeps them
+                fast(x)
+            assert fast._packing and fast._packed is not None
+        assert fast._packed is None and not fast._packing
 
 
 def test_select_cpu_linear():

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from sharpening.cpu_linear import packed_linear_weights
+from sharpening.decode_attention import cpu_decode_attention
 from sharpening.types import PromptBatch, SampleBatch
 
 
@@ -139,18 +140,19 @@ def _draw(logits: torch.Tensor, rows: torch.Tensor, generators: list[torch.Gener
     return (scaled + gumbel).argmax(-1)
 
 
-def _with_packed_weights(fn):
-    """Run ``fn(model, ...)`` with ``model``'s oneDNN linear weights packed (see cpu_linear.py)."""
+def _with_cpu_kernels(fn):
+    """Run ``fn(model, prompts, ...)`` with ``model``'s oneDNN linear weights packed (cpu_linear.py) and, on
+    CPU under sdpa, its decode steps' attention by matmuls (decode_attention.py)."""
 
     @functools.wraps(fn)
-    def run(model, *args, **kwargs):
-        with packed_linear_weights(model):
-            return fn(model, *args, **kwargs)
+    def run(model, prompts, *args, **kwargs):
+        with packed_linear_weights(model), cpu_decode_attention(model, prompts.prompt_ids.device):
+            return fn(model, prompts, *args, **kwargs)
 
     return run
 
 
-@_with_packed_weights
+@_with_cpu_kernels
 @torch.no_grad()
 def generate_samples(
     model: torch.nn.Module,

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sharpening.buffer import BufferExample, SampleBuffer, selected_examples
+from sharpening.cpu_linear import packed_linear_weights
 from sharpening.errors import raise_if_problems
 from sharpening.logprobs import sample_logprobs
 from sharpening.metrics import SharpeningMetric
@@ -151,7 +152,8 @@ class SelfVerificationCallback(L.Callback):
             disable=not (self.show_progress and trainer.is_global_zero),
             leave=False,
         )
-        with eval_mode(pl_module.policy), pl_module.gathered_for_generation():
+        # the weights are packed for oneDNN once per round, not once per batch (cpu_linear.py)
+        with eval_mode(pl_module.policy), pl_module.gathered_for_generation(), packed_linear_weights(pl_module):
             for prompts in bar:
                 if sigterm_requested(trainer):
                     break

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
+from sharpening.cpu_linear import packed_linear_weights
 from sharpening.errors import ConfigError, raise_if_problems
 from sharpening.evaluate_cache import DrawCache, model_fingerprint
 from sharpening.evaluate_config import (
@@ -162,13 +163,15 @@ def collect_draws(
     total = len(runs) * len(batches)
     bar = tqdm(total=total, desc=f"sampling N_max={p.n_max}", unit="batch", disable=not show_progress)
     out = []
-    for kind, seed in runs:
-        parts = []
-        for prompts in batches:
-            parts.append(draw_batch(ctx, prompts, kind, seed))
-            bar.set_postfix_str(f"{kind} seed {seed}, {ctx.cache.reused} batch(es) from cache", refresh=False)
-            bar.update()
-        out.append(SeedDraws.concat(parts))
+    models = torch.nn.ModuleList([m for m in (ctx.model, ctx.base) if m is not None])
+    with packed_linear_weights(models):  # oneDNN's weight layout made once for all batches (cpu_linear.py)
+        for kind, seed in runs:
+            parts = []
+            for prompts in batches:
+                parts.append(draw_batch(ctx, prompts, kind, seed))
+                bar.set_postfix_str(f"{kind} seed {seed}, {ctx.cache.reused} batch(es) from cache", refresh=False)
+                bar.update()
+            out.append(SeedDraws.concat(parts))
     bar.close()
     return out[1:], out[0]
 

@@ -173,3 +173,23 @@ def test_sampler_and_scoring_agree_with_nn_linear(tiny_model):
     with torch.no_grad():
         torch.testing.assert_close(sample_logprobs(fast, fast_samples), sample_logprobs(tiny_model, plain_samples),
                                    rtol=1e-5, atol=1e-5)  # fmt: skip
+
+
+@needs_onednn
+def test_samplers_inside_one_packing_context_reorder_each_weight_once(tiny_model):
+    """The self-verification round and evaluate wrap all their batches in one context: the sampler's own
+    context then reuses the outer copies instead of reordering the weights for every batch."""
+    from sharpening.prompts import pad_prompts
+    from sharpening.sampler import SamplingConfig, generate_samples
+
+    fast = copy.deepcopy(tiny_model)
+    use_onednn_linears(fast, min_weight=0)
+    layers = [m for m in fast.modules() if isinstance(m, OneDNNLinear)]
+    prompts = pad_prompts([[1, 3, 4, 11], [1, 10, 11]], [0, 1], [None] * 2, 0)
+    cfg = SamplingConfig(samples_per_prompt=2, max_new_tokens=4)
+    with packed_linear_weights(fast):
+        generate_samples(fast, prompts, cfg, 2, 0, seed=1)
+        first = [m._packed[1] for m in layers]
+        generate_samples(fast, prompts, cfg, 2, 0, seed=2)
+        assert all(m._packed[1] is copy_ for m, copy_ in zip(layers, first))
+    assert all(m._packed is None for m in layers)

@@ -149,6 +149,11 @@ def toy_prompts(out_dir: str | Path) -> list[str]:
         return [json.loads(line)["prompt"] for line in f]
 
 
+# Adam's peak learning rate per algorithm. XPO refits 8 times per round on a dataset that starts at one pair
+# per prompt: at 3e-3 those first rounds threw the policy far off (KL to pi* of 4-10 by round 6) and 4 of 16
+# trajectories were still on a plateau (KL 0.18-0.30) at 480 steps; at 1e-3 all 16 reached KL < 0.03
+# (docs/rl.md, seeds 0-7 with either CPU linear kernel).
+ORACLE_LR = {"online": 3e-3, "offline": 3e-3, "xpo": 1e-3}
 ORACLE_SETTINGS = {
     # algorithm -> (RLConfig overrides, sampling overrides, module overrides, trainer max_steps)
     "online": ({"algorithm": "online"}, {"samples_per_prompt": 16}, {"prompts_per_step": 3}, 400),
@@ -162,9 +167,10 @@ ORACLE_SETTINGS = {
 }
 
 
-def train_on_toy(algorithm: str, toy_dir: str | Path, kl_coef: float = 0.5, lr: float = 3e-3, max_steps: int | None = None,
+def train_on_toy(algorithm: str, toy_dir: str | Path, kl_coef: float = 0.5, lr: float | None = None, max_steps: int | None = None,
                  seed: int = 0, finetuning: str = "full", cpu_linear: str = "auto"):
-    """Train ``algorithm`` through the real RLSharpeningModule + Trainer on the toy; returns the module."""
+    """Train ``algorithm`` through the real RLSharpeningModule + Trainer on the toy (``lr`` defaults to
+    ``ORACLE_LR[algorithm]``); returns the module."""
     import lightning as L
 
     from sharpening.callbacks import SelfVerificationCallback
@@ -182,7 +188,7 @@ def train_on_toy(algorithm: str, toy_dir: str | Path, kl_coef: float = 0.5, lr: 
                      cpu_linear=cpu_linear),
         rl=RLConfig(kl_coef=kl_coef, **rl_over),
         sampling=sampling,
-        optimizer=OptimizerConfig(lr=lr, schedule="constant"),
+        optimizer=OptimizerConfig(lr=ORACLE_LR[algorithm] if lr is None else lr, schedule="constant"),
         seed=seed,
         **module_over,
     )

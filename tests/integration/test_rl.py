@@ -125,10 +125,9 @@ def test_resume_restores_the_xpo_dataset_and_best_round(toy_dir, tmp_path):
 
 
 FAST = {"online": 150, "offline": 60, "xpo": 480}
-# XPO at 480 steps reaches the optimum on about 4 trajectories in 6 and sits on a plateau (KL about 0.2-0.25) on
-# the rest (seeds 0-5, nn.Linear's kernel: 4 and 5 miss; the same model with cpu_linear=onednn, which rounds
-# differently: 0 and 2 miss). The seed is part of the setting, like the step budget.
-SEED = {"online": 0, "offline": 0, "xpo": 0}
+# (algorithm, training seed). XPO's second seed sat on a plateau (KL 0.2 at 480 steps) when XPO ran at the other
+# algorithms' learning rate, 3e-3; at toy.ORACLE_LR's 1e-3 seeds 0-7 all reach KL < 0.03 (docs/rl.md).
+RUNS = [("offline", 0), ("online", 0), ("xpo", 0), ("xpo", 6)]
 
 
 @pytest.fixture(scope="module")
@@ -138,14 +137,14 @@ def oracle_dir(tmp_path_factory) -> str:
     return str(work)
 
 
-@pytest.mark.parametrize("algorithm", sorted(FAST))
-def test_training_approaches_the_closed_form_optimum(algorithm, oracle_dir):
+@pytest.mark.parametrize(("algorithm", "seed"), RUNS)
+def test_training_approaches_the_closed_form_optimum(algorithm, seed, oracle_dir):
     work, base_dir = oracle_dir, os.path.join(oracle_dir, "base")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base, tok = AutoModelForCausalLM.from_pretrained(base_dir).eval(), AutoTokenizer.from_pretrained(base_dir)
     start = toy.measure(base, tok, base, toy.toy_prompts(work), 0.5)
-    module = toy.train_on_toy(algorithm, work, max_steps=FAST[algorithm], seed=SEED[algorithm])
+    module = toy.train_on_toy(algorithm, work, max_steps=FAST[algorithm], seed=seed)
     end = toy.measure(module.policy.eval(), tok, base, toy.toy_prompts(work), 0.5)
     assert start["kl_to_target"] > 0.4
     assert end["kl_to_target"] < 0.1, end

@@ -150,3 +150,42 @@ def test_sampler_uses_it_and_draws_what_sdpa_draws(tiny_model_path, monkeypatch)
     assert len(calls) == before
     assert torch.equal(fast.response_ids, plain.response_ids)
     torch.testing.assert_close(fast.logprobs, plain.logprobs, rtol=1e-5, atol=1e-5)
+
+
+def _family_model(family: str):
+    """Tiny models whose attention differs from Llama's: a sliding window in every layer (Mistral), sliding and
+    full layers mixed with their own scaling and query/key norms (Gemma 3)."""
+    import transformers
+
+    common = dict(vocab_size=24, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    if family == "mistral":
+        config, cls = transformers.MistralConfig(num_hidden_layers=2, sliding_window=4, **common), transformers.MistralForCausalLM
+    else:
+        config = transformers.Gemma3TextConfig(num_hidden_layers=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                                               query_pre_attn_scalar=4, **common)  # fmt: skip
+        cls = transformers.Gemma3ForCausalLM
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return cls(config).eval()
+
+
+@pytest.mark.parametrize("family", ["mistral", "gemma3"])
+def test_sampler_draws_what_sdpa_draws_for_windowed_and_hybrid_models(family, monkeypatch):
+    import sharpening.decode_attention as module
+    from sharpening.prompts import pad_prompts
+    from sharpening.sampler import SamplingConfig, generate_samples
+
+    model = _family_model(family)
+    prompts = pad_prompts([[1, 3, 4, 11, 5, 6], [1, 5, 6, 7, 8, 9, 11], [1, 10, 11]], [0, 1, 2], [None] * 3, 0)
+    cfg = SamplingConfig(samples_per_prompt=3, max_new_tokens=10)
+    assert uses_decode_attention(model, torch.device("cpu"))
+    calls, real = [], module.decode_attention
+    monkeypatch.setattr(module, "decode_attention", lambda *args: calls.append(1) or real(*args))
+    fast = generate_samples(model, prompts, cfg, 2, 0, seed=7)
+    assert len(calls) >= (fast.response_ids.shape[-1] - 1) * model.config.num_hidden_layers > 0  # every decode step
+    monkeypatch.setattr(module, "uses_decode_attention", lambda model, device: False)
+    plain = generate_samples(model, prompts, cfg, 2, 0, seed=7)
+    assert model.config._attn_implementation == "sdpa"
+    assert torch.equal(fast.response_ids, plain.response_ids)
+    torch.testing.assert_close(fast.logprobs, plain.logprobs, rtol=1e-5, atol=1e-5)

@@ -150,9 +150,8 @@ def toy_prompts(out_dir: str | Path) -> list[str]:
 
 
 # Adam's peak learning rate per algorithm. XPO refits 8 times per round on a dataset that starts at one pair
-# per prompt: at 3e-3 those first rounds threw the policy far off (KL to pi* of 4-10 by round 6) and 4 of 16
-# trajectories were still on a plateau (KL 0.18-0.30) at 480 steps; at 1e-3 all 16 reached KL < 0.03
-# (docs/rl.md, seeds 0-7 with either CPU linear kernel).
+# per prompt: at 3e-3, 4 of 16 trajectories were still on a plateau (KL 0.18-0.30) at 480 steps (8 of 16 with
+# a warm-up); at 1e-3 all 16 reached KL < 0.03 (docs/rl.md, seeds 0-7 with either CPU linear kernel).
 ORACLE_LR = {"online": 3e-3, "offline": 3e-3, "xpo": 1e-3}
 ORACLE_SETTINGS = {
     # algorithm -> (RLConfig overrides, sampling overrides, module overrides, trainer max_steps)

@@ -17,6 +17,7 @@ order), not bitwise.
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator
 
 import torch
@@ -79,14 +80,18 @@ def decode_attention_forward(
     return out.transpose(1, 2).contiguous(), None  # [B, Hq, 1, Dv] -> [B, 1, Hq, Dv]
 
 
-def _register() -> None:
-    """Register ``DECODE_ATTENTION`` with transformers (attention function and sdpa's mask), once."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
-    if DECODE_ATTENTION not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        AttentionInterface.register(DECODE_ATTENTION, decode_attention_forward)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, sdpa_mask)
+@functools.cache
+def _register() -> bool:
+    """Register ``DECODE_ATTENTION`` with transformers (attention function and sdpa's mask), once. False where
+    this transformers has no attention-mask interface (before 4.53): the sampler then keeps sdpa."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    except ImportError:
+        return False
+    AttentionInterface.register(DECODE_ATTENTION, decode_attention_forward)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(DECODE_ATTENTION, sdpa_mask)
+    return True
 
 
 def uses_decode_attention(model: torch.nn.Module, device: torch.device) -> bool:
@@ -104,10 +109,9 @@ def uses_decode_attention(model: torch.nn.Module, device: torch.device) -> bool:
 def cpu_decode_attention(model: torch.nn.Module, device: torch.device) -> Iterator[None]:
     """Within the block, ``model``'s decode steps use ``decode_attention`` (see the module docstring); the
     model's attention setting is restored on exit, also on error. A no-op where it does not apply."""
-    if not uses_decode_attention(model, device):
+    if not uses_decode_attention(model, device) or not _register():
         yield
         return
-    _register()
     config = model.config
     config._attn_implementation = DECODE_ATTENTION
     try:

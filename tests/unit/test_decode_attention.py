@@ -120,6 +120,22 @@ def test_applies_to_sdpa_models_on_cpu_only(tiny_model_path):
     assert sdpa.config._attn_implementation == "sdpa"  # restored on error too
 
 
+def test_keeps_sdpa_where_transformers_has_no_mask_interface(tiny_model_path, monkeypatch):
+    """transformers before 4.53 has no ``masking_utils``: registration reports it and the model stays on sdpa."""
+    import sys
+
+    from transformers import AutoModelForCausalLM
+
+    import sharpening.decode_attention as module
+
+    monkeypatch.setitem(sys.modules, "transformers.masking_utils", None)  # its import now raises ImportError
+    assert module._register.__wrapped__() is False
+    monkeypatch.setattr(module, "_register", lambda: False)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation="sdpa")
+    with cpu_decode_attention(model, torch.device("cpu")):
+        assert model.config._attn_implementation == "sdpa"
+
+
 def test_sampler_uses_it_and_draws_what_sdpa_draws(tiny_model_path, monkeypatch):
     """Same seed: the same tokens as transformers' sdpa, log-probs to float32 rounding; every decode step's
     attention went through the matmul path, and the model's setting is sdpa again afterwards."""

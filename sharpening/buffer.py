@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from sharpening.sampler import derive_seed
 from sharpening.types import ScoredSamples
 
 
@@ -206,41 +207,49 @@ def collate_pairs(pairs: list[PairExample], pad_token_id: int) -> dict[str, torc
 
 
 class EpochSampler(torch.utils.data.DistributedSampler):
-    """A shuffled order that depends only on ``seed``, however often it is iterated, split over ranks.
+    """Epoch ``e``'s shuffled order depends only on ``(seed, e)``, however often it is iterated; split over ranks.
 
-    (Lightning calls ``iter()`` twice at a normal epoch start but once after a resume, and a
-    RandomSampler draws a new permutation each time, so a resumed epoch would see another order.)
+    Lightning calls ``set_epoch(e)`` at every epoch start, also on a loader it keeps from epoch to epoch,
+    so each epoch gets its own order (``derive_seed(seed, e)``) whether or not the loader is rebuilt.
+    (Lightning calls ``iter()`` twice at a normal epoch start but once after a resume, and a RandomSampler
+    draws a new permutation each time, so a resumed epoch would see another order.)
     Each rank takes its shard of the order as Lightning's distributed sampler would (padded by wrapping
     round to equal shards, then every ``num_replicas``-th index), and Lightning keeps a DistributedSampler
     as it is. ``skip`` leaves out the first indices of this rank's shard already consumed before a
-    mid-epoch restart: skipping must follow the split, or the shards shift. The length stays the full
-    shard's, as Lightning counts the consumed batches itself.
+    mid-epoch restart in epoch ``skip_epoch``, and only in that epoch: skipping must follow the split, or
+    the shards shift. The length stays the full shard's, as Lightning counts the consumed batches itself.
     """
 
     def __init__(
-        self, size: int, seed: int, shuffle: bool = True, skip: int = 0, num_replicas: int = 1, rank: int = 0
+        self, size: int, seed: int, shuffle: bool = True, skip: int = 0, num_replicas: int = 1, rank: int = 0,
+        skip_epoch: int = 0,
     ) -> None:
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        self.size, self.order_seed, self.order_shuffled, self.skip = size, seed, shuffle, skip
+        self.size, self.order_seed, self.order_shuffled = size, seed, shuffle
+        self.skip, self.skip_epoch = skip, skip_epoch
 
     def __iter__(self):
         if self.order_shuffled:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.order_seed)).tolist()
+            generator = torch.Generator().manual_seed(derive_seed(self.order_seed, self.epoch))
+            order = torch.randperm(self.size, generator=generator).tolist()
         else:
             order = list(range(self.size))
         shard = [order[i] for i in super().__iter__()]  # this rank's positions of the order
-        return iter(shard[self.skip :])
+        return iter(shard[self.skip :] if self.epoch == self.skip_epoch else shard)
 
 
 def epoch_sampler(trainer, size: int, seed: int, batch_size: int) -> EpochSampler:
-    """The sampler for this epoch (this rank's shard); after a mid-epoch restart it skips the batches
-    already trained on (those whose update the checkpoint holds: Lightning's ``processed`` count, which a
-    checkpoint written at batch end already includes; every rank steps the same number of batches)."""
-    skip, replicas, rank = 0, 1, 0
+    """The sampler of a training loader (this rank's shard), set to the trainer's current epoch. After a
+    mid-epoch restart it skips, in that epoch only, the batches already trained on (those whose update the
+    checkpoint holds: Lightning's ``processed`` count, which a checkpoint written at batch end already
+    includes; every rank steps the same number of batches)."""
+    skip, replicas, rank, epoch = 0, 1, 0, 0
     if trainer is not None:
-        replicas, rank = trainer.world_size, trainer.global_rank
+        replicas, rank, epoch = trainer.world_size, trainer.global_rank, trainer.current_epoch
         if trainer.fit_loop.restarting:
-            epoch = trainer.fit_loop.epoch_progress.current
-            if epoch.started > epoch.processed:  # the restored epoch was under way
+            progress = trainer.fit_loop.epoch_progress.current
+            if progress.started > progress.processed:  # the restored epoch was under way
                 skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed * batch_size
-    return EpochSampler(size, seed, shuffle=size > 0, skip=skip, num_replicas=replicas, rank=rank)
+    sampler = EpochSampler(size, seed, shuffle=size > 0, skip=skip, num_replicas=replicas, rank=rank, skip_epoch=epoch)
+    sampler.set_epoch(epoch)  # Lightning sets it again at each epoch start
+    return sampler

@@ -63,14 +63,18 @@ class SharpeningCLI(LightningCLI):
         """Refuse to start a fresh run on top of another run's checkpoints (they would be overwritten)."""
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
-        if subcommand != "fit" or config.get("ckpt_path") or config.get("overwrite_run"):
+        if subcommand != "fit" or config.get("ckpt_path"):
+            return
+        if config.get("overwrite_run"):  # asked for: the new run's config.yaml replaces the old run's
+            self.save_config_kwargs.update(overwrite=True)
             return
         root = config["trainer"].get("default_root_dir") or os.getcwd()
-        existing = sorted(glob.glob(os.path.join(root, "checkpoints", "*.ckpt")))
+        existing = run_checkpoints(root)
         if existing:
             raise_if_problems([
-                f"--trainer.default_root_dir={root!r} holds another run's checkpoints ({os.path.basename(existing[-1])}, ...): "
-                "resume it with --ckpt_path last (or a path), choose a new directory, or pass --overwrite_run true"
+                f"--trainer.default_root_dir={root!r} holds another run's checkpoints "
+                f"({os.path.relpath(existing[-1], root)}, ...): resume it with --ckpt_path last (or a path), "
+                "choose a new directory, or pass --overwrite_run true"
             ])
 
     def _parse_ckpt_path(self) -> None:
@@ -91,6 +95,13 @@ class SharpeningCLI(LightningCLI):
             raise_if_problems(resume_problems(str(path), config["model"]))
         if path:  # keep the original run's config.yaml; record the resumed run's beside it
             self.save_config_kwargs.update(config_filename="config-resumed.yaml", overwrite=True)
+
+
+def run_checkpoints(root: str) -> list[str]:
+    """Checkpoints a run in ``root`` wrote, oldest first: in ``root/checkpoints`` (no logger) or in a
+    logger's ``root/<name>/version_<n>/checkpoints`` (the default CSV logger's ``lightning_logs``)."""
+    patterns = [os.path.join(root, "checkpoints", "*.ckpt"), os.path.join(root, "*", "version_*", "checkpoints", "*.ckpt")]
+    return sorted((p for pattern in patterns for p in glob.glob(pattern)), key=os.path.getmtime)
 
 
 def resume_problems(path: str, model_config) -> list[str]:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from sharpening.cpu_linear import packed_linear_weights
-from sharpening.errors import ConfigError, raise_if_problems
+from sharpening.errors import ConfigError, raise_if_problems, unwritable_directory_problem
 from sharpening.evaluate_cache import DrawCache, model_fingerprint
 from sharpening.evaluate_config import (
     EvalModelConfig,
@@ -277,7 +277,10 @@ def run(argv: list[str]) -> dict:
 
     parser = build_parser(with_docs=any(a in ("-h", "--help") for a in argv))
     ns = parser.parse_args(argv)
-    output_problems = [p for p in [output_dir_problem(ns.output_dir, ns.overwrite)] if p]
+    output_problems = [output_dir_problem(ns.output_dir, ns.overwrite)]
+    if ns.cache_dir:
+        output_problems.append(unwritable_directory_problem("--cache_dir", ns.cache_dir))
+    output_problems = [p for p in output_problems if p]
     config = ns.as_dict()  # every option, None included: the exact configuration
     config_files = [str(f) for f in config.pop("config", None) or []]
     model_cfg, protocol = EvalModelConfig(**ns.model.as_dict()), ProtocolConfig(**ns.protocol.as_dict())

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Literal
 
+from sharpening.errors import unwritable_directory_problem
 from sharpening.policy import cpu_linear_problems, model_source_problem
 from sharpening.prompts import validate_dataset_source
 from sharpening.sampler import SamplingConfig, validate_sampling_config
@@ -168,6 +169,9 @@ def output_dir_problem(output_dir: str, overwrite: bool) -> str | None:
         return "--output_dir is empty: name a directory for results.json, results.csv and the plots"
     if os.path.isfile(output_dir):
         return f"--output_dir={output_dir!r} is a file; name a directory"
+    unwritable = unwritable_directory_problem("--output_dir", output_dir)
+    if unwritable:
+        return unwritable
     found = sorted(os.listdir(output_dir)) if os.path.isdir(output_dir) else []
     if found and not overwrite:
         return (

@@ -11,13 +11,14 @@ import collections
 import contextlib
 import dataclasses
 import os
+import shutil
 from typing import Iterator
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from sharpening.errors import raise_if_problems
+from sharpening.errors import raise_if_problems, unwritable_directory_problem
 from sharpening.optim import OptimizerConfig, build_optimizer, validate_optimizer_config
 from sharpening.policy import (
     PolicyConfig,
@@ -55,7 +56,10 @@ class PolicyModule(L.LightningModule):
         problems += validate_optimizer_config(self.optimizer_config, "--model.optimizer")
         if logprob_chunk_size < 1:
             problems.append(f"--model.logprob_chunk_size={logprob_chunk_size}: must be >= 1 (e.g. 256)")
-        if output_dir and os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite_output_dir:
+        unwritable = unwritable_directory_problem("--model.output_dir", output_dir) if output_dir else None
+        if unwritable:
+            problems.append(unwritable)
+        elif output_dir and os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite_output_dir:
             problems.append(
                 f"--model.output_dir={output_dir!r}: already holds files ({sorted(os.listdir(output_dir))[:5]}); "
                 "choose a new directory or set --model.overwrite_output_dir true"
@@ -213,6 +217,7 @@ class PolicyModule(L.LightningModule):
         """Write the fitted policy as a plain Hugging Face (full) or PEFT adapter (LoRA) directory."""
         from sharpening.safety import sigterm_requested
 
+        self._train_ended = True
         if sigterm_requested(self.trainer):
             rank_zero_info("preempted: the policy is not written to output_dir; resume the run to finish it")
             return
@@ -222,6 +227,24 @@ class PolicyModule(L.LightningModule):
             if self.trainer.is_global_zero:
                 save_policy(self.policy, self.tokenizer, self.output_dir)
         rank_zero_info(f"sharpened policy written to {self.output_dir}")
+
+    def on_fit_end(self) -> None:
+        """A run resumed from a checkpoint taken at the end of training has nothing left to train, and
+        Lightning then skips the training loop and ``on_train_end`` with it: write the policy here."""
+        from sharpening.safety import sigterm_requested
+
+        if getattr(self, "_train_ended", False) or not self.output_dir or sigterm_requested(self.trainer):
+            return
+        if self.sharded:  # the strategy is torn down by now: no gather of the sharded weights
+            rank_zero_warn(
+                f"training had already finished in the checkpoint, and under FSDP the policy cannot be gathered "
+                f"after fit: it was not written to --model.output_dir={self.output_dir!r}. Resume with "
+                "--trainer.strategy ddp (or on one device) to write it"
+            )
+            return
+        if self.trainer.is_global_zero:
+            save_policy(self.policy, self.tokenizer, self.output_dir)
+        rank_zero_info(f"training had already finished in the checkpoint; policy written to {self.output_dir}")
 
 
 def fsdp_problems(cfg: PolicyConfig, device: torch.device) -> list[str]:
@@ -253,7 +276,26 @@ def plain_hparams(arguments: dict) -> dict:
 
 
 def save_policy(policy: torch.nn.Module, tokenizer, output_dir: str) -> None:
-    """``save_pretrained`` the policy (safetensors) and tokenizer; the result loads without sharpening."""
-    os.makedirs(output_dir, exist_ok=True)
-    policy.save_pretrained(output_dir, safe_serialization=True)
-    tokenizer.save_pretrained(output_dir)
+    """``save_pretrained`` the policy (safetensors) and tokenizer; the result loads without sharpening.
+
+    Written into a new sibling directory, then moved to ``output_dir``, which it replaces: the result holds
+    this policy's files only (never an earlier run's adapter beside new full weights), and an error while
+    writing leaves ``output_dir`` as it was.
+    """
+    output_dir = os.path.abspath(output_dir)
+    parent, name = os.path.split(output_dir)
+    os.makedirs(parent, exist_ok=True)
+    staging = os.path.join(parent, f".{name}.{os.getpid()}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # a leftover of this pid's earlier, failed attempt
+    os.mkdir(staging)
+    try:
+        policy.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = os.path.join(parent, f".{name}.{os.getpid()}.previous")
+    if os.path.lexists(output_dir):
+        os.replace(output_dir, previous)
+    os.replace(staging, output_dir)
+    shutil.rmtree(previous, ignore_errors=True)

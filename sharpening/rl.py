@@ -134,9 +134,9 @@ class RLSharpeningModule(PolicyModule):
             sampling: Group sampling for online and xpo (samples_per_prompt is the group size G).
             optimizer: AdamW settings and learning-rate schedule.
             prompts_per_step: Prompts per training step (online: each gets G samples; xpo: one round).
-            seed: Seed of the policy's draws (with the step and prompt index).
+            seed: Seed of the policy's draws (with the step and prompt index) and of each epoch's prompt order.
             output_dir: Where the fitted policy (full model or PEFT adapter) is written at the end; null = nowhere.
-            overwrite_output_dir: Allow writing into a non-empty output_dir.
+            overwrite_output_dir: Replace a non-empty output_dir (its old contents go once the new policy is written in full).
             logprob_chunk_size: Response positions per LM-head chunk (bounds logits memory).
         """
         problems = validate_rl_config(rl, sampling)
@@ -169,21 +169,20 @@ class RLSharpeningModule(PolicyModule):
         ])
 
     def train_dataloader(self) -> DataLoader:
-        seed = derive_seed(self.seed, self.current_epoch)
         if self.rl.algorithm == "offline":
             if self.buffer is None:
                 raise RuntimeError("offline RL-sharpening needs the SelfVerificationCallback (the CLI's `verifier:`)")
             self.ensure_buffer(self.current_epoch)  # the self-verification round for this epoch, if due
             pairs = pairs_from_buffer(self.buffer.examples)
             collate = partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id)
-            sampler = epoch_sampler(self._trainer, len(pairs), seed, self.rl.pairs_per_update)
+            sampler = epoch_sampler(self._trainer, len(pairs), self.seed, self.rl.pairs_per_update)
             return DataLoader(pairs, self.rl.pairs_per_update, sampler=sampler, collate_fn=collate)
         data = self.trainer.datamodule
         count = len(data) - self.rl.heldout_prompts
         if count < 1:
             raise RuntimeError(f"--model.rl.heldout_prompts={self.rl.heldout_prompts} leaves no training prompt")
         collate = partial(_collate_prompts, data=data)
-        sampler = epoch_sampler(self._trainer, count, seed, self.prompts_per_step)
+        sampler = epoch_sampler(self._trainer, count, self.seed, self.prompts_per_step)
         return DataLoader(range(count), self.prompts_per_step, sampler=sampler, collate_fn=collate)
 
     # -- training --------------------------------------------------------------------------------

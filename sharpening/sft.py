@@ -22,7 +22,6 @@ from sharpening.losses import masked_nll
 from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig
 from sharpening.policy_module import PolicyModule, plain_hparams
-from sharpening.sampler import derive_seed
 
 
 class SFTSharpeningModule(PolicyModule):
@@ -47,7 +46,7 @@ class SFTSharpeningModule(PolicyModule):
             batch_size: Selected samples per optimizer step (per device).
             shuffle_seed: Seed of the order in which buffer samples are visited each epoch.
             output_dir: Where the fitted policy (full model or PEFT adapter) is written at the end; null = nowhere.
-            overwrite_output_dir: Allow writing into a non-empty output_dir.
+            overwrite_output_dir: Replace a non-empty output_dir (its old contents go once the new policy is written in full).
             logprob_chunk_size: Response positions per LM-head chunk (bounds logits memory).
             packing: Concatenate each batch's examples into rows instead of padding them: same loss, less compute.
             pack_length: Most tokens per packed row, or the batch's longest example if longer; shorter rows are
@@ -73,11 +72,10 @@ class SFTSharpeningModule(PolicyModule):
                 "add one (the `sharpen` CLI adds it as `verifier:`)"
             )
         self.ensure_buffer(self.current_epoch)  # the self-verification round for this epoch, if due
-        seed = derive_seed(self.shuffle_seed, self.current_epoch)
         return DataLoader(
             self.buffer,
             batch_size=self.batch_size,
-            sampler=epoch_sampler(self._trainer, len(self.buffer), seed, self.batch_size),
+            sampler=epoch_sampler(self._trainer, len(self.buffer), self.shuffle_seed, self.batch_size),
             collate_fn=self._collate_fn(),
         )
 

@@ -56,6 +56,23 @@ def _other_runs_checkpoints(tmp):
     return [f"--trainer.default_root_dir={tmp / 'run'}"]
 
 
+def _logger_checkpoints(tmp):
+    """The default CSV logger's layout: root/lightning_logs/version_0/checkpoints."""
+    (tmp / "run" / "lightning_logs" / "version_0" / "checkpoints").mkdir(parents=True)
+    (tmp / "run" / "lightning_logs" / "version_0" / "checkpoints" / "last-preempted.ckpt").write_bytes(b"resume me")
+    return [f"--trainer.default_root_dir={tmp / 'run'}"]
+
+
+def _output_dir_is_a_file(tmp):
+    (tmp / "notes.txt").write_text("mine")
+    return [f"--model.init_args.output_dir={tmp / 'notes.txt'}"]
+
+
+def _output_dir_inside_a_file(tmp):
+    (tmp / "notes.txt").write_text("mine")
+    return [f"--model.init_args.output_dir={tmp / 'notes.txt' / 'out'}"]
+
+
 CASES = [
     # (id, config, overrides (list or builder), fragment expected in the error)
     ("model path missing", SFT, ["--model.init_args.policy.model_name_or_path=./no/such/model"], "no such directory"),
@@ -77,6 +94,9 @@ CASES = [
     ("unknown algorithm", RL, ["--model.init_args.rl.algorithm=ppo"], SystemExit),
     ("crafted pickle checkpoint", SFT, _pickle_checkpoint, "refused"),
     ("other run's checkpoints", SFT, _other_runs_checkpoints, "holds another run's checkpoints"),
+    ("a logger's checkpoints", SFT, _logger_checkpoints, "(lightning_logs/version_0/checkpoints/last-preempted.ckpt"),
+    ("output_dir is a file", SFT, _output_dir_is_a_file, "is a file, not a directory"),
+    ("output_dir inside a file", RL, _output_dir_inside_a_file, "is a file, so the directory cannot be made"),
     ("tokenizer without EOS", SFT, "no-eos", "no EOS token"),
 ]
 
@@ -115,6 +135,8 @@ def test_bad_input_is_refused_early_and_nothing_is_written(case, tiny_model_path
     assert not (tmp_path / "pwned").exists()
     if name == "other run's checkpoints":
         assert (tmp_path / "run" / "checkpoints" / "epoch=0-step=4.ckpt").read_bytes() == b"not mine to overwrite"
+    if name.startswith("output_dir"):
+        assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 def test_resume_checkpoint_from_another_model_or_algorithm_is_refused(tiny_model_path, prompts_file, tmp_path):

@@ -197,6 +197,20 @@ def test_existing_output_dir_is_not_overwritten(tiny_model_path, prompts_file, t
     assert sorted(os.listdir(out)) == ["mine.txt"]
 
 
+def test_a_run_started_over_replaces_the_old_output_and_config(tiny_model_path, prompts_file, tmp_path):
+    """--overwrite_run and --model.overwrite_output_dir: the new run's config.yaml replaces the old one (no
+    crash in Lightning's SaveConfigCallback), and the output holds only the new policy's files (no earlier
+    LoRA adapter beside new full weights, which transformers would load on top of them)."""
+    _fit(tiny_model_path, prompts_file, str(tmp_path), "--trainer.max_epochs=1")
+    assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
+    _fit(tiny_model_path, prompts_file, str(tmp_path), "--trainer.max_epochs=1", "--overwrite_run=true",
+         "--model.init_args.policy.finetuning=full", "--model.init_args.overwrite_output_dir=true")
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert "model.safetensors" in files and not [f for f in files if f.startswith("adapter")], files
+    assert "finetuning: full" in (tmp_path / "config.yaml").read_text()
+    assert not [f for f in os.listdir(tmp_path) if f.endswith((".partial", ".previous"))]
+
+
 def test_callback_metrics_logged_each_round(tiny_model_path, prompts_file, tmp_path):
     cli = _fit(tiny_model_path, prompts_file, str(tmp_path))
     verifier = [c for c in cli.trainer.callbacks if type(c).__name__ == "SelfVerificationCallback"][0]

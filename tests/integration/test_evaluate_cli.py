@@ -257,6 +257,17 @@ def test_bad_input_fails_before_weights_load(override, fragment, tiny_model_path
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_or_cache_dir_that_cannot_be_written_is_refused_before_drawing(tiny_model_path, tmp_path, monkeypatch):
+    _no_weights(monkeypatch)
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(ConfigError) as err:
+        evaluate(tiny_model_path, tmp_path / "file" / "out", f"--cache_dir={tmp_path / 'file' / 'cache'}")
+    assert len(err.value.problems) == 2
+    assert "--output_dir=" in err.value.problems[0] and "--cache_dir=" in err.value.problems[1]
+    assert all("is a file, so the directory cannot be made" in p for p in err.value.problems)
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_every_problem_is_reported_at_once(tiny_model_path, tmp_path, monkeypatch):
     _no_weights(monkeypatch)
     (tmp_path / "old.txt").write_text("an earlier run")

@@ -45,18 +45,26 @@ class SigtermAtStep(L.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_sigterm_during_training_checkpoints_and_resumes(tiny_model_path, prompts_file, tmp_path, monkeypatch):
-    full = main(_args(tiny_model_path, prompts_file, tmp_path / "full"))
+# (resample_every_epoch, step at which SIGTERM arrives). Two batches an epoch, two epochs. Without
+# resampling Lightning keeps one loader for the whole run: the restart must skip batches in the resumed
+# epoch only, and every epoch must keep its own order (step 3: the second batch of the second epoch).
+PREEMPTIONS = [(True, 0), (False, 0), (False, 3)]
+
+
+@pytest.mark.parametrize(("resample", "step"), PREEMPTIONS)
+def test_sigterm_during_training_checkpoints_and_resumes(resample, step, tiny_model_path, prompts_file, tmp_path, monkeypatch):
+    loader = f"--verifier.resample_every_epoch={str(resample).lower()}"
+    full = main(_args(tiny_model_path, prompts_file, tmp_path / "full", loader))
     monkeypatch.setattr(
         "sharpening.policy_module.PolicyModule.configure_callbacks",
-        lambda self: [*_safety(), SigtermAtStep(0)],  # mid-epoch: the first of two batches
+        lambda self: [*_safety(), SigtermAtStep(step)],  # mid-epoch: the first or second of two batches
     )
-    stopped = main(_args(tiny_model_path, prompts_file, tmp_path / "run"))
-    assert stopped.trainer.global_step == 1  # the batch in flight finished, then the run stopped
+    stopped = main(_args(tiny_model_path, prompts_file, tmp_path / "run", loader))
+    assert stopped.trainer.global_step == step + 1  # the batch in flight finished, then the run stopped
     assert (tmp_path / "run" / "checkpoints" / PREEMPTED_CHECKPOINT).is_file()
     assert not (tmp_path / "run" / "out").exists()  # a preempted run writes no final output
     monkeypatch.undo()
-    resumed = main(_args(tiny_model_path, prompts_file, tmp_path / "run", "--ckpt_path=last"))
+    resumed = main(_args(tiny_model_path, prompts_file, tmp_path / "run", loader, "--ckpt_path=last"))
     assert resumed.trainer.global_step == full.trainer.global_step == 4
     assert _verifier(resumed).buffer.state_dict() == _verifier(full).buffer.state_dict()
     for key, value in _adapter(full).items():  # mid-epoch resume is exact: bitwise on CPU

@@ -26,22 +26,22 @@ def toy_dir(tmp_path_factory) -> str:
     return str(out)
 
 
-def _module(toy_dir: str, finetuning: str = "full", **rl) -> RLSharpeningModule:
+def _module(toy_dir: str, finetuning: str = "full", prompts_per_step: int = 3, **rl) -> RLSharpeningModule:
     module = RLSharpeningModule(
         PolicyConfig(model_name_or_path=os.path.join(toy_dir, "base"), finetuning=finetuning, dtype="float32", lora_r=4),
         rl=RLConfig(kl_coef=0.5, **rl),
         sampling=SamplingConfig(samples_per_prompt=6, max_new_tokens=toy.TOY_MAX_NEW_TOKENS),
-        prompts_per_step=3,
+        prompts_per_step=prompts_per_step,
     )
     return module
 
 
-def _fit(module, toy_dir, max_steps, root, ckpt_path=None, callbacks=()):
+def _fit(module, toy_dir, max_steps, root, ckpt_path=None, callbacks=(), reload=True):
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(
         accelerator="cpu", max_steps=max_steps, max_epochs=-1, logger=False, enable_progress_bar=False,
         enable_model_summary=False, default_root_dir=root, callbacks=list(callbacks),
-        enable_checkpointing=bool(root), reload_dataloaders_every_n_epochs=1,
+        enable_checkpointing=bool(root), reload_dataloaders_every_n_epochs=int(reload),
     )
     trainer.fit(module, datamodule=PromptDataModule(os.path.join(toy_dir, "prompts.jsonl")), ckpt_path=ckpt_path)
     return trainer
@@ -176,3 +176,31 @@ def test_stop_and_resume_equals_an_uninterrupted_run(algorithm, toy_dir, tmp_pat
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
     if algorithm == "xpo":
         assert [p.response_ids for p in resumed.xpo_pairs] == [p.response_ids for p in full.xpo_pairs]
+
+
+def test_resume_mid_epoch_with_the_loader_kept_across_epochs(toy_dir, tmp_path):
+    """The CLI's on-policy runs keep one loader for the whole run (no reload): a restart in the middle of
+    the second epoch skips its consumed batch there only, and each epoch keeps its own prompt order."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def every_step(root):
+        return [ModelCheckpoint(dirpath=str(root), every_n_train_steps=1, save_top_k=-1, filename="{step}")]
+
+    seen = {"full": [], "resumed": []}
+
+    def run(name, ckpt_path=None):
+        module = _module(toy_dir, prompts_per_step=1)  # 3 prompts: 3 steps an epoch
+        step = module.training_step
+        module.training_step = lambda batch, *args: seen[name].append(batch.prompt_indices.tolist()) or step(batch, *args)
+        _fit(module, toy_dir, max_steps=9, root=str(tmp_path / name), ckpt_path=ckpt_path, callbacks=every_step(tmp_path / name), reload=False)
+        return module
+
+    full = run("full")
+    resumed = run("resumed", str(tmp_path / "full" / "step=4.ckpt"))  # one batch into the second epoch
+    assert resumed.trainer.global_step == full.trainer.global_step == 9
+    assert seen["resumed"] == seen["full"][4:]
+    epochs = [sorted(map(tuple, seen["full"][i : i + 3])) for i in (0, 3, 6)]
+    assert all(e == [(0,), (1,), (2,)] for e in epochs)  # every prompt once an epoch
+    assert len({tuple(map(tuple, seen["full"][i : i + 3])) for i in (0, 3, 6)}) > 1  # not one order for all
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)

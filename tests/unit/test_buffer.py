@@ -7,6 +7,7 @@ import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
 from sharpening.buffer import BufferExample, EpochSampler, SampleBuffer, collate_examples, selected_examples
+from sharpening.sampler import derive_seed
 from sharpening.types import PromptBatch, SampleBatch, ScoredSamples
 
 PAD = 0
@@ -166,3 +167,14 @@ def test_epoch_sampler_shards_like_lightning_and_skips_within_each_shard():
             # a mid-epoch restart that consumed 2 indices of this rank's shard resumes at the third
             assert list(EpochSampler(size, seed=3, skip=2, num_replicas=2, rank=rank)) == lightning[2:]
     assert list(EpochSampler(6, seed=3, skip=4)) == list(EpochSampler(6, seed=3))[4:]  # one process
+
+
+def test_epoch_sampler_orders_each_epoch_by_its_own_seed_and_skips_only_in_the_restart_epoch():
+    sampler = EpochSampler(10, seed=5, skip=3, skip_epoch=1)
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)  # Lightning, at each epoch start, on a loader it keeps
+        orders.append(list(sampler))
+    expected = [torch.randperm(10, generator=torch.Generator().manual_seed(derive_seed(5, e))).tolist() for e in range(3)]
+    assert orders == [expected[0], expected[1][3:], expected[2]]
+    assert len(sampler) == 10  # the full shard: Lightning counts consumed batches itself

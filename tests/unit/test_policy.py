@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -359,3 +360,33 @@ def test_frozen_base_scores_without_dropout_even_when_the_module_trains(tmp_path
         first, second = base(ids).logits, base(ids).logits
     torch.testing.assert_close(first, second, rtol=0, atol=0)
     assert policy.training
+
+
+def test_save_policy_replaces_the_directory_only_once_the_new_policy_is_written(tiny_model_path, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sharpening.policy_module import save_policy
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_path), AutoTokenizer.from_pretrained(tiny_model_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "adapter_config.json").write_text("{}")  # an earlier run's LoRA output
+    broken = type("Broken", (), {"save_pretrained": lambda self, path: (_ for _ in ()).throw(OSError("disk full"))})()
+    with pytest.raises(OSError, match="disk full"):
+        save_policy(model, broken, str(out))
+    assert os.listdir(out) == ["adapter_config.json"]  # an error while writing leaves it as it was
+    save_policy(model, tokenizer, str(out))
+    assert "adapter_config.json" not in os.listdir(out) and (out / "model.safetensors").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging directory left behind
+    AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_unwritable_directory_problem(tmp_path, monkeypatch):
+    from sharpening.errors import unwritable_directory_problem
+
+    (tmp_path / "f").write_text("")
+    assert unwritable_directory_problem("--o", str(tmp_path / "new" / "deeper")) is None
+    assert "is a file, not a directory" in unwritable_directory_problem("--o", str(tmp_path / "f"))
+    assert "cannot be made" in unwritable_directory_problem("--o", str(tmp_path / "f" / "x"))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only mount (root ignores chmod)
+    assert "is not writable by this user" in unwritable_directory_problem("--o", str(tmp_path / "new"))

@@ -52,16 +52,24 @@ def schedule_factor(step: int, warmup_steps: int, total_steps: float, schedule: 
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig, total_steps: Callable[[], float]) -> dict:
+def build_optimizer(
+    params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig, total_steps: Callable[[], float], fused: bool = True
+) -> dict:
     """Lightning's optimizer dict: AdamW over trainable ``params`` and a per-step LambdaLR.
 
     ``total_steps`` is called lazily, once training data exists (the buffer is filled at fit start).
+    ``fused=False`` where a fused step cannot be used: under Lightning's mixed precision (``16-mixed``,
+    ``bf16-mixed``) gradient clipping refuses an optimizer that unscales gradients inside its step.
     """
     trainable = [p for p in params if p.requires_grad]
     kwargs = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
-    try:  # the fused kernel is ~4x faster per step on CPU (measured in docs/benchmarks.md)
-        optimizer = torch.optim.AdamW(trainable, fused=True, **kwargs)
-    except (RuntimeError, ValueError):  # a device or dtype the fused kernel does not support
+    optimizer = None
+    if fused:
+        try:  # the fused kernel is ~4x faster per step on CPU (measured in docs/benchmarks.md)
+            optimizer = torch.optim.AdamW(trainable, fused=True, **kwargs)
+        except (RuntimeError, ValueError):  # a device or dtype the fused kernel does not support
+            pass
+    if optimizer is None:
         optimizer = torch.optim.AdamW(trainable, **kwargs)
 
     def factor(step: int) -> float:

@@ -150,7 +150,10 @@ class PolicyModule(L.LightningModule):
 
     def configure_optimizers(self):
         total = lambda: float(self.trainer.estimated_stepping_batches) * self.updates_per_batch()  # noqa: E731
-        return build_optimizer(self.trainer.model.parameters(), self.optimizer_config, total)
+        from lightning.pytorch.plugins.precision import MixedPrecision
+
+        mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)  # its clipping refuses a fused step
+        return build_optimizer(self.trainer.model.parameters(), self.optimizer_config, total, fused=not mixed)
 
     # Checkpoints hold trainable weights only: a LoRA checkpoint is the adapter, and the frozen copy of
     # full fine-tuning is reloaded from the model path, never saved.

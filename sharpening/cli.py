@@ -30,6 +30,12 @@ from sharpening.safety import NonFiniteError
 class SharpeningCLI(LightningCLI):
     """LightningCLI whose `verifier:` section configures the SelfVerificationCallback."""
 
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """Only ``fit``: the modules train and have no validation, test or predict step (evaluation is
+        ``sharpen evaluate``, dispatched before LightningCLI)."""
+        return {"fit": LightningCLI.subcommands()["fit"]}
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SelfVerificationCallback, "verifier")
         parser.add_argument(
@@ -179,13 +185,23 @@ def main(args: list[str] | None = None):
 
 
 def _run_cli(argv: list[str] | None) -> SharpeningCLI:
-    return SharpeningCLI(
-        model_class=PolicyModule,
-        subclass_mode_model=True,
-        datamodule_class=PromptDataModule,
-        args=argv,
-        auto_configure_optimizers=False,
-    )
+    from jsonargparse import set_parsing_settings
+
+    words = sys.argv[1:] if argv is None else argv
+    helping = any(a in ("-h", "--help") or a.startswith("--print_config") for a in words)
+    set_parsing_settings(docstring_parse_attribute_docstrings=helping)  # config fields' docs in --help (slower)
+    try:
+        return SharpeningCLI(
+            model_class=PolicyModule,
+            subclass_mode_model=True,
+            datamodule_class=PromptDataModule,
+            args=argv,
+            auto_configure_optimizers=False,
+            parser_kwargs={"prog": "sharpen", "description": "Sharpening: train a model with itself as the verifier "
+                           "(`sharpen fit`); `sharpen evaluate` runs best-of-N evaluation (see its --help)."},
+        )
+    finally:
+        set_parsing_settings(docstring_parse_attribute_docstrings=False)
 
 
 def console_main() -> int:

@@ -92,6 +92,25 @@ def resolve_model_sources(cfg: EvalModelConfig) -> tuple[str, str | None]:
     return cfg.model_name_or_path, adapter
 
 
+def device_problem(device: str) -> str | None:
+    """Why ``device`` (auto, cpu, cuda, cuda:N) cannot be used here, or None."""
+    import torch
+
+    if device in ("auto", "cpu"):
+        return None
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        return "must be auto, cpu, cuda or cuda:N"
+    if parsed.type != "cuda":
+        return "must be auto, cpu, cuda or cuda:N"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available to this process; use auto or cpu"
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        return f"this process sees {torch.cuda.device_count()} CUDA device(s) (cuda:0 ...); pick one of them"
+    return None
+
+
 def validate_model_config(cfg: EvalModelConfig, option: str = "--model") -> list[str]:
     """Every problem with the model section; reads only small JSON files."""
     problems = []
@@ -107,6 +126,8 @@ def validate_model_config(cfg: EvalModelConfig, option: str = "--model") -> list
     if cfg.score_with not in ("self", "base"):
         problems.append(f"{option}.score_with={cfg.score_with!r}: must be self or base")
     problems += cpu_linear_problems(cfg.cpu_linear, f"{option}.cpu_linear")
+    if (problem := device_problem(cfg.device)) is not None:
+        problems.append(f"{option}.device={cfg.device!r}: {problem}")
     if cfg.score_with == "base" and adapter is None and not cfg.base_model_name_or_path:
         problems.append(
             f"{option}.score_with=base: no base to score with; give the sharpened model's {option}.adapter_path, or "

@@ -34,6 +34,9 @@ def validate_optimizer_config(cfg: OptimizerConfig, option: str) -> list[str]:
         problems.append(f"{option}.weight_decay={cfg.weight_decay}: must be >= 0")
     if cfg.warmup_steps < 0:
         problems.append(f"{option}.warmup_steps={cfg.warmup_steps}: must be >= 0")
+    betas = tuple(cfg.betas)
+    if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        problems.append(f"{option}.betas={list(betas)}: must be two numbers in [0, 1), e.g. [0.9, 0.999]")
     if cfg.schedule not in ("constant", "linear", "cosine"):
         problems.append(f"{option}.schedule={cfg.schedule!r}: must be constant, linear or cosine")
     return problems

@@ -134,12 +134,18 @@ class PromptDataModule(L.LightningDataModule):
     def load_prompts(self, tokenizer) -> None:
         """Read the rows and build prompt texts and ids with ``tokenizer``."""
         hp = self.hparams
+        from datasets.exceptions import DatasetGenerationError
+
         try:
             rows = load_prompt_rows(hp.dataset, hp.split, hp.subset)
-        except (StopIteration, ValueError) as err:  # datasets' ways of saying "no rows" / unreadable
+        except (StopIteration, ValueError, DatasetGenerationError) as err:  # "no rows" / unreadable / malformed
+            cause = err
+            while isinstance(cause, DatasetGenerationError) and cause.__cause__ is not None:
+                cause = cause.__cause__  # the parser's own message (e.g. a bad JSON line), not the wrapper's
+            detail = f"{type(cause).__name__}: {str(cause).strip()[:300]}" if str(cause).strip() else type(cause).__name__
             raise ConfigError(
-                [f"--data.dataset={hp.dataset!r}: no rows could be read ({type(err).__name__}: {err}); "
-                 "the file must hold one row per prompt with a prompt column"]
+                [f"--data.dataset={hp.dataset!r}: no rows could be read ({detail}); "
+                 "the file must hold one row per prompt with a prompt column (JSON Lines: one JSON object a line)"]
             ) from err
         problems = []
         for column, option in ((hp.prompt_column, "prompt_column"), (hp.answer_column, "answer_column")):
@@ -150,6 +156,16 @@ class PromptDataModule(L.LightningDataModule):
         raise_if_problems(problems)
         if hp.max_prompts is not None:
             rows = rows.select(range(min(hp.max_prompts, len(rows))))
+        rows = list(rows)
+        for column, option in ((hp.prompt_column, "prompt_column"), (hp.answer_column, "answer_column")):
+            empty = [i for i, r in enumerate(rows) if column is not None and r[column] in (None, "")]
+            if empty:
+                problems.append(
+                    f"--data.{option}={column!r}: {len(empty)} row(s) of {hp.dataset!r} have no value there "
+                    f"(rows {empty[:8]}{' ...' if len(empty) > 8 else ''}, counting from 0); fill or drop them"
+                    + (", or set --data.answer_column null to go without answers" if option == "answer_column" else "")
+                )
+        raise_if_problems(problems)
         rows = [dict(r, prompt=r[hp.prompt_column]) for r in rows]
         try:
             self.prompt_texts = [

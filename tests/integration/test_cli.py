@@ -231,3 +231,12 @@ def test_callback_metrics_logged_each_round(tiny_model_path, prompts_file, tmp_p
     assert metrics["sample/selected_minus_random"] >= 0
     assert 0.0 <= metrics["sample/accuracy"] <= 1.0
     assert json.dumps(metrics)
+
+
+def test_only_fit_is_offered_and_help_shows_the_config_docs(capsys):
+    with pytest.raises(SystemExit):
+        main(["validate", "--config", os.path.join(ROOT, "configs", "demo.yaml")])  # no validation_step to run
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    out = capsys.readouterr().out
+    assert "draws exactly from the model" in out  # SamplingConfig.temperature's docstring

@@ -247,6 +247,7 @@ def test_a_non_empty_output_dir_is_refused(tiny_model_path, tmp_path, monkeypatc
         ("--model.model_name_or_path=./no/such/model", "no such directory"),
         ("--model.score_with=base", "--model.score_with=base: no base"),
         ("--protocol.decode=compiled", "--protocol.decode=compiled: CUDA graphs need a CUDA device"),
+        ("--model.device=gpu", "--model.device='gpu': must be auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_input_fails_before_weights_load(override, fragment, tiny_model_path, tmp_path, monkeypatch):

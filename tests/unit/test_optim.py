@@ -68,6 +68,10 @@ def test_validate_optimizer_config_lists_every_problem():
     assert problems[2].startswith("--model.optimizer.warmup_steps=-1")
     assert problems[3].startswith("--model.optimizer.schedule='step'")
     assert validate_optimizer_config(OptimizerConfig(lr=float("nan")), "--o")[0].startswith("--o.lr=nan")
+    for betas in [(1.5, 0.999), (0.9, 1.0), (0.9,), (-0.1, 0.9)]:
+        assert validate_optimizer_config(OptimizerConfig(betas=betas), "--o") == [
+            f"--o.betas={list(betas)}: must be two numbers in [0, 1), e.g. [0.9, 0.999]"
+        ]
 
 
 def test_build_optimizer_steps_the_schedule_lazily():

@@ -195,3 +195,27 @@ def test_prompt_batches_to_device(tmp_path, tiny_tokenizer):
     dm = _module(_write(tmp_path, "jsonl"), tiny_tokenizer, prompt_column="question")
     batch = next(dm.prompt_batches(8, device=torch.device("cpu")))
     assert len(batch) == len(ROWS) and batch.prompt_ids.device.type == "cpu"
+
+
+def test_rows_without_a_prompt_or_answer_are_refused_not_read_as_none(tmp_path, tiny_tokenizer):
+    path = tmp_path / "gaps.jsonl"
+    rows = [{"prompt": "ab", "answer": "ba"}, {"prompt": "bc", "answer": None}, {"prompt": None, "answer": "x"},
+            {"prompt": "cd"}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(ConfigError) as info:
+        _module(str(path), tiny_tokenizer, prompt_column="prompt", answer_column="answer")
+    problems = info.value.problems
+    assert len(problems) == 2
+    assert problems[0].startswith("--data.prompt_column='prompt': 1 row(s)") and "rows [2]" in problems[0]
+    assert problems[1].startswith("--data.answer_column='answer': 2 row(s)") and "rows [1, 3]" in problems[1]
+    assert "--data.answer_column null" in problems[1]
+    assert len(_module(str(path), tiny_tokenizer, prompt_column="prompt", max_prompts=2)) == 2  # no answers asked for
+
+
+def test_a_malformed_jsonl_line_is_a_config_error_naming_the_parser_message(tmp_path, tiny_tokenizer):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"prompt": "ab"}\n{"prompt": "bc"\n')
+    with pytest.raises(ConfigError) as info:
+        _module(str(path), tiny_tokenizer, prompt_column="prompt")
+    text = info.value.problems[0]
+    assert text.startswith(f"--data.dataset={str(path)!r}: no rows could be read") and "DatasetGenerationError" not in text

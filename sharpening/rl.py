@@ -158,7 +158,15 @@ class RLSharpeningModule(PolicyModule):
         """Refuse FSDP before any weights load: every RL update runs inside the training step (manual
         optimization), and FSDP cannot run a backward pass inside its own forward. Also a decode loop the
         device cannot run (CUDA graphs off CUDA)."""
-        raise_if_problems(decode_device_problems(self.sampling, self.trainer.strategy.root_device, "--model.sampling"))
+        problems = decode_device_problems(self.sampling, self.trainer.strategy.root_device, "--model.sampling")
+        data = self.trainer.datamodule
+        if self.rl.heldout_prompts and data is not None and getattr(data, "prompt_ids", None):
+            if len(data) - self.rl.heldout_prompts < 1:
+                problems.append(
+                    f"--model.rl.heldout_prompts={self.rl.heldout_prompts}: leaves no training prompt of the "
+                    f"{len(data)} read (--data.max_prompts={data.hparams.max_prompts}); hold out fewer or read more"
+                )
+        raise_if_problems(problems)
         if not self.sharded:
             return
         raise_if_problems([

@@ -158,7 +158,7 @@ class PromptDataModule(L.LightningDataModule):
             rows = rows.select(range(min(hp.max_prompts, len(rows))))
         rows = list(rows)
         for column, option in ((hp.prompt_column, "prompt_column"), (hp.answer_column, "answer_column")):
-            empty = [i for i, r in enumerate(rows) if column is not None and r[column] in (None, "")]
+            empty = [i for i, r in enumerate(rows) if column is not None and r[column] is None]  # "" is a value
             if empty:
                 problems.append(
                     f"--data.{option}={column!r}: {len(empty)} row(s) of {hp.dataset!r} have no value there "

@@ -15,7 +15,7 @@ import json
 import os
 import time
 
-from sharpening.errors import raise_if_problems
+from sharpening.errors import ConfigError, raise_if_problems
 from sharpening.evaluate import measure
 from sharpening.evaluate_config import EvalModelConfig, ProtocolConfig, validate_model_config, validate_protocol_config
 from sharpening.evaluate_report import find_row
@@ -24,22 +24,47 @@ KEYS = {"greedy_accuracy": ("greedy", 1), "sample_accuracy": ("sample", 1), "bon
         "pass_at_n": ("pass", None)}  # fmt: skip
 
 
+# The evaluate options that compare's flags set, as the compare user types them.
+FLAGS = {"--protocol.max_new_tokens": "--max-new-tokens", "--protocol.answer_extractor": "--answer-extractor",
+         "--data.dataset": "--prompts", "--data.prompt_column": "--prompt-column",
+         "--data.answer_column": "--answer-column", "--data.max_prompts": "--max-prompts"}  # fmt: skip
+
+
+def _as_typed(problems: list[str]) -> list[str]:
+    """Problems found by sharpening.evaluate's checks, naming compare's flags instead of its options."""
+    out = []
+    for problem in problems:
+        for option, flag in FLAGS.items():
+            problem = problem.replace(option, flag)
+        out.append(problem)
+    return out
+
+
 def compare(args: argparse.Namespace) -> dict:
     """Greedy, single-sample, best-of-N and pass@N accuracy of the base and (when given) the sharpened model."""
+    problems = []
+    if args.samples_per_prompt < 1:
+        problems.append(f"--samples-per-prompt={args.samples_per_prompt}: must be >= 1 (N of best-of-N, e.g. 8)")
+    if args.summary and os.path.exists(args.summary):
+        problems.append(f"--summary={args.summary!r} already exists; choose a new path (it is never overwritten)")
     protocol = ProtocolConfig(
-        n_values=[args.samples_per_prompt], seeds=1, seed=args.seed, max_new_tokens=args.max_new_tokens,
+        n_values=[max(1, args.samples_per_prompt)], seeds=1, seed=args.seed, max_new_tokens=args.max_new_tokens,
         prompts_per_batch=32, answer_extractor=args.answer_extractor, truncated="keep",
     )  # fmt: skip
-    data = {"dataset": args.prompts, "answer_column": "answer", "max_prompts": args.max_prompts}
+    data = {"dataset": args.prompts, "prompt_column": args.prompt_column, "answer_column": args.answer_column,
+            "max_prompts": args.max_prompts}  # fmt: skip
     models = {name: EvalModelConfig(model_name_or_path=path, dtype="float32")
               for name, path in (("base", args.base), ("sharpened", args.sharpened)) if path}  # fmt: skip
-    problems = validate_protocol_config(protocol)
+    problems += _as_typed(validate_protocol_config(protocol))
     for name, cfg in models.items():
         problems += [p.replace("--model.model_name_or_path", f"--{name}") for p in validate_model_config(cfg)]
     raise_if_problems(problems)  # both models checked before either loads
     summary: dict = {"samples_per_prompt": args.samples_per_prompt, "prompts_file": args.prompts}
     for name, cfg in models.items():
-        results = measure(cfg, protocol, data, cache_dir=None, show_progress=False)
+        try:
+            results = measure(cfg, protocol, data, cache_dir=None, show_progress=False)
+        except ConfigError as err:  # the prompts file's problems (checked before any weights load)
+            raise ConfigError(_as_typed(err.problems)) from None
         summary[f"{name}_model"] = os.path.abspath(cfg.model_name_or_path)
         summary["eval_prompts"] = results["prompts"]["count"]
         for key, (method, n) in KEYS.items():
@@ -79,11 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sharpened", default=None, help="sharpened model or PEFT adapter directory")
     parser.add_argument("--prompts", required=True, help="JSONL/JSON/CSV/Parquet file with prompt and answer columns")
     parser.add_argument("--samples-per-prompt", type=int, default=8, help="N of best-of-N and pass@N")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--max-prompts", type=int, default=None)
-    parser.add_argument("--answer-extractor", default="strip")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--summary", default=None, help="write the JSON summary here")
+    parser.add_argument("--prompt-column", default="prompt", help="column of --prompts holding the prompt text")
+    parser.add_argument("--answer-column", default="answer", help="column of --prompts holding the reference answer")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest response drawn, in tokens")
+    parser.add_argument("--max-prompts", type=int, default=None, help="use the first this many prompts (all: unset)")
+    parser.add_argument("--answer-extractor", default="strip",
+                        help="how an answer is read from a response: a built-in name (sharpening.tasks.extractors."
+                             "EXTRACTORS) or a module:function path")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    parser.add_argument("--summary", default=None, help="write the JSON summary here (a new file: never overwritten)")
     parser.add_argument("--demo-checks", action="store_true", help="print the demo's acceptance checks")
     parser.add_argument("--elapsed-since", type=float, default=None, help="unix time the run started (reported)")
     return parser

@@ -289,3 +289,21 @@ def test_compare_mode_keeps_the_demo_summary(spelling, tiny_model_path, tmp_path
     assert json.loads(summary_path.read_text()) == summary
     assert summary["base_bon_accuracy"] == summary["sharpened_bon_accuracy"]  # the same model, the same draws
     assert capsys.readouterr().out.strip().splitlines()[-1] == f"summary: {summary_path}"
+
+
+def test_compare_names_its_own_flags_and_never_overwrites_a_summary(tiny_model_path, tmp_path, monkeypatch):
+    _no_weights(monkeypatch)
+    (tmp_path / "summary.json").write_text("mine")
+    (tmp_path / "q.jsonl").write_text(json.dumps({"question": "ab", "answer": "ba"}) + "\n")
+    with pytest.raises(ConfigError) as err:
+        main(["evaluate", "compare", "--base", tiny_model_path, "--prompts", REVERSAL, "--samples-per-prompt", "0",
+              "--max-new-tokens", "0", "--summary", str(tmp_path / "summary.json")])  # fmt: skip
+    text = str(err.value)
+    assert "--samples-per-prompt=0: must be >= 1" in text and "--max-new-tokens=0" in text
+    assert "--summary=" in text and "already exists" in text and "--protocol." not in text
+    assert (tmp_path / "summary.json").read_text() == "mine"
+    with pytest.raises(ConfigError, match="--prompt-column='prompt': no such column"):
+        main(["evaluate", "compare", "--base", tiny_model_path, "--prompts", str(tmp_path / "q.jsonl")])
+    with pytest.raises(AssertionError, match="weights were loaded"):  # the column flag reads it: on to loading
+        main(["evaluate", "compare", "--base", tiny_model_path, "--prompts", str(tmp_path / "q.jsonl"),
+              "--prompt-column", "question"])  # fmt: skip

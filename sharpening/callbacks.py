@@ -102,8 +102,14 @@ class SelfVerificationCallback(L.Callback):
             mine = self.sampling.max_new_tokens if hasattr(pl_module, "buffer") else 0  # used only for a buffer
             max_new = max(mine, getattr(module_sampling, "max_new_tokens", 0))
             raise_if_problems(context_problems(pl_module.policy_config, data.prompt_ids, max_new))
-        if not hasattr(pl_module, "buffer"):
-            return  # the module does not train from a buffer (e.g. on-policy RL)
+        if not hasattr(pl_module, "buffer"):  # the module does not train from a buffer (e.g. on-policy RL)
+            if hasattr(pl_module, "sampling") and (self.sampling, self.selection) != (SamplingConfig(), SelectionConfig()):
+                algorithm = getattr(getattr(pl_module, "rl", None), "algorithm", type(pl_module).__name__)
+                rank_zero_warn(
+                    f"--verifier.sampling / --verifier.selection are set but not used: algorithm {algorithm!r} draws "
+                    "its own samples with --model.sampling (the verifier's round feeds only offline RL and SFT)"
+                )
+            return
         pl_module.buffer = self.buffer
         pl_module.ensure_buffer = lambda epoch: self.ensure_round(trainer, pl_module, epoch)
         if self.resample_every_epoch:

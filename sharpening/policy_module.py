@@ -285,6 +285,10 @@ def save_policy(policy: torch.nn.Module, tokenizer, output_dir: str) -> None:
     this policy's files only (never an earlier run's adapter beside new full weights), and an error while
     writing leaves ``output_dir`` as it was.
     """
+    for config in (getattr(policy, "peft_config", None) or {}).values():  # a local base: absolute, not cwd-relative
+        base = getattr(config, "base_model_name_or_path", None)
+        if base and os.path.isdir(os.path.expanduser(base)):
+            config.base_model_name_or_path = os.path.abspath(os.path.expanduser(base))
     output_dir = os.path.abspath(output_dir)
     parent, name = os.path.split(output_dir)
     os.makedirs(parent, exist_ok=True)

@@ -204,3 +204,10 @@ def test_resume_mid_epoch_with_the_loader_kept_across_epochs(toy_dir, tmp_path):
     assert len({tuple(map(tuple, seen["full"][i : i + 3])) for i in (0, 3, 6)}) > 1  # not one order for all
     for key, value in full.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_online_rl_warns_that_verifier_settings_are_unused(toy_dir):
+    module = _module(toy_dir)
+    verifier = SelfVerificationCallback(SamplingConfig(samples_per_prompt=16), show_progress=False)
+    with pytest.warns(UserWarning, match="--verifier.sampling / --verifier.selection are set but not used: algorithm 'online'"):
+        _fit(module, toy_dir, max_steps=1, root=None, callbacks=[verifier])

@@ -390,3 +390,18 @@ def test_unwritable_directory_problem(tmp_path, monkeypatch):
     assert "cannot be made" in unwritable_directory_problem("--o", str(tmp_path / "f" / "x"))
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only mount (root ignores chmod)
     assert "is not writable by this user" in unwritable_directory_problem("--o", str(tmp_path / "new"))
+
+
+def test_a_saved_adapter_names_a_local_base_by_its_absolute_path(tiny_model_path, tmp_path, monkeypatch):
+    import json
+
+    from transformers import AutoTokenizer
+
+    from sharpening.policy_module import save_policy
+
+    monkeypatch.chdir(os.path.dirname(tiny_model_path))
+    relative = os.path.basename(tiny_model_path)
+    policy, _ = load_policy(PolicyConfig(model_name_or_path=relative, finetuning="lora", lora_r=4))
+    save_policy(policy, AutoTokenizer.from_pretrained(relative), str(tmp_path / "adapter"))
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == os.path.abspath(tiny_model_path)  # loads from any directory

@@ -273,7 +273,7 @@ def run(argv: list[str]) -> dict:
     """Parse, measure, write results.json / results.csv / config.yaml / plots, print the table."""
     import yaml
 
-    from sharpening.evaluate_report import format_table, write_plots, write_results
+    from sharpening.evaluate_report import format_table, remove_plots, write_atomically, write_plots, write_results
 
     parser = build_parser(with_docs=any(a in ("-h", "--help") for a in argv))
     ns = parser.parse_args(argv)
@@ -288,10 +288,12 @@ def run(argv: list[str]) -> dict:
     numbers = measure(model_cfg, protocol, ns.data.as_dict(), cache_dir, ns.show_progress, output_problems)
     results = {"config": config, "config_files": config_files, **numbers}
     os.makedirs(ns.output_dir, exist_ok=True)
-    with open(os.path.join(ns.output_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(config, f, sort_keys=False)
+    write_atomically(os.path.join(ns.output_dir, "config.yaml"), lambda f: yaml.safe_dump(config, f, sort_keys=False))
     written = write_results(results, ns.output_dir)
+    stale = remove_plots(ns.output_dir)  # an earlier run's: new ones replace them, or none are wanted
     written += write_plots(results, ns.output_dir) if ns.plots else []
+    if stale and not ns.plots:
+        print("removed the earlier run's plots (--plots false): " + ", ".join(stale))
     print(format_table(results))
     print("wrote " + ", ".join(written))
     return results

@@ -12,6 +12,7 @@ import csv
 import json
 import logging
 import os
+from typing import IO, Callable
 
 log = logging.getLogger(__name__)
 
@@ -33,18 +34,44 @@ STYLES = {  # distinct widths and markers, so coinciding curves (e.g. best-of-N 
 }
 
 
+def write_atomically(path: str, write: Callable[[IO[str]], None]) -> str:
+    """``write(file)`` into a temporary file beside ``path``, then rename it over ``path``: a reader (or a
+    run killed while writing) sees the old file or the new one, never half of one."""
+    partial = f"{path}.{os.getpid()}.partial"
+    try:
+        with open(partial, "w", newline="") as f:
+            write(f)
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+    return path
+
+
 def write_results(results: dict, out_dir: str) -> list[str]:
     """Write ``results.json`` (strict JSON: undefined numbers are null) and ``results.csv``; return both paths."""
     os.makedirs(out_dir, exist_ok=True)
-    json_path, csv_path = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.csv")
-    with open(json_path, "w") as f:
+
+    def write_json(f) -> None:
         json.dump(results, f, indent=2, allow_nan=False)
         f.write("\n")
-    with open(csv_path, "w", newline="") as f:
+
+    def write_csv(f) -> None:
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(results["table"])
-    return [json_path, csv_path]
+
+    return [write_atomically(os.path.join(out_dir, "results.json"), write_json),
+            write_atomically(os.path.join(out_dir, "results.csv"), write_csv)]  # fmt: skip
+
+
+def remove_plots(out_dir: str) -> list[str]:
+    """Delete the PLOTS an earlier run wrote in ``out_dir`` (a rerun without plots must not leave them
+    beside results they do not show); return the paths removed."""
+    removed = [os.path.join(out_dir, name) for name in PLOTS if os.path.isfile(os.path.join(out_dir, name))]
+    for path in removed:
+        os.remove(path)
+    return removed
 
 
 def read_results(path: str) -> dict:

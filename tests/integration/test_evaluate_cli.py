@@ -307,3 +307,12 @@ def test_compare_names_its_own_flags_and_never_overwrites_a_summary(tiny_model_p
     with pytest.raises(AssertionError, match="weights were loaded"):  # the column flag reads it: on to loading
         main(["evaluate", "compare", "--base", tiny_model_path, "--prompts", str(tmp_path / "q.jsonl"),
               "--prompt-column", "question"])  # fmt: skip
+
+
+def test_a_rerun_without_plots_leaves_no_stale_plots_and_no_partial_files(tiny_model_path, tmp_path):
+    evaluate(tiny_model_path, tmp_path, "--plots=true")
+    assert (tmp_path / "accuracy_vs_n.png").is_file()
+    evaluate(tiny_model_path, tmp_path, "--overwrite=true", "--plots=false")
+    names = os.listdir(tmp_path)
+    assert not [n for n in names if n.endswith(".png") or n.endswith(".partial")], names
+    assert {"results.json", "results.csv", "config.yaml"} <= set(names)

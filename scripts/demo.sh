@@ -6,18 +6,19 @@
 # Each run writes to a new directory under artifacts/demo/runs/; nothing earlier is overwritten.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+config="configs/demo.yaml"
+case "${1:-}" in
+  "") ;;
+  --rl) config="configs/rl.yaml" ;;
+  -h|--help) sed -n '2,6s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
+  *) echo "demo.sh: unknown option '$1' (use --rl for RL-sharpening, or nothing for SFT-sharpening)" >&2; exit 2 ;;
+esac
 "$root/scripts/setup.sh"
 # shellcheck disable=SC1091
 . "${SHARPENING_VENV:-$root/.venv}/bin/activate"
 cd "$root"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 
-config="configs/demo.yaml"
-case "${1:-}" in
-  "") ;;
-  --rl) config="configs/rl.yaml" ;;
-  *) echo "demo.sh: unknown option '$1' (use --rl for RL-sharpening, or nothing for SFT-sharpening)" >&2; exit 2 ;;
-esac
 run="artifacts/demo/runs/$(date +%Y%m%d-%H%M%S)-$$"
 start=$(date +%s)
 python -m sharpening.tasks.demo build --out artifacts/demo

@@ -174,13 +174,14 @@ def main(args: list[str] | None = None):
         target = functools.partial(_run_cli, None if args is None else argv)
     if args is not None:
         return target()
+    program = "sharpen evaluate" if argv[:1] == ["evaluate"] else "sharpen"
     try:  # from the shell: a configuration problem is a message, not a traceback
         return target()
     except ConfigError as err:
-        print(f"sharpen: {err}", file=sys.stderr)
+        print(f"{program}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except NonFiniteError as err:
-        print(f"sharpen: {err}", file=sys.stderr)
+        print(f"{program}: {err}", file=sys.stderr)
         raise SystemExit(1) from None
 
 

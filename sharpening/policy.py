@@ -105,7 +105,10 @@ def model_source_problem(name: str) -> str | None:
             found = sorted(os.listdir(expanded))[:8]
             return f"directory has no config.json (found: {found}); point to a save_pretrained directory"
         return None
-    if name.startswith((".", "/", "~")) or os.path.exists(expanded) or name.count("/") > 1:
+    if os.path.exists(expanded):
+        return "is a file; give the directory that holds config.json and the weights"
+    parent = os.path.dirname(expanded.rstrip("/"))  # "runs/mdl" with runs/ here is a path, not a hub id
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or (parent and os.path.isdir(parent)):
         return "no such directory; check the path (relative paths start from the current directory)"
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     if offline:

@@ -26,6 +26,7 @@ from functools import partial
 from typing import Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
 from sharpening.buffer import PairExample, SampleBuffer, collate_pairs, epoch_sampler, pairs_from_buffer
@@ -95,18 +96,22 @@ def validate_rl_config(rl: RLConfig, sampling: SamplingConfig) -> list[str]:
         problems.append(
             f"--model.sampling.samples_per_prompt={sampling.samples_per_prompt}: a group baseline needs >= 2"
         )
-    if sampling.temperature != 1.0 or sampling.top_k != 0 or sampling.top_p != 1.0:
+    inexact = {k: v for k, v in (("temperature", sampling.temperature), ("top_k", sampling.top_k),
+                                  ("top_p", sampling.top_p)) if v != {"temperature": 1.0, "top_k": 0, "top_p": 1.0}[k]}
+    if inexact:
+        given = ", ".join(f"--model.sampling.{k}={v}" for k, v in inexact.items())
         problems.append(
-            "--model.sampling: RL-sharpening needs exact draws (temperature 1, top_k 0, top_p 1.0); "
-            "other settings bias the gradient"
+            f"{given}: RL-sharpening needs exact draws (temperature 1, top_k 0, top_p 1.0); other settings bias "
+            "the gradient, so set them back"
         )
     for name in ("inner_updates", "xpo_updates_per_round", "pairs_per_update"):
         if getattr(rl, name) < 1:
             problems.append(f"{o}.{name}={getattr(rl, name)}: must be >= 1")
     if not rl.clip_ratio > 0:
         problems.append(f"{o}.clip_ratio={rl.clip_ratio}: must be > 0 (e.g. 0.2)")
-    if rl.xpo_alpha < 0 or rl.heldout_prompts < 0:
-        problems.append(f"{o}.xpo_alpha and {o}.heldout_prompts must be >= 0")
+    for name in ("xpo_alpha", "heldout_prompts"):
+        if getattr(rl, name) < 0:
+            problems.append(f"{o}.{name}={getattr(rl, name)}: must be >= 0")
     return problems
 
 
@@ -370,6 +375,10 @@ class RLSharpeningModule(PolicyModule):
     def on_train_end(self) -> None:
         if self.rl.algorithm == "xpo" and self.best["state"] is not None:
             self.load_state_dict({k: v.to(self.device) for k, v in self.best["state"].items()})
+            rank_zero_info(
+                f"XPO: keeping the policy after step {self.best['round']}, the best held-out J_beta "
+                f"({self.best['j_beta']:.4f})"
+            )
         super().on_train_end()
 
 

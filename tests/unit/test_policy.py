@@ -405,3 +405,15 @@ def test_a_saved_adapter_names_a_local_base_by_its_absolute_path(tiny_model_path
     save_policy(policy, AutoTokenizer.from_pretrained(relative), str(tmp_path / "adapter"))
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == os.path.abspath(tiny_model_path)  # loads from any directory
+
+
+def test_model_source_problem_tells_a_local_typo_and_a_file_from_a_hub_id(tmp_path, monkeypatch):
+    from sharpening.policy import model_source_problem
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "weights.safetensors").write_bytes(b"")
+    assert model_source_problem("runs/mdl").startswith("no such directory")  # runs/ exists: a path, not a hub id
+    assert model_source_problem("weights.safetensors").startswith("is a file")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert "local Hugging Face cache" in model_source_problem("nobody/no-model")

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from sharpening.callbacks import SelfVerificationCallback
-from sharpening.errors import ConfigError, raise_if_problems
+from sharpening.errors import ConfigError, collect_problems, raise_if_problems
 from sharpening.policy_module import PolicyModule
 from sharpening.prompts import PromptDataModule
 from sharpening.safety import NonFiniteError
@@ -54,9 +54,11 @@ class SharpeningCLI(LightningCLI):
             rank_zero_info("stopped after SIGTERM; resume with --ckpt_path last")
 
     def instantiate_classes(self) -> None:
-        """Show a configuration problem as our one error, not buried in jsonargparse's union report."""
+        """Show a configuration problem as our one error, not buried in jsonargparse's union report, and
+        every section's problems (model, data, verifier, the run directory) in that one error."""
         try:
-            super().instantiate_classes()
+            with collect_problems(getattr(self, "pending_problems", None)):
+                super().instantiate_classes()
         except (ValueError, TypeError) as err:
             cause = err
             while cause is not None and not isinstance(cause, ConfigError):
@@ -76,12 +78,12 @@ class SharpeningCLI(LightningCLI):
             return
         root = config["trainer"].get("default_root_dir") or os.getcwd()
         existing = run_checkpoints(root)
-        if existing:
-            raise_if_problems([
+        if existing:  # reported with the other sections' problems (instantiate_classes)
+            self.pending_problems = [
                 f"--trainer.default_root_dir={root!r} holds another run's checkpoints "
                 f"({os.path.relpath(existing[-1], root)}, ...): resume it with --ckpt_path last (or a path), "
                 "choose a new directory, or pass --overwrite_run true"
-            ])
+            ]
 
     def _parse_ckpt_path(self) -> None:
         """Resume with the configuration given NOW, after checking the checkpoint fits it (before any

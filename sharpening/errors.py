@@ -16,10 +16,39 @@ class ConfigError(ValueError):
         super().__init__(f"{len(self.problems)} configuration problem(s):\n{lines}")
 
 
+_COLLECTING: list[list[str]] = []  # the problem lists of the open collect_problems blocks, innermost last
+
+
 def raise_if_problems(problems: list[str]) -> None:
-    """Raise one ConfigError listing ``problems`` when there is any."""
-    if problems:
+    """Raise one ConfigError listing ``problems`` when there is any (inside ``collect_problems``: record them)."""
+    if problems and _COLLECTING:
+        _COLLECTING[-1].extend(problems)
+    elif problems:
         raise ConfigError(problems)
+
+
+class collect_problems:
+    """Check several sections of a configuration together: inside the block ``raise_if_problems`` records
+    instead of raising, and on exit one ConfigError lists every problem recorded (with ``initial`` first).
+    If the block fails otherwise after recording some (a constructor going on with a bad value), the
+    ConfigError is raised from that failure, so the user still reads the problems, not the symptom."""
+
+    def __init__(self, initial: list[str] | None = None) -> None:
+        self.problems = list(initial or [])
+
+    def __enter__(self) -> list[str]:
+        _COLLECTING.append(self.problems)
+        return self.problems
+
+    def __exit__(self, kind, error, traceback) -> bool:
+        _COLLECTING.remove(self.problems)
+        if error is not None and not isinstance(error, Exception):
+            return False  # KeyboardInterrupt, SystemExit: not ours to turn into a message
+        if isinstance(error, ConfigError):
+            self.problems.extend(p for p in error.problems if p not in self.problems)
+        if self.problems:
+            raise ConfigError(self.problems) from error
+        return False
 
 
 def unwritable_directory_problem(option: str, path: str) -> str | None:

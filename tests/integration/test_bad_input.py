@@ -162,3 +162,20 @@ def test_resume_checkpoint_from_another_model_or_algorithm_is_refused(tiny_model
               "--model.init_args.policy.finetuning=lora", f"--data.dataset={prompts_file}", "--trainer.logger=false",
               f"--trainer.default_root_dir={tmp_path / 'c'}", f"--ckpt_path={ckpt}"])
     assert "--model.class_path" in str(err.value)
+
+
+def test_problems_of_every_section_are_reported_together(tiny_model_path, prompts_file, tmp_path, monkeypatch):
+    """Model, data and verifier sections and the run directory, in one error (not one fix-and-rerun each)."""
+    monkeypatch.setattr("sharpening.policy_module.load_policy", lambda *a, **k: pytest.fail("weights loaded"))
+    _other_runs_checkpoints(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        main(["fit", "--config", SFT, f"--model.init_args.policy.model_name_or_path={tiny_model_path}",
+              f"--data.dataset={prompts_file}", f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.logger=false",
+              "--model.init_args.optimizer.lr=0", "--model.init_args.batch_size=0", "--data.max_prompts=0",
+              "--verifier.sampling.samples_per_prompt=-1", "--verifier.sampling.max_new_tokens=0"])  # fmt: skip
+    problems = err.value.problems
+    assert len(problems) == 6, problems
+    assert "holds another run's checkpoints" in problems[0]
+    for fragment in ("--model.optimizer.lr=0.0", "--model.batch_size=0", "--data.max_prompts=0",
+                     "--verifier.sampling.samples_per_prompt=-1", "--verifier.sampling.max_new_tokens=0"):  # fmt: skip
+        assert any(p.startswith(fragment) for p in problems), (fragment, problems)

@@ -31,3 +31,26 @@ def test_raise_if_problems():
         raise_if_problems(["one", "two"])
     assert info.value.problems == ["one", "two"]
     assert "2 configuration problem(s)" in str(info.value)
+
+
+def test_collect_problems_reports_every_section_at_once():
+    from sharpening.errors import collect_problems
+
+    with pytest.raises(ConfigError) as err:
+        with collect_problems(["--a: first"]):
+            raise_if_problems(["--b: second"])
+            raise_if_problems([])
+            raise_if_problems(["--c: third"])
+    assert err.value.problems == ["--a: first", "--b: second", "--c: third"]
+    with pytest.raises(ConfigError) as err:  # a constructor that went on with a bad value and failed
+        with collect_problems():
+            raise_if_problems(["--d: bad"])
+            raise ZeroDivisionError("a symptom")
+    assert err.value.problems == ["--d: bad"] and isinstance(err.value.__cause__, ZeroDivisionError)
+    with pytest.raises(ZeroDivisionError):  # nothing recorded: the failure is the news
+        with collect_problems():
+            raise ZeroDivisionError("a real bug")
+    with collect_problems():
+        pass
+    with pytest.raises(ConfigError):  # outside any block it raises at once again
+        raise_if_problems(["--e: bad"])

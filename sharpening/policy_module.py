@@ -99,7 +99,17 @@ class PolicyModule(L.LightningModule):
         # ours hold trainable weights only (on_save_checkpoint), so the frozen ones are absent on purpose
         self.strict_loading = not sharded
         self.policy, self.frozen_copy = load_policy(self.policy_config, device=device, frozen_copy=not lazy)
+        self._rest_in_train_mode(self.frozen_copy)
         self._policy_is_base = self.policy_config.finetuning == "full" and self.frozen_copy is None
+
+    @staticmethod
+    def _rest_in_train_mode(frozen: torch.nn.Module | None) -> torch.nn.Module | None:
+        """The frozen copy follows the module's mode between uses, like any submodule: ``frozen_base()``
+        switches it to eval (no dropout) for every use and back. (Left in eval mode, it made Lightning
+        warn at every fit start that modules were in eval mode.) Its weights stay frozen either way."""
+        if frozen is not None:
+            frozen.train()
+        return frozen
 
     @contextlib.contextmanager
     def frozen_base(self) -> Iterator[torch.nn.Module]:
@@ -113,7 +123,7 @@ class PolicyModule(L.LightningModule):
                     yield self.policy
                 return
             device = next(self.policy.parameters()).device
-            self.frozen_copy = load_frozen_base(self.policy_config, device=device)
+            self.frozen_copy = self._rest_in_train_mode(load_frozen_base(self.policy_config, device=device))
             rank_zero_info("loaded the frozen base again from the model path (the policy has been updated)")
         with frozen_base(self.policy, self.frozen_copy) as base:
             yield base

@@ -211,3 +211,14 @@ def test_online_rl_warns_that_verifier_settings_are_unused(toy_dir):
     verifier = SelfVerificationCallback(SamplingConfig(samples_per_prompt=16), show_progress=False)
     with pytest.warns(UserWarning, match="--verifier.sampling / --verifier.selection are set but not used: algorithm 'online'"):
         _fit(module, toy_dir, max_steps=1, root=None, callbacks=[verifier])
+
+
+def test_no_eval_mode_warning_from_the_frozen_copy(toy_dir):
+    """The frozen copy rests in the module's mode (frozen_base() switches it to eval for each use), so
+    Lightning's 'modules in eval mode' warning does not fire on every run."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(_module(toy_dir), toy_dir, max_steps=1, root=None)
+    assert not [w for w in caught if "in eval mode" in str(w.message)]

@@ -95,7 +95,13 @@ class SelfVerificationCallback(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         sharded = bool(getattr(pl_module, "sharded", False))
         device = trainer.strategy.root_device
-        raise_if_problems(decode_device_problems(self.sampling, device, "--verifier.sampling", sharded))
+        problems = decode_device_problems(self.sampling, device, "--verifier.sampling", sharded)
+        if getattr(getattr(pl_module, "rl", None), "algorithm", None) == "offline" and self.selection.reward != "loglik":
+            problems.append(  # Eq. 8 reads each kept sample's score as its summed base log-probability
+                f"--verifier.selection.reward={self.selection.reward}: offline RL-sharpening uses each sample's score "
+                "as log pi_base(y|x) in its squared loss, so it needs --verifier.selection.reward loglik"
+            )
+        raise_if_problems(problems)
         data = trainer.datamodule
         if data is not None and getattr(data, "prompt_ids", None) and hasattr(pl_module, "policy_config"):
             module_sampling = getattr(pl_module, "sampling", None)  # RL samples with its own settings

@@ -23,7 +23,7 @@ from sharpening.cpu_linear import packed_linear_weights
 from sharpening.errors import raise_if_problems
 from sharpening.logprobs import sample_logprobs
 from sharpening.metrics import SharpeningMetric
-from sharpening.policy import eval_mode
+from sharpening.policy import eval_mode, stop_token_ids
 from sharpening.safety import preempt, sigterm_requested
 from sharpening.rewards import extract_answers, score_samples
 from sharpening.sampler import (
@@ -196,9 +196,10 @@ class SelfVerificationCallback(L.Callback):
     ) -> tuple[ScoredSamples, torch.Tensor | None, torch.Tensor | None]:
         """One batch of prompts: samples scored and selected, plus correctness when answers exist."""
         tokenizer = pl_module.tokenizer
-        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        pad = tokenizer.pad_token_id
         keep_all = getattr(pl_module, "keep_all_samples", False)  # e.g. offline RL forms pairs from all N
         with pl_module.sampling_model(self.sample_from) as model:
+            eos = stop_token_ids(model, tokenizer)
             samples = generate_samples(
                 model, prompts, self.sampling, eos, pad, seed=self.seed, round_index=epoch,
                 stop_unselectable=0 if keep_all else self.stopping_top_k(),
@@ -250,7 +251,7 @@ class SelfVerificationCallback(L.Callback):
         tokenizer = pl_module.tokenizer
         greedy_cfg = dataclasses.replace(self.sampling, samples_per_prompt=1, temperature=0.0)
         with pl_module.sampling_model(self.sample_from) as model:
-            greedy = generate_samples(model, prompts, greedy_cfg, tokenizer.eos_token_id, tokenizer.pad_token_id)
+            greedy = generate_samples(model, prompts, greedy_cfg, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
         texts = decode_responses(tokenizer, greedy)
         return torch.tensor(
             [answers_match(self.extractor(g[0]), ref, self.extractor) for g, ref in zip(texts, prompts.answers)]

@@ -40,7 +40,7 @@ from sharpening.evaluate_config import (
 )
 from sharpening.evaluate_protocol import SeedDraws, answer_codes, loglik_histogram, protocol_table, seed_metrics
 from sharpening.logprobs import sample_logprobs
-from sharpening.policy import frozen_base, resolve_dtype, select_attn_implementation, set_cpu_linear
+from sharpening.policy import frozen_base, resolve_dtype, select_attn_implementation, set_cpu_linear, stop_token_ids
 from sharpening.prompts import PromptDataModule
 from sharpening.rewards import extract_answers, loglik_reward
 from sharpening.sampler import SamplingConfig, decode_device_problems, decode_responses, generate_samples
@@ -142,7 +142,9 @@ def draw_batch(ctx: DrawContext, prompts, kind: str, seed: int) -> SeedDraws:
     cfg = SamplingConfig(1 if greedy else p.n_max, p.max_new_tokens, 0.0 if greedy else p.temperature, decode=p.decode)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("prompts_per_batch", "decode")}  # same draws
     texts = [ctx.data.prompt_texts[i] for i in prompts.prompt_indices.tolist()]
-    eos, pad = ctx.tokenizer.eos_token_id, ctx.tokenizer.pad_token_id
+    eos, pad = stop_token_ids(ctx.model, ctx.tokenizer), ctx.tokenizer.pad_token_id
+    if len(eos) > 1:  # draws stop on each of these (a single EOS keeps the key of earlier caches)
+        settings["stop_token_ids"] = eos
     path = ctx.cache.path(kind, seed, settings, prompts, texts)
     exact = not greedy and cfg.temperature == 1.0
     draw = functools.partial(generate_samples, ctx.model, prompts, cfg, eos, pad, seed=seed)

@@ -119,6 +119,18 @@ def model_source_problem(name: str) -> str | None:
     return None
 
 
+def stop_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
+    """The ids that end a response: the tokenizer's EOS and every EOS of the model's generation config
+    (instruct models often stop on several, e.g. Llama 3's <|eot_id|> and <|end_of_text|>). Tokenizer's first."""
+    ids = [tokenizer.eos_token_id]
+    generation = getattr(model, "generation_config", None)
+    extra = getattr(generation, "eos_token_id", None)
+    for i in [extra] if isinstance(extra, int) else list(extra or []):
+        if i is not None and int(i) not in ids:
+            ids.append(int(i))
+    return ids
+
+
 def select_attn_implementation(requested: str, cuda_available: bool, flash_installed: bool) -> str:
     """Attention backend to load with: flash_attention_2 needs both CUDA and flash-attn; else sdpa."""
     if requested != "auto":

@@ -41,7 +41,7 @@ from sharpening.losses import (
     xpo_loss,
 )
 from sharpening.optim import OptimizerConfig
-from sharpening.policy import PolicyConfig, eval_mode
+from sharpening.policy import PolicyConfig, eval_mode, stop_token_ids
 from sharpening.policy_module import PolicyModule, plain_hparams
 from sharpening.prompts import pad_prompts
 from sharpening.sampler import (
@@ -212,7 +212,8 @@ class RLSharpeningModule(PolicyModule):
         tok = self.tokenizer
         with eval_mode(self.policy), self.sampling_model(source) as model:
             return generate_samples(
-                model, prompts, cfg, tok.eos_token_id, tok.pad_token_id, self.seed, derive_seed(self.global_step, stream)
+                model, prompts, cfg, stop_token_ids(model, tok), tok.pad_token_id, self.seed,
+                derive_seed(self.global_step, stream),
             )
 
     def online_step(self, prompts: PromptBatch) -> torch.Tensor:

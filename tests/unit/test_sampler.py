@@ -637,3 +637,16 @@ def test_compiled_and_static_decode_draw_as_dynamic_on_cuda(tiny_model_path):
         _assert_same_draws(run("static", seed), want, atol=1e-4)
         _assert_same_draws(run("compiled", seed), want, atol=1e-4)
     assert "_sharpening_compiled_forward" in model.__dict__
+
+
+def test_stop_token_ids_add_the_generation_configs_eos_ids(tiny_model_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sharpening.policy import stop_token_ids
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_model_path), AutoTokenizer.from_pretrained(tiny_model_path)
+    assert stop_token_ids(model, tok) == [tok.eos_token_id]
+    model.generation_config.eos_token_id = [7, tok.eos_token_id, 9]  # e.g. an instruct model's end-of-turn ids
+    assert stop_token_ids(model, tok) == [tok.eos_token_id, 7, 9]
+    model.generation_config.eos_token_id = None
+    assert stop_token_ids(model, tok) == [tok.eos_token_id]

@@ -40,7 +40,9 @@ from sharpening.evaluate_config import (
 )
 from sharpening.evaluate_protocol import SeedDraws, answer_codes, loglik_histogram, protocol_table, seed_metrics
 from sharpening.logprobs import sample_logprobs
-from sharpening.policy import frozen_base, resolve_dtype, select_attn_implementation, set_cpu_linear, stop_token_ids
+from sharpening.policy import (
+    frozen_base, raise_if_logit_head_differs, resolve_dtype, select_attn_implementation, set_cpu_linear, stop_token_ids,
+)
 from sharpening.prompts import PromptDataModule
 from sharpening.rewards import extract_answers, loglik_reward
 from sharpening.sampler import SamplingConfig, decode_device_problems, decode_responses, generate_samples
@@ -79,6 +81,7 @@ def load_models(cfg: EvalModelConfig, model: str, adapter: str | None, device: t
     dtype = resolve_dtype(cfg.dtype, device)
     kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
     evaluated = AutoModelForCausalLM.from_pretrained(model, revision=cfg.revision, **kwargs)
+    raise_if_logit_head_differs(evaluated, "--model.model_name_or_path", model)
     if adapter is not None:
         from peft import PeftModel
 
@@ -86,6 +89,7 @@ def load_models(cfg: EvalModelConfig, model: str, adapter: str | None, device: t
     base = None
     if cfg.score_with == "base" and adapter is None:
         base = AutoModelForCausalLM.from_pretrained(cfg.base_model_name_or_path, **kwargs)
+        raise_if_logit_head_differs(base, "--model.base_model_name_or_path", cfg.base_model_name_or_path)
         base = set_cpu_linear(base, cfg.cpu_linear, device).to(device).eval()
     return set_cpu_linear(evaluated, cfg.cpu_linear, device).to(device).eval(), base
 

@@ -17,11 +17,51 @@ from sharpening.types import SampleBatch
 
 
 def _head_transform(model: torch.nn.Module):
-    """(head, softcap, scale): the LM head plus the logit post-processing some families apply."""
+    """(head, softcap, scale): the LM head plus the logit post-processing some families apply
+    (``logit_head_problem`` checks the result against the model's own forward when it loads)."""
     config = model.config
     softcap = getattr(config, "final_logit_softcapping", None)
-    scale = getattr(config, "logit_scale", None)
+    scale = getattr(config, "logit_scale", None)  # Cohere: logits * logit_scale
+    model_type = getattr(config, "model_type", "")
+    if model_type.startswith("granite") and getattr(config, "logits_scaling", None):
+        scale = 1.0 / config.logits_scaling  # Granite: logits / logits_scaling
+    elif model_type == "falcon_h1" and getattr(config, "lm_head_multiplier", None):
+        scale = config.lm_head_multiplier  # Falcon-H1: logits * lm_head_multiplier
     return model.get_output_embeddings(), softcap, scale
+
+
+@torch.no_grad()
+def logit_head_problem(model: torch.nn.Module, tokens: int = 6) -> str | None:
+    """Why the log-probs rebuilt here (decoder, then LM head and the known post-processing) would not be
+    the model's own, or None. Compares both on a few tokens; a family that post-processes its logits in
+    a way not reproduced (a scale under another name, masked tokens) would otherwise be scored against
+    another distribution than the one it samples from."""
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(model, "get_decoder"):
+        return "the model has no separate LM head and decoder to score with"
+    device = head.weight.device if head.weight.device.type != "meta" else torch.device("cpu")
+    ids = torch.arange(tokens, device=device)[None] % head.weight.shape[0]  # [1, tokens]
+    training = model.training
+    model.eval()
+    try:
+        own = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)  # [tokens, V]
+        hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0]  # [tokens, H]
+        _, softcap, scale = _head_transform(model)
+        logits = head(hidden).float()
+        if scale is not None:
+            logits = logits * scale
+        if softcap:
+            logits = torch.tanh(logits / softcap) * softcap
+        ours = torch.log_softmax(logits, -1)
+    finally:
+        model.train(training)
+    gap = float((own - ours).abs().max())
+    tolerance = 1e-3 if head.weight.dtype == torch.float32 else 5e-2
+    if gap > tolerance:
+        return (f"its logits are post-processed in a way sharpening does not reproduce (model_type "
+                f"{getattr(model.config, 'model_type', '?')!r}: log-probs differ by up to {gap:.3g} from its own "
+                "forward), so teacher-forced scores would come from another distribution than its samples")
+    return None
 
 
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, softcap, scale) -> torch.Tensor:

@@ -214,7 +214,19 @@ def _load_model(cfg: PolicyConfig, device: torch.device):
             bnb_4bit_compute_dtype=dtype,
         )
         kwargs["device_map"] = {"": device}
-    return AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
+    raise_if_logit_head_differs(model, "--model.policy.model_name_or_path", cfg.model_name_or_path)
+    return model
+
+
+def raise_if_logit_head_differs(model: torch.nn.Module, option: str, name: str) -> None:
+    """A ConfigError when teacher-forced scoring cannot reproduce ``model``'s own log-probs."""
+    from sharpening.errors import ConfigError
+    from sharpening.logprobs import logit_head_problem
+
+    problem = logit_head_problem(model)
+    if problem is not None:
+        raise ConfigError([f"{option}={name!r}: {problem}; this model family is not supported yet"])
 
 
 def cpu_linear_problems(requested: str, option: str) -> list[str]:

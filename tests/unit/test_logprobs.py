@@ -271,6 +271,9 @@ def _tiny_family_model(family: str):
     if family == "gemma2":
         config = transformers.Gemma2Config(final_logit_softcapping=0.5, **common)  # small cap: clearly active
         cls = transformers.Gemma2ForCausalLM
+    elif family == "granite":
+        config = transformers.GraniteConfig(logits_scaling=0.25, **common)  # logits / 0.25: clearly active
+        cls = transformers.GraniteForCausalLM
     else:
         config = transformers.CohereConfig(logit_scale=3.0, **common)
         cls = transformers.CohereForCausalLM
@@ -278,15 +281,41 @@ def _tiny_family_model(family: str):
     return cls(config).eval()
 
 
-@pytest.mark.parametrize("family", ["gemma2", "cohere"])
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite"])
 def test_logit_post_processing_families_match_model_forward(family, batch):
-    """Families that softcap (Gemma 2) or scale (Cohere) logits in forward must be scored the same way."""
+    """Families that softcap (Gemma 2) or scale (Cohere, Granite) logits in forward must be scored the same way."""
+    from sharpening.logprobs import logit_head_problem
+
     model = _tiny_family_model(family)
+    assert logit_head_problem(model) is None
     prompts, response_ids, response_mask = batch
     with torch.no_grad():
         got = response_logprobs(model, prompts.prompt_ids, prompts.prompt_mask, response_ids, response_mask, 3)
         want = _reference_logprobs(model, PROMPTS, RESPONSES, response_ids.shape[1])
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+def test_a_family_whose_logits_are_post_processed_otherwise_is_refused_when_it_loads(tiny_model_path, tmp_path, monkeypatch):
+    """A scale under a name sharpening does not know (here: logits * 3 in forward) would make teacher-forced
+    scores another distribution than the samples': loading refuses the model instead."""
+    import transformers
+
+    from sharpening.errors import ConfigError
+    from sharpening.logprobs import logit_head_problem
+    from sharpening.policy import PolicyConfig, load_policy
+
+    forward = transformers.LlamaForCausalLM.forward
+
+    def scaled(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        out.logits = out.logits * 3.0
+        return out
+
+    model = _tiny_family_model("cohere")
+    assert logit_head_problem(model) is None
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "forward", scaled)
+    with pytest.raises(ConfigError, match="post-processed in a way sharpening does not reproduce"):
+        load_policy(PolicyConfig(model_name_or_path=tiny_model_path, finetuning="full", dtype="float32"))
 
 
 def test_prompt_batch_len():

@@ -57,7 +57,9 @@ def policy_gradient_loss(
 
     logprobs [R, T] (with grad), old_logprobs [R, T] (the sampling policy's), advantages [R], mask [R, T].
     With old == current (one update per generation) the ratio is 1 and the gradient is exactly REINFORCE:
-    -A * grad log pi(y). With ``k3_coef`` > 0 a per-token k3 estimate of KL(pi || pi_base) is added.
+    -A * grad log pi(y). With ``k3_coef`` > 0 GRPO's per-token k3 term exp(b - l) - (b - l) - 1 is added
+    (b, l: base and policy log-probs). Its value estimates KL(pi || pi_base), but its gradient through l alone is
+    that of a per-token KL(pi_base || pi): the optimum is not pi_base^(1+1/beta) (RLConfig.kl_estimator).
     """
     ratio = torch.exp(logprobs - old_logprobs)  # [R, T]
     adv = advantages[:, None]  # [R] -> [R, 1]

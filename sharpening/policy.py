@@ -119,6 +119,19 @@ def model_source_problem(name: str) -> str | None:
     return None
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout of ``model`` to 0 (``nn.Dropout`` modules, LoRA's included, and the attention
+    dropout rate that transformers' attention layers read in train mode); return how many were not 0."""
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p > 0:
+            module.p, switched = 0.0, switched + 1
+        rate = getattr(module, "attention_dropout", None)
+        if isinstance(rate, float) and rate > 0:
+            module.attention_dropout, switched = 0.0, switched + 1
+    return switched
+
+
 def stop_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
     """The ids that end a response: the tokenizer's EOS and every EOS of the model's generation config
     (instruct models often stop on several, e.g. Llama 3's <|eot_id|> and <|end_of_text|>). Tokenizer's first."""

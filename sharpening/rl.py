@@ -26,7 +26,7 @@ from functools import partial
 from typing import Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
 from sharpening.buffer import PairExample, SampleBuffer, collate_pairs, epoch_sampler, pairs_from_buffer
@@ -41,7 +41,7 @@ from sharpening.losses import (
     xpo_loss,
 )
 from sharpening.optim import OptimizerConfig
-from sharpening.policy import PolicyConfig, eval_mode, stop_token_ids
+from sharpening.policy import PolicyConfig, disable_dropout, eval_mode, stop_token_ids
 from sharpening.policy_module import PolicyModule, plain_hparams
 from sharpening.prompts import pad_prompts
 from sharpening.sampler import (
@@ -67,7 +67,11 @@ class RLConfig:
     normalize_advantages: bool = False
     """online: divide advantages by the group's reward std."""
     kl_estimator: Literal["sequence", "k3"] = "sequence"
-    """online: exact sequence log-ratio folded into the reward, or a per-token k3 penalty in the loss."""
+    """online: ``sequence`` (default) folds the exact sequence log-ratio into the reward: an unbiased gradient of
+    E[log pi_base] - beta KL(pi || pi_base), whose optimum is pi_base^(1+1/beta). ``k3`` adds GRPO's per-token k3
+    penalty to the loss instead, for comparison with GRPO-style trainers: differentiated only through log pi,
+    its expected gradient is that of a per-token KL(pi_base || pi), so it does NOT reach pi_base^(1+1/beta)
+    (on the docs/rl.md toy it stalls at KL 0.06 from it, where ``sequence`` goes to 0.0003)."""
     inner_updates: int = 1
     """online: optimizer steps per generation (ratio clipped when > 1)."""
     clip_ratio: float = 0.2
@@ -154,6 +158,21 @@ class RLSharpeningModule(PolicyModule):
         if rl.algorithm == "offline":
             self.buffer: SampleBuffer | None = None  # attached by SelfVerificationCallback.setup
             self.ensure_buffer = lambda epoch: None  # replaced by SelfVerificationCallback.setup
+        if rl.algorithm == "online" and rl.kl_estimator == "k3":
+            rank_zero_warn(
+                "--model.rl.kl_estimator=k3: GRPO's per-token k3 penalty does not optimise the paper's objective "
+                "(its gradient is that of another KL; the optimum is not pi_base^(1+1/beta)); use sequence for that"
+            )
+
+    def configure_model(self) -> None:
+        """The policy, with dropout off: log-probs for the gradient must be those of the policy that drew
+        the samples (drawn in eval mode), as in GRPO trainers; gradient checkpointing still applies."""
+        first = self.policy is None
+        super().configure_model()
+        if first:
+            switched = disable_dropout(self.policy)
+            if switched:
+                rank_zero_info(f"RL-sharpening: dropout set to 0 in {switched} place(s) of the policy")
             self.keep_all_samples = True  # the callback keeps all N base samples to form pairs
         self.xpo_pairs: list[PairExample] = []
         self.best: dict = {"j_beta": float("-inf"), "round": -1, "state": None}

@@ -417,3 +417,23 @@ def test_model_source_problem_tells_a_local_typo_and_a_file_from_a_hub_id(tmp_pa
     assert model_source_problem("weights.safetensors").startswith("is a file")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert "local Hugging Face cache" in model_source_problem("nobody/no-model")
+
+
+def test_disable_dropout_makes_a_training_forward_deterministic(tmp_path):
+    """RL-sharpening's policy: its gradient must use the log-probs of the policy that drew (in eval mode)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sharpening.policy import disable_dropout
+    from sharpening.tasks.chars import build_char_tokenizer
+
+    tok = build_char_tokenizer("abcd=")
+    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.5,
+                        embd_pdrop=0.5, attn_pdrop=0.5, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    GPT2LMHeadModel(config).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    policy, _ = load_policy(PolicyConfig(model_name_or_path=str(tmp_path), finetuning="lora", lora_r=2, lora_dropout=0.3,
+                                         lora_target_modules=["c_attn"], dtype="float32"))
+    ids = torch.tensor([[1, 3, 4, 5, 6]])
+    assert disable_dropout(policy) > 0 and disable_dropout(policy) == 0
+    policy.train()
+    torch.testing.assert_close(policy(ids).logits, policy(ids).logits, rtol=0, atol=0)

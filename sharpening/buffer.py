@@ -238,6 +238,10 @@ class EpochSampler(torch.utils.data.DistributedSampler):
         return iter(shard[self.skip :] if self.epoch == self.skip_epoch else shard)
 
 
+def no_round(epoch: int) -> None:
+    """A module's ``ensure_buffer`` until a SelfVerificationCallback replaces it: no round to run."""
+
+
 def epoch_sampler(trainer, size: int, seed: int, batch_size: int) -> EpochSampler:
     """The sampler of a training loader (this rank's shard), set to the trainer's current epoch. After a
     mid-epoch restart it skips, in that epoch only, the batches already trained on (those whose update the

@@ -95,8 +95,11 @@ class SharpeningCLI(LightningCLI):
         config = self.config[subcommand]
         path = config.get("ckpt_path")
         if path == "last":  # the newest checkpoint of this run directory, whatever logger version wrote it
-            root = config["trainer"].get("default_root_dir") or os.getcwd()
-            found = glob.glob(os.path.join(root, "**", "*.ckpt"), recursive=True)
+            given = config["trainer"].get("default_root_dir")
+            found = run_checkpoints(given or os.getcwd())
+            if not found and given:  # a ModelCheckpoint dirpath of its own somewhere under the run directory
+                found = glob.glob(os.path.join(given, "**", "*.ckpt"), recursive=True)
+            # (no default_root_dir: only the current directory's own run layouts, never other runs below it)
             if found:
                 path = config["ckpt_path"] = max(found, key=os.path.getmtime)
         if path and path not in ("last", "best", "hpc", "registry"):

@@ -128,6 +128,13 @@ class PolicyModule(L.LightningModule):
         with frozen_base(self.policy, self.frozen_copy) as base:
             yield base
 
+    def on_fit_start(self) -> None:
+        if not self.output_dir:
+            rank_zero_warn(
+                "--model.output_dir is not set: the fitted policy will be in the checkpoints only; set it to get a "
+                "plain Hugging Face model (or PEFT adapter) directory at the end"
+            )
+
     def on_before_optimizer_step(self, optimizer) -> None:
         self._policy_is_base = False  # the policy leaves the base with this step
 

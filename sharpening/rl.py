@@ -29,7 +29,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from sharpening.buffer import PairExample, SampleBuffer, collate_pairs, epoch_sampler, pairs_from_buffer
+from sharpening.buffer import PairExample, SampleBuffer, collate_pairs, epoch_sampler, no_round, pairs_from_buffer
 from sharpening.errors import raise_if_problems
 from sharpening.logprobs import response_logprobs, sample_logprobs
 from sharpening.losses import (
@@ -129,7 +129,7 @@ class RLSharpeningModule(PolicyModule):
         policy: PolicyConfig,
         rl: RLConfig = RLConfig(),
         sampling: SamplingConfig = SamplingConfig(),
-        optimizer: OptimizerConfig = OptimizerConfig(lr=1e-5, schedule="constant"),
+        optimizer: OptimizerConfig | None = None,
         prompts_per_step: int = 8,
         seed: int = 0,
         output_dir: str | None = None,
@@ -141,13 +141,14 @@ class RLSharpeningModule(PolicyModule):
             policy: The model to sharpen and how it trains (full, lora, qlora).
             rl: Algorithm (online, offline, xpo), beta and their knobs.
             sampling: Group sampling for online and xpo (samples_per_prompt is the group size G).
-            optimizer: AdamW settings and learning-rate schedule.
+            optimizer: AdamW settings and learning-rate schedule (null: lr 1e-5, constant).
             prompts_per_step: Prompts per training step (online: each gets G samples; xpo: one round).
             seed: Seed of the policy's draws (with the step and prompt index) and of each epoch's prompt order.
             output_dir: Where the fitted policy (full model or PEFT adapter) is written at the end; null = nowhere.
             overwrite_output_dir: Replace a non-empty output_dir (its old contents go once the new policy is written in full).
             logprob_chunk_size: Response positions per LM-head chunk (bounds logits memory).
         """
+        optimizer = optimizer or OptimizerConfig(lr=1e-5, schedule="constant")  # (a config without the section: None)
         problems = validate_rl_config(rl, sampling)
         if prompts_per_step < 1:
             problems.append(f"--model.prompts_per_step={prompts_per_step}: must be >= 1")
@@ -157,7 +158,7 @@ class RLSharpeningModule(PolicyModule):
         self.rl, self.sampling, self.prompts_per_step, self.seed = rl, sampling, prompts_per_step, seed
         if rl.algorithm == "offline":
             self.buffer: SampleBuffer | None = None  # attached by SelfVerificationCallback.setup
-            self.ensure_buffer = lambda epoch: None  # replaced by SelfVerificationCallback.setup
+            self.ensure_buffer = no_round  # replaced by SelfVerificationCallback.setup (a plain function: picklable)
         if rl.algorithm == "online" and rl.kl_estimator == "k3":
             rank_zero_warn(
                 "--model.rl.kl_estimator=k3: GRPO's per-token k3 penalty does not optimise the paper's objective "
@@ -393,13 +394,22 @@ class RLSharpeningModule(PolicyModule):
             self.best = {"j_beta": state["best_j_beta"], "round": state["best_round"], "state": state["best_state"]}
 
     def on_train_end(self) -> None:
+        self._keep_best_round()
+        super().on_train_end()
+
+    def on_fit_end(self) -> None:
+        if not getattr(self, "_train_ended", False):  # resumed at the end: Lightning skipped on_train_end
+            self._keep_best_round()
+        super().on_fit_end()
+
+    def _keep_best_round(self) -> None:
+        """XPO: the policy of the round with the best held-out J_beta, not the last one."""
         if self.rl.algorithm == "xpo" and self.best["state"] is not None:
             self.load_state_dict({k: v.to(self.device) for k, v in self.best["state"].items()})
             rank_zero_info(
                 f"XPO: keeping the policy after step {self.best['round']}, the best held-out J_beta "
                 f"({self.best['j_beta']:.4f})"
             )
-        super().on_train_end()
 
 
 def _collate_prompts(indices, data) -> PromptBatch:

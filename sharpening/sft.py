@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from sharpening.buffer import SampleBuffer, collate_examples, collate_packed, epoch_sampler
+from sharpening.buffer import SampleBuffer, collate_examples, collate_packed, epoch_sampler, no_round
 from sharpening.logprobs import packed_response_logprobs, packing_problem, response_logprobs
 from sharpening.losses import masked_nll
 from sharpening.optim import OptimizerConfig
@@ -30,7 +30,7 @@ class SFTSharpeningModule(PolicyModule):
     def __init__(
         self,
         policy: PolicyConfig,
-        optimizer: OptimizerConfig = OptimizerConfig(),
+        optimizer: OptimizerConfig | None = None,
         batch_size: int = 8,
         shuffle_seed: int = 0,
         output_dir: str | None = None,
@@ -42,7 +42,7 @@ class SFTSharpeningModule(PolicyModule):
         """
         Args:
             policy: The model to sharpen and how it trains (full, lora, qlora).
-            optimizer: AdamW settings and learning-rate schedule.
+            optimizer: AdamW settings and learning-rate schedule (null: OptimizerConfig's defaults, lr 3e-4 linear).
             batch_size: Selected samples per optimizer step (per device).
             shuffle_seed: Seed of the order in which buffer samples are visited each epoch.
             output_dir: Where the fitted policy (full model or PEFT adapter) is written at the end; null = nowhere.
@@ -53,6 +53,7 @@ class SFTSharpeningModule(PolicyModule):
                 chosen per batch when dense attention over long rows would cost more than the padding they
                 save (buffer.collate_packed).
         """
+        optimizer = optimizer or OptimizerConfig()  # (a config without the section passes None: jsonargparse)
         problems = [] if batch_size >= 1 else [f"--model.batch_size={batch_size}: must be >= 1"]
         if pack_length < 0:
             problems.append(f"--model.pack_length={pack_length}: must be >= 0 (0 = the longest example of each batch)")
@@ -63,7 +64,7 @@ class SFTSharpeningModule(PolicyModule):
         self.packing = packing
         self.pack_length = pack_length
         self.buffer: SampleBuffer | None = None  # attached by SelfVerificationCallback.setup
-        self.ensure_buffer = lambda epoch: None  # replaced by SelfVerificationCallback.setup
+        self.ensure_buffer = no_round  # replaced by SelfVerificationCallback.setup (a plain function: picklable)
 
     def train_dataloader(self) -> DataLoader:
         if self.buffer is None:

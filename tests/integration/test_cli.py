@@ -240,3 +240,45 @@ def test_only_fit_is_offered_and_help_shows_the_config_docs(capsys):
         main(["fit", "--help"])
     out = capsys.readouterr().out
     assert "draws exactly from the model" in out  # SamplingConfig.temperature's docstring
+
+
+@pytest.mark.parametrize("module", ["SFTSharpeningModule", "RLSharpeningModule"])
+def test_a_config_without_an_optimizer_section_uses_the_modules_default(module, tiny_model_path, prompts_file, tmp_path):
+    """jsonargparse passes None for a parameter the subclass forwards to PolicyModule: the module's own
+    default must apply (RL: lr 1e-5, constant), not a crash."""
+    config = tmp_path / "minimal.yaml"
+    config.write_text(
+        f"model:\n  class_path: sharpening.{module}\n  init_args:\n    policy:\n"
+        f"      model_name_or_path: {tiny_model_path}\n"
+        f"data:\n  dataset: {prompts_file}\n  max_prompts: 4\n"
+    )
+    rl = module.startswith("RL")
+    extra = ["--model.init_args.sampling.samples_per_prompt=2", "--model.init_args.sampling.max_new_tokens=4"] if rl else [
+        "--verifier.sampling.max_new_tokens=4", "--verifier.selection.truncated=keep", "--verifier.show_progress=false"]
+    cli = main(["fit", "--config", str(config), "--trainer.fast_dev_run=1", "--trainer.logger=false",
+                "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}", *extra])  # fmt: skip
+    assert cli.trainer.global_step >= 1
+    want = (1e-5, "constant") if rl else (3e-4, "linear")
+    assert (cli.model.optimizer_config.lr, cli.model.optimizer_config.schedule) == want
+
+
+def test_the_modules_pickle_for_ddp_spawn(tiny_model_path):
+    import pickle
+
+    from sharpening import PolicyConfig, RLConfig, RLSharpeningModule, SFTSharpeningModule
+
+    policy = PolicyConfig(model_name_or_path=tiny_model_path)
+    for module in (SFTSharpeningModule(policy), RLSharpeningModule(policy, RLConfig(algorithm="offline"))):
+        assert type(pickle.loads(pickle.dumps(module))) is type(module)
+
+
+def test_ckpt_path_last_without_a_root_dir_never_picks_another_run_below_it(tiny_model_path, prompts_file, tmp_path, monkeypatch):
+    other = tmp_path / "artifacts" / "runs" / "old" / "checkpoints"
+    other.mkdir(parents=True)
+    (other / "epoch=2-step=96.ckpt").write_bytes(b"another run's")
+    monkeypatch.chdir(tmp_path)
+    overrides = [o for o in tiny_overrides(tiny_model_path, prompts_file, str(tmp_path)) if "default_root_dir" not in o]
+    cli = main(["fit", "--config", os.path.join(ROOT, "configs", "demo.yaml"), *overrides, "--trainer.max_epochs=1",
+                "--ckpt_path=last"])  # fmt: skip
+    assert cli.trainer.global_step >= 1  # a new run: nothing of the other one restored
+    assert (other / "epoch=2-step=96.ckpt").read_bytes() == b"another run's"

@@ -113,6 +113,11 @@ def validate_rl_config(rl: RLConfig, sampling: SamplingConfig) -> list[str]:
             problems.append(f"{o}.{name}={getattr(rl, name)}: must be >= 1")
     if not rl.clip_ratio > 0:
         problems.append(f"{o}.clip_ratio={rl.clip_ratio}: must be > 0 (e.g. 0.2)")
+    if rl.heldout_prompts > 0 and rl.algorithm != "xpo":
+        problems.append(
+            f"{o}.heldout_prompts={rl.heldout_prompts}: only xpo scores held-out prompts (to pick its best round); "
+            f"with algorithm {rl.algorithm} they would just be left out of training: set it to 0"
+        )
     for name in ("xpo_alpha", "heldout_prompts"):
         if getattr(rl, name) < 0:
             problems.append(f"{o}.{name}={getattr(rl, name)}: must be >= 0")
@@ -257,7 +262,7 @@ class RLSharpeningModule(PolicyModule):
                 logprobs, old, advantages, mask, rl.clip_ratio, base_lp.flatten(0, 1), k3
             )
             self._update(loss)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(prompts))
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(prompts), sync_dist=True)
         self._log_policy_estimates(base_seq, old_seq, samples)
         return loss.detach()
 
@@ -269,8 +274,8 @@ class RLSharpeningModule(PolicyModule):
         loss = squared_pair_loss(residuals)
         self._update(loss)
         size = batch["base_logprob"].shape[0]
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
-        self.log("train/residual_rms", residuals.detach().pow(2).mean().sqrt(), batch_size=size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size, sync_dist=True)
+        self.log("train/residual_rms", residuals.detach().pow(2).mean().sqrt(), batch_size=size, sync_dist=True)
         return loss.detach()
 
     @torch.no_grad()
@@ -306,8 +311,8 @@ class RLSharpeningModule(PolicyModule):
             residuals, policy_y2 = self._pair_residuals(batch, with_policy_y2=True)
             loss = xpo_loss(residuals, policy_y2, self.rl.xpo_alpha)
             self._update(loss)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(prompts))
-        self.log("train/xpo_pairs", float(len(self.xpo_pairs)), batch_size=len(prompts))
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(prompts), sync_dist=True)
+        self.log("train/xpo_pairs", float(len(self.xpo_pairs)), batch_size=len(prompts), sync_dist=True)
         self._score_round()
         return loss.detach()
 
@@ -371,7 +376,7 @@ class RLSharpeningModule(PolicyModule):
         }
         if base_seq.shape[-1] > 1:
             metrics["train/reward_best_minus_mean"] = (base_seq.max(-1).values - base_seq.mean(-1)).mean()
-        self.log_dict(metrics, prog_bar=False, batch_size=size)
+        self.log_dict(metrics, prog_bar=False, batch_size=size, sync_dist=True)  # means over ranks
 
     def updates_per_batch(self) -> int:
         """Optimizer steps per training batch (the LR schedule counts optimizer steps)."""

@@ -108,5 +108,6 @@ class SFTSharpeningModule(PolicyModule):
             size = batch["response_ids"].shape[0]
         loss = masked_nll(token_logprobs, batch["response_mask"])  # mean over the same response tokens either way
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size, sync_dist=True)
-        self.log("train/response_tokens", batch["response_mask"].sum().float(), batch_size=size, reduce_fx="sum")
+        self.log("train/response_tokens", batch["response_mask"].sum().float(), batch_size=size, reduce_fx="sum",
+                 sync_dist=True)
         return loss

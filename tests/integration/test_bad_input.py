@@ -90,6 +90,8 @@ CASES = [
     ("CUDA graphs off CUDA", RL, ["--model.init_args.sampling.decode=compiled"], "CUDA graphs need a CUDA device"),
     ("held-out prompts leave none", RL, ["--model.init_args.rl.algorithm=xpo", "--model.init_args.rl.heldout_prompts=8",
                                         "--data.max_prompts=8"], "heldout_prompts=8: leaves no training prompt of the 6 read"),
+    ("held-out prompts outside xpo", RL, ["--model.init_args.rl.heldout_prompts=2"],
+     "heldout_prompts=2: only xpo scores held-out prompts"),
     ("offline RL needs loglik scores", RL, ["--model.init_args.rl.algorithm=offline", "--verifier.selection.reward=loglik_norm"],
      "offline RL-sharpening uses each sample's score as log pi_base"),
     ("beta <= 0", RL, ["--model.init_args.rl.kl_coef=0"], "kl_coef=0.0: beta must be > 0"),

@@ -2,7 +2,8 @@
 
 Lightning asks for the train dataloader BEFORE ``on_train_epoch_start`` (and, after a resume, without
 re-running the hooks of the restored epoch), so the round for epoch e runs exactly when the module's
-``train_dataloader`` is asked for epoch e's data (``ensure_buffer``); dataloaders reload every epoch. Each rank samples its
+``train_dataloader`` is asked for epoch e's data (``ensure_buffer``); dataloaders reload every epoch with
+``resample_every_epoch`` (else one loader serves the whole run). Each rank samples its
 own shard of prompts; the selected samples are gathered so every rank holds the same, rank-independent
 buffer (Lightning's distributed sampler then gives each rank the same number of batches).
 """

@@ -1,0 +1,78 @@
+"""RLConfig: the RL-sharpening algorithm and its knobs, and their checks (used by RLSharpeningModule)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from sharpening.sampler import SamplingConfig, validate_sampling_config
+
+
+@dataclass
+class RLConfig:
+    """The RL-sharpening algorithm and its knobs."""
+
+    algorithm: Literal["online", "offline", "xpo"] = "online"
+    """online policy gradient, offline squared loss (paper Eq. 8), or xpo (paper Algorithm 1)."""
+    kl_coef: float = 0.05
+    """beta: the optimum is pi_base^(1 + 1/beta); smaller is sharper."""
+    baseline: Literal["leave_one_out", "mean"] = "leave_one_out"
+    """online: group baseline subtracted from each sample's reward."""
+    normalize_advantages: bool = False
+    """online: divide advantages by the group's reward std."""
+    kl_estimator: Literal["sequence", "k3"] = "sequence"
+    """online: ``sequence`` (default) folds the exact sequence log-ratio into the reward: an unbiased gradient of
+    E[log pi_base] - beta KL(pi || pi_base), whose optimum is pi_base^(1+1/beta). ``k3`` adds GRPO's per-token k3
+    penalty to the loss instead, for comparison with GRPO-style trainers: differentiated only through log pi,
+    its expected gradient is that of a per-token KL(pi_base || pi), so it does NOT reach pi_base^(1+1/beta)
+    (on the docs/rl.md toy it stalls at KL 0.06 from it, where ``sequence`` goes to 0.0003)."""
+    inner_updates: int = 1
+    """online: optimizer steps per generation (ratio clipped when > 1)."""
+    clip_ratio: float = 0.2
+    """online: importance ratios are clipped to [1 - clip_ratio, 1 + clip_ratio]."""
+    max_grad_norm: float | None = 1.0
+    """Gradient norm clipping for every update (null = off)."""
+    xpo_alpha: float = 0.01
+    """xpo: weight of the exploration term alpha * log pi(y'|x), y' from the base."""
+    xpo_updates_per_round: int = 16
+    """xpo: optimizer steps over the growing dataset after each round."""
+    pairs_per_update: int = 64
+    """offline batches / xpo minibatches: pairs per optimizer step."""
+    heldout_prompts: int = 0
+    """xpo: the last this-many prompts are held out to estimate J_beta and pick the best round (0 = last round)."""
+
+
+def validate_rl_config(rl: RLConfig, sampling: SamplingConfig) -> list[str]:
+    """Every problem with the RL settings, each naming its option."""
+    o = "--model.rl"
+    problems = validate_sampling_config(sampling, "--model.sampling")
+    if rl.algorithm not in ("online", "offline", "xpo"):
+        problems.append(f"{o}.algorithm={rl.algorithm!r}: unknown algorithm; choose online, offline or xpo")
+    if not rl.kl_coef > 0:
+        problems.append(f"{o}.kl_coef={rl.kl_coef}: beta must be > 0 (the optimum is pi_base^(1+1/beta)); try 0.05")
+    if rl.algorithm == "online" and rl.baseline == "leave_one_out" and sampling.samples_per_prompt < 2:
+        problems.append(
+            f"--model.sampling.samples_per_prompt={sampling.samples_per_prompt}: a group baseline needs >= 2"
+        )
+    inexact = {k: v for k, v in (("temperature", sampling.temperature), ("top_k", sampling.top_k),
+                                  ("top_p", sampling.top_p)) if v != {"temperature": 1.0, "top_k": 0, "top_p": 1.0}[k]}
+    if inexact:
+        given = ", ".join(f"--model.sampling.{k}={v}" for k, v in inexact.items())
+        problems.append(
+            f"{given}: RL-sharpening needs exact draws (temperature 1, top_k 0, top_p 1.0); other settings bias "
+            "the gradient, so set them back"
+        )
+    for name in ("inner_updates", "xpo_updates_per_round", "pairs_per_update"):
+        if getattr(rl, name) < 1:
+            problems.append(f"{o}.{name}={getattr(rl, name)}: must be >= 1")
+    if not rl.clip_ratio > 0:
+        problems.append(f"{o}.clip_ratio={rl.clip_ratio}: must be > 0 (e.g. 0.2)")
+    if rl.heldout_prompts > 0 and rl.algorithm != "xpo":
+        problems.append(
+            f"{o}.heldout_prompts={rl.heldout_prompts}: only xpo scores held-out prompts (to pick its best round); "
+            f"with algorithm {rl.algorithm} they would just be left out of training: set it to 0"
+        )
+    for name in ("xpo_alpha", "heldout_prompts"):
+        if getattr(rl, name) < 0:
+            problems.append(f"{o}.{name}={getattr(rl, name)}: must be >= 0")
+    return problems

@@ -47,12 +47,7 @@ def logit_head_problem(model: torch.nn.Module, tokens: int = 6) -> str | None:
         own = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)  # [tokens, V]
         hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0]  # [tokens, H]
         _, softcap, scale = _head_transform(model)
-        logits = head(hidden).float()
-        if scale is not None:
-            logits = logits * scale
-        if softcap:
-            logits = torch.tanh(logits / softcap) * softcap
-        ours = torch.log_softmax(logits, -1)
+        ours = torch.log_softmax(_post_processed(head(hidden).float(), softcap, scale), -1)
     finally:
         model.train(training)
     gap = float((own - ours).abs().max())
@@ -64,13 +59,18 @@ def logit_head_problem(model: torch.nn.Module, tokens: int = 6) -> str | None:
     return None
 
 
-def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, softcap, scale) -> torch.Tensor:
-    """log softmax(head(hidden))[target] in float32. hidden [M, H], targets [M] -> [M]."""
-    logits = head(hidden).float()  # [M, V]
+def _post_processed(logits: torch.Tensor, softcap, scale) -> torch.Tensor:
+    """The family's logit scaling, then soft-capping (``_head_transform``), as its forward applies them."""
     if scale is not None:
         logits = logits * scale
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
+    return logits
+
+
+def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, softcap, scale) -> torch.Tensor:
+    """log softmax(head(hidden))[target] in float32. hidden [M, H], targets [M] -> [M]."""
+    logits = _post_processed(head(hidden).float(), softcap, scale)  # [M, V]
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 

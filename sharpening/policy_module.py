@@ -244,9 +244,7 @@ class PolicyModule(L.LightningModule):
         if not self.output_dir:
             return
         with self.gathered_for_generation():  # FSDP: whole weights (every rank joins the gather), rank 0 writes
-            if self.trainer.is_global_zero:
-                save_policy(self.policy, self.tokenizer, self.output_dir)
-        rank_zero_info(f"sharpened policy written to {self.output_dir}")
+            self._write_policy("sharpened policy written")
 
     def on_fit_end(self) -> None:
         """A run resumed from a checkpoint taken at the end of training has nothing left to train, and
@@ -262,9 +260,13 @@ class PolicyModule(L.LightningModule):
                 "--trainer.strategy ddp (or on one device) to write it"
             )
             return
+        self._write_policy("training had already finished in the checkpoint; policy written")
+
+    def _write_policy(self, what: str) -> None:
+        """Rank 0 writes the policy to output_dir (``save_policy``) and says so."""
         if self.trainer.is_global_zero:
             save_policy(self.policy, self.tokenizer, self.output_dir)
-        rank_zero_info(f"training had already finished in the checkpoint; policy written to {self.output_dir}")
+        rank_zero_info(f"{what} to {self.output_dir}")
 
 
 def fsdp_problems(cfg: PolicyConfig, device: torch.device) -> list[str]:

@@ -25,7 +25,7 @@ from sharpening.errors import raise_if_problems
 from sharpening.logprobs import sample_logprobs
 from sharpening.metrics import SharpeningMetric
 from sharpening.policy import eval_mode, stop_token_ids
-from sharpening.safety import preempt, sigterm_requested
+from sharpening.safety import preempt, sigterm_agreed, sigterm_seen
 from sharpening.rewards import extract_answers, score_samples
 from sharpening.sampler import (
     SamplingConfig,
@@ -168,14 +168,13 @@ class SelfVerificationCallback(L.Callback):
         # the weights are packed for oneDNN once per round, not once per batch (cpu_linear.py)
         with eval_mode(pl_module.policy), pl_module.gathered_for_generation(), packed_linear_weights(pl_module):
             for prompts in bar:
-                if sigterm_requested(trainer):
+                if sigterm_seen(trainer):  # this rank stops drawing; the ranks decide together below
                     break
                 scored, correct, greedy_correct = self.process_batch(pl_module, prompts, epoch)
                 kept.extend(selected_examples(scored))
                 metric.update(scored, correct, greedy_correct)
-        if sigterm_requested(trainer):  # abandon the round: a resumed run redraws it identically
+        if sigterm_agreed(trainer):  # abandon the round: a resumed run redraws it identically
             preempt(trainer, f"during self-verification (epoch {epoch})")
-            return {}
         kept = _gather_examples(kept, trainer.world_size)
         if not kept:
             raise RuntimeError(

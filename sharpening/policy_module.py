@@ -234,13 +234,9 @@ class PolicyModule(L.LightningModule):
         return [PreemptionCallback(), NonFiniteGuardCallback()]
 
     def on_train_end(self) -> None:
-        """Write the fitted policy as a plain Hugging Face (full) or PEFT adapter (LoRA) directory."""
-        from sharpening.safety import sigterm_requested
-
+        """Write the fitted policy as a plain Hugging Face (full) or PEFT adapter (LoRA) directory. A
+        preempted run never gets here (``safety.preempt`` ends fit), so this is always a finished run."""
         self._train_ended = True
-        if sigterm_requested(self.trainer):
-            rank_zero_info("preempted: the policy is not written to output_dir; resume the run to finish it")
-            return
         if not self.output_dir:
             return
         with self.gathered_for_generation():  # FSDP: whole weights (every rank joins the gather), rank 0 writes
@@ -249,9 +245,7 @@ class PolicyModule(L.LightningModule):
     def on_fit_end(self) -> None:
         """A run resumed from a checkpoint taken at the end of training has nothing left to train, and
         Lightning then skips the training loop and ``on_train_end`` with it: write the policy here."""
-        from sharpening.safety import sigterm_requested
-
-        if getattr(self, "_train_ended", False) or not self.output_dir or sigterm_requested(self.trainer):
+        if getattr(self, "_train_ended", False) or not self.output_dir:
             return
         if self.sharded:  # the strategy is torn down by now: no gather of the sharded weights
             rank_zero_warn(

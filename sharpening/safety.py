@@ -1,9 +1,11 @@
 """Safety nets every sharpening module attaches (``PolicyModule.configure_callbacks``).
 
-- Preemption: Lightning records SIGTERM (``trainer.received_sigterm``) but, in one process, trains on.
-  PreemptionCallback writes a resumable checkpoint at the next batch end and stops cleanly; the
-  self-verification callback checks the same flag between generation batches (``preempt``).
-  Resume with ``--ckpt_path last``.
+- Preemption: on SIGTERM, PreemptionCallback writes a resumable checkpoint at the next batch end and
+  stops the run (``preempt``); the self-verification callback stops between generation batches.
+  Resume with ``--ckpt_path last``. The signal handler only records the signal: under DDP the ranks
+  decide together, at the same point, by reducing their flags (``sigterm_agreed``), so a signal that
+  reaches one rank or all of them at different moments stops every rank at the same step. (Lightning's
+  own handler broadcasts from inside the signal handler, which deadlocks or breaks the process group.)
 - Atomic checkpoints: AtomicCheckpointIO writes beside the target and renames, so SIGKILL mid-save
   leaves the previous checkpoint loadable.
 - Non-finite values: NonFiniteGuardCallback checks the gradients before every optimizer step; on a
@@ -18,6 +20,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 PREEMPTED_CHECKPOINT = "last-preempted.ckpt"
 LAST_GOOD_CHECKPOINT = "last-good.ckpt"
@@ -27,9 +30,19 @@ class NonFiniteError(RuntimeError):
     """Training stopped because a gradient was NaN or infinite."""
 
 
-def sigterm_requested(trainer: L.Trainer) -> bool:
-    """SIGTERM seen by Lightning's handler (installed before the fit loop asks for any data)."""
-    return bool(trainer.received_sigterm)
+def sigterm_seen(trainer: L.Trainer) -> bool:
+    """SIGTERM received by this process since the fit started. Local: ranks may differ; see ``sigterm_agreed``."""
+    flags = (getattr(c, "sigterm_seen", False) for c in trainer.callbacks if isinstance(c, PreemptionCallback))
+    return any(flags) or bool(trainer.received_sigterm)
+
+
+def sigterm_agreed(trainer: L.Trainer) -> bool:
+    """Whether any rank has seen SIGTERM: a collective under DDP/FSDP, so every rank must call it at the
+    same point, and every rank gets the same answer."""
+    seen = sigterm_seen(trainer)
+    if trainer.world_size > 1:
+        seen = trainer.strategy.reduce_boolean_decision(seen, all=False)
+    return seen
 
 
 def checkpoint_dir(trainer: L.Trainer) -> str:
@@ -41,11 +54,13 @@ def checkpoint_dir(trainer: L.Trainer) -> str:
 
 
 def preempt(trainer: L.Trainer, where: str) -> None:
-    """Stop the run after SIGTERM, with a resumable checkpoint."""
+    """Stop the run after SIGTERM with a resumable checkpoint. Every rank calls it together (after
+    ``sigterm_agreed``): saving is a collective. It ends fit with Lightning's ``SIGTERMException``, which the
+    CLI reports as a clean stop; no policy is written to output_dir."""
     path = os.path.join(checkpoint_dir(trainer), PREEMPTED_CHECKPOINT)
-    trainer.save_checkpoint(path)
-    trainer.should_stop = True
+    trainer.save_checkpoint(path, weights_only=False)  # the whole training state
     rank_zero_info(f"SIGTERM received {where}: stopping. Resumable checkpoint: {path}; resume with --ckpt_path last")
+    raise SIGTERMException
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -70,15 +85,26 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class PreemptionCallback(L.Callback):
-    """On SIGTERM: checkpoint at the next batch end and stop (exit code 0). Also makes every checkpoint
-    write atomic (AtomicCheckpointIO) unless the run configured its own checkpoint IO."""
+    """On SIGTERM: checkpoint at the next batch end and stop (exit code 0 from the CLI). Also makes every
+    checkpoint write atomic (AtomicCheckpointIO) unless the run configured its own checkpoint IO."""
+
+    sigterm_seen = False
 
     def setup(self, trainer: L.Trainer, pl_module, stage: str) -> None:
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        self.sigterm_seen = False
+        # Lightning installs its SIGTERM handler after this hook; it calls the connector's notifier, which
+        # forwards the signal and, under DDP, broadcasts from inside the handler. Ours only records it.
+        connector = getattr(trainer, "_signal_connector", None)
+        if connector is not None and hasattr(connector, "_sigterm_notifier_fn"):
+            connector._sigterm_notifier_fn = self._record_sigterm
+
+    def _record_sigterm(self, signum, frame) -> None:
+        self.sigterm_seen = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if sigterm_requested(trainer) and not trainer.should_stop:
+        if sigterm_agreed(trainer):  # every rank, every batch: one reduced flag
             preempt(trainer, f"at step {trainer.global_step}")
 
 
@@ -95,7 +121,7 @@ class NonFiniteGuardCallback(L.Callback):
         if finite:
             return
         path = os.path.join(checkpoint_dir(trainer), LAST_GOOD_CHECKPOINT)
-        trainer.save_checkpoint(path)  # the weights are still those before this update
+        trainer.save_checkpoint(path, weights_only=False)  # the weights are still those before this update
         raise NonFiniteError(
             f"non-finite gradient at step {trainer.global_step}: training stopped before applying it. "
             f"The last good state is in {path} (resume with --ckpt_path {path}). "

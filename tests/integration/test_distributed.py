@@ -1,6 +1,7 @@
 """DDP on CPU (2 processes, gloo), through the real CLI in a subprocess (Lightning relaunches the command
 for the second rank). Each rank samples its own prompt shard; the gathered buffer equals the
-single-process one, because every prompt's draws depend only on (seed, epoch, prompt index)."""
+single-process one, because every prompt's draws depend only on (seed, epoch, prompt index).
+SIGTERM that reaches one rank, or every rank, stops all ranks at the same step with a resumable checkpoint."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ import sys
 import pytest
 import torch
 
+from sharpening.safety import PREEMPTED_CHECKPOINT
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def _run(config: str, model: str, prompts: str, root, devices: int, *extra) -> dict:
+def _run(config: str, model: str, prompts: str, root, devices: int, *extra, env=None, ckpt: str = "") -> dict:
+    """Fit in a subprocess; the checkpoint named ``ckpt`` (default: the newest one) of the run."""
     args = [
         sys.executable, "-m", "sharpening", "fit", "--config", os.path.join(ROOT, "configs", config),
         f"--model.policy.model_name_or_path={model}", "--model.policy.finetuning=lora", "--model.policy.lora_r=4",
@@ -24,11 +28,11 @@ def _run(config: str, model: str, prompts: str, root, devices: int, *extra) -> d
         f"--trainer.default_root_dir={root}", f"--trainer.devices={devices}",
         f"--trainer.strategy={'ddp' if devices > 1 else 'auto'}", *extra,
     ]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env or {}))
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
-    ckpt = sorted(glob.glob(os.path.join(root, "checkpoints", "*.ckpt")))[-1]
-    return torch.load(ckpt, map_location="cpu", weights_only=True)
+    path = os.path.join(root, "checkpoints", ckpt) if ckpt else max(glob.glob(os.path.join(root, "checkpoints", "*.ckpt")), key=os.path.getmtime)
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _buffer(checkpoint: dict) -> dict:
@@ -47,8 +51,56 @@ def test_sft_ddp_selects_the_same_samples_as_one_process(tiny_model_path, seven_
     assert double["global_step"] == 2 * -(-(-(-kept // 2)) // 2)  # 2 epochs x ceil(ceil(kept / 2 ranks) / batch 2)
 
 
-def test_rl_online_ddp_trains_on_both_ranks(tiny_model_path, seven_prompts, tmp_path):
-    rl = ["--model.prompts_per_step=2", "--model.sampling.samples_per_prompt=3", "--model.sampling.max_new_tokens=5"]
-    double = _run("rl.yaml", tiny_model_path, seven_prompts, tmp_path / "two", 2, *rl)
-    assert double["global_step"] == 2 * 2  # 7 prompts -> 4 per rank -> 2 steps per epoch, 2 epochs
-    assert all(torch.isfinite(v).all() for v in double["state_dict"].values())
+RL_SMALL = ["--model.prompts_per_step=2", "--model.sampling.samples_per_prompt=3", "--model.sampling.max_new_tokens=5"]
+
+
+@pytest.fixture(scope="module")
+def rl_ddp_run(tiny_model_path, seven_prompts, tmp_path_factory) -> dict:
+    """An uninterrupted 2-rank online RL run: its last checkpoint."""
+    return _run("rl.yaml", tiny_model_path, seven_prompts, tmp_path_factory.mktemp("rl-ddp"), 2, *RL_SMALL)
+
+
+def test_rl_online_ddp_trains_on_both_ranks(rl_ddp_run):
+    assert rl_ddp_run["global_step"] == 2 * 2  # 7 prompts -> 4 per rank -> 2 steps per epoch, 2 epochs
+    assert all(torch.isfinite(v).all() for v in rl_ddp_run["state_dict"].values())
+
+
+def _sigterm(variable: str, value: int, ranks: str) -> tuple[list[str], dict]:
+    """Arguments and environment that make ``ranks`` (e.g. "1" or "0,1") SIGTERM themselves (sigterm_hook.py)."""
+    hook = os.path.join(ROOT, "tests", "integration")
+    return ["--trainer.callbacks+=sigterm_hook.SigtermAt"], {"PYTHONPATH": hook, variable: str(value), "SIGTERM_RANKS": ranks}
+
+
+def _same_weights(a: dict, b: dict) -> None:
+    assert a["global_step"] == b["global_step"]
+    for key, value in a["state_dict"].items():
+        torch.testing.assert_close(b["state_dict"][key], value, rtol=0, atol=0)  # bitwise on CPU
+
+
+def test_rl_ddp_sigterm_on_one_rank_stops_both_and_resumes_to_the_same_weights(rl_ddp_run, tiny_model_path, seven_prompts, tmp_path):
+    hook, env = _sigterm("SIGTERM_AT_STEP", 1, "1")  # rank 0, which writes checkpoints, never sees the signal
+    stopped = _run("rl.yaml", tiny_model_path, seven_prompts, tmp_path, 2, *RL_SMALL, *hook, env=env, ckpt=PREEMPTED_CHECKPOINT)
+    assert stopped["global_step"] == 2  # the step in flight finished on both ranks, then both stopped
+    resumed = _run("rl.yaml", tiny_model_path, seven_prompts, tmp_path, 2, *RL_SMALL, "--ckpt_path=last")
+    _same_weights(rl_ddp_run, resumed)
+
+
+def test_rl_ddp_sigterm_on_every_rank_stops_cleanly(tiny_model_path, seven_prompts, tmp_path):
+    """A scheduler signals the whole job (Lightning's own handler deadlocks here: it broadcasts inside the handler)."""
+    hook, env = _sigterm("SIGTERM_AT_STEP", 1, "0,1")
+    stopped = _run("rl.yaml", tiny_model_path, seven_prompts, tmp_path, 2, *RL_SMALL, *hook, env=env, ckpt=PREEMPTED_CHECKPOINT)
+    assert stopped["global_step"] == 2
+
+
+def test_sft_ddp_sigterm_on_rank_zero_during_a_round_resumes_to_the_same_weights(tiny_model_path, seven_prompts, tmp_path):
+    """Rank 0 stops drawing at once; rank 1 finishes its shard; both abandon the round together."""
+    sft = ["--model.batch_size=2", "--verifier.sampling.samples_per_prompt=3", "--verifier.sampling.max_new_tokens=5",
+           "--verifier.selection.truncated=keep", "--verifier.resample_every_epoch=true"]
+    full = _run("demo.yaml", tiny_model_path, seven_prompts, tmp_path / "full", 2, *sft)
+    hook, env = _sigterm("SIGTERM_AT_EPOCH_END", 0, "0")
+    stopped = _run("demo.yaml", tiny_model_path, seven_prompts, tmp_path / "run", 2, *sft, *hook, env=env,
+                   ckpt=PREEMPTED_CHECKPOINT)
+    assert 0 < stopped["global_step"] < full["global_step"]
+    assert _buffer(stopped)["epoch"] == 0  # the second round was abandoned; a resumed run redraws it
+    resumed = _run("demo.yaml", tiny_model_path, seven_prompts, tmp_path / "run", 2, *sft, "--ckpt_path=last")
+    _same_weights(full, resumed)

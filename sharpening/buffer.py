@@ -206,6 +206,18 @@ def collate_pairs(pairs: list[PairExample], pad_token_id: int) -> dict[str, torc
     return batch
 
 
+def pairs_for_rank(pairs_by_rank: list[list], world_size: int, rank: int) -> list:
+    """This rank's share of a checkpoint's per-rank XPO pairs (``pairs_by_rank[r]``: rank r's, in its order).
+
+    Written by as many ranks as now: rank r's own list, so the run goes on as if never stopped. Written by
+    another number of ranks: all pairs in rank order, dealt out again (pair i to rank i mod ``world_size``),
+    so none is lost or held twice; the run cannot be the one the old ranks would have made.
+    """
+    if len(pairs_by_rank) == world_size:
+        return list(pairs_by_rank[rank])
+    return [p for rank_pairs in pairs_by_rank for p in rank_pairs][rank::world_size]
+
+
 class EpochSampler(torch.utils.data.DistributedSampler):
     """Epoch ``e``'s shuffled order depends only on ``(seed, e)``, however often it is iterated; split over ranks.
 

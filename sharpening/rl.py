@@ -27,7 +27,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from sharpening.buffer import PairExample, SampleBuffer, collate_pairs, epoch_sampler, no_round, pairs_from_buffer
+from sharpening.buffer import (
+    PairExample, SampleBuffer, collate_pairs, epoch_sampler, no_round, pairs_for_rank, pairs_from_buffer,
+)
 from sharpening.errors import raise_if_problems
 from sharpening.logprobs import response_logprobs, sample_logprobs
 from sharpening.losses import (
@@ -313,8 +315,17 @@ class RLSharpeningModule(PolicyModule):
     # -- checkpoint and output ---------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
+        if self.rl.algorithm != "xpo":
+            return
+        pairs = [dataclasses.asdict(p) for p in self.xpo_pairs]
+        pairs_by_rank = [pairs]
+        if self.trainer.world_size > 1:  # each rank grew its own dataset; rank 0 alone writes the file
+            pairs_by_rank = [None] * self.trainer.world_size
+            # collective: Lightning builds the checkpoint dict (this hook) on every rank before rank 0 saves it
+            torch.distributed.all_gather_object(pairs_by_rank, pairs)
         checkpoint["xpo"] = {
-            "pairs": [dataclasses.asdict(p) for p in self.xpo_pairs],
+            "pairs_by_rank": pairs_by_rank,  # [world size][pairs]; before: "pairs", one list (rank 0's)
+            # the same on every rank: DDP keeps the weights equal, and each rank scores the same held-out draws
             "best_j_beta": self.best["j_beta"],
             "best_round": self.best["round"],
             "best_state": self.best["state"],
@@ -322,9 +333,20 @@ class RLSharpeningModule(PolicyModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("xpo")
-        if state:
-            self.xpo_pairs = [PairExample(**p) for p in state["pairs"]]
-            self.best = {"j_beta": state["best_j_beta"], "round": state["best_round"], "state": state["best_state"]}
+        if not state:
+            return
+        world, rank = (self._trainer.world_size, self._trainer.global_rank) if self._trainer else (1, 0)
+        pairs_by_rank = state.get("pairs_by_rank", [state.get("pairs", [])])  # older checkpoints: one list
+        saved = len(pairs_by_rank)
+        if saved != world and any(pairs_by_rank):
+            rank_zero_warn(
+                f"XPO resume: the checkpoint holds the pair datasets of {saved} rank(s), this run has {world} "
+                f"(--trainer.devices x --trainer.num_nodes): its {sum(map(len, pairs_by_rank))} pairs are dealt out "
+                f"again (pair i to rank i mod {world}), none lost or doubled, but the run will differ from one "
+                f"that went on with {saved}; resume on {saved} rank(s) to continue it exactly"
+            )
+        self.xpo_pairs = [PairExample(**p) for p in pairs_for_rank(pairs_by_rank, world, rank)]
+        self.best = {"j_beta": state["best_j_beta"], "round": state["best_round"], "state": state["best_state"]}
 
     def on_train_end(self) -> None:
         self._keep_best_round()

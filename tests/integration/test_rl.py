@@ -124,6 +124,21 @@ def test_resume_restores_the_xpo_dataset_and_best_round(toy_dir, tmp_path):
     assert resumed.best["round"] == first.best["round"] and resumed.best["j_beta"] == first.best["j_beta"]
 
 
+def test_xpo_checkpoint_layouts_load_in_one_process(toy_dir):
+    """Checkpoints from before per-rank pairs (one "pairs" list) still load; a 2-rank checkpoint loaded by
+    one process gives it both ranks' pairs, with a warning naming both world sizes."""
+    pair = {"prompt_ids": [1], "response_ids": [2], "other_response_ids": [3], "base_logprob": -1.0,
+            "other_base_logprob": -2.0, "prompt_index": 0}
+    best = {"best_j_beta": -3.0, "best_round": 4, "best_state": None}
+    module = _module(toy_dir, algorithm="xpo")
+    module.on_load_checkpoint({"xpo": {"pairs": [pair, {**pair, "prompt_index": 1}], **best}})
+    assert [p.prompt_index for p in module.xpo_pairs] == [0, 1] and module.best["round"] == 4
+    two_ranks = [[pair, {**pair, "prompt_index": 2}], [{**pair, "prompt_index": 1}]]
+    with pytest.warns(UserWarning, match=r"pair datasets of 2 rank\(s\), this run has 1"):
+        module.on_load_checkpoint({"xpo": {"pairs_by_rank": two_ranks, **best}})
+    assert [p.prompt_index for p in module.xpo_pairs] == [0, 2, 1]
+
+
 FAST = {"online": 150, "offline": 60, "xpo": 480}
 # (algorithm, training seed). XPO's second seed sat on a plateau (KL 0.2 at 480 steps) when XPO ran at the other
 # algorithms' learning rate, 3e-3; at toy.ORACLE_LR's 1e-3 seeds 0-7 all reach KL < 0.03 (docs/rl.md).

@@ -6,7 +6,9 @@ import torch
 
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
-from sharpening.buffer import BufferExample, EpochSampler, SampleBuffer, collate_examples, selected_examples
+from sharpening.buffer import (
+    BufferExample, EpochSampler, SampleBuffer, collate_examples, pairs_for_rank, selected_examples,
+)
 from sharpening.sampler import derive_seed
 from sharpening.types import PromptBatch, SampleBatch, ScoredSamples
 
@@ -178,3 +180,18 @@ def test_epoch_sampler_orders_each_epoch_by_its_own_seed_and_skips_only_in_the_r
     expected = [torch.randperm(10, generator=torch.Generator().manual_seed(derive_seed(5, e))).tolist() for e in range(3)]
     assert orders == [expected[0], expected[1][3:], expected[2]]
     assert len(sampler) == 10  # the full shard: Lightning counts consumed batches itself
+
+
+def test_pairs_for_rank_gives_each_rank_its_own_list_when_the_world_size_is_unchanged():
+    by_rank = [["a0", "a1"], ["b0"]]
+    assert [pairs_for_rank(by_rank, 2, r) for r in (0, 1)] == [["a0", "a1"], ["b0"]]
+    assert pairs_for_rank([["a0", "a1"]], 1, 0) == ["a0", "a1"]
+
+
+def test_pairs_for_rank_deals_all_pairs_out_again_when_the_world_size_changed():
+    by_rank = [["a0", "a1", "a2"], ["b0", "b1"]]
+    assert pairs_for_rank(by_rank, 1, 0) == ["a0", "a1", "a2", "b0", "b1"]  # rank order
+    shares = [pairs_for_rank(by_rank, 3, r) for r in range(3)]
+    assert shares == [["a0", "b0"], ["a1", "b1"], ["a2"]]  # pair i to rank i mod 3
+    assert sorted(p for share in shares for p in share) == sorted(by_rank[0] + by_rank[1])  # none lost or doubled
+    assert [pairs_for_rank([["a0"]], 2, r) for r in (0, 1)] == [["a0"], []]

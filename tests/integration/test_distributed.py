@@ -104,3 +104,33 @@ def test_sft_ddp_sigterm_on_rank_zero_during_a_round_resumes_to_the_same_weights
     assert _buffer(stopped)["epoch"] == 0  # the second round was abandoned; a resumed run redraws it
     resumed = _run("demo.yaml", tiny_model_path, seven_prompts, tmp_path / "run", 2, *sft, "--ckpt_path=last")
     _same_weights(full, resumed)
+
+
+XPO = ["--model.rl.algorithm=xpo", "--model.rl.xpo_updates_per_round=2", "--model.rl.pairs_per_update=2",
+       "--model.rl.heldout_prompts=1", "--model.prompts_per_step=1", "--model.sampling.samples_per_prompt=2",
+       "--model.sampling.max_new_tokens=5"]
+
+
+def test_xpo_ddp_resume_gives_each_rank_its_own_pairs(tiny_model_path, seven_prompts, tmp_path):
+    """Each rank grows its own XPO dataset from its prompt shard. A run stopped mid-epoch and resumed under
+    DDP must hand each rank back its own pairs (not rank 0's to both) and end where the straight run ends."""
+    every_step = [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={tmp_path}/straight/checkpoints", "--trainer.callbacks.every_n_train_steps=1",
+        "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.filename={step:02d}",
+    ]
+    straight = _run("rl.yaml", tiny_model_path, seven_prompts, tmp_path / "straight", 2, *XPO, *every_step)
+    # 6 training prompts -> 3 rounds per rank and epoch, 2 optimizer steps each; resume after 2 rounds (mid-epoch)
+    resumed = _run("rl.yaml", tiny_model_path, seven_prompts, tmp_path / "resumed", 2, *XPO,
+                   f"--ckpt_path={tmp_path}/straight/checkpoints/step=04.ckpt")
+    assert resumed["global_step"] == straight["global_step"] == 12
+    for name, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
+    pairs_by_rank = straight["xpo"]["pairs_by_rank"]
+    assert [len(pairs) for pairs in pairs_by_rank] == [6, 6]  # 2 epochs x 3 rounds x 1 prompt, per rank
+    assert sorted(p["prompt_index"] for pairs in pairs_by_rank for p in pairs) == sorted(list(range(6)) * 2)
+    assert resumed["xpo"]["pairs_by_rank"] == pairs_by_rank  # each rank held its own pairs after the resume
+    for key in ("best_j_beta", "best_round"):
+        assert resumed["xpo"][key] == straight["xpo"][key]
+    for name, value in straight["xpo"]["best_state"].items():
+        assert torch.equal(resumed["xpo"]["best_state"][name], value), name

@@ -48,6 +48,7 @@ class PolicyModule(L.LightningModule):
         extra_problems: list[str] | None = None,
     ) -> None:
         super().__init__()
+        policy, optimizer = config_from(policy, PolicyConfig), config_from(optimizer, OptimizerConfig)
         self.policy_config = policy
         self.optimizer_config = optimizer or OptimizerConfig()
         self.output_dir = output_dir
@@ -233,6 +234,16 @@ class PolicyModule(L.LightningModule):
 
         return [PreemptionCallback(), NonFiniteGuardCallback()]
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
+                             weights_only: bool = True, **kwargs):
+        """The module of a checkpoint, its policy loaded (base weights from ``policy.model_name_or_path``, then
+        the checkpoint's trainable weights). Read with ``weights_only=True``. ``output_dir`` defaults to None:
+        loading never writes and is not refused for the run's existing output; pass ``output_dir=`` (and any
+        other constructor argument) to override what the checkpoint holds."""
+        kwargs.setdefault("output_dir", None)
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
+
     def on_train_end(self) -> None:
         """Write the fitted policy as a plain Hugging Face (full) or PEFT adapter (LoRA) directory. A
         preempted run never gets here (``safety.preempt`` ends fit), so this is always a finished run."""
@@ -275,6 +286,12 @@ def fsdp_problems(cfg: PolicyConfig, device: torch.device) -> list[str]:
                 "float32 adapters into one tensor of one dtype); set --model.policy.dtype float32 and keep "
                 "--trainer.precision bf16-mixed for bfloat16 compute"]
     return []
+
+
+def config_from(value, cls):
+    """A config dataclass, given as itself or as the plain dict a checkpoint's hyper-parameters hold
+    (``plain_hparams``): ``Module.load_from_checkpoint`` passes those dicts back to the constructor."""
+    return cls(**value) if isinstance(value, dict) else value
 
 
 def plain_hparams(arguments: dict) -> dict:

@@ -42,7 +42,7 @@ from sharpening.losses import (
 )
 from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig, disable_dropout, eval_mode, stop_token_ids
-from sharpening.policy_module import PolicyModule, plain_hparams
+from sharpening.policy_module import PolicyModule, config_from, plain_hparams
 from sharpening.prompts import pad_prompts
 from sharpening.rl_config import RLConfig, validate_rl_config
 from sharpening.sampler import (
@@ -83,7 +83,8 @@ class RLSharpeningModule(PolicyModule):
             overwrite_output_dir: Replace a non-empty output_dir (its old contents go once the new policy is written in full).
             logprob_chunk_size: Response positions per LM-head chunk (bounds logits memory).
         """
-        optimizer = optimizer or OptimizerConfig(lr=1e-5, schedule="constant")  # (a config without the section: None)
+        optimizer = config_from(optimizer, OptimizerConfig) or OptimizerConfig(lr=1e-5, schedule="constant")
+        rl, sampling = config_from(rl, RLConfig), config_from(sampling, SamplingConfig)  # (dicts: load_from_checkpoint)
         problems = validate_rl_config(rl, sampling)
         if prompts_per_step < 1:
             problems.append(f"--model.prompts_per_step={prompts_per_step}: must be >= 1")

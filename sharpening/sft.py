@@ -21,7 +21,7 @@ from sharpening.logprobs import packed_response_logprobs, packing_problem, respo
 from sharpening.losses import masked_nll
 from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig
-from sharpening.policy_module import PolicyModule, plain_hparams
+from sharpening.policy_module import PolicyModule, config_from, plain_hparams
 
 
 class SFTSharpeningModule(PolicyModule):
@@ -53,7 +53,7 @@ class SFTSharpeningModule(PolicyModule):
                 chosen per batch when dense attention over long rows would cost more than the padding they
                 save (buffer.collate_packed).
         """
-        optimizer = optimizer or OptimizerConfig()  # (a config without the section passes None: jsonargparse)
+        optimizer = config_from(optimizer, OptimizerConfig) or OptimizerConfig()  # (None: a config without the section)
         problems = [] if batch_size >= 1 else [f"--model.batch_size={batch_size}: must be >= 1"]
         if pack_length < 0:
             problems.append(f"--model.pack_length={pack_length}: must be >= 0 (0 = the longest example of each batch)")

@@ -124,6 +124,30 @@ def test_resume_restores_the_xpo_dataset_and_best_round(toy_dir, tmp_path):
     assert resumed.best["round"] == first.best["round"] and resumed.best["j_beta"] == first.best["j_beta"]
 
 
+@pytest.mark.parametrize("finetuning", ["full", "lora"])
+def test_load_from_checkpoint_gives_the_trained_policy(finetuning, toy_dir, tmp_path):
+    """The checkpoint's hyper-parameters hold the configs as plain dicts (weights_only loading); they come
+    back as configs, and the run's existing output_dir neither blocks loading nor is written to."""
+    module = RLSharpeningModule(
+        PolicyConfig(model_name_or_path=os.path.join(toy_dir, "base"), finetuning=finetuning, dtype="float32", lora_r=4),
+        rl=RLConfig(kl_coef=0.5), sampling=SamplingConfig(samples_per_prompt=4, max_new_tokens=toy.TOY_MAX_NEW_TOKENS),
+        prompts_per_step=3, output_dir=str(tmp_path / "out"),
+    )
+    _fit(module, toy_dir, max_steps=2, root=str(tmp_path))
+    written = sorted(os.listdir(tmp_path / "out"))
+    ckpt = glob.glob(str(tmp_path / "checkpoints" / "*.ckpt"))[0]
+    loaded = RLSharpeningModule.load_from_checkpoint(ckpt)
+    assert loaded.rl == module.rl and loaded.sampling == module.sampling and loaded.output_dir is None
+    trained = module.state_dict()
+    assert loaded.state_dict().keys() == trained.keys()
+    for name, value in loaded.state_dict().items():
+        torch.testing.assert_close(value, trained[name], rtol=0, atol=0, msg=name)
+    ids = torch.tensor([[1, 5, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.policy.eval()(ids).logits, module.policy.eval()(ids).logits, rtol=0, atol=0)
+    assert sorted(os.listdir(tmp_path / "out")) == written
+
+
 def test_xpo_checkpoint_layouts_load_in_one_process(toy_dir):
     """Checkpoints from before per-rank pairs (one "pairs" list) still load; a 2-rank checkpoint loaded by
     one process gives it both ranks' pairs, with a warning naming both world sizes."""

@@ -42,9 +42,24 @@ def load_prompt_rows(dataset: str, split: str = "train", subset: str | None = No
     import datasets
 
     path = os.path.expanduser(dataset)
+    if os.path.isfile(path) and _local_format(path) == "csv":
+        return datasets.load_dataset("csv", data_files=path, split="train", **_csv_as_text(path))
     if os.path.isfile(path):
         return datasets.load_dataset(_local_format(path), data_files=path, split="train")
     return datasets.load_dataset(dataset, subset, split=split)
+
+
+def _csv_as_text(path: str) -> dict:
+    """CSV cells read as the text they are: an answer ``0012`` stays ``"0012"`` (not the number 12) and
+    ``None`` / ``NA`` stay words; only an empty cell is missing."""
+    import csv
+
+    import datasets
+
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    features = datasets.Features({column: datasets.Value("string") for column in header}) if header else None
+    return {"features": features, "keep_default_na": False, "na_values": [""]}
 
 
 def render_prompt(

@@ -121,6 +121,18 @@ def test_load_prompts_from_local_files(tmp_path, tiny_tokenizer, fmt):
     assert dm.answers == [r["answer"] for r in ROWS]
 
 
+def test_csv_cells_are_read_as_text(tmp_path, tiny_tokenizer):
+    """Answers are compared as text: 0012 is not 12, 7.50 not 7.5, and None / NA are words; only an empty
+    cell is missing (and refused)."""
+    path = tmp_path / "p.csv"
+    path.write_text("question,answer\nab,0012\ncd,7.50\nef,None\ngh,NA\n")
+    dm = _module(str(path), tiny_tokenizer, prompt_column="question", answer_column="answer")
+    assert dm.answers == ["0012", "7.50", "None", "NA"]
+    path.write_text("question,answer\nab,0012\ncd,\n")
+    with pytest.raises(ConfigError, match="answer"):
+        _module(str(path), tiny_tokenizer, prompt_column="question", answer_column="answer")
+
+
 def test_template_can_use_any_column(tmp_path, tiny_tokenizer):
     dm = _module(_write(tmp_path, "jsonl"), tiny_tokenizer, prompt_column="question", prompt_template="{id} {question}=")
     assert dm.prompt_texts[1] == "1 bc="

@@ -91,6 +91,7 @@ class SelfVerificationCallback(L.Callback):
         self.buffer = SampleBuffer()
         self.rounds_done = 0
         self.last_metrics: dict[str, float] = {}
+        self._unmonitored: dict[str, float] = {}  # the last round's metrics, until on_train_epoch_start logs them
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -121,6 +122,14 @@ class SelfVerificationCallback(L.Callback):
         pl_module.ensure_buffer = lambda epoch: self.ensure_round(trainer, pl_module, epoch)
         if self.resample_every_epoch:
             trainer.reload_dataloaders_every_n_epochs = 1
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """The round ran while Lightning built this epoch's loader, where ``log`` is not allowed: its metrics
+        are logged here (to Lightning only; the loggers have them), so ModelCheckpoint and EarlyStopping can
+        monitor e.g. ``sample/accuracy``. Every rank holds the same reduced values."""
+        if self._unmonitored:
+            pl_module.log_dict(self._unmonitored, on_step=False, on_epoch=True, logger=False)
+            self._unmonitored = {}
 
     def state_dict(self) -> dict:
         return {"buffer": self.buffer.state_dict(), "rounds_done": self.rounds_done, "seed": self.seed}
@@ -186,8 +195,9 @@ class SelfVerificationCallback(L.Callback):
         metric = metric.to(pl_module.device)  # NCCL reduces device tensors only; the counts are summed on CPU
         self.last_metrics = {k: float(v) for k, v in metric.compute().items()}
         self.last_metrics["sample/buffer_size"] = float(len(self.buffer))
-        for logger in trainer.loggers:
+        for logger in trainer.loggers:  # at the step the round ran
             logger.log_metrics(self.last_metrics, step=trainer.global_step)
+        self._unmonitored = dict(self.last_metrics)
         rank_zero_info(f"self-verification epoch {epoch}: " + _format_metrics(self.last_metrics))
         return self.last_metrics
 

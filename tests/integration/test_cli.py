@@ -233,6 +233,17 @@ def test_callback_metrics_logged_each_round(tiny_model_path, prompts_file, tmp_p
     assert json.dumps(metrics)
 
 
+def test_round_metrics_can_be_monitored(tiny_model_path, prompts_file, tmp_path):
+    """ModelCheckpoint (and EarlyStopping) can monitor a round's metrics, e.g. the sample accuracy."""
+    cli = _fit(tiny_model_path, prompts_file, str(tmp_path), "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+               "--trainer.callbacks.monitor=sample/accuracy", "--trainer.callbacks.mode=max",
+               f"--trainer.callbacks.dirpath={tmp_path}/best")
+    verifier = [c for c in cli.trainer.callbacks if type(c).__name__ == "SelfVerificationCallback"][0]
+    assert float(cli.trainer.callback_metrics["sample/accuracy"]) == pytest.approx(verifier.last_metrics["sample/accuracy"])
+    best = [c for c in cli.trainer.callbacks if type(c).__name__ == "ModelCheckpoint" and c.monitor][0]
+    assert best.best_model_path and best.best_model_score is not None
+
+
 def test_only_fit_is_offered_and_help_shows_the_config_docs(capsys):
     with pytest.raises(SystemExit):
         main(["validate", "--config", os.path.join(ROOT, "configs", "demo.yaml")])  # no validation_step to run

@@ -43,7 +43,8 @@ class SamplingConfig:
     top_p: float = 1.0
     """Nucleus sampling mass (1.0 = off)."""
     prompts_per_batch: int = 16
-    """Prompts generated together (each with its N samples)."""
+    """Prompts generated together (each with its N samples). Self-verification rounds and evaluation; online and
+    XPO RL draw a step's prompts together (--model.prompts_per_step)."""
     decode: str = "dynamic"
     """Decode loop: 'dynamic' (growing KV cache, finished rows leave the batch; best on CPU), 'static'
     (preallocated KV cache, fixed shapes, every row to the end) or 'compiled' (static + CUDA graphs; CUDA only).

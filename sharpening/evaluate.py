@@ -41,7 +41,7 @@ from sharpening.evaluate_config import (
 from sharpening.evaluate_protocol import SeedDraws, answer_codes, loglik_histogram, protocol_table, seed_metrics
 from sharpening.logprobs import sample_logprobs
 from sharpening.policy import (
-    frozen_base, raise_if_logit_head_differs, resolve_dtype, select_attn_implementation, set_cpu_linear, stop_token_ids,
+    frozen_base, nf4_config, raise_if_logit_head_differs, resolve_dtype, select_attn_implementation, set_cpu_linear, stop_token_ids,
 )
 from sharpening.prompts import PromptDataModule
 from sharpening.rewards import extract_answers, loglik_reward
@@ -80,6 +80,8 @@ def load_models(cfg: EvalModelConfig, model: str, adapter: str | None, device: t
     attn = select_attn_implementation(cfg.attn_implementation, torch.cuda.is_available(), _has_flash_attn())
     dtype = resolve_dtype(cfg.dtype, device)
     kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
+    if cfg.load_in_4bit:  # as a QLoRA run holds its base; placed on the device while loading (no .to for 4-bit)
+        kwargs.update(quantization_config=nf4_config(dtype), device_map={"": device})
     evaluated = AutoModelForCausalLM.from_pretrained(model, revision=cfg.revision, **kwargs)
     raise_if_logit_head_differs(evaluated, "--model.model_name_or_path", model)
     if adapter is not None:
@@ -90,8 +92,13 @@ def load_models(cfg: EvalModelConfig, model: str, adapter: str | None, device: t
     if cfg.score_with == "base" and adapter is None:
         base = AutoModelForCausalLM.from_pretrained(cfg.base_model_name_or_path, **kwargs)
         raise_if_logit_head_differs(base, "--model.base_model_name_or_path", cfg.base_model_name_or_path)
-        base = set_cpu_linear(base, cfg.cpu_linear, device).to(device).eval()
-    return set_cpu_linear(evaluated, cfg.cpu_linear, device).to(device).eval(), base
+        base = _placed(set_cpu_linear(base, cfg.cpu_linear, device), device, cfg.load_in_4bit)
+    return _placed(set_cpu_linear(evaluated, cfg.cpu_linear, device), device, cfg.load_in_4bit), base
+
+
+def _placed(model, device: torch.device, loaded_in_4bit: bool):
+    """In eval mode on ``device`` (a 4-bit model was placed while loading and refuses ``.to``)."""
+    return (model if loaded_in_4bit else model.to(device)).eval()
 
 
 def _has_flash_attn() -> bool:
@@ -202,8 +209,10 @@ def measure(model_cfg: EvalModelConfig, protocol: ProtocolConfig, data_args: dic
     raise_if_problems(compiled_off_cuda)
     model, base = load_models(model_cfg, model_path, adapter, device)
     identity = model_identity(model_cfg, model_path, adapter, next(model.parameters()).dtype)
-    cache = DrawCache(cache_dir, {"model": identity["fingerprint"], "adapter": identity["adapter_fingerprint"],
-                                  "dtype": identity["dtype"]})  # fmt: skip
+    cache_identity = {"model": identity["fingerprint"], "adapter": identity["adapter_fingerprint"], "dtype": identity["dtype"]}
+    if model_cfg.load_in_4bit:  # other weights, other draws (the key of full-precision caches is unchanged)
+        cache_identity["load_in_4bit"] = True
+    cache = DrawCache(cache_dir, cache_identity)
     ctx = DrawContext(model, base, tokenizer, data, protocol, model_cfg.score_with, cache)
     start = time.perf_counter()
     per_seed, greedy = collect_draws(ctx, device, show_progress)
@@ -233,6 +242,7 @@ def model_identity(cfg: EvalModelConfig, model: str, adapter: str | None, dtype:
         "fingerprint": model_fingerprint(model, cfg.revision)["sha256"],
         "adapter_fingerprint": model_fingerprint(adapter)["sha256"] if adapter else None,
         "dtype": str(dtype).replace("torch.", ""),
+        "load_in_4bit": cfg.load_in_4bit,
         "score_with": cfg.score_with,
         "scored_by": "base" if cfg.score_with == "base" else "evaluated",
         "scoring_model": base if cfg.score_with == "base" else None,

@@ -44,6 +44,9 @@ class EvalModelConfig:
     """Run modelling code shipped with a hub model. Off unless you trust its author."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of model_name_or_path."""
+    load_in_4bit: bool = False
+    """Load the weights in 4-bit NF4 (bitsandbytes), as a QLoRA run holds its base: evaluates a QLoRA adapter on
+    the base it was trained on (dtype is then the compute dtype)."""
 
 
 @dataclass
@@ -111,6 +114,14 @@ def device_problem(device: str) -> str | None:
     return None
 
 
+def _bitsandbytes_problem() -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return "bitsandbytes is not installed; pip install bitsandbytes, or leave load_in_4bit off"
+    return None
+
+
 def validate_model_config(cfg: EvalModelConfig, option: str = "--model") -> list[str]:
     """Every problem with the model section; reads only small JSON files."""
     problems = []
@@ -133,6 +144,8 @@ def validate_model_config(cfg: EvalModelConfig, option: str = "--model") -> list
             f"{option}.score_with=base: no base to score with; give the sharpened model's {option}.adapter_path, or "
             f"{option}.base_model_name_or_path for a fully fine-tuned one (a base model scores itself: use self)"
         )
+    if cfg.load_in_4bit and (problem := _bitsandbytes_problem()) is not None:
+        problems.append(f"{option}.load_in_4bit=true: {problem}")
     if cfg.base_model_name_or_path and adapter is not None:
         problems.append(
             f"{option}.base_model_name_or_path={cfg.base_model_name_or_path!r}: with an adapter the base is the model "

@@ -44,10 +44,11 @@ def logit_head_problem(model: torch.nn.Module, tokens: int = 6) -> str | None:
     training = model.training
     model.eval()
     try:
-        own = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)  # [tokens, V]
-        hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0]  # [tokens, H]
-        _, softcap, scale = _head_transform(model)
-        ours = torch.log_softmax(_post_processed(head(hidden).float(), softcap, scale), -1)
+        with torch.no_grad():
+            own = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)  # [tokens, V]
+            hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0]  # [tokens, H]
+            _, softcap, scale = _head_transform(model)
+            ours = torch.log_softmax(_post_processed(head(hidden).float(), softcap, scale), -1)
     finally:
         model.train(training)
     gap = float((own - ours).abs().max())

@@ -208,6 +208,15 @@ def load_frozen_base(cfg: PolicyConfig, device: torch.device | None = None) -> t
     return model.to(device).eval().requires_grad_(False)
 
 
+def nf4_config(compute_dtype: torch.dtype):
+    """QLoRA's base quantization: 4-bit NF4 with double quantization, computing in ``compute_dtype``."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype
+    )
+
+
 def _load_model(cfg: PolicyConfig, device: torch.device):
     """``from_pretrained`` with the run's dtype, attention backend and (QLoRA) 4-bit quantization."""
     from transformers import AutoModelForCausalLM
@@ -218,14 +227,7 @@ def _load_model(cfg: PolicyConfig, device: torch.device):
     )
     kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     if cfg.finetuning == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype,
-        )
+        kwargs["quantization_config"] = nf4_config(dtype)
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
     raise_if_logit_head_differs(model, "--model.policy.model_name_or_path", cfg.model_name_or_path)

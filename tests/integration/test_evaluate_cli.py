@@ -316,3 +316,34 @@ def test_a_rerun_without_plots_leaves_no_stale_plots_and_no_partial_files(tiny_m
     names = os.listdir(tmp_path)
     assert not [n for n in names if n.endswith(".png") or n.endswith(".partial")], names
     assert {"results.json", "results.csv", "config.yaml"} <= set(names)
+
+
+def test_load_in_4bit_evaluates_on_the_4bit_base_a_qlora_run_trains_on(tiny_model_path, tmp_path):
+    """--model.load_in_4bit: the evaluated base is the NF4 base QLoRA training holds (same logits), not the
+    full-precision one; the run records it, and its draws are cached apart from full-precision draws."""
+    from bitsandbytes.nn import Linear4bit
+
+    from sharpening.evaluate import load_models
+    from sharpening.evaluate_config import EvalModelConfig
+    from sharpening.policy import PolicyConfig, load_policy
+
+    adapter = _lora_adapter(tiny_model_path, tmp_path / "adapter")
+    cfg = EvalModelConfig(tiny_model_path, adapter_path=adapter, dtype="float32", device="cpu", load_in_4bit=True)
+    evaluated, _ = load_models(cfg, tiny_model_path, adapter, torch.device("cpu"))
+    assert any(isinstance(m, Linear4bit) for m in evaluated.modules())
+    trained, _ = load_policy(PolicyConfig(tiny_model_path, finetuning="qlora", dtype="float32", lora_r=4))
+    full, _ = load_models(EvalModelConfig(tiny_model_path, adapter_path=adapter, dtype="float32", device="cpu"),
+                          tiny_model_path, adapter, torch.device("cpu"))  # fmt: skip
+    ids = torch.tensor([[1, 5, 8, 9]])
+    with torch.no_grad(), evaluated.disable_adapter(), full.disable_adapter(), trained.disable_adapter():
+        four_bit, qlora_base, full_base = evaluated(ids).logits, trained.eval()(ids).logits, full(ids).logits
+    # the same NF4 weights; bitsandbytes' CPU kernels take another path once a 4-bit layer has run before PEFT
+    # wraps it (the load-time head check), about 1e-3 here, while quantization itself moves logits by about 4e-2
+    gap = float((four_bit - qlora_base).abs().max())
+    assert gap < 3e-3 and float((full_base - qlora_base).abs().max()) > 10 * gap
+    out = tmp_path / "out"
+    results = evaluate(tiny_model_path, out, f"--model.adapter_path={adapter}", "--model.load_in_4bit=true")
+    assert results["model"]["load_in_4bit"] is True
+    again = evaluate(tiny_model_path, tmp_path / "again", f"--model.adapter_path={adapter}",
+                     f"--cache_dir={out}/cache")  # fmt: skip
+    assert again["draws"]["batches_reused"] == 0 and again["draws"]["batches_drawn"] > 0  # not the 4-bit draws

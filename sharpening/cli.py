@@ -13,6 +13,7 @@ import functools
 import glob
 import os
 import sys
+import warnings
 
 import torch
 
@@ -170,6 +171,8 @@ def main(args: list[str] | None = None):
     ``sharpen evaluate ...`` is inference-time sharpening (no training): see sharpening.evaluate.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Lightning 2.6 builds torch's deprecated LeafSpec on every batch; the warning is theirs, not the user's
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*deprecated")
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["evaluate"]:
         from sharpening.evaluate import dispatch

@@ -179,6 +179,8 @@ class PairExample:
     base_logprob: float  # log pi_base(y|x), summed over response tokens
     other_base_logprob: float  # log pi_base(y'|x)
     prompt_index: int
+    truncated: bool = False  # y hit max_new_tokens before EOS (XPO; offline pairs hold the verifier's choice)
+    other_truncated: bool = False  # y' hit max_new_tokens before EOS
 
 
 def pairs_from_buffer(examples: list[BufferExample]) -> list[PairExample]:
@@ -195,6 +197,14 @@ def pairs_from_buffer(examples: list[BufferExample]) -> list[PairExample]:
     return pairs
 
 
+def pairs_in_loss(pairs: list[PairExample], truncated_policy: str = "keep") -> list[PairExample]:
+    """The pairs that train: all of them, or with ``drop`` those where neither y nor y' was truncated (a pair
+    compares r(y) with r(y'), and y' also feeds XPO's exploration term: one cut response spoils both)."""
+    if truncated_policy != "drop":
+        return pairs
+    return [p for p in pairs if not (p.truncated or p.other_truncated)]
+
+
 def collate_pairs(pairs: list[PairExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Both sides of P pairs in one batch of 2P rows (rows [0, P) are y, rows [P, 2P) are y')."""
     rows = [BufferExample(p.prompt_ids, p.response_ids, 0.0, p.prompt_index, 0) for p in pairs]
@@ -203,6 +213,8 @@ def collate_pairs(pairs: list[PairExample], pad_token_id: int) -> dict[str, torc
     batch["base_logprob"] = torch.tensor([p.base_logprob for p in pairs], dtype=torch.float32)  # [P]
     batch["other_base_logprob"] = torch.tensor([p.other_base_logprob for p in pairs], dtype=torch.float32)
     batch["prompt_indices"] = torch.tensor([p.prompt_index for p in pairs], dtype=torch.long)  # [P]
+    batch["truncated"] = torch.tensor([p.truncated for p in pairs], dtype=torch.bool)  # [P]
+    batch["other_truncated"] = torch.tensor([p.other_truncated for p in pairs], dtype=torch.bool)  # [P]
     return batch
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sharpening.buffer import PairExample, collate_pairs, pairs_in_loss
 from sharpening.losses import (
+    apply_truncated_policy,
     group_advantages,
     kl_regularized_rewards,
     pair_residuals,
@@ -125,3 +127,141 @@ def test_clipping_stops_the_gradient_beyond_the_trust_region():
     loss = policy_gradient_loss(logprobs, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1, dtype=torch.bool), 0.2)
     loss.backward()
     assert logprobs.grad.abs().item() == 0.0
+
+
+# ---- truncated responses (SPEC 4.5): keep / drop / penalize --------------------------------------------------
+
+
+def test_keep_is_the_old_computation_bit_for_bit():
+    """keep returns the very rewards and no mask, so advantages, loss and gradient are those of the code before
+    the option existed (the calls below without the new arguments)."""
+    g = torch.Generator().manual_seed(5)
+    base, policy = -5 * torch.rand(3, 4, generator=g), -5 * torch.rand(3, 4, generator=g)
+    truncated = torch.rand(3, 4, generator=g) < 0.5
+    rewards = kl_regularized_rewards(base, policy, 0.1)
+    kept, in_loss = apply_truncated_policy(rewards, truncated, "keep", 10.0)
+    assert kept is rewards and in_loss is None
+    logprobs = torch.randn(12, 5, generator=g, requires_grad=True)
+    mask = torch.rand(12, 5, generator=g) < 0.8
+    for baseline, normalize in [("leave_one_out", False), ("mean", True)]:
+        old = policy_gradient_loss(logprobs, logprobs.detach(), group_advantages(rewards, baseline, normalize).flatten(), mask)
+        new = policy_gradient_loss(
+            logprobs, logprobs.detach(), group_advantages(kept, baseline, normalize, in_loss).flatten(), mask,
+            in_loss=in_loss,
+        )
+        (old_grad,), (new_grad,) = torch.autograd.grad(old, logprobs), torch.autograd.grad(new, logprobs)
+        assert torch.equal(old, new) and torch.equal(old_grad, new_grad)
+
+
+def test_penalize_lowers_only_the_truncated_rewards_and_drop_masks_them():
+    rewards, truncated = torch.tensor([[-1.0, -2.0, -3.0]]), torch.tensor([[False, True, False]])
+    penalized, none = apply_truncated_policy(rewards, truncated, "penalize", 4.0)
+    torch.testing.assert_close(penalized, torch.tensor([[-1.0, -6.0, -3.0]]), rtol=0, atol=0)
+    assert none is None
+    same, in_loss = apply_truncated_policy(rewards, truncated, "drop", 4.0)
+    assert same is rewards and in_loss.tolist() == [[True, False, True]]
+    with pytest.raises(ValueError, match="unknown truncated policy 'cut'"):
+        apply_truncated_policy(rewards, truncated, "cut")
+
+
+@pytest.mark.parametrize("baseline", ["leave_one_out", "mean"])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_dropped_samples_leave_the_baseline_as_if_never_drawn(baseline, normalize):
+    """Per group, the masked advantages equal the plain ones computed on the kept samples alone."""
+    g = torch.Generator().manual_seed(6)
+    rewards = torch.randn(4, 6, generator=g) * 3
+    in_loss = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 0, 1, 0, 1, 1], [0, 1, 1, 0, 0, 0], [0, 0, 0, 0, 1, 1]]).bool()
+    rewards[~in_loss] = float("inf")  # a left-out reward must not leak into anything
+    adv = group_advantages(rewards, baseline, normalize, in_loss)
+    for b in range(4):
+        alone = group_advantages(rewards[b][in_loss[b]][None], baseline, normalize)[0]
+        torch.testing.assert_close(adv[b][in_loss[b]], alone, rtol=1e-5, atol=1e-6)
+        assert (adv[b][~in_loss[b]] == 0).all()
+
+
+@pytest.mark.parametrize("baseline", ["leave_one_out", "mean"])
+def test_a_group_with_every_sample_or_all_but_one_truncated_gets_zero_advantages(baseline):
+    rewards = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
+    in_loss = torch.tensor([[False, False, False], [False, True, False]])
+    adv = group_advantages(rewards, baseline, True, in_loss)
+    assert torch.equal(adv, torch.zeros(2, 3))  # finite: no 0/0 from an empty group or a std of one sample
+
+
+def test_policy_gradient_loss_averages_over_the_kept_samples_only():
+    g = torch.Generator().manual_seed(7)
+    logprobs = torch.randn(5, 4, generator=g, requires_grad=True)
+    base = torch.randn(5, 4, generator=g)
+    adv, mask = torch.randn(5, generator=g), torch.rand(5, 4, generator=g) < 0.8
+    in_loss = torch.tensor([True, False, True, True, False])
+    masked = policy_gradient_loss(logprobs, logprobs.detach(), adv, mask, 0.2, base, 0.1, in_loss)
+    subset = policy_gradient_loss(
+        logprobs[in_loss], logprobs.detach()[in_loss], adv[in_loss], mask[in_loss], 0.2, base[in_loss], 0.1
+    )
+    torch.testing.assert_close(masked, subset)
+    (grad,) = torch.autograd.grad(masked, logprobs)
+    assert (grad[~in_loss] == 0).all()  # the k3 term of a dropped sample is left out too
+
+
+def test_every_sample_dropped_gives_a_zero_loss_that_still_backpropagates():
+    """No NaN, and a graph to run backward through: every DDP rank must take part in each step."""
+    logprobs = torch.randn(4, 3, requires_grad=True)
+    loss = policy_gradient_loss(
+        logprobs, logprobs.detach(), torch.zeros(4), torch.ones(4, 3, dtype=torch.bool), 0.2, torch.zeros(4, 3), 0.1,
+        torch.zeros(4, dtype=torch.bool),
+    )
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(logprobs.grad, torch.zeros(4, 3))
+
+
+def _exact_policy_gradient(theta, base, truncated, beta, penalty, fold_penalty_into_base=False):
+    """-E_pi[A grad log pi] summed over every outcome (weights pi), the signal as online_step builds it."""
+    logp = torch.log_softmax(theta, -1)
+    if fold_penalty_into_base:  # the wrong way: the penalty inside log pi_base, before the KL is folded in
+        signal = kl_regularized_rewards(base - penalty * truncated.double(), logp.detach(), beta)
+    else:
+        signal, _ = apply_truncated_policy(kl_regularized_rewards(base, logp.detach(), beta), truncated, "penalize", penalty)
+    weights = logp.detach().exp()
+    advantages = len(base) * weights * (signal - (weights * signal).sum())
+    loss = policy_gradient_loss(logp[:, None], logp.detach()[:, None], advantages, torch.ones(len(base), 1, dtype=torch.bool))
+    return torch.autograd.grad(loss, theta)[0]
+
+
+def test_penalize_reaches_the_closed_form_optimum_of_the_penalized_reward():
+    """With r = log pi_base - c [truncated], the optimum of E[r] - beta KL(pi || pi_base) is
+    pi_base^(1 + 1/beta) exp(-c [truncated] / beta): the exact gradient vanishes there, and only when the
+    penalty is applied to the reward (after the KL is folded in), not to log pi_base (it would count 1 + beta times)."""
+    g = torch.Generator().manual_seed(8)
+    base = torch.log_softmax(torch.randn(8, generator=g, dtype=torch.float64), -1)
+    truncated = torch.tensor([0, 1, 0, 0, 1, 1, 0, 0], dtype=torch.bool)
+    beta, penalty = 1.0, 0.7
+    optimum = (1 + 1 / beta) * base - penalty * truncated.double() / beta
+    theta = optimum.clone().requires_grad_(True)
+    grad = _exact_policy_gradient(theta, base, truncated, beta, penalty)
+    torch.testing.assert_close(grad, torch.zeros_like(grad), rtol=0, atol=1e-12)
+    wrong = _exact_policy_gradient(theta, base, truncated, beta, penalty, fold_penalty_into_base=True)
+    assert wrong.abs().max() > 1e-3
+
+
+def test_pair_residuals_with_a_penalized_reward_vanish_at_its_optimum():
+    base = torch.log_softmax(torch.randn(6, generator=torch.Generator().manual_seed(9)), -1)
+    truncated = torch.tensor([0, 1, 1, 0, 0, 1], dtype=torch.bool)
+    beta, penalty = 0.3, 2.0
+    reward, _ = apply_truncated_policy(base, truncated, "penalize", penalty)
+    optimum = torch.log_softmax(base + reward / beta, -1)  # pi proportional to pi_base exp(r / beta)
+    i, j = torch.triu_indices(6, 6, 1)
+    residuals = pair_residuals(optimum[i], base[i], optimum[j], base[j], beta, reward[i], reward[j])
+    torch.testing.assert_close(residuals, torch.zeros_like(residuals), atol=1e-5, rtol=0)
+    unpenalized = pair_residuals(optimum[i], base[i], optimum[j], base[j], beta)
+    assert unpenalized.abs().max() > 1.0
+    assert torch.equal(pair_residuals(optimum[i], base[i], optimum[j], base[j], beta, base[i], base[j]), unpenalized)
+
+
+def test_drop_leaves_out_every_pair_with_a_truncated_member_and_collate_carries_the_flags():
+    pairs = [PairExample([1], [2], [3], -1.0, -2.0, 0, y, y2) for y, y2 in [(0, 0), (1, 0), (0, 1), (1, 1)]]
+    assert pairs_in_loss(pairs, "keep") == pairs == pairs_in_loss(pairs, "penalize")
+    assert pairs_in_loss(pairs, "drop") == pairs[:1]
+    assert pairs_in_loss(pairs[1:], "drop") == []
+    batch = collate_pairs(pairs, pad_token_id=0)
+    assert batch["truncated"].tolist() == [False, True, False, True]
+    assert batch["other_truncated"].tolist() == [False, False, True, True]

@@ -29,10 +29,12 @@ from torch.utils.data import DataLoader
 
 from sharpening.buffer import (
     PairExample, SampleBuffer, collate_pairs, epoch_sampler, no_round, pairs_for_rank, pairs_from_buffer,
+    pairs_in_loss,
 )
 from sharpening.errors import raise_if_problems
 from sharpening.logprobs import response_logprobs, sample_logprobs
 from sharpening.losses import (
+    apply_truncated_policy,
     group_advantages,
     kl_regularized_rewards,
     pair_residuals,
@@ -182,7 +184,10 @@ class RLSharpeningModule(PolicyModule):
         base_seq = (base_lp * mask).sum(-1)  # [B, G]
         old_seq = (samples.logprobs * mask).sum(-1)  # sampler's log pi(y): exact draws, so free
         rewards = kl_regularized_rewards(base_seq, old_seq, rl.kl_coef) if rl.kl_estimator == "sequence" else base_seq
-        advantages = group_advantages(rewards, rl.baseline, rl.normalize_advantages).flatten()  # [B, G] -> [B*G]
+        # truncated responses: penalty on the reward after the KL is folded in; drop: in_loss [B, G], else None
+        rewards, in_loss = apply_truncated_policy(rewards, samples.truncated, rl.truncated, rl.truncation_penalty)
+        advantages = group_advantages(rewards, rl.baseline, rl.normalize_advantages, in_loss).flatten()  # [B*G]
+        in_loss = None if in_loss is None else in_loss.flatten()  # [B, G] -> [B*G]
         mask = mask.flatten(0, 1)  # [B, G, T] -> [B*G, T]
         for _ in range(rl.inner_updates):  # each prompt runs once for its group (sample_logprobs)
             logprobs = sample_logprobs(self.policy, samples, self.logprob_chunk_size).flatten(0, 1)  # [B*G, T]
@@ -190,10 +195,13 @@ class RLSharpeningModule(PolicyModule):
             old = logprobs.detach() if rl.inner_updates == 1 else samples.logprobs.flatten(0, 1)  # [B*G, T]
             k3 = rl.kl_coef if rl.kl_estimator == "k3" else 0.0
             loss = policy_gradient_loss(
-                logprobs, old, advantages, mask, rl.clip_ratio, base_lp.flatten(0, 1), k3
+                logprobs, old, advantages, mask, rl.clip_ratio, base_lp.flatten(0, 1), k3, in_loss
             )
-            self._update(loss)
+            self._update(loss)  # also when nothing is in the loss: a zero loss, backward as on every rank
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(prompts), sync_dist=True)
+        if in_loss is not None:
+            dropped = 1.0 - in_loss.float().mean()
+            self.log("train/dropped_fraction", dropped, batch_size=len(prompts), sync_dist=True)
         self._log_policy_estimates(base_seq, old_seq, samples)
         return loss.detach()
 
@@ -225,30 +233,41 @@ class RLSharpeningModule(PolicyModule):
         )  # [2P, T]
         seq = (logprobs * batch["response_mask"]).sum(-1)  # [2P]
         policy_y, policy_y2 = seq.chunk(2)  # [2P] -> [P], [P]
+        # xpo with penalize: the penalty lowers r(y), r(y'), not log pi_base in the KL terms (offline: always keep)
+        policy, penalty = self.rl.truncated, self.rl.truncation_penalty
+        reward_y, _ = apply_truncated_policy(batch["base_logprob"], batch["truncated"], policy, penalty)
+        reward_y2, _ = apply_truncated_policy(batch["other_base_logprob"], batch["other_truncated"], policy, penalty)
         residuals = pair_residuals(
-            policy_y, batch["base_logprob"], policy_y2, batch["other_base_logprob"], self.rl.kl_coef
+            policy_y, batch["base_logprob"], policy_y2, batch["other_base_logprob"], self.rl.kl_coef,
+            reward_y, reward_y2,
         )
         return (residuals, policy_y2) if with_policy_y2 else residuals
 
     def xpo_round(self, prompts: PromptBatch) -> torch.Tensor:
         """XPO: grow the dataset with (x, y ~ policy, y' ~ base), refit on all of it, score the round."""
-        self.xpo_pairs.extend(self._new_pairs(prompts))
+        new = self._new_pairs(prompts)
+        kept = pairs_in_loss(new, self.rl.truncated)
+        self.xpo_pairs.extend(kept)
+        # drop, and no pair kept on this rank yet: refit on this round's pairs at weight 0 (backward runs on every rank)
+        pool, weight = (self.xpo_pairs, 1.0) if self.xpo_pairs else (new, 0.0)
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.global_step, 1))
         collate = partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id)
         for _ in range(self.rl.xpo_updates_per_round):
-            pick = torch.randint(len(self.xpo_pairs), (min(self.rl.pairs_per_update, len(self.xpo_pairs)),), generator=generator)
-            batch = collate([self.xpo_pairs[i] for i in pick.tolist()])
+            pick = torch.randint(len(pool), (min(self.rl.pairs_per_update, len(pool)),), generator=generator)
+            batch = collate([pool[i] for i in pick.tolist()])
             batch = {k: v.to(self.device) for k, v in batch.items()}
             residuals, policy_y2 = self._pair_residuals(batch, with_policy_y2=True)
-            loss = xpo_loss(residuals, policy_y2, self.rl.xpo_alpha)
+            loss = xpo_loss(residuals, policy_y2, self.rl.xpo_alpha) * weight
             self._update(loss)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(prompts), sync_dist=True)
+        if self.rl.truncated == "drop":
+            self.log("train/dropped_fraction", 1.0 - len(kept) / len(new), batch_size=len(prompts), sync_dist=True)
         self.log("train/xpo_pairs", float(len(self.xpo_pairs)), batch_size=len(prompts), sync_dist=True)
         self._score_round()
         return loss.detach()
 
     def _new_pairs(self, prompts: PromptBatch) -> list[PairExample]:
-        """One pair per prompt: y from the policy, y' from the base, both scored by the base."""
+        """One pair per prompt: y from the policy, y' from the base, both scored by the base, truncation flagged."""
         y = self._draw(prompts, "policy", 1, stream=1)
         y2 = self._draw(prompts, "base", 1, stream=2)
         with self.frozen_base() as base:
@@ -266,6 +285,8 @@ class RLSharpeningModule(PolicyModule):
                     float(base_y[b, 0]),
                     float(base_y2[b, 0]),
                     int(prompts.prompt_indices[b]),
+                    bool(y.truncated[b, 0]),
+                    bool(y2.truncated[b, 0]),
                 )
             )
         return pairs

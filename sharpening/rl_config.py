@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sharpening.sampler import SamplingConfig, validate_sampling_config
+from sharpening.selection import TRUNCATED_POLICIES
 
 
 @dataclass
@@ -40,6 +41,11 @@ class RLConfig:
     """offline batches / xpo minibatches: pairs per optimizer step."""
     heldout_prompts: int = 0
     """xpo: the last this-many prompts are held out to estimate J_beta and pick the best round (0 = last round)."""
+    truncated: Literal["drop", "keep", "penalize"] = "keep"
+    """online, xpo: responses cut at max_new_tokens (no EOS) score unfairly high: keep them (default, as before),
+    drop them (online: out of the loss and the group baseline; xpo: no pair holding one), or penalize their reward."""
+    truncation_penalty: float = 10.0
+    """Subtracted from a truncated response's reward (not from log pi_base in the KL) when truncated=penalize."""
 
 
 def validate_rl_config(rl: RLConfig, sampling: SamplingConfig) -> list[str]:
@@ -75,4 +81,28 @@ def validate_rl_config(rl: RLConfig, sampling: SamplingConfig) -> list[str]:
     for name in ("xpo_alpha", "heldout_prompts"):
         if getattr(rl, name) < 0:
             problems.append(f"{o}.{name}={getattr(rl, name)}: must be >= 0")
+    problems += _truncated_problems(rl)
+    return problems
+
+
+def _truncated_problems(rl: RLConfig) -> list[str]:
+    """The truncation settings: a known treatment, a finite penalty >= 0, and none for offline (whose pairs
+    are the verifier's samples: --verifier.selection.truncated treats them)."""
+    o, problems = "--model.rl", []
+    if rl.truncated not in TRUNCATED_POLICIES:
+        problems.append(f"{o}.truncated={rl.truncated!r}: must be one of {', '.join(TRUNCATED_POLICIES)}")
+    if not 0 <= rl.truncation_penalty < float("inf"):
+        problems.append(
+            f"{o}.truncation_penalty={rl.truncation_penalty}: must be a finite number >= 0 (log-prob units, e.g. 10)"
+        )
+    if rl.algorithm == "offline" and rl.truncated != "keep":  # two options would apply to the same samples
+        fix = (
+            "set --verifier.selection.truncated drop (its default) instead" if rl.truncated == "drop" else
+            "use --verifier.selection.truncated drop instead (a penalty does not reach the offline loss: its pairs "
+            "hold the verifier's samples' raw log pi_base), or algorithm online or xpo"
+        )
+        problems.append(
+            f"{o}.truncated={rl.truncated}: offline RL-sharpening trains on the verifier's samples, whose truncated "
+            f"ones --verifier.selection.truncated treats; leave {o}.truncated at keep and {fix}"
+        )
     return problems

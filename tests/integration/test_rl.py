@@ -3,6 +3,7 @@ and convergence to the closed-form optimum pi_base^(1 + 1/beta) (looser, faster 
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 import sharpening.rl as rl_module
+from sharpening.buffer import collate_pairs
 from sharpening.callbacks import SelfVerificationCallback
 from sharpening.policy import PolicyConfig
 from sharpening.prompts import PromptDataModule, pad_prompts
@@ -26,11 +28,13 @@ def toy_dir(tmp_path_factory) -> str:
     return str(out)
 
 
-def _module(toy_dir: str, finetuning: str = "full", prompts_per_step: int = 3, **rl) -> RLSharpeningModule:
+def _module(
+    toy_dir: str, finetuning: str = "full", prompts_per_step: int = 3, max_new_tokens: int = toy.TOY_MAX_NEW_TOKENS, **rl
+) -> RLSharpeningModule:
     module = RLSharpeningModule(
         PolicyConfig(model_name_or_path=os.path.join(toy_dir, "base"), finetuning=finetuning, dtype="float32", lora_r=4),
         rl=RLConfig(kl_coef=0.5, **rl),
-        sampling=SamplingConfig(samples_per_prompt=6, max_new_tokens=toy.TOY_MAX_NEW_TOKENS),
+        sampling=SamplingConfig(samples_per_prompt=6, max_new_tokens=max_new_tokens),
         prompts_per_step=prompts_per_step,
     )
     return module
@@ -261,3 +265,110 @@ def test_no_eval_mode_warning_from_the_frozen_copy(toy_dir):
         warnings.simplefilter("always")
         _fit(_module(toy_dir), toy_dir, max_steps=1, root=None)
     assert not [w for w in caught if "in eval mode" in str(w.message)]
+
+
+# ---- truncated responses (SPEC 4.5): --model.rl.truncated ---------------------------------------------------
+
+
+def _record(monkeypatch, every_sample_truncated: bool = False) -> dict:
+    """Record the draws and each policy-gradient call of the module; optionally flag every draw truncated."""
+    seen = {"samples": [], "advantages": [], "in_loss": [], "losses": [], "backward": 0}
+    real_generate, real_loss = rl_module.generate_samples, rl_module.policy_gradient_loss
+
+    def generate(*args, **kwargs):
+        samples = real_generate(*args, **kwargs)
+        if every_sample_truncated:
+            samples.truncated = torch.ones_like(samples.truncated)
+        seen["samples"].append(samples)
+        return samples
+
+    def loss(logprobs, old, advantages, mask, clip, base, k3, in_loss=None):
+        seen["advantages"].append(advantages)
+        seen["in_loss"].append(in_loss)
+        out = real_loss(logprobs, old, advantages, mask, clip, base, k3, in_loss)
+        seen["losses"].append(out.detach())
+        return out
+
+    monkeypatch.setattr(rl_module, "generate_samples", generate)
+    monkeypatch.setattr(rl_module, "policy_gradient_loss", loss)
+    real_backward = RLSharpeningModule.manual_backward
+    monkeypatch.setattr(
+        RLSharpeningModule, "manual_backward",
+        lambda self, *a, **k: seen.__setitem__("backward", seen["backward"] + 1) or real_backward(self, *a, **k),
+    )
+    return seen
+
+
+def test_online_drop_leaves_truncated_samples_out_of_the_loss(toy_dir, monkeypatch):
+    """With max_new_tokens 2 about half the toy's draws are cut: those get advantage 0 and no place in the loss."""
+    seen = _record(monkeypatch)
+    trainer = _fit(_module(toy_dir, max_new_tokens=2, truncated="drop"), toy_dir, max_steps=3, root=None)
+    truncated = torch.cat([s.truncated.flatten() for s in seen["samples"]])
+    assert 0 < truncated.float().mean() < 1
+    for samples, adv, in_loss in zip(seen["samples"], seen["advantages"], seen["in_loss"]):
+        assert torch.equal(in_loss, ~samples.truncated.flatten())
+        assert (adv[~in_loss] == 0).all() and adv[in_loss].abs().sum() > 0
+    assert trainer.logged_metrics["train/dropped_fraction"] == pytest.approx(float(seen["samples"][-1].truncated.float().mean()))
+
+
+def test_online_drop_with_every_sample_truncated_is_a_zero_step_on_every_update(toy_dir, monkeypatch):
+    seen = _record(monkeypatch, every_sample_truncated=True)
+    module = _module(toy_dir, truncated="drop", inner_updates=2)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = _fit(module, toy_dir, max_steps=4, root=None)
+    assert trainer.global_step == 4 and seen["backward"] == 4  # backward ran on each update (DDP needs it)
+    assert all(loss.item() == 0.0 for loss in seen["losses"])
+    assert trainer.logged_metrics["train/dropped_fraction"] == 1.0
+    for name, p in module.named_parameters():  # zero gradients: AdamW (no weight decay) moves nothing
+        assert torch.equal(p.detach(), before[name]), name
+
+
+def test_online_penalize_lowers_the_advantage_of_truncated_samples(toy_dir, monkeypatch):
+    """The same first draws under keep and penalize (seeded): advantages differ by the group-centred penalty."""
+    runs = {}
+    for truncated in ("keep", "penalize"):
+        seen = _record(monkeypatch)
+        _fit(_module(toy_dir, max_new_tokens=2, truncated=truncated, truncation_penalty=3.0), toy_dir, max_steps=1, root=None)
+        runs[truncated] = seen
+    cut = runs["keep"]["samples"][0].truncated  # [B, G]
+    assert torch.equal(cut, runs["penalize"]["samples"][0].truncated) and runs["penalize"]["in_loss"][0] is None
+    shift = -3.0 * cut.float()
+    expected = (shift - shift.mean(-1, keepdim=True)) * 6 / 5  # leave-one-out over G = 6
+    difference = (runs["penalize"]["advantages"][0] - runs["keep"]["advantages"][0]).view_as(cut)
+    torch.testing.assert_close(difference, expected, rtol=0, atol=1e-4)
+    assert (difference[cut & ~cut.all(-1, keepdim=True)] < 0).all()
+
+
+def test_xpo_drop_keeps_no_pair_with_a_truncated_member_and_steps_with_none(toy_dir, monkeypatch):
+    """Every draw cut: no pair enters the dataset, yet each round runs its updates (zero loss, backward)."""
+    seen = _record(monkeypatch, every_sample_truncated=True)
+    module = _module(toy_dir, algorithm="xpo", truncated="drop", xpo_updates_per_round=2, pairs_per_update=8)
+    module.configure_model()
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    trainer = _fit(module, toy_dir, max_steps=4, root=None)
+    assert module.xpo_pairs == [] and seen["backward"] == 4
+    assert trainer.logged_metrics["train/loss"] == 0.0 and trainer.logged_metrics["train/dropped_fraction"] == 1.0
+    for name, p in module.named_parameters():
+        assert torch.equal(p.detach(), before[name]), name
+
+
+@pytest.mark.parametrize("truncated", ["drop", "penalize"])
+def test_xpo_pairs_follow_the_truncated_option(truncated, toy_dir):
+    """max_new_tokens 2: some draws are cut. drop keeps only complete pairs; penalize keeps all, flagged, and
+    its residuals are keep's plus penalty x (t(y) - t(y'))."""
+    module = _module(toy_dir, max_new_tokens=2, algorithm="xpo", truncated=truncated, xpo_updates_per_round=2,
+                     pairs_per_update=8)  # fmt: skip
+    _fit(module, toy_dir, max_steps=6, root=None)
+    flags = [(p.truncated, p.other_truncated) for p in module.xpo_pairs]
+    if truncated == "drop":
+        assert 0 < len(flags) < 9 and flags == [(False, False)] * len(flags)  # 3 rounds x 3 prompts drawn
+        return
+    assert len(flags) == 9 and any(t or t2 for t, t2 in flags) and not all(t and t2 for t, t2 in flags)
+    batch = collate_pairs(module.xpo_pairs, module.tokenizer.pad_token_id)
+    with torch.no_grad():
+        penalized = module._pair_residuals(batch)
+        module.rl = dataclasses.replace(module.rl, truncated="keep")
+        kept = module._pair_residuals(batch)
+    penalty = module.rl.truncation_penalty * (batch["truncated"].float() - batch["other_truncated"].float())
+    torch.testing.assert_close(penalized, kept + penalty)

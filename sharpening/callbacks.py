@@ -103,6 +103,13 @@ class SelfVerificationCallback(L.Callback):
                 f"--verifier.selection.reward={self.selection.reward}: offline RL-sharpening uses each sample's score "
                 "as log pi_base(y|x) in its squared loss, so it needs --verifier.selection.reward loglik"
             )
+        offline = getattr(getattr(pl_module, "rl", None), "algorithm", None) == "offline"
+        if offline and self.selection.truncated == "penalize":  # all N kept, pairs hold raw scores: penalty lost
+            problems.append(
+                "--verifier.selection.truncated=penalize: offline RL-sharpening keeps every sample and reads its raw "
+                "score as log pi_base(y|x), so the penalty would not reach its loss (truncated samples would train as "
+                "with keep); use drop (the default) or keep, or algorithm online or xpo with --model.rl.truncated penalize"
+            )
         raise_if_problems(problems)
         data = trainer.datamodule
         if data is not None and getattr(data, "prompt_ids", None) and hasattr(pl_module, "policy_config"):

@@ -94,6 +94,8 @@ CASES = [
      "heldout_prompts=2: only xpo scores held-out prompts"),
     ("offline RL needs loglik scores", RL, ["--model.init_args.rl.algorithm=offline", "--verifier.selection.reward=loglik_norm"],
      "offline RL-sharpening uses each sample's score as log pi_base"),
+    ("offline RL cannot penalize", RL, ["--model.init_args.rl.algorithm=offline", "--verifier.selection.truncated=penalize"],
+     "--verifier.selection.truncated=penalize: offline RL-sharpening keeps every sample"),
     ("beta <= 0", RL, ["--model.init_args.rl.kl_coef=0"], "kl_coef=0.0: beta must be > 0"),
     ("unknown truncated treatment", RL, ["--model.init_args.rl.truncated=cut"], SystemExit),
     ("negative truncation penalty", RL, ["--model.init_args.rl.truncated=penalize", "--model.init_args.rl.truncation_penalty=-1"],

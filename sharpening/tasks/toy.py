@@ -169,9 +169,10 @@ ORACLE_SETTINGS = {
 
 
 def train_on_toy(algorithm: str, toy_dir: str | Path, kl_coef: float = 0.5, lr: float | None = None, max_steps: int | None = None,
-                 seed: int = 0, finetuning: str = "full", cpu_linear: str = "auto"):
+                 seed: int = 0, finetuning: str = "full", cpu_linear: str = "auto",
+                 max_new_tokens: int = TOY_MAX_NEW_TOKENS, rl_extra: dict | None = None):
     """Train ``algorithm`` through the real RLSharpeningModule + Trainer on the toy (``lr`` defaults to
-    ``ORACLE_LR[algorithm]``); returns the module."""
+    ``ORACLE_LR[algorithm]``; ``rl_extra``: further RLConfig fields); returns the module."""
     import lightning as L
 
     from sharpening.callbacks import SelfVerificationCallback
@@ -183,11 +184,11 @@ def train_on_toy(algorithm: str, toy_dir: str | Path, kl_coef: float = 0.5, lr: 
     from sharpening.selection import SelectionConfig
 
     rl_over, sampling_over, module_over, steps = ORACLE_SETTINGS[algorithm]
-    sampling = SamplingConfig(max_new_tokens=TOY_MAX_NEW_TOKENS, prompts_per_batch=8, **sampling_over)
+    sampling = SamplingConfig(max_new_tokens=max_new_tokens, prompts_per_batch=8, **sampling_over)
     module = RLSharpeningModule(
         PolicyConfig(model_name_or_path=str(Path(toy_dir) / "base"), finetuning=finetuning, dtype="float32", lora_r=8,
                      cpu_linear=cpu_linear),
-        rl=RLConfig(kl_coef=kl_coef, **rl_over),
+        rl=RLConfig(kl_coef=kl_coef, **rl_over, **(rl_extra or {})),
         sampling=sampling,
         optimizer=OptimizerConfig(lr=ORACLE_LR[algorithm] if lr is None else lr, schedule="constant"),
         seed=seed,

@@ -197,14 +197,6 @@ def pairs_from_buffer(examples: list[BufferExample]) -> list[PairExample]:
     return pairs
 
 
-def pairs_in_loss(pairs: list[PairExample], truncated_policy: str = "keep") -> list[PairExample]:
-    """The pairs that train: all of them, or with ``drop`` those where neither y nor y' was truncated (a pair
-    compares r(y) with r(y'), and y' also feeds XPO's exploration term: one cut response spoils both)."""
-    if truncated_policy != "drop":
-        return pairs
-    return [p for p in pairs if not (p.truncated or p.other_truncated)]
-
-
 def collate_pairs(pairs: list[PairExample], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Both sides of P pairs in one batch of 2P rows (rows [0, P) are y, rows [P, 2P) are y')."""
     rows = [BufferExample(p.prompt_ids, p.response_ids, 0.0, p.prompt_index, 0) for p in pairs]

@@ -29,7 +29,6 @@ from torch.utils.data import DataLoader
 
 from sharpening.buffer import (
     PairExample, SampleBuffer, collate_pairs, epoch_sampler, no_round, pairs_for_rank, pairs_from_buffer,
-    pairs_in_loss,
 )
 from sharpening.errors import raise_if_problems
 from sharpening.logprobs import response_logprobs, sample_logprobs
@@ -245,23 +244,17 @@ class RLSharpeningModule(PolicyModule):
 
     def xpo_round(self, prompts: PromptBatch) -> torch.Tensor:
         """XPO: grow the dataset with (x, y ~ policy, y' ~ base), refit on all of it, score the round."""
-        new = self._new_pairs(prompts)
-        kept = pairs_in_loss(new, self.rl.truncated)
-        self.xpo_pairs.extend(kept)
-        # drop, and no pair kept on this rank yet: refit on this round's pairs at weight 0 (backward runs on every rank)
-        pool, weight = (self.xpo_pairs, 1.0) if self.xpo_pairs else (new, 0.0)
+        self.xpo_pairs.extend(self._new_pairs(prompts))
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.global_step, 1))
         collate = partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id)
         for _ in range(self.rl.xpo_updates_per_round):
-            pick = torch.randint(len(pool), (min(self.rl.pairs_per_update, len(pool)),), generator=generator)
-            batch = collate([pool[i] for i in pick.tolist()])
+            pick = torch.randint(len(self.xpo_pairs), (min(self.rl.pairs_per_update, len(self.xpo_pairs)),), generator=generator)
+            batch = collate([self.xpo_pairs[i] for i in pick.tolist()])
             batch = {k: v.to(self.device) for k, v in batch.items()}
             residuals, policy_y2 = self._pair_residuals(batch, with_policy_y2=True)
-            loss = xpo_loss(residuals, policy_y2, self.rl.xpo_alpha) * weight
+            loss = xpo_loss(residuals, policy_y2, self.rl.xpo_alpha)
             self._update(loss)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(prompts), sync_dist=True)
-        if self.rl.truncated == "drop":
-            self.log("train/dropped_fraction", 1.0 - len(kept) / len(new), batch_size=len(prompts), sync_dist=True)
         self.log("train/xpo_pairs", float(len(self.xpo_pairs)), batch_size=len(prompts), sync_dist=True)
         self._score_round()
         return loss.detach()

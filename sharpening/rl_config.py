@@ -43,7 +43,7 @@ class RLConfig:
     """xpo: the last this-many prompts are held out to estimate J_beta and pick the best round (0 = last round)."""
     truncated: Literal["drop", "keep", "penalize"] = "keep"
     """online, xpo: responses cut at max_new_tokens (no EOS) score unfairly high: keep them (default, as before),
-    drop them (online: out of the loss and the group baseline; xpo: no pair holding one), or penalize their reward."""
+    drop them (online only: out of the loss and the group baseline), or penalize their reward (docs/rl.md)."""
     truncation_penalty: float = 10.0
     """Subtracted from a truncated response's reward (not from log pi_base in the KL) when truncated=penalize."""
 
@@ -86,14 +86,20 @@ def validate_rl_config(rl: RLConfig, sampling: SamplingConfig) -> list[str]:
 
 
 def _truncated_problems(rl: RLConfig) -> list[str]:
-    """The truncation settings: a known treatment, a finite penalty >= 0, and none for offline (whose pairs
-    are the verifier's samples: --verifier.selection.truncated treats them)."""
+    """The truncation settings: a known treatment, a finite penalty >= 0, no drop for xpo, and none for offline
+    (whose pairs are the verifier's samples: --verifier.selection.truncated treats them)."""
     o, problems = "--model.rl", []
     if rl.truncated not in TRUNCATED_POLICIES:
         problems.append(f"{o}.truncated={rl.truncated!r}: must be one of {', '.join(TRUNCATED_POLICIES)}")
     if not 0 <= rl.truncation_penalty < float("inf"):
         problems.append(
             f"{o}.truncation_penalty={rl.truncation_penalty}: must be a finite number >= 0 (log-prob units, e.g. 10)"
+        )
+    if rl.algorithm == "xpo" and rl.truncated == "drop":
+        problems.append(
+            f"{o}.truncated=drop: xpo would leave out the policy's own truncated draws, the only data that keeps it "
+            "off them, and its exploration term pushes mass away from the responses it keeps (on the docs/rl.md toy "
+            f"every run ended with its mass on dropped responses); use {o}.truncated penalize"
         )
     if rl.algorithm == "offline" and rl.truncated != "keep":  # two options would apply to the same samples
         fix = (

@@ -100,6 +100,8 @@ CASES = [
     ("unknown truncated treatment", RL, ["--model.init_args.rl.truncated=cut"], SystemExit),
     ("negative truncation penalty", RL, ["--model.init_args.rl.truncated=penalize", "--model.init_args.rl.truncation_penalty=-1"],
      "--model.rl.truncation_penalty=-1.0: must be a finite number >= 0"),
+    ("xpo cannot drop truncated", RL, ["--model.init_args.rl.algorithm=xpo", "--model.init_args.rl.truncated=drop"],
+     "--model.rl.truncated=drop: xpo would leave out the policy's own truncated draws"),
     ("offline RL's truncated set twice", RL, ["--model.init_args.rl.algorithm=offline", "--model.init_args.rl.truncated=drop"],
      "leave --model.rl.truncated at keep and set --verifier.selection.truncated drop (its default) instead"),
     ("qlora without lora settings", SFT, ["--model.init_args.policy.finetuning=qlora", "--model.init_args.policy.lora_r=0"], "lora_r=0"),

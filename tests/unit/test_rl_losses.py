@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharpening.buffer import PairExample, collate_pairs, pairs_in_loss
+from sharpening.buffer import PairExample, collate_pairs
 from sharpening.losses import (
     apply_truncated_policy,
     group_advantages,
@@ -257,11 +257,9 @@ def test_pair_residuals_with_a_penalized_reward_vanish_at_its_optimum():
     assert torch.equal(pair_residuals(optimum[i], base[i], optimum[j], base[j], beta, base[i], base[j]), unpenalized)
 
 
-def test_drop_leaves_out_every_pair_with_a_truncated_member_and_collate_carries_the_flags():
+def test_collate_pairs_carries_the_truncation_flags():
     pairs = [PairExample([1], [2], [3], -1.0, -2.0, 0, y, y2) for y, y2 in [(0, 0), (1, 0), (0, 1), (1, 1)]]
-    assert pairs_in_loss(pairs, "keep") == pairs == pairs_in_loss(pairs, "penalize")
-    assert pairs_in_loss(pairs, "drop") == pairs[:1]
-    assert pairs_in_loss(pairs[1:], "drop") == []
     batch = collate_pairs(pairs, pad_token_id=0)
     assert batch["truncated"].tolist() == [False, True, False, True]
     assert batch["other_truncated"].tolist() == [False, False, True, True]
+    assert collate_pairs([PairExample([1], [2], [3], -1.0, -2.0, 0)], 0)["truncated"].tolist() == [False]  # old pairs

@@ -215,10 +215,20 @@ def pairs_for_rank(pairs_by_rank: list[list], world_size: int, rank: int) -> lis
 
     Written by as many ranks as now: rank r's own list, so the run goes on as if never stopped. Written by
     another number of ranks: all pairs in rank order, dealt out again (pair i to rank i mod ``world_size``),
-    so none is lost or held twice; the run cannot be the one the old ranks would have made.
+    so none is lost or held twice; the run cannot be the one the old ranks would have made (a warning says so).
     """
-    if len(pairs_by_rank) == world_size:
+    saved = len(pairs_by_rank)
+    if saved == world_size:
         return list(pairs_by_rank[rank])
+    if any(pairs_by_rank):
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(
+            f"XPO resume: the checkpoint holds the pair datasets of {saved} rank(s), this run has {world_size} "
+            f"(--trainer.devices x --trainer.num_nodes): its {sum(map(len, pairs_by_rank))} pairs are dealt out "
+            f"again (pair i to rank i mod {world_size}), none lost or doubled, but the run will differ from one "
+            f"that went on with {saved}; resume on {saved} rank(s) to continue it exactly"
+        )
     return [p for rank_pairs in pairs_by_rank for p in rank_pairs][rank::world_size]
 
 

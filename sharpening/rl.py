@@ -352,14 +352,6 @@ class RLSharpeningModule(PolicyModule):
             return
         world, rank = (self._trainer.world_size, self._trainer.global_rank) if self._trainer else (1, 0)
         pairs_by_rank = state.get("pairs_by_rank", [state.get("pairs", [])])  # older checkpoints: one list
-        saved = len(pairs_by_rank)
-        if saved != world and any(pairs_by_rank):
-            rank_zero_warn(
-                f"XPO resume: the checkpoint holds the pair datasets of {saved} rank(s), this run has {world} "
-                f"(--trainer.devices x --trainer.num_nodes): its {sum(map(len, pairs_by_rank))} pairs are dealt out "
-                f"again (pair i to rank i mod {world}), none lost or doubled, but the run will differ from one "
-                f"that went on with {saved}; resume on {saved} rank(s) to continue it exactly"
-            )
         self.xpo_pairs = [PairExample(**p) for p in pairs_for_rank(pairs_by_rank, world, rank)]
         self.best = {"j_beta": state["best_j_beta"], "round": state["best_round"], "state": state["best_state"]}
 

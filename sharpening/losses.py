@@ -105,8 +105,10 @@ def policy_gradient_loss(
     """Clipped importance-weighted policy gradient, summed over each response's tokens, mean over samples.
 
     logprobs [R, T] (with grad), old_logprobs [R, T] (the sampling policy's), advantages [R], mask [R, T].
-    ``in_loss`` [R] bool (None = all): the mean runs over those samples only; with none left the loss is a
-    zero that still depends on ``logprobs``, so backward runs as on any step (every DDP rank must).
+    ``in_loss`` [R] bool (None = all): the other samples count zero (their k3 term too) in the mean over all R,
+    so the denominator is the same on every DDP rank and the ranks' averaged gradient is the one a single
+    process gets over all their samples (a mean over each rank's kept samples would weight them 1/(W k_r)).
+    With none left the loss is a zero that still depends on ``logprobs``, so backward runs (every rank must).
     With old == current (one update per generation) the ratio is 1 and the gradient is exactly REINFORCE:
     -A * grad log pi(y). With ``k3_coef`` > 0 GRPO's per-token k3 term exp(b - l) - (b - l) - 1 is added
     (b, l: base and policy log-probs). Its value estimates KL(pi || pi_base), but its gradient through l alone is
@@ -121,8 +123,7 @@ def policy_gradient_loss(
         per_token = per_token + k3_coef * (torch.exp(log_r) - log_r - 1)
     if in_loss is None:
         return (per_token * response_mask).sum(-1).mean()
-    per_sample = (per_token * (response_mask & in_loss[:, None])).sum(-1)  # [R]; 0 for a left-out sample
-    return per_sample.sum() / in_loss.sum().clamp(min=1)
+    return (per_token * (response_mask & in_loss[:, None])).sum(-1).mean()  # [R] -> []; 0 for a left-out sample
 
 
 def pair_residuals(

@@ -293,8 +293,12 @@ class RLSharpeningModule(PolicyModule):
         samples = self._draw(prompts, "policy", self.sampling.samples_per_prompt, stream=3)
         with self.frozen_base() as base:
             base_seq = (sample_logprobs(base, samples, self.logprob_chunk_size) * samples.response_mask).sum(-1)
-        j_beta = float(kl_regularized_rewards(base_seq, (samples.logprobs * samples.response_mask).sum(-1), self.rl.kl_coef).mean())
-        self.log("val/j_beta", j_beta, batch_size=heldout)
+        signal = kl_regularized_rewards(base_seq, (samples.logprobs * samples.response_mask).sum(-1), self.rl.kl_coef)
+        self.log("val/j_beta", float(signal.mean()), batch_size=heldout)  # the paper's J_beta
+        if self.rl.truncated == "penalize":  # the round kept is the best for the objective trained
+            signal, _ = apply_truncated_policy(signal, samples.truncated, "penalize", self.rl.truncation_penalty)
+            self.log("val/j_beta_penalized", float(signal.mean()), batch_size=heldout)
+        j_beta = float(signal.mean())
         if j_beta > self.best["j_beta"]:
             state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
             self.best = {"j_beta": j_beta, "round": int(self.global_step), "state": state}

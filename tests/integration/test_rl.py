@@ -354,3 +354,17 @@ def test_xpo_penalize_flags_the_pairs_and_lowers_only_their_rewards(toy_dir):
         module.rl = dataclasses.replace(module.rl, truncated="keep")
         kept = module._pair_residuals(batch)
     torch.testing.assert_close(penalized, kept + 3.0 * (batch["truncated"].float() - batch["other_truncated"].float()))
+
+
+def test_xpo_penalize_keeps_the_round_best_for_the_penalized_objective(toy_dir, monkeypatch):
+    """With penalize, the held-out score that picks the round written out includes the penalty (the paper's
+    J_beta, which rewards truncation, is still logged as val/j_beta)."""
+    logged = []
+    monkeypatch.setattr(RLSharpeningModule, "log", lambda self, name, value, **kw: logged.append((name, float(value))))
+    module = _module(toy_dir, max_new_tokens=2, algorithm="xpo", truncated="penalize", truncation_penalty=3.0,
+                     xpo_updates_per_round=2, pairs_per_update=8, heldout_prompts=1)  # fmt: skip
+    _fit(module, toy_dir, max_steps=6, root=None)
+    plain = [v for n, v in logged if n == "val/j_beta"]
+    penalized = [v for n, v in logged if n == "val/j_beta_penalized"]
+    assert len(plain) == len(penalized) == 3 and any(p < j for p, j in zip(penalized, plain))  # some draws were cut
+    assert module.best["j_beta"] == max(penalized)

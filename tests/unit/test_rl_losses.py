@@ -187,19 +187,26 @@ def test_a_group_with_every_sample_or_all_but_one_truncated_gets_zero_advantages
     assert torch.equal(adv, torch.zeros(2, 3))  # finite: no 0/0 from an empty group or a std of one sample
 
 
-def test_policy_gradient_loss_averages_over_the_kept_samples_only():
+def test_policy_gradient_loss_leaves_dropped_samples_out_with_one_denominator_on_every_rank():
+    """Dropped samples count zero in a mean over ALL samples: two DDP ranks that dropped different numbers
+    average to the gradient one process gets over both ranks' samples (a per-rank mean over kept samples
+    would not)."""
     g = torch.Generator().manual_seed(7)
-    logprobs = torch.randn(5, 4, generator=g, requires_grad=True)
-    base = torch.randn(5, 4, generator=g)
-    adv, mask = torch.randn(5, generator=g), torch.rand(5, 4, generator=g) < 0.8
-    in_loss = torch.tensor([True, False, True, True, False])
-    masked = policy_gradient_loss(logprobs, logprobs.detach(), adv, mask, 0.2, base, 0.1, in_loss)
-    subset = policy_gradient_loss(
+    logprobs = torch.randn(8, 4, generator=g, requires_grad=True)
+    base = torch.randn(8, 4, generator=g)
+    adv, mask = torch.randn(8, generator=g), torch.rand(8, 4, generator=g) < 0.8
+    in_loss = torch.tensor([True, False, True, True, False, False, False, True])
+    one = policy_gradient_loss(logprobs, logprobs.detach(), adv, mask, 0.2, base, 0.1, in_loss)
+    (grad_one,) = torch.autograd.grad(one, logprobs)
+    ranks = [policy_gradient_loss(logprobs[r], logprobs.detach()[r], adv[r], mask[r], 0.2, base[r], 0.1, in_loss[r])
+             for r in (slice(0, 4), slice(4, 8))]  # fmt: skip
+    grad_ddp = sum(torch.autograd.grad(loss, logprobs)[0] for loss in ranks) / 2  # DDP averages the ranks' gradients
+    torch.testing.assert_close(grad_ddp, grad_one)
+    kept = policy_gradient_loss(
         logprobs[in_loss], logprobs.detach()[in_loss], adv[in_loss], mask[in_loss], 0.2, base[in_loss], 0.1
     )
-    torch.testing.assert_close(masked, subset)
-    (grad,) = torch.autograd.grad(masked, logprobs)
-    assert (grad[~in_loss] == 0).all()  # the k3 term of a dropped sample is left out too
+    torch.testing.assert_close(one, kept * in_loss.sum() / len(in_loss))  # the kept samples' terms, over all 8
+    assert (grad_one[~in_loss] == 0).all()  # the k3 term of a dropped sample is left out too
 
 
 def test_every_sample_dropped_gives_a_zero_loss_that_still_backpropagates():

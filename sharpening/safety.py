@@ -104,7 +104,10 @@ class PreemptionCallback(L.Callback):
         self.sigterm_seen = True
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if sigterm_agreed(trainer):  # every rank, every batch: one reduced flag
+        # only after an optimizer step: a checkpoint between accumulated micro-batches would lose their gradients
+        # (the same batches on every rank, so the ranks still reduce their flags together)
+        should_accumulate = getattr(trainer.fit_loop.epoch_loop, "_should_accumulate", lambda: False)
+        if not should_accumulate() and sigterm_agreed(trainer):  # one reduced flag per optimizer step
             preempt(trainer, f"at step {trainer.global_step}")
 
 

@@ -72,6 +72,23 @@ def test_sigterm_during_training_checkpoints_and_resumes(resample, step, tiny_mo
     assert (tmp_path / "run" / "out" / "adapter_config.json").is_file()
 
 
+def test_sigterm_during_gradient_accumulation_stops_after_the_optimizer_step(tiny_model_path, prompts_file, tmp_path, monkeypatch):
+    """A checkpoint between accumulated micro-batches would lose their gradients: the run stops once the step
+    they accumulate into is taken, and the resumed run ends with the same weights."""
+    accumulate = ["--model.init_args.batch_size=1", "--trainer.accumulate_grad_batches=2"]
+    full = main(_args(tiny_model_path, prompts_file, tmp_path / "full", *accumulate))
+    monkeypatch.setattr(
+        "sharpening.policy_module.PolicyModule.configure_callbacks", lambda self: [*_safety(), SigtermAtStep(1)]
+    )  # at the first micro-batch of step 1
+    stopped = main(_args(tiny_model_path, prompts_file, tmp_path / "run", *accumulate))
+    assert stopped.trainer.global_step == 2 and (tmp_path / "run" / "checkpoints" / PREEMPTED_CHECKPOINT).is_file()
+    monkeypatch.undo()
+    resumed = main(_args(tiny_model_path, prompts_file, tmp_path / "run", *accumulate, "--ckpt_path=last"))
+    assert resumed.trainer.global_step == full.trainer.global_step
+    for key, value in _adapter(full).items():
+        torch.testing.assert_close(_adapter(resumed)[key], value, rtol=0, atol=0)
+
+
 def _safety():
     from sharpening.safety import NonFiniteGuardCallback, PreemptionCallback
 

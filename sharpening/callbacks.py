@@ -91,7 +91,7 @@ class SelfVerificationCallback(L.Callback):
         self.buffer = SampleBuffer()
         self.rounds_done = 0
         self.last_metrics: dict[str, float] = {}
-        self._unmonitored: dict[str, float] = {}  # the last round's metrics, until on_train_epoch_start logs them
+        self._logged_epoch: int | None = None  # the epoch whose first batch logged last_metrics to Lightning
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -130,20 +130,24 @@ class SelfVerificationCallback(L.Callback):
         if self.resample_every_epoch:
             trainer.reload_dataloaders_every_n_epochs = 1
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """The round ran while Lightning built this epoch's loader, where ``log`` is not allowed: its metrics
-        are logged here (to Lightning only; the loggers have them), so ModelCheckpoint and EarlyStopping can
-        monitor e.g. ``sample/accuracy``. Every rank holds the same reduced values."""
-        if self._unmonitored:
-            pl_module.log_dict(self._unmonitored, on_step=False, on_epoch=True, logger=False)
-            self._unmonitored = {}
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        """The round ran while Lightning built this epoch's loader, where ``log`` is not allowed: the metrics of
+        the round behind this epoch's buffer are logged at the epoch's first batch (also the first batch after a
+        mid-epoch resume, which skips on_train_epoch_start; they are in the checkpoint), to Lightning only (the
+        loggers got them at the round's step), so ModelCheckpoint and EarlyStopping can monitor e.g.
+        ``sample/accuracy``. Every rank holds the same reduced values."""
+        if self.last_metrics and self._logged_epoch != trainer.current_epoch:
+            pl_module.log_dict(self.last_metrics, on_step=False, on_epoch=True, logger=False)
+            self._logged_epoch = trainer.current_epoch
 
     def state_dict(self) -> dict:
-        return {"buffer": self.buffer.state_dict(), "rounds_done": self.rounds_done, "seed": self.seed}
+        return {"buffer": self.buffer.state_dict(), "rounds_done": self.rounds_done, "seed": self.seed,
+                "last_metrics": self.last_metrics}  # fmt: skip
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.buffer.load_state_dict(state_dict["buffer"])
         self.rounds_done = state_dict["rounds_done"]
+        self.last_metrics = dict(state_dict.get("last_metrics", {}))  # (older checkpoints: none)
         if state_dict["seed"] != self.seed:
             rank_zero_warn(f"resuming with --verifier.seed={self.seed}, the checkpoint used {state_dict['seed']}")
 
@@ -204,7 +208,6 @@ class SelfVerificationCallback(L.Callback):
         self.last_metrics["sample/buffer_size"] = float(len(self.buffer))
         for logger in trainer.loggers:  # at the step the round ran
             logger.log_metrics(self.last_metrics, step=trainer.global_step)
-        self._unmonitored = dict(self.last_metrics)
         rank_zero_info(f"self-verification epoch {epoch}: " + _format_metrics(self.last_metrics))
         return self.last_metrics
 

@@ -293,3 +293,16 @@ def test_ckpt_path_last_without_a_root_dir_never_picks_another_run_below_it(tiny
                 "--ckpt_path=last"])  # fmt: skip
     assert cli.trainer.global_step >= 1  # a new run: nothing of the other one restored
     assert (other / "epoch=2-step=96.ckpt").read_bytes() == b"another run's"
+
+
+def test_round_metrics_stay_monitorable_after_a_mid_epoch_resume(tiny_model_path, prompts_file, tmp_path):
+    """A resume that does not redraw the round (mid-epoch) still gives EarlyStopping its metric."""
+    stopping = ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping", "--trainer.callbacks.monitor=sample/accuracy",
+                "--trainer.callbacks.mode=max", "--trainer.callbacks.patience=5"]  # fmt: skip
+    every_step = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path}/steps",
+                  "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=-1",
+                  "--trainer.callbacks.filename={step}"]  # fmt: skip
+    first = _fit(tiny_model_path, prompts_file, str(tmp_path / "first"), *stopping, *every_step)
+    resumed = _fit(tiny_model_path, prompts_file, str(tmp_path / "again"), *stopping, f"--ckpt_path={tmp_path}/steps/step=1.ckpt")
+    assert resumed.trainer.global_step == first.trainer.global_step
+    assert "sample/accuracy" in resumed.trainer.callback_metrics

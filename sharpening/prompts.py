@@ -51,13 +51,12 @@ def load_prompt_rows(dataset: str, split: str = "train", subset: str | None = No
 
 def _csv_as_text(path: str) -> dict:
     """CSV cells read as the text they are: an answer ``0012`` stays ``"0012"`` (not the number 12) and
-    ``None`` / ``NA`` stay words; only an empty cell is missing."""
-    import csv
-
+    ``None`` / ``NA`` stay words; only an empty cell is missing. The column names are pandas' own (the parser
+    datasets uses), so a byte-order mark, an unnamed or a repeated column reads as it did before."""
     import datasets
+    import pandas as pd
 
-    with open(path, newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), [])
+    header = list(pd.read_csv(path, nrows=0, encoding="utf-8").columns)
     features = datasets.Features({column: datasets.Value("string") for column in header}) if header else None
     return {"features": features, "keep_default_na": False, "na_values": [""]}
 

@@ -128,6 +128,8 @@ def test_csv_cells_are_read_as_text(tmp_path, tiny_tokenizer):
     path.write_text("question,answer\nab,0012\ncd,7.50\nef,None\ngh,NA\n")
     dm = _module(str(path), tiny_tokenizer, prompt_column="question", answer_column="answer")
     assert dm.answers == ["0012", "7.50", "None", "NA"]
+    path.write_text("\ufeffquestion,answer,\nab,0012,x\n", encoding="utf-8")  # a BOM (Excel), an unnamed column
+    assert _module(str(path), tiny_tokenizer, prompt_column="question", answer_column="answer").answers == ["0012"]
     path.write_text("question,answer\nab,0012\ncd,\n")
     with pytest.raises(ConfigError, match="answer"):
         _module(str(path), tiny_tokenizer, prompt_column="question", answer_column="answer")

@@ -25,7 +25,7 @@ from sharpening.errors import raise_if_problems
 from sharpening.logprobs import sample_logprobs
 from sharpening.metrics import SharpeningMetric
 from sharpening.policy import eval_mode, stop_token_ids
-from sharpening.safety import preempt, sigterm_agreed, sigterm_seen
+from sharpening.safety import preempt, sigterm_agreed
 from sharpening.rewards import extract_answers, score_samples
 from sharpening.sampler import (
     SamplingConfig,
@@ -185,15 +185,21 @@ class SelfVerificationCallback(L.Callback):
             disable=not (self.show_progress and trainer.is_global_zero),
             leave=False,
         )
+        # Every rank takes as many turns as the largest shard has batches and the ranks agree on SIGTERM before
+        # each, so a signal on any rank stops all of them within one batch (not after every shard is drawn).
+        turns, shard_batches = math.ceil(math.ceil(len(data) / trainer.world_size) / per_batch), iter(bar)
+        stopped = False
         # the weights are packed for oneDNN once per round, not once per batch (cpu_linear.py)
         with eval_mode(pl_module.policy), pl_module.gathered_for_generation(), packed_linear_weights(pl_module):
-            for prompts in bar:
-                if sigterm_seen(trainer):  # this rank stops drawing; the ranks decide together below
+            for _ in range(turns):
+                prompts = next(shard_batches, None)  # None: this rank's shard is done, it still takes its turn
+                if stopped := sigterm_agreed(trainer):
                     break
-                scored, correct, greedy_correct = self.process_batch(pl_module, prompts, epoch)
-                kept.extend(selected_examples(scored))
-                metric.update(scored, correct, greedy_correct)
-        if sigterm_agreed(trainer):  # abandon the round: a resumed run redraws it identically
+                if prompts is not None:
+                    scored, correct, greedy_correct = self.process_batch(pl_module, prompts, epoch)
+                    kept.extend(selected_examples(scored))
+                    metric.update(scored, correct, greedy_correct)
+        if stopped or sigterm_agreed(trainer):  # abandon the round: a resumed run redraws it identically
             preempt(trainer, f"during self-verification (epoch {epoch})")
         kept = _gather_examples(kept, trainer.world_size)
         if not kept:

@@ -83,6 +83,10 @@ def load_models(cfg: EvalModelConfig, model: str, adapter: str | None, device: t
     if cfg.load_in_4bit:  # as a QLoRA run holds its base; placed on the device while loading (no .to for 4-bit)
         kwargs.update(quantization_config=nf4_config(dtype), device_map={"": device})
     evaluated = AutoModelForCausalLM.from_pretrained(model, revision=cfg.revision, **kwargs)
+    if cfg.load_in_4bit:  # the rest in float32, as QLoRA training prepares its base (policy._add_lora)
+        from peft import prepare_model_for_kbit_training
+
+        evaluated = prepare_model_for_kbit_training(evaluated, use_gradient_checkpointing=False)
     raise_if_logit_head_differs(evaluated, "--model.model_name_or_path", model)
     if adapter is not None:
         from peft import PeftModel

@@ -46,7 +46,7 @@ class EvalModelConfig:
     """Hub revision (branch, tag or commit) of model_name_or_path."""
     load_in_4bit: bool = False
     """Load the weights in 4-bit NF4 (bitsandbytes), as a QLoRA run holds its base: evaluates a QLoRA adapter on
-    the base it was trained on (dtype is then the compute dtype)."""
+    the base it was trained on (dtype is then the compute dtype; the other weights are float32, as in training)."""
 
 
 @dataclass

@@ -328,6 +328,14 @@ def test_load_in_4bit_evaluates_on_the_4bit_base_a_qlora_run_trains_on(tiny_mode
     from sharpening.policy import PolicyConfig, load_policy
 
     adapter = _lora_adapter(tiny_model_path, tmp_path / "adapter")
+
+    def dtypes(model) -> dict:  # of the weights that are not 4-bit, by their name in the base model
+        return {n.replace("base_model.model.", "").replace(".base_layer", ""): p.dtype
+                for n, p in model.named_parameters() if "lora_" not in n and type(p).__name__ != "Params4bit"}  # fmt: skip
+
+    bf16 = EvalModelConfig(tiny_model_path, adapter_path=adapter, dtype="bfloat16", device="cpu", load_in_4bit=True)
+    trained_bf16, _ = load_policy(PolicyConfig(tiny_model_path, finetuning="qlora", dtype="bfloat16", lora_r=4))
+    assert dtypes(load_models(bf16, tiny_model_path, adapter, torch.device("cpu"))[0]) == dtypes(trained_bf16)
     cfg = EvalModelConfig(tiny_model_path, adapter_path=adapter, dtype="float32", device="cpu", load_in_4bit=True)
     evaluated, _ = load_models(cfg, tiny_model_path, adapter, torch.device("cpu"))
     assert any(isinstance(m, Linear4bit) for m in evaluated.modules())

@@ -121,9 +121,8 @@ def policy_gradient_loss(
     if k3_coef > 0:
         log_r = base_logprobs - logprobs  # log pi_base/pi per token
         per_token = per_token + k3_coef * (torch.exp(log_r) - log_r - 1)
-    if in_loss is None:
-        return (per_token * response_mask).sum(-1).mean()
-    return (per_token * (response_mask & in_loss[:, None])).sum(-1).mean()  # [R] -> []; 0 for a left-out sample
+    counted = response_mask if in_loss is None else response_mask & in_loss[:, None]  # [R, T]; a left-out row: none
+    return (per_token * counted).sum(-1).mean()
 
 
 def pair_residuals(

@@ -1,6 +1,6 @@
 """Safety nets every sharpening module attaches (``PolicyModule.configure_callbacks``).
 
-- Preemption: on SIGTERM, PreemptionCallback writes a resumable checkpoint at the next batch end and
+- Preemption: on SIGTERM, PreemptionCallback writes a resumable checkpoint after the next optimizer step and
   stops the run (``preempt``); the self-verification callback stops between generation batches.
   Resume with ``--ckpt_path last``. The signal handler only records the signal: under DDP the ranks
   decide together, at the same point, by reducing their flags (``sigterm_agreed``), so a signal that

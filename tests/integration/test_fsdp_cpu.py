@@ -99,6 +99,36 @@ def test_fsdp_resume_mid_epoch_and_at_the_epoch_boundary_is_exact(tiny_model_pat
             assert torch.equal(resumed["state_dict"][name], value), (step, name)
 
 
+def test_fsdp_sigterm_on_one_rank_stops_both_and_resumes_exactly(tiny_model_path, seven_prompts, tmp_path, monkeypatch):
+    """Under FSDP saving is a collective over the shards: a SIGTERM that reaches rank 1 only must still stop
+    both ranks at the same step with a whole checkpoint, and the resumed run must end as a straight one."""
+    from sharpening.safety import PREEMPTED_CHECKPOINT
+
+    full = ["--model.policy.finetuning=full"]
+    done = _fit("fsdp.yaml", tiny_model_path, seven_prompts, tmp_path / "straight", *SFT, *full,
+                f"--model.output_dir={tmp_path}/straight/out")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    straight = _load(glob.glob(os.path.join(tmp_path, "straight", "checkpoints", "epoch=*.ckpt"))[0])
+    hook = os.path.join(ROOT, "tests", "integration")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [hook, os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv("SIGTERM_RANKS", "1")
+    monkeypatch.setenv("SIGTERM_AT_STEP", "1")
+    root = tmp_path / "run"
+    done = _fit("fsdp.yaml", tiny_model_path, seven_prompts, root, *SFT, *full, f"--model.output_dir={root}/out",
+                "--trainer.callbacks+=sigterm_hook.SigtermAt")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert _load(os.path.join(root, "checkpoints", PREEMPTED_CHECKPOINT))["global_step"] == 2
+    assert not (root / "out").exists()  # a preempted run writes no policy
+    monkeypatch.delenv("SIGTERM_RANKS")
+    done = _fit("fsdp.yaml", tiny_model_path, seven_prompts, root, *SFT, *full, f"--model.output_dir={root}/out",
+                "--ckpt_path=last")  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    resumed = _load(glob.glob(os.path.join(root, "checkpoints", "epoch=*.ckpt"))[0])
+    assert resumed["global_step"] == straight["global_step"] == 4
+    for name, value in straight["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
+
+
 @pytest.mark.parametrize(
     "config, extra, message",
     [

@@ -6,6 +6,7 @@ rule and the fix, and all problems are reported at once (sharpening.errors.Confi
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -114,14 +115,6 @@ def device_problem(device: str) -> str | None:
     return None
 
 
-def _bitsandbytes_problem() -> str | None:
-    import importlib.util
-
-    if importlib.util.find_spec("bitsandbytes") is None:
-        return "bitsandbytes is not installed; pip install bitsandbytes, or leave load_in_4bit off"
-    return None
-
-
 def validate_model_config(cfg: EvalModelConfig, option: str = "--model") -> list[str]:
     """Every problem with the model section; reads only small JSON files."""
     problems = []
@@ -144,8 +137,8 @@ def validate_model_config(cfg: EvalModelConfig, option: str = "--model") -> list
             f"{option}.score_with=base: no base to score with; give the sharpened model's {option}.adapter_path, or "
             f"{option}.base_model_name_or_path for a fully fine-tuned one (a base model scores itself: use self)"
         )
-    if cfg.load_in_4bit and (problem := _bitsandbytes_problem()) is not None:
-        problems.append(f"{option}.load_in_4bit=true: {problem}")
+    if cfg.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:  # as --model.policy.finetuning=qlora
+        problems.append(f"{option}.load_in_4bit=true needs bitsandbytes, which is not installed: pip install 'sharpening[qlora]'")
     if cfg.base_model_name_or_path and adapter is not None:
         problems.append(
             f"{option}.base_model_name_or_path={cfg.base_model_name_or_path!r}: with an adapter the base is the model "

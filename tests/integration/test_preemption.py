@@ -6,9 +6,10 @@ from __future__ import annotations
 import os
 import signal
 
-import lightning as L
 import pytest
 import torch
+
+from sigterm_hook import SigtermAt
 
 from sharpening.cli import main
 from sharpening.safety import LAST_GOOD_CHECKPOINT, PREEMPTED_CHECKPOINT, NonFiniteError
@@ -36,15 +37,6 @@ def _adapter(cli):
     return {k: v.clone() for k, v in cli.model.state_dict().items()}
 
 
-class SigtermAtStep(L.Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 # (resample_every_epoch, step at which SIGTERM arrives). Two batches an epoch, two epochs. Without
 # resampling Lightning keeps one loader for the whole run: the restart must skip batches in the resumed
 # epoch only, and every epoch must keep its own order (step 3: the second batch of the second epoch).
@@ -57,7 +49,7 @@ def test_sigterm_during_training_checkpoints_and_resumes(resample, step, tiny_mo
     full = main(_args(tiny_model_path, prompts_file, tmp_path / "full", loader))
     monkeypatch.setattr(
         "sharpening.policy_module.PolicyModule.configure_callbacks",
-        lambda self: [*_safety(), SigtermAtStep(step)],  # mid-epoch: the first or second of two batches
+        lambda self: [*_safety(), SigtermAt(step=step)],  # mid-epoch: the first or second of two batches
     )
     stopped = main(_args(tiny_model_path, prompts_file, tmp_path / "run", loader))
     assert stopped.trainer.global_step == step + 1  # the batch in flight finished, then the run stopped
@@ -78,7 +70,7 @@ def test_sigterm_during_gradient_accumulation_stops_after_the_optimizer_step(tin
     accumulate = ["--model.init_args.batch_size=1", "--trainer.accumulate_grad_batches=2"]
     full = main(_args(tiny_model_path, prompts_file, tmp_path / "full", *accumulate))
     monkeypatch.setattr(
-        "sharpening.policy_module.PolicyModule.configure_callbacks", lambda self: [*_safety(), SigtermAtStep(1)]
+        "sharpening.policy_module.PolicyModule.configure_callbacks", lambda self: [*_safety(), SigtermAt(step=1)]
     )  # at the first micro-batch of step 1
     stopped = main(_args(tiny_model_path, prompts_file, tmp_path / "run", *accumulate))
     assert stopped.trainer.global_step == 2 and (tmp_path / "run" / "checkpoints" / PREEMPTED_CHECKPOINT).is_file()

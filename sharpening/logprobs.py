@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from sharpening.cpu_linear import OneDNNLinear, onednn_applies, onednn_linear
 from sharpening.types import SampleBatch
 
 
@@ -75,10 +76,19 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, softcap, 
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def _linear_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _matmul_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
+    """``x @ weight.T + bias``; through oneDNN for a ``OneDNNLinear`` head when the call allows it (cpu_linear.py)."""
+    if onednn and onednn_applies(x, weight, bias):
+        return onednn_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def _linear_logits(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool = False
+) -> torch.Tensor:
     """Logits of a plain linear head in float32 (float64 kept), as a fresh tensor the caller may overwrite.
     -> [M, V]"""
-    logits = torch.nn.functional.linear(hidden, weight, bias)
+    logits = _matmul_t(hidden, weight, bias, onednn)
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
@@ -102,9 +112,10 @@ class _LinearHeadLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets):
-        picked, lse = _picked_and_logsumexp_(_linear_logits(hidden, weight, bias), targets)
+    def forward(ctx, hidden, weight, bias, targets, onednn=False):
+        picked, lse = _picked_and_logsumexp_(_linear_logits(hidden, weight, bias, onednn), targets)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.onednn = onednn
         device = hidden.device.type  # backward recomputes under the same autocast as this forward
         ctx.autocast = (device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
         return picked - lse
@@ -114,22 +125,24 @@ class _LinearHeadLogprobs(torch.autograd.Function):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         device, enabled, dtype = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
-            grad = _linear_logits(hidden, weight, bias)  # [M, V], the forward's logits again
+            grad = _linear_logits(hidden, weight, bias, ctx.onednn)  # [M, V], the forward's logits again
         grad.sub_(lse[:, None]).exp_().mul_(-grad_out[:, None])  # -g * softmax
         rows = torch.arange(targets.shape[0], device=targets.device)
         grad[rows, targets] += grad_out  # + g * onehot
         grad = grad.to(weight.dtype)
-        grad_hidden = grad @ weight if ctx.needs_input_grad[0] else None  # [M, H]
-        grad_weight = grad.t() @ hidden.to(weight.dtype) if ctx.needs_input_grad[1] else None  # [V, H]
+        grad_hidden = _matmul_t(grad, weight.t(), None, ctx.onednn) if ctx.needs_input_grad[0] else None  # [M, H]
+        grad_weight = (  # [V, M] @ [M, H] -> [V, H]
+            _matmul_t(grad.t(), hidden.to(weight.dtype).t(), None, ctx.onednn) if ctx.needs_input_grad[1] else None
+        )
         grad_bias = grad.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
-        return grad_hidden, grad_weight, grad_bias, None
+        return grad_hidden, grad_weight, grad_bias, None, None
 
 
 def _plain_linear_head(head, softcap, scale) -> bool:
-    """A head the fused path computes exactly: ``nn.Linear`` itself (not a LoRA or quantized wrapper),
-    full weights (not a sharded shell), no logit scaling or softcapping."""
+    """A head the fused path computes exactly: ``nn.Linear`` itself or its oneDNN form (not a LoRA or
+    quantized wrapper), full weights (not a sharded shell), no logit scaling or softcapping."""
     return (
-        type(head) is torch.nn.Linear
+        type(head) in (torch.nn.Linear, OneDNNLinear)
         and head.weight.dim() == 2
         and head.weight.shape == (head.out_features, head.in_features)
         and scale is None
@@ -147,14 +160,15 @@ def _chunked_logprobs(
     """
     head, softcap, scale = _head_transform(model)
     fused = _plain_linear_head(head, softcap, scale)
+    onednn = type(head) is OneDNNLinear
     grad = torch.is_grad_enabled() and (hidden.requires_grad or (fused and head.weight.requires_grad))
     pieces = []
     for start in range(0, targets.shape[0], chunk_size):
         h, t = hidden[start : start + chunk_size], targets[start : start + chunk_size]
         if fused and grad:
-            pieces.append(_LinearHeadLogprobs.apply(h, head.weight, head.bias, t))
+            pieces.append(_LinearHeadLogprobs.apply(h, head.weight, head.bias, t, onednn))
         elif fused:
-            picked, lse = _picked_and_logsumexp_(_linear_logits(h, head.weight, head.bias), t)
+            picked, lse = _picked_and_logsumexp_(_linear_logits(h, head.weight, head.bias, onednn), t)
             pieces.append(picked - lse)
         elif grad:
             pieces.append(checkpoint(_chunk_logprobs, h, t, head, softcap, scale, use_reentrant=False))

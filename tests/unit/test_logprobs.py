@@ -399,6 +399,39 @@ def test_only_a_plain_linear_head_takes_the_fused_path():
     assert not _plain_linear_head(sharded, None, None)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_onednn_head_takes_the_fused_path_with_the_same_values_and_gradients(bias, monkeypatch):
+    """On CPU a large LM head is a OneDNNLinear (policy.set_cpu_linear): it must keep the fused, one-buffer
+    path (it fell back to the checkpointed autograd path before) and give nn.Linear's values and gradients."""
+    import sharpening.logprobs as lp
+    from sharpening.cpu_linear import OneDNNLinear, onednn_linear_available, use_onednn_linears
+
+    if not onednn_linear_available():
+        pytest.skip("this PyTorch has no working oneDNN linear")
+    h, head, targets = _head_inputs(bias=bias, rows=40, hidden=24, vocab=300)
+    fast = torch.nn.Linear(head.in_features, head.out_features, bias=bias)
+    fast.load_state_dict(head.state_dict())
+    assert use_onednn_linears(fast, min_weight=0) == 1 and type(fast) is OneDNNLinear
+    assert lp._plain_linear_head(fast, None, None)
+    calls, original = [], lp.onednn_linear
+    monkeypatch.setattr(lp, "onednn_linear", lambda *a: calls.append(1) or original(*a))
+    model = type("M", (), {})()  # only what _chunked_logprobs reads: the head and the config
+    model.config = type("C", (), {})()
+    upstream = torch.randn(h.shape[0])
+    for layer, expect_onednn in ((head, False), (fast, True)):
+        model.get_output_embeddings = lambda layer=layer: layer
+        calls.clear()
+        hidden = h.detach().clone().requires_grad_()
+        got = lp._chunked_logprobs(model, hidden, targets, chunk_size=16)
+        grads = torch.autograd.grad((got * upstream).sum(), [hidden, *layer.parameters()])
+        assert bool(calls) == expect_onednn
+        if layer is head:
+            want, want_grads = got, grads
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("grad", [False, True])
 def test_fused_and_checkpointed_chunk_paths_agree_on_the_model(tiny_model, batch, grad, monkeypatch):
     import sharpening.logprobs as lp

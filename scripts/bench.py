@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--cpu-linear", choices=("auto", "onednn", "torch"), default="auto",
         help="ours: the CPU kernel of linear layers (PolicyConfig.cpu_linear; torch = nn.Linear's, as TRL runs)",
     )
+    parser.add_argument(
+        "--warm-rl-steps", type=int, default=0, metavar="K",
+        help="also time K RL steps that follow a first, untimed step in the same trainer (task rl_warm_step, "
+        "per-step means; needs --prompts >= 8 * (K + 1)): a training run's steady state, without the first "
+        "step's page faults and copy-on-write of the loaded weights",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -70,12 +76,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.decode == "compiled" and args.device != "cuda":
         parser.error(f"--decode=compiled needs --device=cuda (got --device={args.device}); use --decode=static or dynamic")
     if args.quick:
-        args.models, args.prompts, args.repeats = ["tiny"], 8, 1
+        args.models, args.prompts, args.repeats = ["tiny"], 8 * (1 + max(args.warm_rl_steps, 0)), 1
     if args.few_shot < 0:
         parser.error(f"--few-shot={args.few_shot}: must be >= 0 (0 = the plain 'a+b=' prompts)")
     if args.repeats < 1 or args.prompts < 8:
         parser.error(f"--repeats={args.repeats} must be >= 1 and --prompts={args.prompts} >= 8 (an RL step uses 8)")
+    if args.warm_rl_steps < 0 or args.prompts < 8 * (1 + args.warm_rl_steps):
+        parser.error(
+            f"--warm-rl-steps={args.warm_rl_steps}: must be >= 0, with --prompts >= 8 x (K + 1) (each RL step takes "
+            f"8 new prompts; got --prompts={args.prompts}); lower K or raise --prompts"
+        )
     return args
+
+
+def tasks(args: argparse.Namespace) -> tuple[str, ...]:
+    """The tasks each side runs: TASKS, and rl_warm_step with --warm-rl-steps."""
+    return TASKS + (("rl_warm_step",) if args.warm_rl_steps else ())
 
 
 def load_sides(compare: str) -> dict:
@@ -113,11 +129,11 @@ def run_model(name: str, sides: dict, args: argparse.Namespace, root: str) -> tu
     """All repetitions for one model: ({task: {side: [Measurement per repetition]}}, workload), sides alternating."""
     workload = build_workload(name, root, args.prompts, args.fixed_length, few_shot=args.few_shot)
     workload.complete_all_samples, workload.device, workload.decode = args.complete_all_samples, args.device, args.decode
-    workload.cpu_linear = args.cpu_linear
-    results = {task: {side: [] for side in sides} for task in TASKS}
+    workload.cpu_linear, workload.warm_rl_steps = args.cpu_linear, args.warm_rl_steps
+    results = {task: {side: [] for side in sides} for task in tasks(args)}
     order = list(sides)
     for rep in range(args.repeats):
-        for task in TASKS:
+        for task in tasks(args):
             for side in order if rep % 2 == 0 else order[::-1]:
                 m = getattr(sides[side], task)(workload, rep)
                 results[task][side].append(m)
@@ -132,8 +148,9 @@ def bandwidth_bounds(w: Workload, bandwidth_gbs: float | None) -> dict[str, floa
     if bandwidth_gbs is None:
         return dict.fromkeys(TASKS)
     weight_bytes = 4 * w.matmul_params
-    rows = {"sft_round": w.prompts_per_batch * w.samples_per_prompt, "rl_step": w.rl_prompts * w.samples_per_prompt}
-    return {task: rows[task] * bandwidth_gbs * 1e9 / weight_bytes for task in TASKS}
+    rl_rows = w.rl_prompts * w.samples_per_prompt
+    rows = {"sft_round": w.prompts_per_batch * w.samples_per_prompt, "rl_step": rl_rows, "rl_warm_step": rl_rows}
+    return {task: rows[task] * bandwidth_gbs * 1e9 / weight_bytes for task in rows}
 
 
 def warm_up(sides: dict, args: argparse.Namespace, root: str) -> None:
@@ -276,8 +293,11 @@ def speedups(summary: dict) -> dict:
     """The headline ratios, on the small model when it ran (else the last model)."""
     model = "small" if "small" in summary else list(summary)[-1]
     tasks = summary[model]
-    pick = lambda task: tasks[task]["ratios"]["median"] if "ratios" in tasks[task] else None  # noqa: E731
-    return {"speedup_model": model, "sft_round_speedup": pick("sft_round"), "rl_step_speedup": pick("rl_step")}
+    pick = lambda task: tasks[task]["ratios"]["median"] if "ratios" in tasks.get(task, {}) else None  # noqa: E731
+    out = {"speedup_model": model, "sft_round_speedup": pick("sft_round"), "rl_step_speedup": pick("rl_step")}
+    if "rl_warm_step" in tasks:
+        out["rl_warm_step_speedup"] = pick("rl_warm_step")
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:

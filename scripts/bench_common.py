@@ -47,6 +47,7 @@ class Workload:
     decode: str = "dynamic"  # ours: SamplingConfig.decode (static KV cache / CUDA graphs are options on CUDA)
     cpu_linear: str = "auto"  # ours: PolicyConfig.cpu_linear (oneDNN or nn.Linear's kernel for CPU linear layers)
     matmul_params: int = 0  # weights that take part in matmuls (all but the embedding table and norms)
+    warm_rl_steps: int = 0  # rl_warm_step: optimizer steps timed after one untimed (cold) step in the same trainer
 
 
 @dataclass
@@ -114,6 +115,26 @@ def useful_flops(w: Workload, kind: str, sequence_tokens: int) -> float:
     return float(per_token * w.matmul_params * sequence_tokens)
 
 
+def fill_rl_step(m: Measurement, w: Workload, seconds: dict[str, float], counts: dict, steps: int = 1) -> Measurement:
+    """An RL step's phases from the clock's seconds (generate, score, total; train is the rest) and the counts
+    (completions, response, prompt and scored tokens), as the mean of ``steps`` steps."""
+    m.seconds = {
+        "generate": seconds["generate"], "score": seconds["score"],
+        "train": seconds["total"] - seconds["generate"] - seconds["score"], "total": seconds["total"],
+    }
+    m.completions = dict.fromkeys(("generate", "score", "train"), counts["completions"])
+    m.response_tokens = dict.fromkeys(("generate", "score", "train"), counts["response_tokens"])
+    m.useful_flops = {
+        "generate": useful_flops(w, "forward", counts["prompt_tokens"] + counts["response_tokens"]),
+        "score": useful_flops(w, "forward", counts["scored_tokens"]),
+        "train": useful_flops(w, "train", counts["scored_tokens"]),
+    }
+    for table in (m.seconds, m.completions, m.response_tokens, m.useful_flops):
+        for key in table:
+            table[key] /= steps
+    return m
+
+
 def cuda_in_use() -> bool:
     """True once this process has started CUDA (a --device cuda run)."""
     return torch.cuda.is_available() and torch.cuda.is_initialized()
@@ -140,6 +161,10 @@ class PhaseClock:
         finally:
             synchronize()
             self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def reset(self) -> None:
+        """Forget the time so far (between steps: no phase is open then)."""
+        self.seconds.clear()
 
     def wrap(self, name: str, fn: Callable, on_result: Callable | None = None) -> Callable:
         """``fn`` with its time added to ``name`` (and its result passed to ``on_result``)."""

@@ -17,7 +17,7 @@ from typing import Iterator
 
 import torch
 
-from bench_common import Measurement, PhaseClock, Workload, rss_peak, useful_flops
+from bench_common import Measurement, PhaseClock, Workload, fill_rl_step, rss_peak, useful_flops
 
 NO_EOS = -1  # an id the sampler never draws: responses run to max_new_tokens (the fixed-length variant)
 
@@ -132,13 +132,32 @@ def _base_pass_timed(clock: PhaseClock, sample_logprobs):
     return score
 
 
-def rl_step(w: Workload, round_index: int) -> Measurement:
-    """One online RL-sharpening step: G samples per prompt from the policy, one base pass, one update."""
+def _from_second_step(clock: PhaseClock, counts: dict[str, int]):
+    """A Lightning callback that restarts the clock and the counts when the second training batch starts."""
+    import lightning as L
+
+    class FromSecondStep(L.Callback):
+        started: float | None = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+            if batch_idx == 1:
+                clock.reset()
+                counts.update(_new_counts())
+                self.started = time.perf_counter()
+
+    return FromSecondStep()
+
+
+def rl_step(w: Workload, round_index: int, warm_steps: int = 0) -> Measurement:
+    """One online RL-sharpening step: G samples per prompt from the policy, one base pass, one update. With
+    ``warm_steps``, that many more steps follow in the same trainer and only they are timed (per step)."""
     import sharpening.rl as rl_module
     from sharpening import OptimizerConfig, PolicyConfig, PromptDataModule, RLConfig, RLSharpeningModule
     from sharpening import SamplingConfig
 
     m, clock, counts = Measurement(), PhaseClock(), _new_counts()
+    steps = 1 + warm_steps
+    second = _from_second_step(clock, counts)
     with rss_peak(m):
         start = time.perf_counter()
         module = RLSharpeningModule(
@@ -151,23 +170,20 @@ def rl_step(w: Workload, round_index: int) -> Measurement:
             seed=round_index,
         )
         module.configure_model()
-        data = PromptDataModule(w.prompts_file, max_prompts=w.rl_prompts)
+        data = PromptDataModule(w.prompts_file, max_prompts=w.rl_prompts * steps)
         data.load_prompts(module.tokenizer)
         m.setup_seconds = time.perf_counter() - start
         score = _base_pass_timed(clock, rl_module.sample_logprobs)
         with _patched(rl_module, "generate_samples", _timed_generate(clock, w, counts)), _patched(
             rl_module, "sample_logprobs", score
         ), clock.phase("total"):
-            _trainer(w.device, max_steps=1, max_epochs=1).fit(module, datamodule=data)
-    s = clock.seconds
-    m.seconds = {
-        "generate": s["generate"], "score": s["score"], "train": s["total"] - s["generate"] - s["score"], "total": s["total"]
-    }
-    m.completions = dict.fromkeys(("generate", "score", "train"), counts["completions"])
-    m.response_tokens = dict.fromkeys(("generate", "score", "train"), counts["response_tokens"])
-    m.useful_flops = {
-        "generate": useful_flops(w, "forward", counts["prompt_tokens"] + counts["response_tokens"]),
-        "score": useful_flops(w, "forward", counts["scored_tokens"]),
-        "train": useful_flops(w, "train", counts["scored_tokens"]),
-    }
-    return m
+            trainer = _trainer(w.device, max_steps=steps, max_epochs=1, callbacks=[second] if warm_steps else None)
+            trainer.fit(module, datamodule=data)
+        if warm_steps:
+            clock.seconds["total"] = time.perf_counter() - second.started
+    return fill_rl_step(m, w, clock.seconds, counts, max(warm_steps, 1))
+
+
+def rl_warm_step(w: Workload, round_index: int) -> Measurement:
+    """The mean RL step after the first one, in a trainer that keeps its module (``w.warm_rl_steps`` steps)."""
+    return rl_step(w, round_index, w.warm_rl_steps)

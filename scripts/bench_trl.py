@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from bench_common import Measurement, PhaseClock, Workload, left_pad, rss_peak, useful_flops
+from bench_common import Measurement, PhaseClock, Workload, fill_rl_step, left_pad, rss_peak, useful_flops
 
 
 def _load(w: Workload):
@@ -173,48 +173,65 @@ def _timed_grpo(trainer, clock: PhaseClock) -> None:
     trainer._get_per_token_logps_and_entropies = per_token_logps
 
 
-def _grpo_trainer(w: Workload, tok, reward, round_index: int, out: str):
-    """GRPOTrainer for one step of rl_prompts x G completions, matched to our RL settings."""
+def _grpo_trainer(w: Workload, tok, reward, round_index: int, out: str, steps: int = 1):
+    """GRPOTrainer for ``steps`` steps of rl_prompts x G completions, matched to our RL settings."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
     args = GRPOConfig(
         output_dir=out, per_device_train_batch_size=w.rl_prompts * w.samples_per_prompt,
         num_generations=w.samples_per_prompt, max_completion_length=w.max_new_tokens, beta=w.kl_coef,
-        learning_rate=w.lr, lr_scheduler_type="constant", max_grad_norm=1.0, max_steps=1,
+        learning_rate=w.lr, lr_scheduler_type="constant", max_grad_norm=1.0, max_steps=steps,
         temperature=1.0, top_k=0, top_p=1.0, bf16=False, fp16=False, gradient_checkpointing=False,
         generation_kwargs={"min_new_tokens": w.max_new_tokens} if w.fixed_length else None,
         model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"},
         report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=w.device == "cpu",
         seed=round_index,
     )
-    data = Dataset.from_dict({"prompt": w.prompt_texts[: w.rl_prompts]})
+    data = Dataset.from_dict({"prompt": w.prompt_texts[: w.rl_prompts * steps]})
     return GRPOTrainer(model=w.model_path, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok)
 
 
-def rl_step(w: Workload, round_index: int) -> Measurement:
-    """One GRPOTrainer step with the frozen base's log-likelihood as reward and beta = kl_coef."""
+def _from_second_step(clock: PhaseClock, seen: dict):
+    """A transformers TrainerCallback that restarts the clock and the counts when the second step begins (TRL
+    generates inside the step, after ``on_step_begin``)."""
+    from transformers import TrainerCallback
+
+    class FromSecondStep(TrainerCallback):
+        started: float | None = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                clock.reset()
+                seen.update(dict.fromkeys(seen, 0))
+                self.started = time.perf_counter()
+
+    return FromSecondStep()
+
+
+def rl_step(w: Workload, round_index: int, warm_steps: int = 0) -> Measurement:
+    """One GRPOTrainer step with the frozen base's log-likelihood as reward and beta = kl_coef. With
+    ``warm_steps``, that many more steps follow in the same trainer and only they are timed (per step)."""
     m, clock = Measurement(), PhaseClock()
     seen = dict.fromkeys(("completions", "response_tokens", "scored_tokens", "prompt_tokens"), 0)
+    second = _from_second_step(clock, seen)
     with rss_peak(m), tempfile.TemporaryDirectory() as out:
         start = time.perf_counter()
         frozen, tok = _load(w)
         frozen.eval().requires_grad_(False)
-        trainer = _grpo_trainer(w, tok, _loglik_reward(frozen, tok, clock, seen), round_index, out)
+        trainer = _grpo_trainer(w, tok, _loglik_reward(frozen, tok, clock, seen), round_index, out, 1 + warm_steps)
         _timed_grpo(trainer, clock)
         _silence(trainer)
+        if warm_steps:
+            trainer.add_callback(second)
         m.setup_seconds = time.perf_counter() - start
         with clock.phase("total"):
             trainer.train()
-    s = clock.seconds
-    m.seconds = {
-        "generate": s["generate"], "score": s["score"], "train": s["total"] - s["generate"] - s["score"], "total": s["total"]
-    }
-    m.completions = dict.fromkeys(("generate", "score", "train"), seen["completions"])
-    m.response_tokens = dict.fromkeys(("generate", "score", "train"), seen["response_tokens"])
-    m.useful_flops = {
-        "generate": useful_flops(w, "forward", seen["prompt_tokens"] + seen["response_tokens"]),
-        "score": useful_flops(w, "forward", seen["scored_tokens"]),
-        "train": useful_flops(w, "train", seen["scored_tokens"]),
-    }
-    return m
+        if warm_steps:
+            clock.seconds["total"] = time.perf_counter() - second.started
+    return fill_rl_step(m, w, clock.seconds, seen, max(warm_steps, 1))
+
+
+def rl_warm_step(w: Workload, round_index: int) -> Measurement:
+    """The mean GRPO step after the first one, in one trainer (``w.warm_rl_steps`` steps)."""
+    return rl_step(w, round_index, w.warm_rl_steps)

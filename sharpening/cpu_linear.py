@@ -1,10 +1,10 @@
 """Linear layers through oneDNN on CPU (float32).
 
 PyTorch runs ``nn.Linear`` on x86 CPUs through MKL's sgemm. On CPUs where MKL does not take its AVX-512 path
-(AMD EPYC, where these benchmarks run), oneDNN's matmul, which PyTorch also ships, is 20-70% faster for the
-shapes of a decode step and of an update (scripts/bench.py; docs/benchmarks.md). ``OneDNNLinear`` is
-``nn.Linear`` with the same parameters and state dict whose forward and input gradient run through oneDNN
-when the call allows it; anything else (CUDA, other dtypes, autocast, tensor subclasses) takes
+(AMD EPYC, where these benchmarks run), oneDNN's matmul, which PyTorch also ships, is 20-70% (Zen 4) to about
+2x (Zen 5) faster for the shapes of a decode step and of an update (scripts/bench.py; docs/benchmarks.md).
+``OneDNNLinear`` is ``nn.Linear`` with the same parameters and state dict whose forward and both gradients run
+through oneDNN when the call allows it; anything else (CUDA, other dtypes, autocast, tensor subclasses) takes
 ``nn.Linear``'s own path. Results are float32 with another summation order: equal to ``F.linear`` to
 float32 rounding, not bitwise.
 """
@@ -54,7 +54,8 @@ def select_cpu_linear(requested: str, available: bool) -> str:
 
 class _OneDNNLinearFunction(torch.autograd.Function):
     """oneDNN forward, input gradient and weight gradient (the weight gradient as one oneDNN matmul over all
-    rows, reading the transposed views in place: 1.6-2x ``mm``'s speed on a Zen 5 EPYC, even on Zen 4)."""
+    rows, reading the transposed views in place: 1.6-2x ``mm``'s speed on a Zen 5 EPYC, about the same on the
+    Zen 4 one measured before)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):

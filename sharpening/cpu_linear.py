@@ -31,6 +31,14 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y.view(*x.shape[:-1], weight.shape[0])  # [M, N] -> [..., N]
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
+    """``x @ weight.T + bias``: through oneDNN when ``onednn`` and the call allows it (``onednn_applies``), else
+    ``F.linear``. For callers that run a ``OneDNNLinear``'s weight outside its forward (the fused LM head)."""
+    if onednn and onednn_applies(x, weight, bias):
+        return onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
 @functools.cache
 def onednn_linear_available() -> bool:
     """True when this PyTorch has oneDNN's linear and it agrees with ``F.linear`` on a small probe."""
@@ -71,7 +79,8 @@ class _OneDNNLinearFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_x = onednn_linear(grad, weight.t(), None)  # [..., N] @ [N, K] -> [..., K]
         if ctx.needs_input_grad[1]:
-            grad_weight = onednn_linear(grad_2d.t(), x.reshape(-1, x.shape[-1]).t(), None)  # [N, M] @ [M, K] -> [N, K]
+            x_2d = x.reshape(-1, x.shape[-1])  # [..., K] -> [M, K]
+            grad_weight = onednn_linear(grad_2d.t(), x_2d.t(), None)  # [N, M] @ [M, K] -> [N, K]
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_2d.sum(0)
         return grad_x, grad_weight, grad_bias

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from sharpening.cpu_linear import OneDNNLinear, onednn_applies, onednn_linear
+from sharpening.cpu_linear import OneDNNLinear, linear
 from sharpening.types import SampleBatch
 
 
@@ -76,19 +76,12 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, softcap, 
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def _matmul_t(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> torch.Tensor:
-    """``x @ weight.T + bias``; through oneDNN for a ``OneDNNLinear`` head when the call allows it (cpu_linear.py)."""
-    if onednn and onednn_applies(x, weight, bias):
-        return onednn_linear(x, weight, bias)
-    return torch.nn.functional.linear(x, weight, bias)
-
-
 def _linear_logits(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool = False
 ) -> torch.Tensor:
     """Logits of a plain linear head in float32 (float64 kept), as a fresh tensor the caller may overwrite.
     -> [M, V]"""
-    logits = _matmul_t(hidden, weight, bias, onednn)
+    logits = linear(hidden, weight, bias, onednn)
     return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
 
@@ -130,9 +123,9 @@ class _LinearHeadLogprobs(torch.autograd.Function):
         rows = torch.arange(targets.shape[0], device=targets.device)
         grad[rows, targets] += grad_out  # + g * onehot
         grad = grad.to(weight.dtype)
-        grad_hidden = _matmul_t(grad, weight.t(), None, ctx.onednn) if ctx.needs_input_grad[0] else None  # [M, H]
+        grad_hidden = linear(grad, weight.t(), None, ctx.onednn) if ctx.needs_input_grad[0] else None  # [M, H]
         grad_weight = (  # [V, M] @ [M, H] -> [V, H]
-            _matmul_t(grad.t(), hidden.to(weight.dtype).t(), None, ctx.onednn) if ctx.needs_input_grad[1] else None
+            linear(grad.t(), hidden.to(weight.dtype).t(), None, ctx.onednn) if ctx.needs_input_grad[1] else None
         )
         grad_bias = grad.sum(0) if bias is not None and ctx.needs_input_grad[2] else None
         return grad_hidden, grad_weight, grad_bias, None, None

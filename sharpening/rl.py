@@ -304,13 +304,20 @@ class RLSharpeningModule(PolicyModule):
             self.best = {"j_beta": j_beta, "round": int(self.global_step), "state": state}
 
     def _update(self, loss: torch.Tensor) -> None:
+        """One optimizer step on ``loss``; its gradient is clipped in ``on_before_optimizer_step``."""
         optimizer = self.optimizers()
         self.manual_backward(loss)
-        if self.rl.max_grad_norm:
-            self.configure_gradient_clipping(optimizer, self.rl.max_grad_norm, "norm")
         optimizer.step()
         optimizer.zero_grad()
         self.lr_schedulers().step()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Clip the gradient to ``rl.max_grad_norm``. Here, inside ``optimizer.step()``, because under
+        16-mixed the precision plugin has unscaled the gradient by now: clipped before, in ``_update``, the
+        gradient would still carry the loss scale, and the update would be clipped to max_grad_norm / scale."""
+        super().on_before_optimizer_step(optimizer)
+        if self.rl.max_grad_norm:
+            self.configure_gradient_clipping(optimizer, self.rl.max_grad_norm, "norm")
 
     def _log_policy_estimates(self, base_seq: torch.Tensor, policy_seq: torch.Tensor, samples: SampleBatch) -> None:
         """Reward, KL, J_beta and entropy estimated from draws of the CURRENT policy. [B, G] inputs."""

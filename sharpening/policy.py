@@ -41,7 +41,8 @@ class PolicyConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weight dtype; auto is bfloat16 on a CUDA device that supports it, else float32."""
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
-    """auto is flash_attention_2 when flash-attn is installed and CUDA is present, else sdpa."""
+    """auto is flash_attention_2 when flash-attn is installed and CUDA is present, else sdpa; flash_attention_2
+    named explicitly is refused where it cannot run."""
     cpu_linear: Literal["auto", "onednn", "torch"] = "auto"
     """Kernel of float32 linear layers on CPU: onednn, torch (nn.Linear's: MKL on x86), or auto: onednn for
     layers of 2^17 weights or more where PyTorch has it, torch for smaller ones."""
@@ -77,6 +78,8 @@ def validate_policy_config(cfg: PolicyConfig, option: str = "--model.policy") ->
         problems.append(
             f"{option}.attn_implementation={cfg.attn_implementation!r}: must be one of {', '.join(ATTN_IMPLEMENTATIONS)}"
         )
+    elif problem := flash_attention_problem(cfg.attn_implementation, torch.cuda.is_available(), flash_attn_installed()):
+        problems.append(f"{option}.attn_implementation={cfg.attn_implementation}: {problem}")
     problems += cpu_linear_problems(cfg.cpu_linear, f"{option}.cpu_linear")
     if cfg.dtype != "auto" and cfg.dtype not in DTYPES:
         problems.append(f"{option}.dtype={cfg.dtype!r}: must be auto, float32, bfloat16 or float16")
@@ -89,6 +92,8 @@ def validate_policy_config(cfg: PolicyConfig, option: str = "--model.policy") ->
             problems.append(f"{option}.lora_dropout={cfg.lora_dropout}: must be in [0, 1)")
         if not cfg.lora_target_modules:
             problems.append(f"{option}.lora_target_modules is empty: use [all-linear] or name modules (q_proj, ...)")
+        elif cfg.lora_target_modules != ["all-linear"] and name and not model_source_problem(name):
+            problems += lora_target_problems(cfg, f"{option}.lora_target_modules")
     if cfg.finetuning == "qlora" and importlib.util.find_spec("bitsandbytes") is None:
         problems.append(
             f"{option}.finetuning=qlora needs bitsandbytes, which is not installed: pip install 'sharpening[qlora]'"
@@ -104,7 +109,7 @@ def model_source_problem(name: str) -> str | None:
         if not os.path.isfile(os.path.join(expanded, "config.json")):
             found = sorted(os.listdir(expanded))[:8]
             return f"directory has no config.json (found: {found}); point to a save_pretrained directory"
-        return None
+        return model_weights_problem(expanded)
     if os.path.exists(expanded):
         return "is a file; give the directory that holds config.json and the weights"
     parent = os.path.dirname(expanded.rstrip("/"))  # "runs/mdl" with runs/ here is a path, not a hub id
@@ -117,6 +122,122 @@ def model_source_problem(name: str) -> str | None:
         if not isinstance(try_to_load_from_cache(name, "config.json"), str):
             return "not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it first or give a local path"
     return None
+
+
+WEIGHT_FILES = (
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
+)  # fmt: skip
+"""What ``from_pretrained`` reads the weights of a local directory from, in the order it looks."""
+
+
+def model_weights_problem(directory: str) -> str | None:
+    """Why the weights in a local model ``directory`` cannot load (none there, a truncated safetensors file,
+    shards its index names missing), or None. Reads file sizes, shard indexes and safetensors headers only."""
+    present = [f for f in WEIGHT_FILES if os.path.isfile(os.path.join(directory, f))]
+    if not present:
+        found = sorted(os.listdir(directory))[:10]
+        return (
+            f"the directory has config.json but no weights ({', '.join(WEIGHT_FILES[::2])} or a sharded index; "
+            f"found: {found}); copy the weights there or point to the directory save_pretrained wrote"
+        )
+    if present[0].endswith(".index.json"):
+        return shard_index_problem(directory, present[0])
+    if present[0] == "model.safetensors":
+        return safetensors_problem(os.path.join(directory, present[0]))
+    return None
+
+
+def shard_index_problem(directory: str, index_name: str) -> str | None:
+    """Why the shards that ``index_name`` lists cannot load (missing, or a damaged safetensors shard), or None."""
+    import json
+
+    try:
+        with open(os.path.join(directory, index_name), encoding="utf-8") as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"{index_name} is not a shard index (weight_map) ({type(err).__name__}); download or copy it again"
+    missing = [s for s in shards if not os.path.isfile(os.path.join(directory, s))]
+    if missing:
+        return (
+            f"{index_name} names {len(shards)} shard file(s) and {len(missing)} are missing ({missing[:4]}"
+            f"{' ...' if len(missing) > 4 else ''}); download or copy the missing shards into the directory"
+        )
+    for shard in shards:
+        if shard.endswith(".safetensors") and (problem := safetensors_problem(os.path.join(directory, shard))):
+            return problem
+    return None
+
+
+def safetensors_problem(path: str) -> str | None:
+    """Why ``path`` is not a whole safetensors file, or None: its 8-byte header length, JSON header and the
+    tensors' byte ranges must add up to the file's size exactly (a truncated download does not)."""
+    import json
+
+    name, size = os.path.basename(path), os.path.getsize(path)
+    again = "download or copy the model again (an interrupted download or copy leaves a short file)"
+    with open(path, "rb") as f:
+        head = f.read(8)
+        header_bytes = int.from_bytes(head, "little") if len(head) == 8 else None
+        if header_bytes is None or header_bytes > size - 8:
+            return f"{name} is truncated or not a safetensors file ({size} bytes, shorter than its header); {again}"
+        try:
+            header = json.loads(f.read(header_bytes))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+            return f"{name} has a damaged header (not safetensors JSON); {again}"
+    if 8 + header_bytes + end != size:
+        state = "truncated" if size < 8 + header_bytes + end else "damaged"
+        return f"{name} is {state}: its header describes {8 + header_bytes + end} bytes, the file has {size}; {again}"
+    return None
+
+
+def lora_target_problems(cfg: PolicyConfig, option: str) -> list[str]:
+    """Targets of ``cfg.lora_target_modules`` that name no module of the model (PEFT's rule: the module's name
+    is the target or ends with ``.target``). The model is built on the meta device from its config: no weights."""
+    names = meta_module_names(cfg)
+    if names is None:  # the config cannot build a model here; loading will say why
+        return []
+    unmatched = [t for t in cfg.lora_target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    if not unmatched:
+        return []
+    linear = sorted({n.rsplit(".", 1)[-1] for n, kind in names.items() if kind in ("Linear", "Conv1D")} - {"lm_head"})
+    return [
+        f"{option}={list(cfg.lora_target_modules)}: {unmatched} match(es) no module of {cfg.model_name_or_path!r}; "
+        f"its linear layers are named {linear}: target those names, or use [all-linear] (alone) for all of them"
+    ]
+
+
+def meta_module_names(cfg: PolicyConfig) -> dict[str, str] | None:
+    """``{module name: class name}`` of the model ``cfg`` names, built on the meta device (no weights are read
+    or allocated), or None when its config cannot build it."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(
+            cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+        )
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    except Exception:  # an unknown architecture, remote code not trusted, ...: from_pretrained reports it
+        return None
+    return {name: type(module).__name__ for name, module in model.named_modules()}
+
+
+def flash_attn_installed() -> bool:
+    """True when the flash-attn package can be imported."""
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def flash_attention_problem(requested: str, cuda_available: bool, flash_installed: bool) -> str | None:
+    """Why ``flash_attention_2``, asked for by name, cannot run here (auto falls back to sdpa silently), or None."""
+    if requested != "flash_attention_2" or (cuda_available and flash_installed):
+        return None
+    needs = (("the flash-attn package", flash_installed), ("a CUDA device", cuda_available))
+    missing = " and ".join(what for what, present in needs if not present)
+    return (
+        f"needs flash-attn and a CUDA device, and this machine lacks {missing}; "
+        "use auto (flash_attention_2 where it can run, else sdpa) or sdpa, or pip install flash-attn on a CUDA machine"
+    )
 
 
 def disable_dropout(model: torch.nn.Module) -> int:
@@ -145,7 +266,8 @@ def stop_token_ids(model: torch.nn.Module, tokenizer) -> list[int]:
 
 
 def select_attn_implementation(requested: str, cuda_available: bool, flash_installed: bool) -> str:
-    """Attention backend to load with: flash_attention_2 needs both CUDA and flash-attn; else sdpa."""
+    """Attention backend to load with. auto: flash_attention_2 where CUDA and flash-attn are both present, else
+    sdpa; a backend named is used as is (``flash_attention_problem`` refuses flash_attention_2 where it cannot run)."""
     if requested != "auto":
         return requested
     return "flash_attention_2" if (cuda_available and flash_installed) else "sdpa"
@@ -222,9 +344,7 @@ def _load_model(cfg: PolicyConfig, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     dtype = resolve_dtype(cfg.dtype, device)
-    attn = select_attn_implementation(
-        cfg.attn_implementation, torch.cuda.is_available(), importlib.util.find_spec("flash_attn") is not None
-    )
+    attn = select_attn_implementation(cfg.attn_implementation, torch.cuda.is_available(), flash_attn_installed())
     kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
     if cfg.finetuning == "qlora":
         kwargs["quantization_config"] = nf4_config(dtype)

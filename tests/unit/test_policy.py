@@ -437,3 +437,93 @@ def test_disable_dropout_makes_a_training_forward_deterministic(tmp_path):
     assert disable_dropout(policy) > 0 and disable_dropout(policy) == 0
     policy.train()
     torch.testing.assert_close(policy(ids).logits, policy(ids).logits, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------- model files, LoRA targets, attention
+
+
+def _copy_model(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_model_weights_problem_whole_missing_and_truncated(tiny_model_path, tmp_path):
+    from sharpening.policy import model_weights_problem
+
+    assert model_weights_problem(tiny_model_path) is None
+    model = _copy_model(tiny_model_path, tmp_path / "m")
+    weights = (model / "model.safetensors").read_bytes()
+    (model / "model.safetensors").write_bytes(weights[:-1])
+    assert "model.safetensors is truncated" in model_weights_problem(str(model))
+    (model / "model.safetensors").write_bytes(weights + b"\0")
+    assert "model.safetensors is damaged" in model_weights_problem(str(model))
+    (model / "model.safetensors").write_bytes(b"\x50\x4b\x03\x04 a zip file, not safetensors")
+    assert "truncated or not a safetensors file" in model_weights_problem(str(model))
+    (model / "model.safetensors").write_bytes(b"\x04\0\0\0\0\0\0\0[1]x")
+    assert "damaged header" in model_weights_problem(str(model))
+    os.remove(model / "model.safetensors")
+    problem = model_weights_problem(str(model))
+    assert "has config.json but no weights" in problem and "tokenizer.json" in problem
+
+
+def test_model_weights_problem_sharded(tiny_model, tmp_path):
+    from sharpening.policy import model_weights_problem
+
+    tiny_model.save_pretrained(tmp_path, max_shard_size="100KB")
+    shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
+    assert len(shards) > 1 and model_weights_problem(str(tmp_path)) is None
+    last = (tmp_path / shards[-1]).read_bytes()
+    (tmp_path / shards[-1]).write_bytes(last[:100])
+    assert f"{shards[-1]} is truncated" in model_weights_problem(str(tmp_path))
+    os.remove(tmp_path / shards[0])
+    problem = model_weights_problem(str(tmp_path))
+    assert f"names {len(shards)} shard file(s) and 1 are missing (['{shards[0]}'])" in problem
+
+
+def test_lora_targets_that_match_no_module_are_named_without_loading_weights(tiny_model_path, tmp_path):
+    model = _copy_model(tiny_model_path, tmp_path / "m")
+    os.remove(model / "model.safetensors")  # the module names come from config.json alone
+    from sharpening.policy import lora_target_problems
+
+    cfg = PolicyConfig(model_name_or_path=str(model), lora_target_modules=["q_proj", "v_prj", "self_attn.k_proj"])
+    problems = lora_target_problems(cfg, "--model.policy.lora_target_modules")
+    assert len(problems) == 1 and problems[0].startswith("--model.policy.lora_target_modules=")
+    assert "['v_prj'] match(es) no module" in problems[0] and "'v_proj'" in problems[0] and "lm_head" not in problems[0]
+    cfg = PolicyConfig(model_name_or_path=tiny_model_path, lora_target_modules=["q_proj", "model.layers.0.mlp.up_proj"])
+    assert lora_target_problems(cfg, "--o") == []
+    assert validate_policy_config(PolicyConfig(model_name_or_path=tiny_model_path, lora_target_modules=["qkv"]))
+    full = PolicyConfig(model_name_or_path=tiny_model_path, finetuning="full", lora_target_modules=["qkv"])
+    assert validate_policy_config(full) == []  # LoRA fields are not read for full fine-tuning
+
+
+@pytest.mark.parametrize(
+    "requested, cuda, flash, missing",
+    [
+        ("flash_attention_2", False, False, "the flash-attn package and a CUDA device"),
+        ("flash_attention_2", True, False, "the flash-attn package;"),
+        ("flash_attention_2", False, True, "a CUDA device;"),
+        ("flash_attention_2", True, True, None),
+        ("auto", False, False, None),  # auto falls back to sdpa
+        ("sdpa", False, False, None),
+    ],
+)
+def test_flash_attention_asked_for_by_name_where_it_cannot_run(requested, cuda, flash, missing):
+    from sharpening.policy import flash_attention_problem
+
+    problem = flash_attention_problem(requested, cuda, flash)
+    assert (problem is None) == (missing is None)
+    if missing:
+        assert f"this machine lacks {missing}" in problem and "use auto" in problem
+
+
+def test_validate_policy_config_refuses_flash_attention_2_without_flash_attn(tiny_model_path, monkeypatch):
+    import sharpening.policy as policy
+
+    monkeypatch.setattr(policy, "flash_attn_installed", lambda: False)
+    cfg = PolicyConfig(model_name_or_path=tiny_model_path, attn_implementation="flash_attention_2")
+    problems = validate_policy_config(cfg)
+    assert len(problems) == 1
+    assert problems[0].startswith(f"{OPTION}.attn_implementation=flash_attention_2: needs flash-attn")
+    assert validate_policy_config(PolicyConfig(model_name_or_path=tiny_model_path, attn_implementation="auto")) == []

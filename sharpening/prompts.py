@@ -11,6 +11,7 @@ from typing import Iterator
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from sharpening.errors import ConfigError, raise_if_problems
 from sharpening.types import PromptBatch
@@ -34,7 +35,22 @@ def validate_dataset_source(dataset: str, option: str = "--data.dataset") -> lis
             return [f"{option}={dataset!r}: file not found (in {parent!r}: {near})"]
         if os.path.isfile(path) and not _local_format(path):
             return [f"{option}={dataset!r}: unknown file type; use .jsonl, .json, .csv or .parquet"]
+    directory = os.path.expanduser(dataset)
+    if os.path.isdir(directory) and not _data_files_in(directory):
+        found = sorted(os.listdir(directory))[:8]
+        return [
+            f"{option}={dataset!r} is a directory with no .jsonl/.json/.csv/.parquet file in it or one folder down "
+            f"(found: {found}); name the prompt file itself, e.g. {option}={os.path.join(dataset, 'train.jsonl')}"
+        ]
     return []
+
+
+def _data_files_in(directory: str) -> list[str]:
+    """Data files ``datasets`` would read from a local dataset directory (its top level or one folder down)."""
+    import glob
+
+    candidates = glob.glob(os.path.join(directory, "*")) + glob.glob(os.path.join(directory, "*", "*"))
+    return [f for f in candidates if os.path.isfile(f) and _local_format(f)]
 
 
 def load_prompt_rows(dataset: str, split: str = "train", subset: str | None = None):
@@ -78,6 +94,60 @@ def render_prompt(
         {"role": "user", "content": text}
     ]
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def empty_prompt_rows(rows: list[dict], column: str) -> list[int]:
+    """Numbers of the rows whose ``column`` is text that is empty or only whitespace.
+
+    >>> empty_prompt_rows([{"p": "ab="}, {"p": "  "}, {"p": ""}, {"p": 7}], "p")
+    [1, 2]
+    """
+    return [i for i, row in enumerate(rows) if isinstance(row[column], str) and not row[column].strip()]
+
+
+def chat_template_problem(tokenizer, option: str = "--data.use_chat_template") -> str | None:
+    """Why prompts cannot be wrapped in ``tokenizer``'s chat template (it has none), or None."""
+    if getattr(tokenizer, "chat_template", None):
+        return None
+    return (
+        f"{option}=true: the tokenizer of {tokenizer.name_or_path!r} has no chat template (base models often ship "
+        f"none); set {option} false and write the prompt format in --data.prompt_template, or use a model whose "
+        "tokenizer has one (an instruct or chat model)"
+    )
+
+
+def encode_prompts(
+    texts: list[str], tokenizer, add_special_tokens: bool, source: str, row_numbers: list[int] | None = None
+) -> list[list[int]]:
+    """Token ids of each prompt text. A tokenizer without an unknown token fails on a character outside its
+    vocabulary (the demo's character tokenizer does): the ConfigError names ``source``, each such prompt, its
+    row (``row_numbers[i]``, counting from 0) and the characters."""
+    ids, failed = [], []
+    for i, text in enumerate(texts):
+        try:
+            ids.append(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+        except Exception:  # tokenizers raises a bare Exception, e.g. "WordLevel error: Missing [UNK] token"
+            failed.append(i)
+    if not failed:
+        return ids
+    rows = row_numbers or list(range(len(texts)))
+    listed = "; ".join(f"prompt {i} (row {rows[i]}): {unencodable_characters(tokenizer, texts[i])}" for i in failed[:5])
+    raise ConfigError([
+        f"{source}: {len(failed)} prompt(s) hold characters the tokenizer of {tokenizer.name_or_path!r} cannot encode "
+        f"(it has no unknown token to stand in for them): {listed}{' ...' if len(failed) > 5 else ''}; remove or "
+        "replace them in the data (or the template and few-shot prefix), or use a model whose tokenizer covers them"
+    ])  # fmt: skip
+
+
+def unencodable_characters(tokenizer, text: str) -> list[str]:
+    """The distinct characters of ``text`` that ``tokenizer`` fails to encode on their own, in order of appearance."""
+    failing = []
+    for char in dict.fromkeys(text):
+        try:
+            tokenizer(char, add_special_tokens=False)
+        except Exception:  # as in encode_prompts
+            failing.append(char)
+    return failing
 
 
 def pad_prompts(prompt_ids: list[list[int]], indices: list[int], answers: list, pad_token_id: int) -> PromptBatch:
@@ -180,7 +250,10 @@ class PromptDataModule(L.LightningDataModule):
                     + (", or set --data.answer_column null to go without answers" if option == "answer_column" else "")
                 )
         raise_if_problems(problems)
-        rows = [dict(r, prompt=r[hp.prompt_column]) for r in rows]
+        keep = self._rows_with_a_prompt(rows)
+        if hp.use_chat_template and (problem := chat_template_problem(tokenizer)):
+            raise_if_problems([problem])
+        rows = [dict(rows[i], prompt=rows[i][hp.prompt_column]) for i in keep]
         try:
             self.prompt_texts = [
                 render_prompt(r, hp.prompt_template, hp.few_shot_prefix, tokenizer, hp.use_chat_template, hp.system_prompt)
@@ -191,9 +264,30 @@ class PromptDataModule(L.LightningDataModule):
                 [f"--data.prompt_template={hp.prompt_template!r}: column {err} not found; columns: {sorted(rows[0])}"]
             ) from err
         add_special = not hp.use_chat_template  # a chat template already holds BOS
-        self.prompt_ids = [tokenizer(t, add_special_tokens=add_special).input_ids for t in self.prompt_texts]
+        source = f"--data.dataset={hp.dataset!r}"
+        self.prompt_ids = encode_prompts(self.prompt_texts, tokenizer, add_special, source, keep)
         self.answers = [None if hp.answer_column is None else str(r[hp.answer_column]) for r in rows]
         self.tokenizer = tokenizer
+
+    def _rows_with_a_prompt(self, rows: list[dict]) -> list[int]:
+        """Numbers of the rows whose prompt is not empty or whitespace (the others are skipped with a warning);
+        none at all is an error, as no sample could be drawn."""
+        hp = self.hparams
+        empty = empty_prompt_rows(rows, hp.prompt_column)
+        shown = f"rows {empty[:8]}{' ...' if len(empty) > 8 else ''}, counting from 0"
+        if len(empty) == len(rows):
+            raise_if_problems([
+                f"--data.dataset={hp.dataset!r}: all {len(rows)} prompt(s) in column {hp.prompt_column!r} are empty or "
+                f"whitespace ({shown}), so there is nothing to sample from; fill them, or set --data.prompt_column to "
+                "the column that holds the prompts"
+            ])  # fmt: skip
+        elif empty:
+            rank_zero_warn(
+                f"--data.dataset={hp.dataset!r}: skipped {len(empty)} of {len(rows)} row(s) whose prompt (column "
+                f"{hp.prompt_column!r}) is empty or whitespace ({shown})"
+            )
+        skipped = set(empty)
+        return [i for i in range(len(rows)) if i not in skipped]
 
     def __len__(self) -> int:
         return len(self.prompt_ids)

@@ -233,3 +233,52 @@ def test_a_malformed_jsonl_line_is_a_config_error_naming_the_parser_message(tmp_
         _module(str(path), tiny_tokenizer, prompt_column="prompt")
     text = info.value.problems[0]
     assert text.startswith(f"--data.dataset={str(path)!r}: no rows could be read") and "DatasetGenerationError" not in text
+
+
+def test_doctests():
+    import doctest
+
+    from sharpening import prompts
+
+    result = doctest.testmod(prompts)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_empty_prompts_are_skipped_with_a_warning_and_all_empty_is_refused(tmp_path, tiny_tokenizer):
+    rows = [{"q": "ab"}, {"q": "  "}, {"q": "cd"}, {"q": ""}]
+    path = _write(tmp_path, "jsonl", rows)
+    skipped = r"skipped 2 of 4 row\(s\) whose prompt \(column 'q'\) is empty.*rows \[1, 3\]"
+    with pytest.warns(UserWarning, match=skipped):
+        dm = _module(path, tiny_tokenizer, prompt_column="q")
+    assert dm.prompt_texts == ["ab", "cd"]
+    with pytest.raises(ConfigError, match=r"all 2 prompt\(s\) in column 'q' are empty or whitespace"):
+        _module(_write(tmp_path, "jsonl", [{"q": " \n"}, {"q": ""}]), tiny_tokenizer, prompt_column="q")
+
+
+def test_characters_the_tokenizer_cannot_encode_are_named_with_their_prompt_and_row(tmp_path, tiny_tokenizer):
+    rows = [{"q": ""}, {"q": "ab"}, {"q": "aZbZ\u00e9"}, {"q": "cd"}, {"q": "?"}]
+    with pytest.warns(UserWarning, match="skipped 1"), pytest.raises(ConfigError) as info:
+        _module(_write(tmp_path, "jsonl", rows), tiny_tokenizer, prompt_column="q")
+    text = info.value.problems[0]
+    assert text.startswith("--data.dataset=") and "2 prompt(s) hold characters" in text
+    assert "prompt 1 (row 2): ['Z', '\u00e9']" in text and "prompt 3 (row 4): ['?']" in text
+
+
+def test_chat_template_asked_for_where_the_tokenizer_has_none(tmp_path, tiny_tokenizer):
+    path = _write(tmp_path, "jsonl")
+    with pytest.raises(ConfigError, match="--data.use_chat_template=true: the tokenizer of .* has no chat template"):
+        _module(path, tiny_tokenizer, prompt_column="question", use_chat_template=True)
+    chat = tiny_tokenizer.__class__.from_pretrained(tiny_tokenizer.name_or_path)
+    chat.chat_template = "{% for m in messages %}{{ m['content'] }}={% endfor %}"
+    assert _module(path, chat, prompt_column="question", use_chat_template=True).prompt_texts[1] == "bc="
+
+
+def test_a_directory_as_dataset_needs_data_files(tmp_path, tiny_tokenizer):
+    (tmp_path / "notes.txt").write_text("mine")
+    problem = validate_dataset_source(str(tmp_path))[0]
+    assert problem.startswith(f"--data.dataset={str(tmp_path)!r} is a directory with no .jsonl")
+    assert "notes.txt" in problem
+    (tmp_path / "data").mkdir()
+    _write(tmp_path / "data", "jsonl")  # a hub dataset's layout: data files one folder down
+    assert validate_dataset_source(str(tmp_path)) == []
+    assert len(_module(str(tmp_path), tiny_tokenizer, prompt_column="question")) == len(ROWS)

@@ -193,10 +193,46 @@ def main(args: list[str] | None = None):
         raise SystemExit(1) from None
 
 
+def config_file_problems(argv: list[str]) -> list[str]:
+    """Problems with the YAML files given to ``--config`` (``-c``): one that does not parse (its line and
+    column), an empty one, or one whose top level is not a mapping of sections, which jsonargparse reports
+    as "Unexpected config" without naming the file."""
+    import yaml
+
+    paths = [value for flag, value in zip(argv, argv[1:]) if flag in ("-c", "--config")]
+    paths += [word.split("=", 1)[1] for word in argv if word.startswith("--config=")]
+    problems = []
+    for path in (p for p in paths if os.path.isfile(p)):  # a value that is no file is read as inline YAML
+        try:
+            with open(path, encoding="utf-8") as f:
+                content = yaml.safe_load(f)
+        except yaml.MarkedYAMLError as err:
+            mark = err.problem_mark
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            near = f" ({err.context} at line {err.context_mark.line + 1})" if err.context_mark else ""
+            problems.append(f"--config={path!r}: not valid YAML{at}: {err.problem}{near}; fix the YAML there")
+            continue
+        except (yaml.YAMLError, UnicodeDecodeError) as err:
+            problems.append(f"--config={path!r}: not a YAML text file ({type(err).__name__}); give a YAML config")
+            continue
+        if content is None:
+            problems.append(
+                f"--config={path!r}: the file is empty (or only comments); give a config with trainer:, model:, data: "
+                "and verifier: sections (see configs/demo.yaml), or leave --config out"
+            )
+        elif not isinstance(content, dict):
+            problems.append(
+                f"--config={path!r}: the top level is a {type(content).__name__}, but a config is a mapping of "
+                "sections (trainer:, model:, data:, verifier:); write each section as `name:` at the start of a line"
+            )
+    return problems
+
+
 def _run_cli(argv: list[str] | None) -> SharpeningCLI:
     from jsonargparse import set_parsing_settings
 
     words = sys.argv[1:] if argv is None else argv
+    raise_if_problems(config_file_problems(words))
     helping = any(a in ("-h", "--help") or a.startswith("--print_config") for a in words)
     set_parsing_settings(docstring_parse_attribute_docstrings=helping)  # config fields' docs in --help (slower)
     try:

@@ -3,9 +3,11 @@ drawn, and nothing written. One table; each row builds its overrides in a fresh 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pickle
+import shutil
 
 import pytest
 
@@ -73,8 +75,79 @@ def _output_dir_inside_a_file(tmp):
     return [f"--model.init_args.output_dir={tmp / 'notes.txt' / 'out'}"]
 
 
+def _config_file(text):
+    def build(tmp):
+        (tmp / "bad.yaml").write_text(text)
+        return ["--config", str(tmp / "bad.yaml")]
+
+    return build
+
+
+def _prompts(*prompts):
+    def build(tmp):
+        (tmp / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p, "answer": "x"}) + "\n" for p in prompts))
+        return [f"--data.dataset={tmp / 'prompts.jsonl'}"]
+
+    return build
+
+
+def _dataset_directory(tmp):
+    (tmp / "data").mkdir()
+    (tmp / "data" / "notes.txt").write_text("mine")
+    return [f"--data.dataset={tmp / 'data'}"]
+
+
+def _damaged_model(damage):
+    """A copy of the tiny model with ``damage(directory)`` done to it."""
+
+    def build(tmp, model):
+        shutil.copytree(model, tmp / "model")
+        damage(tmp / "model")
+        return [f"--model.init_args.policy.model_name_or_path={tmp / 'model'}"]
+
+    return build
+
+
+def _remove_weights(directory):
+    os.remove(directory / "model.safetensors")
+
+
+def _truncate_weights(directory):
+    data = (directory / "model.safetensors").read_bytes()
+    (directory / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def _index_without_shards(directory):
+    os.remove(directory / "model.safetensors")
+    shards = {"lm_head.weight": "model-00001-of-00002.safetensors", "model.norm.weight": "model-00002-of-00002.safetensors"}
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": shards}))
+
+
+def _flash_attention(tmp):
+    import torch
+
+    from sharpening.policy import flash_attn_installed
+
+    if torch.cuda.is_available() and flash_attn_installed():
+        pytest.skip("flash-attn and a CUDA device are both here: flash_attention_2 can run")
+    return ["--model.init_args.policy.attn_implementation=flash_attention_2"]
+
+
 CASES = [
     # (id, config, overrides (list or builder), fragment expected in the error)
+    ("config file empty", SFT, _config_file(""), "the file is empty"),
+    ("config file a list", SFT, _config_file("- trainer\n- model\n"), "the top level is a list"),
+    ("config file not YAML", SFT, _config_file("trainer:\n  max_epochs: [1\n"), "flow sequence at line 2"),
+    ("prompts all empty", SFT, _prompts("  ", "", "\n"), "all 3 prompt(s) in column 'prompt' are empty or whitespace"),
+    ("dataset is a directory", SFT, _dataset_directory, "is a directory with no .jsonl/.json/.csv/.parquet file"),
+    ("characters the tokenizer lacks", SFT, _prompts("abcd=", "abZ=\u00e9"), "prompt 1 (row 1): ['Z', '\u00e9']"),
+    ("model without weights", SFT, _damaged_model(_remove_weights), "has config.json but no weights"),
+    ("truncated safetensors", SFT, _damaged_model(_truncate_weights), "model.safetensors is truncated"),
+    ("shards missing", SFT, _damaged_model(_index_without_shards), "names 2 shard file(s) and 2 are missing"),
+    ("no chat template", SFT, ["--data.use_chat_template=true"], "has no chat template"),
+    ("LoRA targets match nothing", SFT, ["--model.init_args.policy.finetuning=lora",
+                                         "--model.init_args.policy.lora_target_modules=[qkv]"], "['qkv'] match(es) no module"),
+    ("flash_attention_2 unavailable", SFT, _flash_attention, "attn_implementation=flash_attention_2: needs flash-attn"),
     ("model path missing", SFT, ["--model.init_args.policy.model_name_or_path=./no/such/model"], "no such directory"),
     ("hub id offline", SFT, ["--model.init_args.policy.model_name_or_path=nobody/no-model"], "HF_HUB_OFFLINE"),
     ("dataset file missing", SFT, ["--data.dataset=./missing.jsonl"], "file not found"),
@@ -119,8 +192,9 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_refused_early_and_nothing_is_written(case, tiny_model_path, prompts_file, tmp_path, monkeypatch):
     name, config, overrides, expected = case
-    if callable(overrides):
-        overrides = overrides(tmp_path)
+    if callable(overrides):  # a builder with a ``model`` parameter gets the tiny model's path (to copy and damage)
+        wants_model = "model" in inspect.signature(overrides).parameters
+        overrides = overrides(tmp_path, tiny_model_path) if wants_model else overrides(tmp_path)
     elif overrides == "no-eos":
         overrides = _no_eos_model(tmp_path, tiny_model_path)
 

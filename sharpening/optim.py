@@ -55,6 +55,51 @@ def schedule_factor(step: int, warmup_steps: int, total_steps: float, schedule: 
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def total_optimizer_steps(stepping_batches: float, updates_per_batch: int, max_steps: int) -> float:
+    """Optimizer steps a run takes: the length of its learning-rate schedule.
+
+    ``stepping_batches`` is Lightning's ``estimated_stepping_batches``: batches per epoch x epochs, already
+    capped at ``max_steps``. Lightning counts ``max_steps`` in optimizer steps, also for a module that takes
+    ``updates_per_batch`` of them per batch (manual optimization), and stops after the batch that reaches it.
+    So the epochs give ``batches x updates_per_batch`` steps, ``max_steps`` gives ceil(max_steps /
+    updates_per_batch) batches of updates, and a run with both takes the smaller; with neither it is unbounded.
+
+    >>> total_optimizer_steps(10, 4, -1)  # 5 batches an epoch x 2 epochs, 4 updates each
+    40
+    >>> total_optimizer_steps(12, 4, 12)  # max_steps 12 (Lightning's estimate is capped at it)
+    12
+    >>> total_optimizer_steps(2, 4, 12)  # the epochs end first
+    8
+    >>> total_optimizer_steps(10, 4, 10)  # the batch that reaches max_steps runs all its updates
+    12
+    >>> total_optimizer_steps(float("inf"), 4, -1)
+    inf
+    """
+    batches = stepping_batches
+    if max_steps is not None and max_steps >= 0:
+        batches = min(batches, math.ceil(max_steps / updates_per_batch))
+    return batches * updates_per_batch
+
+
+def schedule_change_warning(schedule: str, saved_total: float, total: float, max_epochs, max_steps) -> str | None:
+    """What to tell a user who resumed with limits that change a decaying schedule's length; None if nothing
+    changes (a constant schedule, warm-up included, does not depend on the length)."""
+    if schedule == "constant" or saved_total == total:
+        return None
+    return (
+        f"--trainer.max_epochs={max_epochs} / --trainer.max_steps={max_steps}: the checkpoint's learning-rate "
+        f"schedule (--model.optimizer.schedule={schedule}) spans {_steps(saved_total)} optimizer steps, and these "
+        f"limits make it {_steps(total)}; the learning rate from here follows the new length, so the weights will "
+        "differ from those of an uninterrupted run. To continue the schedule exactly, resume with the "
+        "--trainer.max_epochs and --trainer.max_steps the checkpoint was written with (a constant schedule "
+        "continues exactly whatever the limits)"
+    )
+
+
+def _steps(total: float) -> str:
+    return f"{int(total)}" if math.isfinite(total) else "unbounded (no limit)"
+
+
 def build_optimizer(
     params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig, total_steps: Callable[[], float], fused: bool = True
 ) -> dict:

@@ -19,7 +19,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sharpening.errors import raise_if_problems, unwritable_directory_problem
-from sharpening.optim import OptimizerConfig, build_optimizer, validate_optimizer_config
+from sharpening.optim import (
+    OptimizerConfig,
+    build_optimizer,
+    schedule_change_warning,
+    total_optimizer_steps,
+    validate_optimizer_config,
+)
 from sharpening.policy import (
     PolicyConfig,
     eval_mode,
@@ -167,7 +173,19 @@ class PolicyModule(L.LightningModule):
         return 1
 
     def configure_optimizers(self):
-        total = lambda: float(self.trainer.estimated_stepping_batches) * self.updates_per_batch()  # noqa: E731
+        def total() -> float:  # called lazily, once training data exists
+            steps = total_optimizer_steps(
+                float(self.trainer.estimated_stepping_batches), self.updates_per_batch(), self.trainer.max_steps
+            )
+            saved, self._schedule_total_in_checkpoint = getattr(self, "_schedule_total_in_checkpoint", None), None
+            cfg, trainer = self.optimizer_config, self.trainer
+            warning = saved is not None and schedule_change_warning(
+                cfg.schedule, saved, steps, trainer.max_epochs, trainer.max_steps
+            )
+            if warning:  # once, at the first decaying step after a resume
+                rank_zero_warn(warning)
+            return steps
+
         from lightning.pytorch.plugins.precision import MixedPrecision
 
         mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)  # its clipping refuses a fused step
@@ -193,9 +211,17 @@ class PolicyModule(L.LightningModule):
         return out
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["lr_schedule_total_steps"] = total_optimizer_steps(  # a resume with other limits warns
+            float(self.trainer.estimated_stepping_batches), self.updates_per_batch(), self.trainer.max_steps
+        )
         if self.sharded:  # the gathered full state dict (on rank 0) -> trainable weights only, as without FSDP
             trainable = self._trainable_names()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Keep the schedule length the checkpoint was written with: the first step that needs this run's
+        length compares the two (``configure_optimizers``)."""
+        self._schedule_total_in_checkpoint = checkpoint.get("lr_schedule_total_steps")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Norm clipping under FSDP goes through the root's ``clip_grad_norm_``, which reduces the norm over

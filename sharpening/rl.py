@@ -358,6 +358,7 @@ class RLSharpeningModule(PolicyModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint.get("xpo")
         if not state:
             return

@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from sharpening.optim import OptimizerConfig, build_optimizer, schedule_factor, validate_optimizer_config
+import sharpening.optim as optim_module
+from sharpening.optim import (
+    OptimizerConfig,
+    build_optimizer,
+    schedule_change_warning,
+    schedule_factor,
+    total_optimizer_steps,
+    validate_optimizer_config,
+)
 
 
 @pytest.mark.parametrize(
@@ -96,3 +104,36 @@ def test_build_optimizer_steps_the_schedule_lazily():
         optimizer.step()
         scheduler.step()
     assert lrs == pytest.approx([1.0, 0.75, 0.5, 0.25])
+
+
+@pytest.mark.parametrize(
+    "stepping_batches, updates, max_steps, want",
+    [
+        (10, 1, -1, 10),  # one update a batch: Lightning's estimate as it is
+        (10, 4, -1, 40),  # epochs only: batches x epochs x updates
+        (12, 4, 12, 12),  # max_steps only (Lightning caps its estimate at it): max_steps optimizer steps
+        (10, 4, 12, 12),  # both: the smaller
+        (2, 4, 12, 8),
+        (10, 4, 10, 12),  # Lightning stops after the batch that reaches max_steps: 3 batches of 4
+        (float("inf"), 4, -1, float("inf")),  # neither: unbounded
+    ],
+)
+def test_total_optimizer_steps(stepping_batches, updates, max_steps, want):
+    assert total_optimizer_steps(stepping_batches, updates, max_steps) == want
+
+
+def test_doctests():
+    import doctest
+
+    result = doctest.testmod(optim_module)
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_schedule_change_warning_only_for_a_decaying_schedule_whose_length_changed():
+    message = schedule_change_warning("linear", 12, 16, 4, -1)
+    assert "--trainer.max_epochs=4 / --trainer.max_steps=-1" in message
+    assert "spans 12 optimizer steps" in message and "make it 16" in message
+    assert "resume with the --trainer.max_epochs and --trainer.max_steps the checkpoint was written with" in message
+    assert "unbounded" in schedule_change_warning("cosine", 12, float("inf"), -1, -1)
+    assert schedule_change_warning("linear", 12, 12, 4, -1) is None
+    assert schedule_change_warning("constant", 12, 16, 4, -1) is None

@@ -11,8 +11,8 @@ The optimum is pi*_beta proportional to pi_base^(1 + 1/beta). Three algorithms:
   SelfVerificationCallback (which keeps all N samples for this module).
 - ``xpo``: paper Algorithm 1. Each step is a round: y ~ policy and y' ~ base per prompt are appended to
   a growing dataset (kept in the checkpoint), the policy is refitted on all of it with
-  alpha * log pi(y') + residual^2 (the PLUS sign of the proof), and the round with the best J_beta on
-  held-out prompts is the one written out.
+  alpha * log pi(y') + residual^2 (the PLUS sign of the proof), and the best policy on held-out prompts'
+  J_beta is the one written out: the initial one (pi^(1) = pi_base, scored before the first refit) or a round's.
 
 Deviations from the paper: the online policy-gradient path is ours (the paper ran no RL experiment);
 XPO refits for a fixed number of minibatch steps per round instead of to convergence.
@@ -93,6 +93,9 @@ class RLSharpeningModule(PolicyModule):
         self.save_hyperparameters(plain_hparams(locals()))
         self.automatic_optimization = False  # several updates per generation (online, xpo)
         self.rl, self.sampling, self.prompts_per_step, self.seed = rl, sampling, prompts_per_step, seed
+        self.xpo_pairs: list[PairExample] = []  # xpo: the growing dataset (checkpointed)
+        # xpo: the best policy scored on the held-out prompts, the initial one (round 0) included (checkpointed)
+        self.best: dict = {"j_beta": float("-inf"), "round": -1, "state": None}
         if rl.algorithm == "offline":
             self.buffer: SampleBuffer | None = None  # attached by SelfVerificationCallback.setup
             self.ensure_buffer = no_round  # replaced by SelfVerificationCallback.setup (a plain function: picklable)
@@ -112,8 +115,6 @@ class RLSharpeningModule(PolicyModule):
             if switched:
                 rank_zero_info(f"RL-sharpening: dropout set to 0 in {switched} place(s) of the policy")
             self.keep_all_samples = True  # the callback keeps all N base samples to form pairs
-        self.xpo_pairs: list[PairExample] = []
-        self.best: dict = {"j_beta": float("-inf"), "round": -1, "state": None}
 
     # -- data ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -244,6 +245,10 @@ class RLSharpeningModule(PolicyModule):
 
     def xpo_round(self, prompts: PromptBatch) -> torch.Tensor:
         """XPO: grow the dataset with (x, y ~ policy, y' ~ base), refit on all of it, score the round."""
+        if self.global_step == 0 and self.best["state"] is None:  # the paper's pi^(1) = pi_base is a candidate too
+            self._score_round()
+            if self.best["state"] is not None:
+                rank_zero_info(f"XPO: the initial policy (pi_base) scores held-out J_beta {self.best['j_beta']:.4f}")
         self.xpo_pairs.extend(self._new_pairs(prompts))
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.global_step, 1))
         collate = partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id)
@@ -285,7 +290,8 @@ class RLSharpeningModule(PolicyModule):
         return pairs
 
     def _score_round(self) -> None:
-        """Estimate J_beta on the held-out prompts; keep the best round's trainable weights."""
+        """Estimate J_beta on the held-out prompts; keep the best round's trainable weights (round 0: the
+        initial policy, pi_base, scored before the first refit)."""
         data, heldout = self.trainer.datamodule, self.rl.heldout_prompts
         if heldout == 0:
             return
@@ -380,10 +386,9 @@ class RLSharpeningModule(PolicyModule):
         """XPO: the policy of the round with the best held-out J_beta, not the last one."""
         if self.rl.algorithm == "xpo" and self.best["state"] is not None:
             self.load_state_dict({k: v.to(self.device) for k, v in self.best["state"].items()})
-            rank_zero_info(
-                f"XPO: keeping the policy after step {self.best['round']}, the best held-out J_beta "
-                f"({self.best['j_beta']:.4f})"
-            )
+            step = self.best["round"]
+            which = "the initial policy (pi_base)" if step == 0 else f"the policy after step {step}"
+            rank_zero_info(f"XPO: keeping {which}, the best held-out J_beta ({self.best['j_beta']:.4f})")
 
 
 def _collate_prompts(indices, data) -> PromptBatch:

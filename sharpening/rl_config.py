@@ -40,7 +40,8 @@ class RLConfig:
     pairs_per_update: int = 64
     """offline batches / xpo minibatches: pairs per optimizer step."""
     heldout_prompts: int = 0
-    """xpo: the last this-many prompts are held out to estimate J_beta and pick the best round (0 = last round)."""
+    """xpo: the last this-many prompts are held out to estimate J_beta and pick the best policy, the initial one
+    (pi_base) or a round's (0 = last round)."""
     truncated: Literal["drop", "keep", "penalize"] = "keep"
     """online, xpo: responses cut at max_new_tokens (no EOS) score unfairly high: keep them (default, as before),
     drop them (online only: out of the loss and the group baseline), or penalize their reward (docs/rl.md)."""

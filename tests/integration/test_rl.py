@@ -14,6 +14,7 @@ import torch
 import sharpening.rl as rl_module
 from sharpening.buffer import collate_pairs
 from sharpening.callbacks import SelfVerificationCallback
+from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig
 from sharpening.prompts import PromptDataModule, pad_prompts
 from sharpening.rl import RLConfig, RLSharpeningModule
@@ -29,12 +30,14 @@ def toy_dir(tmp_path_factory) -> str:
 
 
 def _module(
-    toy_dir: str, finetuning: str = "full", prompts_per_step: int = 3, max_new_tokens: int = toy.TOY_MAX_NEW_TOKENS, **rl
+    toy_dir: str, finetuning: str = "full", prompts_per_step: int = 3, max_new_tokens: int = toy.TOY_MAX_NEW_TOKENS,
+    optimizer: OptimizerConfig | None = None, **rl,
 ) -> RLSharpeningModule:
     module = RLSharpeningModule(
         PolicyConfig(model_name_or_path=os.path.join(toy_dir, "base"), finetuning=finetuning, dtype="float32", lora_r=4),
         rl=RLConfig(kl_coef=0.5, **rl),
         sampling=SamplingConfig(samples_per_prompt=6, max_new_tokens=max_new_tokens),
+        optimizer=optimizer,
         prompts_per_step=prompts_per_step,
     )
     return module
@@ -88,7 +91,7 @@ def test_one_base_pass_per_group_and_no_extra_policy_pass(toy_dir, monkeypatch, 
 ALGORITHMS = {
     "online": ({}, ()),
     "offline": ({"pairs_per_update": 16}, "callback"),
-    "xpo": ({"xpo_updates_per_round": 2, "pairs_per_update": 8, "heldout_prompts": 1}, ()),
+    "xpo": ({"xpo_updates_per_round": 2, "pairs_per_update": 8}, ()),  # no held-out pick: the last round is kept
 }
 
 
@@ -126,6 +129,69 @@ def test_resume_restores_the_xpo_dataset_and_best_round(toy_dir, tmp_path):
     _fit(resumed, toy_dir, max_steps=6, root=str(tmp_path / "again"), ckpt_path=ckpt)
     assert [p.response_ids for p in resumed.xpo_pairs] == [p.response_ids for p in first.xpo_pairs]
     assert resumed.best["round"] == first.best["round"] and resumed.best["j_beta"] == first.best["j_beta"]
+
+
+XPO_HELDOUT = dict(algorithm="xpo", xpo_updates_per_round=2, pairs_per_update=8, heldout_prompts=1)
+
+
+@pytest.mark.parametrize("finetuning", ["full", "lora"])
+def test_xpo_keeps_the_base_when_every_round_is_worse(finetuning, toy_dir, tmp_path):
+    """Algorithm 1 returns the best of pi^(1) = pi_base, ..., pi^(T+1): at a learning rate that wrecks every
+    refit, the policy kept and written is the initial one, scored on the held-out prompts before round 1."""
+    module = _module(toy_dir, finetuning, optimizer=OptimizerConfig(lr=1.0, schedule="constant"), **XPO_HELDOUT)
+    module.output_dir = str(tmp_path / "out")
+    module.configure_model()
+    initial = {k: v.clone() for k, v in module.state_dict().items()}
+    logged = []
+    log = module.log
+    module.log = lambda name, value, **kw: logged.append((name, float(value))) or log(name, value, **kw)
+    _fit(module, toy_dir, max_steps=4, root=None)
+    j_beta = [v for n, v in logged if n == "val/j_beta"]
+    assert len(j_beta) == 3 and max(j_beta[1:]) < j_beta[0]  # the base, then 2 rounds, each worse
+    assert module.best["round"] == 0 and module.best["j_beta"] == j_beta[0]
+    for name, value in initial.items():
+        torch.testing.assert_close(module.state_dict()[name], value, rtol=0, atol=0, msg=name)
+    if finetuning == "full":  # the written model is the base's weights
+        from transformers import AutoModelForCausalLM
+
+        written = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+        for name, value in written.items():
+            torch.testing.assert_close(value, module.policy.state_dict()[name], rtol=0, atol=0, msg=name)
+
+
+def test_xpo_scores_the_base_once_and_resume_continues_without_it(toy_dir, tmp_path):
+    """The base is scored once per run: a resumed run scores only its own rounds and ends as the straight one."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(name, ckpt_path=None):
+        module, logged = _module(toy_dir, **XPO_HELDOUT), []
+        log = module.log
+        module.log = lambda name, value, **kw: logged.append(name) or log(name, value, **kw)
+        every_step = ModelCheckpoint(dirpath=str(tmp_path / name), every_n_train_steps=1, save_top_k=-1, filename="{step}")
+        _fit(module, toy_dir, max_steps=6, root=str(tmp_path / name), ckpt_path=ckpt_path, callbacks=[every_step])
+        return module, logged.count("val/j_beta")
+
+    full, full_scores = run("full")
+    resumed, resumed_scores = run("resumed", str(tmp_path / "full" / "step=2.ckpt"))
+    assert (full_scores, resumed_scores) == (4, 2)  # base + 3 rounds; the last 2 rounds
+    assert resumed.best["round"] == full.best["round"] and resumed.best["j_beta"] == full.best["j_beta"]
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_load_from_checkpoint_keeps_the_xpo_state(toy_dir, tmp_path):
+    """load_from_checkpoint builds the policy (configure_model) after on_load_checkpoint: the XPO dataset and
+    best round it restored must survive that."""
+    module = _module(toy_dir, **XPO_HELDOUT)
+    _fit(module, toy_dir, max_steps=4, root=str(tmp_path))
+    ckpt = glob.glob(str(tmp_path / "checkpoints" / "*.ckpt"))[0]
+    loaded = RLSharpeningModule.load_from_checkpoint(ckpt)
+    assert len(loaded.xpo_pairs) == 2 * 2  # 2 rounds x 2 training prompts
+    assert [p.response_ids for p in loaded.xpo_pairs] == [p.response_ids for p in module.xpo_pairs]
+    assert loaded.best["round"] == module.best["round"] and loaded.best["j_beta"] == module.best["j_beta"]
+    assert loaded.best["state"].keys() == module.best["state"].keys()
+    loaded.configure_model()  # idempotent: a second call changes nothing
+    assert len(loaded.xpo_pairs) == 4 and loaded.best["round"] == module.best["round"]
 
 
 @pytest.mark.parametrize("finetuning", ["full", "lora"])
@@ -366,5 +432,6 @@ def test_xpo_penalize_keeps_the_round_best_for_the_penalized_objective(toy_dir, 
     _fit(module, toy_dir, max_steps=6, root=None)
     plain = [v for n, v in logged if n == "val/j_beta"]
     penalized = [v for n, v in logged if n == "val/j_beta_penalized"]
-    assert len(plain) == len(penalized) == 3 and any(p < j for p, j in zip(penalized, plain))  # some draws were cut
+    # the initial policy, then 3 rounds; some draws were cut
+    assert len(plain) == len(penalized) == 4 and any(p < j for p, j in zip(penalized, plain))
     assert module.best["j_beta"] == max(penalized)

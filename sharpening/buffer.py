@@ -283,3 +283,21 @@ def epoch_sampler(trainer, size: int, seed: int, batch_size: int) -> EpochSample
     sampler = EpochSampler(size, seed, shuffle=size > 0, skip=skip, num_replicas=replicas, rank=rank, skip_epoch=epoch)
     sampler.set_epoch(epoch)  # Lightning sets it again at each epoch start
     return sampler
+
+
+def batch_response_tokens(
+    examples: list[BufferExample], seed: int, epoch: int, batch_size: int, world_size: int
+) -> list[list[int]]:
+    """Response tokens of each batch of epoch ``epoch`` on each rank, ``[rank][batch]``, in the order the
+    loaders of ``epoch_sampler`` deal them (batch b is the epoch's b-th, also after a mid-epoch restart).
+
+    Every rank holds the whole buffer, so each can count every rank's batches before they run.
+    """
+    lengths = [len(e.response_ids) for e in examples]
+    counts = []
+    for rank in range(world_size):
+        sampler = EpochSampler(len(lengths), seed, shuffle=len(lengths) > 0, num_replicas=world_size, rank=rank)
+        sampler.set_epoch(epoch)
+        shard = list(sampler)
+        counts.append([sum(lengths[i] for i in shard[b : b + batch_size]) for b in range(0, len(shard), batch_size)])
+    return counts

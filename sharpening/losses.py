@@ -7,9 +7,19 @@ import torch
 from sharpening.selection import TRUNCATED_POLICIES
 
 
-def masked_nll(token_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Mean negative log-likelihood over response tokens (prompt and padding excluded). [B, T] -> []."""
-    count = response_mask.sum().clamp(min=1)
+def masked_nll(
+    token_logprobs: torch.Tensor, response_mask: torch.Tensor, token_count: int | None = None
+) -> torch.Tensor:
+    """Negative log-likelihood of the response tokens (prompt and padding excluded), summed and divided by
+    ``token_count``: by default the mask's own count (the batch's token mean); SFT passes the tokens of the
+    whole optimizer step, so a batch's loss is its part of the step's token mean. [B, T] -> [].
+
+    >>> masked_nll(torch.tensor([[-1.0, -3.0, 0.0]]), torch.tensor([[True, True, False]]))
+    tensor(2.)
+    >>> masked_nll(torch.tensor([[-1.0, -3.0, 0.0]]), torch.tensor([[True, True, False]]), token_count=8)
+    tensor(0.5000)
+    """
+    count = response_mask.sum().clamp(min=1) if token_count is None else max(token_count, 1)
     return -(token_logprobs * response_mask).sum() / count
 
 

@@ -4,6 +4,15 @@ The SelfVerificationCallback fills ``self.buffer`` with (prompt, best response) 
 frozen base; this module minimises the NLL of the response tokens, prompt tokens masked.
 With ``packing`` the examples of a batch are concatenated into a few rows (each attending only to
 itself) instead of padded: the same examples and the same token-mean loss, without padding compute.
+
+Loss normalization: each optimizer step minimises the token-mean NLL of ALL its examples, every response
+token weighing 1 / (response tokens of the step), the step being its ``accumulate_grad_batches``
+micro-batches on every rank. Its gradient is then the same however the step is split into micro-batches
+and ranks (a per-micro-batch mean would weigh a token by 1 / (tokens of its own micro-batch)). The step's
+token count is known before its micro-batches run: every rank holds the whole buffer and the epoch's
+order depends only on (``shuffle_seed``, epoch) (``buffer.batch_response_tokens``). Each micro-batch's
+loss is its NLL sum / (step tokens), times ``accumulate_grad_batches`` x world size, which Lightning's
+loss division and DDP/FSDP's gradient averaging take out again. ``train/loss`` is the step's token mean.
 Deviation from the paper: it may resample every epoch (``verifier.resample_every_epoch``); the paper
 samples once.
 """
@@ -16,7 +25,9 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from sharpening.buffer import SampleBuffer, collate_examples, collate_packed, epoch_sampler, no_round
+from sharpening.buffer import (
+    SampleBuffer, batch_response_tokens, collate_examples, collate_packed, epoch_sampler, no_round,
+)
 from sharpening.logprobs import packed_response_logprobs, packing_problem, response_logprobs
 from sharpening.losses import masked_nll
 from sharpening.optim import OptimizerConfig
@@ -64,6 +75,8 @@ class SFTSharpeningModule(PolicyModule):
         self.packing = packing
         self.pack_length = pack_length
         self.buffer: SampleBuffer | None = None  # attached by SelfVerificationCallback.setup
+        self._batch_tokens: tuple[int, list[list[int]]] | None = None  # (epoch, response tokens [rank][batch])
+        self._step_nll = torch.zeros(())  # the current optimizer step's NLL parts so far (this rank)
         self.ensure_buffer = no_round  # replaced by SelfVerificationCallback.setup (a plain function: picklable)
 
     def train_dataloader(self) -> DataLoader:
@@ -73,6 +86,7 @@ class SFTSharpeningModule(PolicyModule):
                 "add one (the `sharpen` CLI adds it as `verifier:`)"
             )
         self.ensure_buffer(self.current_epoch)  # the self-verification round for this epoch, if due
+        self._batch_tokens = None  # the buffer may be new: count its batches again
         return DataLoader(
             self.buffer,
             batch_size=self.batch_size,
@@ -95,7 +109,6 @@ class SFTSharpeningModule(PolicyModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if "input_ids" in batch:  # packed (collate_packed)
             token_logprobs = packed_response_logprobs(self.policy, batch, chunk_size=self.logprob_chunk_size)  # [R, L]
-            size = batch["response_lengths"].shape[0]
         else:
             token_logprobs = response_logprobs(
                 self.policy,
@@ -105,9 +118,52 @@ class SFTSharpeningModule(PolicyModule):
                 batch["response_mask"],
                 chunk_size=self.logprob_chunk_size,
             )  # [B, T]
-            size = batch["response_ids"].shape[0]
-        loss = masked_nll(token_logprobs, batch["response_mask"])  # mean over the same response tokens either way
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=size, sync_dist=True)
-        self.log("train/response_tokens", batch["response_mask"].sum().float(), batch_size=size, reduce_fx="sum",
-                 sync_dist=True)
-        return loss
+        step_tokens, step_ends = self._step_tokens(batch_idx, batch["response_mask"])
+        # this micro-batch's part of the step's token mean (the same response tokens, packed or padded)
+        part = masked_nll(token_logprobs, batch["response_mask"], token_count=step_tokens)
+        self._log_step_loss(part, batch_idx, step_tokens, step_ends)
+        # Lightning divides the loss by accumulate_grad_batches and DDP/FSDP average the ranks' gradients:
+        # undo both, so the step's gradient is the sum of the parts' gradients over its micro-batches and ranks
+        return part * self.trainer.accumulate_grad_batches * self.trainer.world_size
+
+    def _step_tokens(self, batch_idx: int, response_mask: torch.Tensor) -> tuple[int, bool]:
+        """Response tokens of the optimizer step that batch ``batch_idx`` belongs to (its micro-batches on
+        every rank), and whether this batch ends the step. Lightning steps after every
+        ``accumulate_grad_batches`` batches and after the epoch's last one."""
+        trainer, counts = self.trainer, self._epoch_batch_tokens()
+        mine, tokens = counts[trainer.global_rank], int(response_mask.sum())
+        expected = mine[batch_idx] if batch_idx < len(mine) else 0  # 0: no such batch in the epoch's order
+        if tokens != expected:
+            raise RuntimeError(
+                f"SFT batch {batch_idx} of epoch {self.current_epoch} (rank {trainer.global_rank}) holds {tokens} "
+                f"response tokens where the module's epoch order has {expected}. "
+                "The loss is normalised over each optimizer step's tokens, counted from that order, so training "
+                "needs the module's own sampler; drop options that replace it (e.g. --trainer.overfit_batches)"
+            )
+        accumulate = trainer.accumulate_grad_batches
+        start = batch_idx - batch_idx % accumulate
+        end = min(start + accumulate, trainer.num_training_batches)
+        return sum(sum(rank[start:end]) for rank in counts), batch_idx + 1 == end
+
+    def _epoch_batch_tokens(self) -> list[list[int]]:
+        """Response tokens of each batch of this epoch on each rank, [rank][batch], counted once per epoch
+        from the buffer and the epoch's order (``batch_response_tokens``)."""
+        epoch = self.current_epoch
+        if self._batch_tokens is None or self._batch_tokens[0] != epoch:
+            world_size = self.trainer.world_size
+            counts = batch_response_tokens(self.buffer.examples, self.shuffle_seed, epoch, self.batch_size, world_size)
+            self._batch_tokens = (epoch, counts)
+        return self._batch_tokens[1]
+
+    def _log_step_loss(self, part: torch.Tensor, batch_idx: int, step_tokens: int, step_ends: bool) -> None:
+        """At the step's last micro-batch, log the step's token-mean NLL (``train/loss``; its epoch value is
+        the epoch's token mean) and response tokens."""
+        if batch_idx % self.trainer.accumulate_grad_batches == 0:
+            self._step_nll = torch.zeros_like(part)
+        self._step_nll = self._step_nll + part.detach()
+        if not step_ends:
+            return
+        # each rank logs world_size x its parts: their mean over ranks (sync_dist) is the sum of all parts
+        loss = self._step_nll * self.trainer.world_size
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=step_tokens, sync_dist=True)
+        self.log("train/response_tokens", float(step_tokens))  # already over every rank

@@ -7,7 +7,13 @@ import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
 from sharpening.buffer import (
-    BufferExample, EpochSampler, SampleBuffer, collate_examples, pairs_for_rank, selected_examples,
+    BufferExample,
+    EpochSampler,
+    SampleBuffer,
+    batch_response_tokens,
+    collate_examples,
+    pairs_for_rank,
+    selected_examples,
 )
 from sharpening.sampler import derive_seed
 from sharpening.types import PromptBatch, SampleBatch, ScoredSamples
@@ -195,3 +201,17 @@ def test_pairs_for_rank_deals_all_pairs_out_again_when_the_world_size_changed():
     assert shares == [["a0", "b0"], ["a1", "b1"], ["a2"]]  # pair i to rank i mod 3
     assert sorted(p for share in shares for p in share) == sorted(by_rank[0] + by_rank[1])  # none lost or doubled
     assert [pairs_for_rank([["a0"]], 2, r) for r in (0, 1)] == [["a0"], []]
+
+
+def test_batch_response_tokens_counts_the_batches_each_rank_is_dealt():
+    examples = [BufferExample([1], [5] * n, 0.0, i, 0) for i, n in enumerate([2, 2, 2, 30, 7])]
+    for world_size in (1, 2):
+        counts = batch_response_tokens(examples, seed=4, epoch=1, batch_size=2, world_size=world_size)
+        for rank in range(world_size):
+            sampler = EpochSampler(len(examples), seed=4, num_replicas=world_size, rank=rank)
+            sampler.set_epoch(1)
+            loader = torch.utils.data.DataLoader(examples, batch_size=2, sampler=sampler, collate_fn=list)
+            assert counts[rank] == [sum(len(e.response_ids) for e in batch) for batch in loader]
+    # every example once on one rank; with 2 ranks the shorter shard is padded by wrapping round, as trained
+    assert sum(map(sum, batch_response_tokens(examples, 4, 1, 2, 1))) == 43
+    assert [len(c) for c in batch_response_tokens(examples, 4, 1, 2, 2)] == [2, 2]

@@ -1,9 +1,12 @@
-"""masked_nll: mean NLL over response tokens only."""
+"""masked_nll: NLL over response tokens only, a token mean over the batch or over a given count."""
 
 from __future__ import annotations
 
+import doctest
+
 import torch
 
+import sharpening.losses as losses_module
 from sharpening.losses import masked_nll
 
 
@@ -36,3 +39,23 @@ def test_token_mean_weights_long_responses_more():
 def test_empty_mask_gives_zero_not_nan():
     loss = masked_nll(torch.tensor([[-1.0, -2.0]]), torch.tensor([[False, False]]))
     assert loss.item() == 0.0
+
+
+def test_parts_over_the_step_count_sum_to_the_token_mean_of_the_whole_batch():
+    """Responses of 2, 2, 2 and 30 tokens split 2 + 2: divided by the step's 36 tokens, the two parts and
+    their gradients add up to the one-batch token mean (each token weighs 1/36, wherever it sits)."""
+    lengths = [2, 2, 2, 30]
+    logprobs = -torch.rand(4, 30, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    mask = torch.arange(30)[None, :] < torch.tensor(lengths)[:, None]
+    whole = masked_nll(logprobs, mask)
+    (want,) = torch.autograd.grad(whole, logprobs)
+    parts = masked_nll(logprobs[:2], mask[:2], token_count=36) + masked_nll(logprobs[2:], mask[2:], token_count=36)
+    (got,) = torch.autograd.grad(parts, logprobs)
+    torch.testing.assert_close(parts, whole)
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got[mask], torch.full((36,), -1 / 36))
+
+
+def test_doctests():
+    result = doctest.testmod(losses_module)
+    assert result.attempted > 0 and result.failed == 0

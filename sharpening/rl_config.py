@@ -57,9 +57,14 @@ def validate_rl_config(rl: RLConfig, sampling: SamplingConfig) -> list[str]:
         problems.append(f"{o}.algorithm={rl.algorithm!r}: unknown algorithm; choose online, offline or xpo")
     if not rl.kl_coef > 0:
         problems.append(f"{o}.kl_coef={rl.kl_coef}: beta must be > 0 (the optimum is pi_base^(1+1/beta)); try 0.05")
-    if rl.algorithm == "online" and rl.baseline == "leave_one_out" and sampling.samples_per_prompt < 2:
+    if rl.algorithm == "online" and sampling.samples_per_prompt < 2:
+        alone = {  # what each baseline does with a group of one sample
+            "leave_one_out": "has no other sample to average",
+            "mean": "is the sample's own reward, so every advantage is 0 (NaN with normalize_advantages)",
+        }.get(rl.baseline, "needs a group")
         problems.append(
-            f"--model.sampling.samples_per_prompt={sampling.samples_per_prompt}: a group baseline needs >= 2"
+            f"--model.sampling.samples_per_prompt={sampling.samples_per_prompt}: a group baseline needs >= 2 "
+            f"samples per prompt (with one, {o}.baseline={rl.baseline} {alone}); set it to 2 or more, e.g. 8"
         )
     inexact = {k: v for k, v in (("temperature", sampling.temperature), ("top_k", sampling.top_k),
                                   ("top_p", sampling.top_p)) if v != {"temperature": 1.0, "top_k": 0, "top_p": 1.0}[k]}

@@ -270,3 +270,17 @@ def test_collate_pairs_carries_the_truncation_flags():
     assert batch["truncated"].tolist() == [False, True, False, True]
     assert batch["other_truncated"].tolist() == [False, False, True, True]
     assert collate_pairs([PairExample([1], [2], [3], -1.0, -2.0, 0)], 0)["truncated"].tolist() == [False]  # old pairs
+
+
+@pytest.mark.parametrize("baseline", ["leave_one_out", "mean"])
+def test_online_rl_refuses_one_sample_per_prompt_under_either_baseline(baseline):
+    """With one sample the mean baseline is the sample's own reward: every advantage would be 0."""
+    from sharpening.rl_config import RLConfig, validate_rl_config
+    from sharpening.sampler import SamplingConfig
+
+    problems = validate_rl_config(RLConfig(baseline=baseline), SamplingConfig(samples_per_prompt=1))
+    assert len(problems) == 1
+    assert problems[0].startswith("--model.sampling.samples_per_prompt=1: a group baseline needs >= 2")
+    assert f"--model.rl.baseline={baseline}" in problems[0] and "set it to 2 or more" in problems[0]
+    assert validate_rl_config(RLConfig(baseline=baseline), SamplingConfig(samples_per_prompt=2)) == []
+    assert validate_rl_config(RLConfig(algorithm="xpo", baseline=baseline), SamplingConfig(samples_per_prompt=1)) == []

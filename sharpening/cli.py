@@ -22,6 +22,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from sharpening.callbacks import SelfVerificationCallback
+from sharpening.checkpoint import (
+    DiskFullError,
+    checksum_problem,
+    holding_run_directories,
+    run_checkpoint_dirs,
+    run_directory_problems,
+)
 from sharpening.errors import ConfigError, collect_problems, raise_if_problems
 from sharpening.policy_module import PolicyModule
 from sharpening.prompts import PromptDataModule
@@ -48,11 +55,13 @@ class SharpeningCLI(LightningCLI):
         """After SIGTERM Lightning ends the epoch with SIGTERMException; by then PreemptionCallback has
         written a resumable checkpoint, so that is a clean stop, not a crash."""
         self.preempted = False
-        try:
-            super()._run_subcommand(subcommand)
-        except SIGTERMException:
-            self.preempted = True
-            rank_zero_info("stopped after SIGTERM; resume with --ckpt_path last")
+        directories = self.trainer.default_root_dir, self.model.output_dir, run_checkpoint_dirs(self.trainer)
+        with holding_run_directories(*directories):  # a second run into them is refused; released at the end
+            try:
+                super()._run_subcommand(subcommand)
+            except SIGTERMException:
+                self.preempted = True
+                rank_zero_info("stopped after SIGTERM; resume with --ckpt_path last")
 
     def instantiate_classes(self) -> None:
         """Show a configuration problem as our one error, not buried in jsonargparse's union report, and
@@ -60,6 +69,7 @@ class SharpeningCLI(LightningCLI):
         try:
             with collect_problems(getattr(self, "pending_problems", None)):
                 super().instantiate_classes()
+                self._check_run_directories()
         except (ValueError, TypeError) as err:
             cause = err
             while cause is not None and not isinstance(cause, ConfigError):
@@ -67,6 +77,14 @@ class SharpeningCLI(LightningCLI):
             if cause is None:
                 raise
             raise cause from None
+
+    def _check_run_directories(self) -> None:
+        """An unwritable run directory, or an output_dir that would replace the prompts, the run's directory,
+        checkpoints or logs: refused before fit, whatever --model.overwrite_output_dir says."""
+        subcommand = self.config.get("subcommand")
+        ckpt_path = (self.config[subcommand] if subcommand else self.config).get("ckpt_path")
+        dataset = self.datamodule.hparams.get("dataset")
+        raise_if_problems(run_directory_problems(self.trainer, self.model.output_dir, dataset, ckpt_path))
 
     def before_instantiate_classes(self) -> None:
         """Refuse to start a fresh run on top of another run's checkpoints (they would be overwritten)."""
@@ -119,12 +137,16 @@ def run_checkpoints(root: str) -> list[str]:
 def resume_problems(path: str, model_config) -> list[str]:
     """Why the checkpoint at ``path`` cannot resume ``model_config`` (class_path + init_args), if it can't.
 
-    Loading uses ``weights_only=True``: a checkpoint that needs unpickling of arbitrary objects is refused.
+    Loading uses ``weights_only=True``: a checkpoint that needs unpickling of arbitrary objects is refused,
+    and so is one whose bytes differ from the checksum written with it.
     """
     if not os.path.isfile(path):
         parent = os.path.dirname(path) or "."
         found = sorted(f for f in os.listdir(parent) if f.endswith(".ckpt")) if os.path.isdir(parent) else []
         return [f"--ckpt_path={path!r}: no such file (checkpoints in {parent!r}: {found[:6]})"]
+    corrupted = checksum_problem(path, "--ckpt_path")
+    if corrupted:
+        return [corrupted]
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # pickle.UnpicklingError, RuntimeError from the zip reader, ...
@@ -188,7 +210,7 @@ def main(args: list[str] | None = None):
     except ConfigError as err:
         print(f"{program}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except NonFiniteError as err:
+    except (NonFiniteError, DiskFullError) as err:
         print(f"{program}: {err}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
+from sharpening.checkpoint import disk_full_explained, output_dir_problems, verify_checkpoint
 from sharpening.errors import raise_if_problems, unwritable_directory_problem
 from sharpening.optim import (
     OptimizerConfig,
@@ -71,6 +72,9 @@ class PolicyModule(L.LightningModule):
                 f"--model.output_dir={output_dir!r}: already holds files ({sorted(os.listdir(output_dir))[:5]}); "
                 "choose a new directory or set --model.overwrite_output_dir true"
             )
+        if output_dir and os.path.isdir(os.path.expanduser(policy.model_name_or_path)):
+            base = ("the base model", policy.model_name_or_path, "--model.policy.model_name_or_path", False)
+            problems += output_dir_problems(output_dir, [base])
         raise_if_problems(problems + list(extra_problems or []))
         self.policy: torch.nn.Module | None = None
         self.frozen_copy: torch.nn.Module | None = None
@@ -268,6 +272,7 @@ class PolicyModule(L.LightningModule):
         loading never writes and is not refused for the run's existing output; pass ``output_dir=`` (and any
         other constructor argument) to override what the checkpoint holds."""
         kwargs.setdefault("output_dir", None)
+        verify_checkpoint(checkpoint_path, "checkpoint_path")
         return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only, **kwargs)
 
     def on_train_end(self) -> None:
@@ -339,7 +344,8 @@ def save_policy(policy: torch.nn.Module, tokenizer, output_dir: str) -> None:
 
     Written into a new sibling directory, then moved to ``output_dir``, which it replaces: the result holds
     this policy's files only (never an earlier run's adapter beside new full weights), and an error while
-    writing leaves ``output_dir`` as it was.
+    writing (a full disk: DiskFullError) leaves ``output_dir`` as it was. A process killed mid-way leaves
+    ``.<name>.<pid>.partial`` / ``.previous``, which the next run clears (``checkpoint.remove_leftovers``).
     """
     for config in (getattr(policy, "peft_config", None) or {}).values():  # a local base: absolute, not cwd-relative
         base = getattr(config, "base_model_name_or_path", None)
@@ -352,13 +358,19 @@ def save_policy(policy: torch.nn.Module, tokenizer, output_dir: str) -> None:
     shutil.rmtree(staging, ignore_errors=True)  # a leftover of this pid's earlier, failed attempt
     os.mkdir(staging)
     try:
-        policy.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
+        with disk_full_explained(parent, f"writing the policy to {output_dir!r}"):
+            policy.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     previous = os.path.join(parent, f".{name}.{os.getpid()}.previous")
     if os.path.lexists(output_dir):
         os.replace(output_dir, previous)
-    os.replace(staging, output_dir)
+    try:
+        os.replace(staging, output_dir)
+    except BaseException:
+        if os.path.lexists(previous):
+            os.replace(previous, output_dir)
+        raise
     shutil.rmtree(previous, ignore_errors=True)

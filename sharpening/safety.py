@@ -23,6 +23,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from sharpening.checkpoint import remove_checksum, verify_checkpoint, write_checkpoint
+
 PREEMPTED_CHECKPOINT = "last-preempted.ckpt"
 LAST_GOOD_CHECKPOINT = "last-good.ckpt"
 
@@ -67,22 +69,19 @@ def preempt(trainer: L.Trainer, where: str) -> None:
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Checkpoints appear whole or not at all: written to a hidden temporary file in the SAME directory,
     flushed to disk, then renamed over the target (``os.replace`` is atomic on one filesystem). A process
-    killed while saving leaves the previous checkpoint in place, and no partial ``*.ckpt``."""
+    killed while saving, or a full disk, leaves the previous checkpoint in place, and no partial ``*.ckpt``.
+    Each checkpoint gets its SHA-256 beside it, checked when it loads (``sharpening.checkpoint``)."""
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        path = os.fspath(path)
-        directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
-        temporary = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.partial")
-        try:
-            with open(temporary, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, path)
-        finally:
-            if os.path.exists(temporary):
-                os.remove(temporary)
+        write_checkpoint(checkpoint, os.fspath(path))
+
+    def load_checkpoint(self, path, *args, **kwargs):
+        verify_checkpoint(path, "--ckpt_path")
+        return super().load_checkpoint(path, *args, **kwargs)
+
+    def remove_checkpoint(self, path) -> None:
+        super().remove_checkpoint(path)
+        remove_checksum(path)
 
 
 class PreemptionCallback(L.Callback):

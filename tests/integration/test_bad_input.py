@@ -186,6 +186,17 @@ CASES = [
     ("output_dir is a file", SFT, _output_dir_is_a_file, "is a file, not a directory"),
     ("output_dir inside a file", RL, _output_dir_inside_a_file, "is a file, so the directory cannot be made"),
     ("tokenizer without EOS", SFT, "no-eos", "no EOS token"),
+    # writing the policy replaces output_dir: never over what the run reads or keeps, whatever overwrite says
+    ("policy over the base model", SFT, lambda tmp, model: _demo_folder(tmp, model, "demo/base"), "is the base model"),
+    ("policy over the model and prompts folder", SFT, lambda tmp, model: _demo_folder(tmp, model, "demo"),
+     "contains the base model"),
+    ("policy over the run directory", SFT, lambda tmp: [f"--model.init_args.output_dir={tmp / 'root'}", OVERWRITE],
+     "is the run directory"),
+    ("policy inside the run's checkpoints", SFT,
+     lambda tmp: [f"--model.init_args.output_dir={tmp / 'root' / 'checkpoints' / 'policy'}", OVERWRITE],
+     "is inside the run's checkpoints"),
+    ("run directory inside the policy", SFT, lambda tmp: [f"--trainer.default_root_dir={tmp / 'out' / 'run'}", OVERWRITE],
+     "contains the run directory"),
 ]
 
 
@@ -266,3 +277,14 @@ def test_problems_of_every_section_are_reported_together(tiny_model_path, prompt
     for fragment in ("--model.optimizer.lr=0.0", "--model.batch_size=0", "--data.max_prompts=0",
                      "--verifier.sampling.samples_per_prompt=-1", "--verifier.sampling.max_new_tokens=0"):  # fmt: skip
         assert any(p.startswith(fragment) for p in problems), (fragment, problems)
+
+
+OVERWRITE = "--model.init_args.overwrite_output_dir=true"
+
+
+def _demo_folder(tmp, model, output_dir: str) -> list[str]:
+    """artifacts/demo's layout: the base model and the prompts in one folder; the policy goes to ``output_dir``."""
+    shutil.copytree(model, tmp / "demo" / "base")
+    (tmp / "demo" / "train.jsonl").write_text(json.dumps({"prompt": "abcd=", "answer": "dcba"}) + "\n")
+    return [f"--model.init_args.policy.model_name_or_path={tmp / 'demo' / 'base'}", f"--data.dataset={tmp / 'demo' / 'train.jsonl'}",
+            f"--model.init_args.output_dir={tmp / output_dir}", OVERWRITE]  # fmt: skip

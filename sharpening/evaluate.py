@@ -22,6 +22,7 @@ import functools
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -32,7 +33,12 @@ from sharpening.evaluate_cache import DrawCache, model_fingerprint
 from sharpening.evaluate_config import (
     EvalModelConfig,
     ProtocolConfig,
+    adapter_base_check,
+    model_context,
     output_dir_problem,
+    overlap_problem,
+    prompt_context_problems,
+    read_directories,
     resolve_model_sources,
     validate_data_args,
     validate_model_config,
@@ -209,8 +215,9 @@ def measure(model_cfg: EvalModelConfig, protocol: ProtocolConfig, data_args: dic
     tokenizer = load_tokenizer_for(model_cfg, model_path, adapter)
     data.load_prompts(tokenizer)  # missing columns and empty files fail here, still before any weights load
     device = resolve_device(model_cfg.device)
-    compiled_off_cuda = decode_device_problems(SamplingConfig(decode=protocol.decode), device, "--protocol", gpu_option="--model.device cuda")
-    raise_if_problems(compiled_off_cuda)
+    sampling = SamplingConfig(decode=protocol.decode)
+    problems = decode_device_problems(sampling, device, "--protocol", gpu_option="--model.device cuda")
+    raise_if_problems(problems + context_problems(model_cfg, model_path, data, protocol.max_new_tokens))
     model, base = load_models(model_cfg, model_path, adapter, device)
     identity = model_identity(model_cfg, model_path, adapter, next(model.parameters()).dtype)
     cache_identity = {"model": identity["fingerprint"], "adapter": identity["adapter_fingerprint"], "dtype": identity["dtype"]}
@@ -234,6 +241,19 @@ def measure(model_cfg: EvalModelConfig, protocol: ProtocolConfig, data_args: dic
         "model": identity,
         "environment": {"device": str(device), "torch": torch.__version__, "sampling_seconds": seconds},
     }
+
+
+def context_problems(cfg: EvalModelConfig, model: str, data: PromptDataModule, max_new_tokens: int) -> list[str]:
+    """Prompts too long for the evaluated model's context, or for the base that rescores its draws."""
+    scorers = [(model, cfg.revision)]
+    if cfg.score_with == "base" and cfg.base_model_name_or_path:
+        scorers.append((cfg.base_model_name_or_path, None))
+    return [
+        problem
+        for name, revision in scorers
+        for problem in prompt_context_problems(data.prompt_ids, max_new_tokens, data.hparams.dataset, name,
+                                               model_context(name, revision, cfg.trust_remote_code))  # fmt: skip
+    ]
 
 
 def model_identity(cfg: EvalModelConfig, model: str, adapter: str | None, dtype: torch.dtype) -> dict:
@@ -297,14 +317,18 @@ def run(argv: list[str]) -> dict:
 
     parser = build_parser(with_docs=any(a in ("-h", "--help") for a in argv))
     ns = parser.parse_args(argv)
-    output_problems = [output_dir_problem(ns.output_dir, ns.overwrite)]
+    model_cfg, protocol = EvalModelConfig(**ns.model.as_dict()), ProtocolConfig(**ns.protocol.as_dict())
+    read = read_directories(model_cfg)
+    output_problems = [output_dir_problem(ns.output_dir, ns.overwrite, read)]
     if ns.cache_dir:
         output_problems.append(unwritable_directory_problem("--cache_dir", ns.cache_dir))
+        output_problems.append(overlap_problem("--cache_dir", ns.cache_dir, read))
     output_problems = [p for p in output_problems if p]
     config = ns.as_dict()  # every option, None included: the exact configuration
     config_files = [str(f) for f in config.pop("config", None) or []]
-    model_cfg, protocol = EvalModelConfig(**ns.model.as_dict()), ProtocolConfig(**ns.protocol.as_dict())
     cache_dir = ns.cache_dir or os.path.join(ns.output_dir, "cache")
+    for warning in adapter_base_check(model_cfg)[1]:  # a base other than the adapter's own, of the same shapes
+        warnings.warn(warning, stacklevel=2)
     numbers = measure(model_cfg, protocol, ns.data.as_dict(), cache_dir, ns.show_progress, output_problems)
     results = {"config": config, "config_files": config_files, **numbers}
     os.makedirs(ns.output_dir, exist_ok=True)

@@ -6,6 +6,7 @@
 Each model is measured with the protocol of sharpening.evaluate (one seed, N = --samples-per-prompt,
 best-of-N by the model's OWN log-likelihood, truncated responses kept) and the summary's flat keys
 (``base_greedy_accuracy``, ``sharpened_sample_accuracy``, ...) are printed and optionally written as JSON.
+A sharpened PEFT adapter is put on --base, which must be the base its adapter_config.json names (or a copy).
 """
 
 from __future__ import annotations
@@ -14,10 +15,19 @@ import argparse
 import json
 import os
 import time
+import warnings
 
-from sharpening.errors import ConfigError, raise_if_problems
+from sharpening.errors import ConfigError, raise_if_problems, unwritable_directory_problem
 from sharpening.evaluate import measure
-from sharpening.evaluate_config import EvalModelConfig, ProtocolConfig, validate_model_config, validate_protocol_config
+from sharpening.evaluate_config import (
+    EvalModelConfig,
+    ProtocolConfig,
+    adapter_base_check,
+    is_adapter_dir,
+    validate_data_args,
+    validate_model_config,
+    validate_protocol_config,
+)
 from sharpening.evaluate_report import find_row
 
 KEYS = {"greedy_accuracy": ("greedy", 1), "sample_accuracy": ("sample", 1), "bon_accuracy": ("bon_loglik", None),
@@ -27,17 +37,33 @@ KEYS = {"greedy_accuracy": ("greedy", 1), "sample_accuracy": ("sample", 1), "bon
 # The evaluate options that compare's flags set, as the compare user types them.
 FLAGS = {"--protocol.max_new_tokens": "--max-new-tokens", "--protocol.answer_extractor": "--answer-extractor",
          "--data.dataset": "--prompts", "--data.prompt_column": "--prompt-column",
-         "--data.answer_column": "--answer-column", "--data.max_prompts": "--max-prompts"}  # fmt: skip
+         "--data.answer_column": "--answer-column", "--data.max_prompts": "--max-prompts",
+         "--model.allow_adapter_base_mismatch true": "--allow-adapter-base-mismatch"}  # fmt: skip
 
 
-def _as_typed(problems: list[str]) -> list[str]:
+def _as_typed(problems: list[str], flags: dict[str, str] | None = None) -> list[str]:
     """Problems found by sharpening.evaluate's checks, naming compare's flags instead of its options."""
     out = []
     for problem in problems:
-        for option, flag in FLAGS.items():
+        for option, flag in {**FLAGS, **(flags or {})}.items():
             problem = problem.replace(option, flag)
         out.append(problem)
     return out
+
+
+def model_configs(args: argparse.Namespace) -> dict[str, tuple[EvalModelConfig, dict[str, str]]]:
+    """{name: (its configuration, its options as compare's flags)} of the base and (when given) the sharpened
+    model. A sharpened adapter goes on --base, so the two runs differ by the adapter alone."""
+    models = {"base": (EvalModelConfig(args.base, dtype="float32"), {"--model.model_name_or_path": "--base"})}
+    if args.sharpened and is_adapter_dir(args.sharpened) and not is_adapter_dir(args.base):
+        sharpened = EvalModelConfig(args.base, adapter_path=args.sharpened, dtype="float32",
+                                    allow_adapter_base_mismatch=args.allow_adapter_base_mismatch)  # fmt: skip
+        flags = {"--model.adapter_path": "--sharpened", "--model.model_name_or_path": "--base"}
+        models["sharpened"] = sharpened, flags
+    elif args.sharpened:
+        flags = {"--model.model_name_or_path": "--sharpened"}
+        models["sharpened"] = EvalModelConfig(args.sharpened, dtype="float32"), flags
+    return models
 
 
 def compare(args: argparse.Namespace) -> dict:
@@ -47,25 +73,31 @@ def compare(args: argparse.Namespace) -> dict:
         problems.append(f"--samples-per-prompt={args.samples_per_prompt}: must be >= 1 (N of best-of-N, e.g. 8)")
     if args.summary and os.path.exists(args.summary):
         problems.append(f"--summary={args.summary!r} already exists; choose a new path (it is never overwritten)")
+    elif args.summary:
+        folder = os.path.dirname(os.path.abspath(args.summary))
+        if problem := unwritable_directory_problem("its folder", folder):
+            problems.append(f"--summary={args.summary!r}: {problem} (the summary is written at the end)")
     protocol = ProtocolConfig(
         n_values=[max(1, args.samples_per_prompt)], seeds=1, seed=args.seed, max_new_tokens=args.max_new_tokens,
         prompts_per_batch=32, answer_extractor=args.answer_extractor, truncated="keep",
     )  # fmt: skip
     data = {"dataset": args.prompts, "prompt_column": args.prompt_column, "answer_column": args.answer_column,
             "max_prompts": args.max_prompts}  # fmt: skip
-    models = {name: EvalModelConfig(model_name_or_path=path, dtype="float32")
-              for name, path in (("base", args.base), ("sharpened", args.sharpened)) if path}  # fmt: skip
-    problems += _as_typed(validate_protocol_config(protocol))
-    for name, cfg in models.items():
-        problems += [p.replace("--model.model_name_or_path", f"--{name}") for p in validate_model_config(cfg)]
-    raise_if_problems(problems)  # both models checked before either loads
+    models = model_configs(args)
+    problems += _as_typed(validate_protocol_config(protocol) + validate_data_args(data))
+    for cfg, flags in models.values():
+        problems += [p for p in _as_typed(validate_model_config(cfg), flags) if p not in problems]
+    raise_if_problems(problems)  # both models and the prompts checked before either model loads
+    for cfg, flags in models.values():
+        for warning in _as_typed(adapter_base_check(cfg)[1], flags):
+            warnings.warn(warning, stacklevel=2)
     summary: dict = {"samples_per_prompt": args.samples_per_prompt, "prompts_file": args.prompts}
-    for name, cfg in models.items():
+    for name, (cfg, flags) in models.items():
         try:
             results = measure(cfg, protocol, data, cache_dir=None, show_progress=False)
         except ConfigError as err:  # the prompts file's problems (checked before any weights load)
-            raise ConfigError(_as_typed(err.problems)) from None
-        summary[f"{name}_model"] = os.path.abspath(cfg.model_name_or_path)
+            raise ConfigError(_as_typed(err.problems, flags)) from None
+        summary[f"{name}_model"] = os.path.abspath(getattr(args, name))
         summary["eval_prompts"] = results["prompts"]["count"]
         for key, (method, n) in KEYS.items():
             summary[f"{name}_{key}"] = find_row(results, method, n or args.samples_per_prompt)["accuracy"]
@@ -112,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how an answer is read from a response: a built-in name (sharpening.tasks.extractors."
                              "EXTRACTORS) or a module:function path")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    parser.add_argument("--allow-adapter-base-mismatch", action="store_true",
+                        help="put a --sharpened adapter on a --base hub model other than the one its "
+                             "adapter_config.json names (e.g. a mirror); weight shapes must still agree")
     parser.add_argument("--summary", default=None, help="write the JSON summary here (a new file: never overwritten)")
     parser.add_argument("--demo-checks", action="store_true", help="print the demo's acceptance checks")
     parser.add_argument("--elapsed-since", type=float, default=None, help="unix time the run started (reported)")

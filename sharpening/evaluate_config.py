@@ -48,6 +48,9 @@ class EvalModelConfig:
     load_in_4bit: bool = False
     """Load the weights in 4-bit NF4 (bitsandbytes), as a QLoRA run holds its base: evaluates a QLoRA adapter on
     the base it was trained on (dtype is then the compute dtype; the other weights are float32, as in training)."""
+    allow_adapter_base_mismatch: bool = False
+    """Put the adapter on a hub model other than the base its adapter_config.json names (e.g. a mirror of it);
+    the weight shapes must still agree. A local directory that is not the recorded one is only warned about."""
 
 
 @dataclass
@@ -80,20 +83,149 @@ class ProtocolConfig:
         return self.samples_per_prompt or max(self.n_values, default=1)
 
 
-def _is_adapter_dir(path: str) -> bool:
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+"""What PEFT reads an adapter's weights from."""
+SHAPE_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "n_embd", "n_layer", "n_head",
+                "n_inner")  # fmt: skip
+"""config.json fields that decide the shapes of a model's weights: an adapter fits only a base that agrees on them."""
+
+
+def is_adapter_dir(path: str) -> bool:
+    """Whether ``path`` is a directory holding a PEFT adapter_config.json."""
     return os.path.isfile(os.path.join(os.path.expanduser(path), "adapter_config.json"))
+
+
+def read_adapter_config(path: str) -> dict:
+    """adapter_config.json of the adapter directory ``path`` ({} when missing or not a JSON object)."""
+    try:
+        with open(os.path.join(os.path.expanduser(path), "adapter_config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def resolve_model_sources(cfg: EvalModelConfig) -> tuple[str, str | None]:
     """(model, adapter): a model_name_or_path that is an adapter directory becomes the adapter, on the
     base named in its adapter_config.json; so does an adapter_path given without a model."""
     adapter = cfg.adapter_path
-    if adapter is None and _is_adapter_dir(cfg.model_name_or_path):
+    if adapter is None and is_adapter_dir(cfg.model_name_or_path):
         adapter = cfg.model_name_or_path
     if adapter is not None and (not cfg.model_name_or_path or adapter == cfg.model_name_or_path):
-        with open(os.path.join(os.path.expanduser(adapter), "adapter_config.json")) as f:
-            return json.load(f).get("base_model_name_or_path") or "", adapter
+        base = read_adapter_config(adapter).get("base_model_name_or_path")
+        return base if isinstance(base, str) else "", adapter
     return cfg.model_name_or_path, adapter
+
+
+def _listing(directory: str) -> str:
+    found = sorted(os.listdir(directory))
+    return f"found: {found[:8]}{' ...' if len(found) > 8 else ''}"
+
+
+def adapter_files_problem(path: str) -> str | None:
+    """Why ``path`` is not an adapter directory PEFT can load (no adapter_config.json, unreadable, no weights)."""
+    directory = os.path.expanduser(path)
+    if not os.path.isdir(directory):
+        return "is a file; name the adapter directory" if os.path.exists(directory) else "no such directory"
+    if not is_adapter_dir(directory):
+        return f"no adapter_config.json there ({_listing(directory)}); name a PEFT adapter dir (save_pretrained's)"
+    if not read_adapter_config(directory):
+        return "its adapter_config.json is not a JSON object; copy the adapter directory again"
+    if not any(os.path.isfile(os.path.join(directory, f)) for f in ADAPTER_WEIGHT_FILES):
+        return (
+            f"adapter_config.json but no adapter weights ({' or '.join(ADAPTER_WEIGHT_FILES)}; {_listing(directory)}); "
+            "copy the weights there or point to the directory save_pretrained wrote"
+        )
+    return None
+
+
+def _local_dir(name: str) -> str | None:
+    """The real path of ``name`` when it is a local directory."""
+    path = os.path.expanduser(name)
+    return os.path.realpath(path) if name and os.path.isdir(path) else None
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def _same_source(a: str, b: str) -> bool:
+    """The same local directory (by real path), or the same hub id."""
+    return (_local_dir(a) or a.rstrip("/")) == (_local_dir(b) or b.rstrip("/"))
+
+
+def _model_config(name: str, revision: str | None = None) -> dict | None:
+    """config.json of a local model directory or of a hub model in the local cache (never downloads), or None."""
+    directory = _local_dir(name)
+    path = os.path.join(directory, "config.json") if directory else None
+    if path is None and not _looks_like_path(name):
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(name, "config.json", revision=revision)
+        except ValueError:  # not a valid hub id either
+            cached = None
+        path = cached if isinstance(cached, str) else None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, TypeError, ValueError):
+        return None
+
+
+def shape_differences(a: dict, b: dict) -> list[str]:
+    """``field=a vs b`` for each weight-shape field that both configs set, to different values.
+
+    >>> shape_differences({"hidden_size": 64, "head_dim": 16}, {"hidden_size": 32, "vocab_size": 9})
+    ['hidden_size=64 vs 32']
+    """
+    return [f"{k}={a[k]!r} vs {b[k]!r}" for k in SHAPE_FIELDS if k in a and k in b and a[k] != b[k]]
+
+
+def _same_weights(a: str, b: str) -> bool:
+    """Whether two model directories hold the same weight files (a copy), by their fingerprints."""
+    from sharpening.evaluate_cache import WEIGHT_SUFFIXES, model_fingerprint
+
+    def weights(name: str) -> dict:
+        return {k: v for k, v in model_fingerprint(name)["files"].items() if k.endswith(WEIGHT_SUFFIXES)}
+
+    return bool(weights(a)) and weights(a) == weights(b)
+
+
+def adapter_base_check(cfg: EvalModelConfig, option: str = "--model") -> tuple[list[str], list[str]]:
+    """(problems, warnings) of putting the adapter on model_name_or_path, judged before any weights load by the
+    base_model_name_or_path of its adapter_config.json: other weight shapes are refused (loading would fail);
+    other hub ids with the same shapes load silently into numbers of a model nobody trained, so they are refused
+    unless allow_adapter_base_mismatch; a local directory that is not the recorded one (a copied or downloaded
+    base is legitimate) is warned about unless it holds the same weight files."""
+    model, adapter = resolve_model_sources(cfg)
+    recorded = read_adapter_config(adapter).get("base_model_name_or_path") if adapter and model else None
+    if not isinstance(recorded, str) or not recorded or _same_source(recorded, model):
+        return [], []
+    trained_on = f"{option}.adapter_path={adapter!r} was trained on {recorded!r} (its adapter_config.json)"
+    ours = _model_config(model, cfg.revision)
+    theirs = _model_config(recorded, read_adapter_config(adapter).get("revision"))
+    if ours and theirs and (differences := shape_differences(theirs, ours)):
+        return [
+            f"{trained_on}, whose weight shapes differ from {option}.model_name_or_path={model!r} "
+            f"({'; '.join(differences)}), so the adapter cannot load on it; give its base, "
+            f"{option}.model_name_or_path {recorded}, or the adapter trained on {model!r}"
+        ], []  # fmt: skip
+    if _local_dir(model) and _local_dir(recorded) and _same_weights(model, recorded):
+        return [], []
+    shapes = "the same weight shapes" if ours and theirs else "shapes not comparable: a config.json is not here"
+    local = _local_dir(model) or _local_dir(recorded) or _looks_like_path(recorded)
+    if local or cfg.allow_adapter_base_mismatch:
+        return [], [
+            f"{trained_on}, not on {option}.model_name_or_path={model!r} ({shapes}); the numbers are right only if "
+            f"{model!r} is a copy of {recorded!r}"
+        ]  # fmt: skip
+    return [
+        f"{trained_on}, not on {option}.model_name_or_path={model!r} ({shapes}): on another base it loads without "
+        f"an error and measures a model nobody trained. Give {option}.model_name_or_path {recorded}, or pass "
+        f"{option}.allow_adapter_base_mismatch true if {model!r} is the base you mean (e.g. a mirror of it)"
+    ], []  # fmt: skip
 
 
 def device_problem(device: str) -> str | None:
@@ -118,13 +250,23 @@ def device_problem(device: str) -> str | None:
 def validate_model_config(cfg: EvalModelConfig, option: str = "--model") -> list[str]:
     """Every problem with the model section; reads only small JSON files."""
     problems = []
-    if cfg.adapter_path is not None and not _is_adapter_dir(cfg.adapter_path):
-        return [f"{option}.adapter_path={cfg.adapter_path!r}: no adapter_config.json there; name a PEFT adapter dir"]
+    for name, path in (("adapter_path", cfg.adapter_path), ("model_name_or_path", cfg.model_name_or_path)):
+        if path and (name == "adapter_path" or is_adapter_dir(path)) and (problem := adapter_files_problem(path)):
+            return [f"{option}.{name}={path!r}: {problem}"]
     model, adapter = resolve_model_sources(cfg)
-    if not model:
+    from_adapter = adapter is not None and model != cfg.model_name_or_path  # the base its adapter_config.json names
+    source = "model_name_or_path" if adapter == cfg.model_name_or_path else "adapter_path"
+    named = f"{option}.{source}={adapter!r} is an adapter whose base"
+    if not model and from_adapter:
+        problems.append(f"{named} is not recorded; give the base with {option}.model_name_or_path")
+    elif not model:
         problems.append(f"{option}.model_name_or_path is empty: give a hub id or a local model directory")
-    elif (problem := model_source_problem(model)) is not None:
+    elif (problem := model_source_problem(model)) is not None and from_adapter:
+        problems.append(f"{named} {model!r} cannot load: {problem}; or give the base with {option}.model_name_or_path")
+    elif problem is not None:
         problems.append(f"{option}.model_name_or_path={model!r}: {problem}")
+    else:
+        problems += adapter_base_check(cfg, option)[0]
     if cfg.base_model_name_or_path and (problem := model_source_problem(cfg.base_model_name_or_path)) is not None:
         problems.append(f"{option}.base_model_name_or_path={cfg.base_model_name_or_path!r}: {problem}")
     if cfg.score_with not in ("self", "base"):
@@ -190,12 +332,81 @@ def validate_data_args(data: dict, option: str = "--data") -> list[str]:
     return problems
 
 
-def output_dir_problem(output_dir: str, overwrite: bool) -> str | None:
-    """Why results may not be written to ``output_dir`` (non-empty without --overwrite true), or None."""
+CONTEXT_FIELDS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+"""config fields that give a model's context (positions), the first one set wins."""
+
+
+def model_context(name: str, revision: str | None, trust_remote_code: bool) -> tuple[int, str] | None:
+    """(positions, the config field that gives them) of a model's context, from its config only, or None."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except Exception:  # an unknown architecture or remote code not trusted: loading the model says why
+        return None
+    for field_name in CONTEXT_FIELDS:
+        if isinstance(value := getattr(config, field_name, None), int) and value > 0:
+            return value, field_name
+    return None
+
+
+def prompt_context_problems(prompt_ids: list[list[int]], max_new_tokens: int, dataset: str, model: str,
+                            context: tuple[int, str] | None) -> list[str]:  # fmt: skip
+    """Prompts that do not fit ``model``'s ``context`` with max_new_tokens more tokens (positions past it have
+    no trained embedding: the draws would be garbage, or fail part-way through a run)."""
+    if context is None:
+        return []
+    positions, field_name = context
+    over = [i for i, ids in enumerate(prompt_ids) if len(ids) + max_new_tokens > positions]
+    if not over:
+        return []
+    longest = max(over, key=lambda i: len(prompt_ids[i]))
+    room = positions - len(prompt_ids[longest])
+    lower = f"lower --protocol.max_new_tokens to {room} or less, " if room >= 1 else ""
+    return [
+        f"--data.dataset={dataset!r}: {len(over)} of {len(prompt_ids)} prompt(s) do not fit the context of {model!r} "
+        f"({field_name}={positions}) with --protocol.max_new_tokens={max_new_tokens} tokens after them (prompts "
+        f"{over[:8]}{' ...' if len(over) > 8 else ''}, counting from 0; the longest, prompt {longest}, has "
+        f"{len(prompt_ids[longest])} tokens). Fix: {lower}shorten or drop those prompts (the few-shot prefix and "
+        "template count too), or use a model with a longer context"
+    ]
+
+
+def read_directories(cfg: EvalModelConfig, option: str = "--model") -> dict[str, str]:
+    """{option as typed and its value: local directory} of each model and adapter directory the run reads."""
+    model, adapter = resolve_model_sources(cfg)
+    base = cfg.base_model_name_or_path
+    named = {f"{option}.model_name_or_path={cfg.model_name_or_path!r}": cfg.model_name_or_path,
+             f"{option}.adapter_path={cfg.adapter_path!r}": cfg.adapter_path,
+             f"the adapter's base {model!r}": model if model != cfg.model_name_or_path else None,
+             f"{option}.base_model_name_or_path={base!r}": base}  # fmt: skip
+    return {name: directory for name, path in named.items() if path and (directory := _local_dir(path))}
+
+
+def overlap_problem(option: str, path: str, read: dict[str, str]) -> str | None:
+    """Why ``path`` may not receive evaluate's files: it is, lies inside or holds a directory the run reads
+    (``read``, from :func:`read_directories`), and evaluate never writes among a model's files."""
+    target = os.path.realpath(os.path.expanduser(path))
+    for name, directory in read.items():
+        inside, holds = (os.path.commonpath([a, b]) == b for a, b in ((target, directory), (directory, target)))
+        if inside or holds:
+            relation = "is" if inside and holds else ("lies inside" if inside else "holds")
+            return (
+                f"{option}={path!r} {relation} the directory of {name}, and evaluate never writes among a model's "
+                f"files; choose a directory apart from it, e.g. {option} {directory.rstrip(os.sep)}-evaluate"
+            )
+    return None
+
+
+def output_dir_problem(output_dir: str, overwrite: bool, read: dict[str, str] | None = None) -> str | None:
+    """Why results may not be written to ``output_dir`` (a model's directory, or non-empty without --overwrite
+    true), or None."""
     if not output_dir:
         return "--output_dir is empty: name a directory for results.json, results.csv and the plots"
     if os.path.isfile(output_dir):
         return f"--output_dir={output_dir!r} is a file; name a directory"
+    if (overlap := overlap_problem("--output_dir", output_dir, read or {})) is not None:
+        return overlap
     unwritable = unwritable_directory_problem("--output_dir", output_dir)
     if unwritable:
         return unwritable

@@ -306,7 +306,7 @@ def test_compare_names_its_own_flags_and_never_overwrites_a_summary(tiny_model_p
         main(["evaluate", "compare", "--base", tiny_model_path, "--prompts", str(tmp_path / "q.jsonl")])
     with pytest.raises(AssertionError, match="weights were loaded"):  # the column flag reads it: on to loading
         main(["evaluate", "compare", "--base", tiny_model_path, "--prompts", str(tmp_path / "q.jsonl"),
-              "--prompt-column", "question"])  # fmt: skip
+              "--prompt-column", "question", "--max-new-tokens", "8"])  # fmt: skip
 
 
 def test_a_rerun_without_plots_leaves_no_stale_plots_and_no_partial_files(tiny_model_path, tmp_path):

@@ -14,11 +14,15 @@ from collections import Counter
 import pytest
 import torch
 
+import sharpening.evaluate_config as config_module
 import sharpening.evaluate_protocol as protocol_module
 from sharpening.evaluate_config import (
     EvalModelConfig,
     ProtocolConfig,
+    adapter_base_check,
     output_dir_problem,
+    prompt_context_problems,
+    read_directories,
     validate_data_args,
     validate_model_config,
     validate_protocol_config,
@@ -43,8 +47,10 @@ from sharpening.tasks.extractors import answers_match, resolve_extractor
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
 
 
-def test_doctests():
-    assert doctest.testmod(protocol_module).failed == 0
+@pytest.mark.parametrize("module", [protocol_module, config_module], ids=lambda m: m.__name__)
+def test_doctests(module):
+    result = doctest.testmod(module)
+    assert result.attempted > 0 and result.failed == 0
 
 
 def random_draws(seed: int, prompts: int = 40, n: int = 12, answers: int = 4) -> SeedDraws:
@@ -283,6 +289,49 @@ def test_output_dir_rule(tmp_path):
     problem = output_dir_problem(str(tmp_path), overwrite=False)
     assert "--overwrite=false" in problem and "--overwrite true" in problem and "not empty" in problem
     assert output_dir_problem(str(tmp_path), overwrite=True) is None
+
+
+def test_output_dir_may_not_be_among_a_models_files(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    read = read_directories(EvalModelConfig(str(model)))
+    assert "is the directory of --model.model_name_or_path" in output_dir_problem(str(model), True, read)
+    assert "lies inside the directory" in output_dir_problem(str(model / "eval"), True, read)
+    assert "holds the directory" in output_dir_problem(str(tmp_path), True, read)
+    assert output_dir_problem(str(tmp_path / "model-evaluate"), False, read) is None  # the suggested place
+
+
+def test_prompt_context_problems_count_the_prompts_past_the_context():
+    prompt_ids = [[1] * 10, [1] * 60, [1] * 30, [1] * 63]
+    (problem,) = prompt_context_problems(prompt_ids, 4, "d.jsonl", "m", (64, "max_position_embeddings"))
+    assert problem.startswith("--data.dataset='d.jsonl': 1 of 4 prompt(s) do not fit the context of 'm'")
+    assert "prompt 3, has 63 tokens" in problem and "lower --protocol.max_new_tokens to 1 or less" in problem
+    assert "3 of 4" in prompt_context_problems(prompt_ids, 40, "d.jsonl", "m", (64, "n_positions"))[0]
+    assert prompt_context_problems(prompt_ids, 1, "d.jsonl", "m", (64, "n_positions")) == []
+    assert prompt_context_problems(prompt_ids, 1000, "d.jsonl", "m", None) == []  # context unknown: loading decides
+
+
+def _adapter_dir(path, base: str) -> str:
+    path.mkdir()
+    (path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": base, "peft_type": "LORA"}))
+    (path / "adapter_model.safetensors").write_bytes(b"")
+    return str(path)
+
+
+def test_an_adapter_on_another_hub_model_needs_the_explicit_override(tmp_path):
+    """Hub ids whose configs are not here cannot be compared by shape: other names are refused unless asked for."""
+    adapter = _adapter_dir(tmp_path / "adapter", "org/base-a")
+    problems, warnings = adapter_base_check(EvalModelConfig("org/base-b", adapter_path=adapter))
+    assert warnings == [] and len(problems) == 1
+    assert f"--model.adapter_path={adapter!r} was trained on 'org/base-a'" in problems[0]
+    assert "--model.model_name_or_path org/base-a" in problems[0]
+    assert "--model.allow_adapter_base_mismatch true" in problems[0]
+    allowed = EvalModelConfig("org/base-b", adapter_path=adapter, allow_adapter_base_mismatch=True)
+    problems, warnings = adapter_base_check(allowed)
+    assert problems == [] and "not on --model.model_name_or_path='org/base-b'" in warnings[0]
+    assert adapter_base_check(EvalModelConfig("org/base-a/", adapter_path=adapter)) == ([], [])
+    assert adapter_base_check(EvalModelConfig(adapter)) == ([], [])  # the adapter alone: its base is the recorded one
+
 
 
 # ---------------------------------------------------------------- answer extraction on tests/data

@@ -3,7 +3,8 @@
 
 Builds an enumerable toy (3 prompts, responses of at most 3 tokens over {a, b}, a tiny Llama distilled to
 known tables), computes pi*_beta = pi_base^(1 + 1/beta) exactly, trains each algorithm through the real
-RLSharpeningModule, and reports KL(pi_trained || pi*_beta) and the mass on argmax pi_base.
+RLSharpeningModule, and reports KL(pi_trained || pi*_beta) (pi_trained renormalized over the listed responses),
+the mass on argmax pi_base, and the mass pi_trained puts outside the listed responses (unlisted).
 
     python scripts/oracle.py [--algorithms online offline xpo] [--kl-coef 0.5] [--cpu-linear torch] [--json]
 
@@ -42,17 +43,23 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     prompts = toy.toy_prompts(work)
     results = {"base": toy.measure(base, tokenizer, base, prompts, args.kl_coef)}
-    print(f"{'algorithm':<10} {'KL(pi||pi*)':>12} {'mass on argmax':>15} {'seconds':>8}")
-    print(f"{'base':<10} {results['base']['kl_to_target']:>12.4f} {results['base']['mass_on_argmax']:>15.3f} {'':>8}")
+    print(f"{'algorithm':<10} {'KL(pi||pi*)':>12} {'mass on argmax':>15} {'unlisted':>9} {'seconds':>8}")
+    _print_row("base", results["base"])
     for algorithm in args.algorithms:
         start = time.time()
         module = toy.train_on_toy(algorithm, work, kl_coef=args.kl_coef, seed=args.seed, cpu_linear=args.cpu_linear)
         result = toy.measure(module.policy.eval(), tokenizer, base, prompts, args.kl_coef)
         result["seconds"] = time.time() - start
         results[algorithm] = result
-        print(f"{algorithm:<10} {result['kl_to_target']:>12.4f} {result['mass_on_argmax']:>15.3f} {result['seconds']:>8.1f}")
+        _print_row(algorithm, result)
     if args.json:
         print(json.dumps(results))
+
+
+def _print_row(name: str, result: dict) -> None:
+    seconds = f"{result['seconds']:.1f}" if "seconds" in result else ""
+    print(f"{name:<10} {result['kl_to_target']:>12.4f} {result['mass_on_argmax']:>15.3f} "
+          f"{result['unlisted_mass']:>9.1e} {seconds:>8}")
 
 
 if __name__ == "__main__":

@@ -88,7 +88,10 @@ def sharpened_target(base_logprobs: torch.Tensor, kl_coef: float) -> torch.Tenso
 
 
 def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> float:
-    """KL(p || q) in nats for log-distributions over the same outcomes."""
+    """KL(p || q) in nats over the listed outcomes, each side renormalized over them first: a model puts a
+    little mass on responses outside the list (other vocabulary tokens), and unnormalized log-probs would
+    make the sum a KL no longer (it can go negative). ``measure`` reports that mass on its own."""
+    logp, logq = logp - logp.logsumexp(-1), logq - logq.logsumexp(-1)
     return float((logp.exp() * (logp - logq)).sum())
 
 
@@ -130,8 +133,9 @@ def build_toy_base(
 
 @torch.no_grad()
 def measure(model, tokenizer, base_model, prompts: list[str], kl_coef: float) -> dict[str, float]:
-    """By enumeration, averaged over prompts: KL(pi || pi*_beta), the mass pi puts on argmax pi_base, and
-    the mass pi puts outside the listed outcomes (responses using other vocabulary tokens; ~1e-4 here)."""
+    """By enumeration, averaged over prompts: KL(pi || pi*_beta) with pi renormalized over the listed outcomes,
+    the mass pi puts on argmax pi_base, and the mass pi puts outside the listed outcomes (responses using
+    other vocabulary tokens; ~1e-4 here)."""
     outcomes = toy_outcomes()
     kls, masses, unlisted = [], [], []
     for prompt in prompts:
@@ -139,7 +143,7 @@ def measure(model, tokenizer, base_model, prompts: list[str], kl_coef: float) ->
         policy = outcome_logprobs(model, tokenizer, prompt, outcomes)
         kls.append(kl_divergence(policy, sharpened_target(base, kl_coef)))
         masses.append(float(policy[base.argmax()].exp()))
-        unlisted.append(1.0 - float(policy.exp().sum()))
+        unlisted.append(1.0 - float(policy.double().logsumexp(-1).exp()))  # float64: the mass left is ~1e-4
     n = len(prompts)
     return {"kl_to_target": sum(kls) / n, "mass_on_argmax": sum(masses) / n, "unlisted_mass": sum(unlisted) / n}
 

@@ -81,18 +81,31 @@ def total_optimizer_steps(stepping_batches: float, updates_per_batch: int, max_s
     return batches * updates_per_batch
 
 
-def schedule_change_warning(schedule: str, saved_total: float, total: float, max_epochs, max_steps) -> str | None:
-    """What to tell a user who resumed with limits that change a decaying schedule's length; None if nothing
-    changes (a constant schedule, warm-up included, does not depend on the length)."""
-    if schedule == "constant" or saved_total == total:
+def schedule_plan(trainer, updates_per_batch: int) -> dict:
+    """The schedule's length in a Lightning run and the limits that gave it (a checkpoint keeps it). Lightning's
+    estimate reads the training data: call it once that exists (the buffer is filled at fit start)."""
+    steps = total_optimizer_steps(float(trainer.estimated_stepping_batches), updates_per_batch, trainer.max_steps)
+    return {"total_steps": steps, "max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps}
+
+
+def schedule_change_warning(schedule: str, saved: dict, plan: dict) -> str | None:
+    """What to tell a user whose resumed run (``plan``) changes the length of the checkpoint's decaying schedule
+    (``saved``) with other limits; None when it continues as an uninterrupted run would: a constant schedule
+    (warm-up included) does not depend on the length, and under the same limits the length follows the data
+    exactly as it would have."""
+    limits = ("max_epochs", "max_steps")
+    if schedule == "constant" or saved["total_steps"] == plan["total_steps"]:
+        return None
+    if all(saved[k] == plan[k] for k in limits):
         return None
     return (
-        f"--trainer.max_epochs={max_epochs} / --trainer.max_steps={max_steps}: the checkpoint's learning-rate "
-        f"schedule (--model.optimizer.schedule={schedule}) spans {_steps(saved_total)} optimizer steps, and these "
-        f"limits make it {_steps(total)}; the learning rate from here follows the new length, so the weights will "
-        "differ from those of an uninterrupted run. To continue the schedule exactly, resume with the "
-        "--trainer.max_epochs and --trainer.max_steps the checkpoint was written with (a constant schedule "
-        "continues exactly whatever the limits)"
+        f"--trainer.max_epochs={plan['max_epochs']} / --trainer.max_steps={plan['max_steps']}: the checkpoint was "
+        f"written with --trainer.max_epochs={saved['max_epochs']} / --trainer.max_steps={saved['max_steps']}, over "
+        f"which its learning-rate schedule (--model.optimizer.schedule={schedule}) spans "
+        f"{_steps(saved['total_steps'])} optimizer steps; these limits make it {_steps(plan['total_steps'])}. The "
+        "learning rate from here follows the new length, so the weights will differ from those of an uninterrupted "
+        "run. To continue the schedule exactly, resume with the limits the checkpoint was written with (a constant "
+        "schedule continues exactly whatever the limits)"
     )
 
 

@@ -24,7 +24,7 @@ from sharpening.optim import (
     OptimizerConfig,
     build_optimizer,
     schedule_change_warning,
-    total_optimizer_steps,
+    schedule_plan,
     validate_optimizer_config,
 )
 from sharpening.policy import (
@@ -178,17 +178,12 @@ class PolicyModule(L.LightningModule):
 
     def configure_optimizers(self):
         def total() -> float:  # called lazily, once training data exists
-            steps = total_optimizer_steps(
-                float(self.trainer.estimated_stepping_batches), self.updates_per_batch(), self.trainer.max_steps
-            )
-            saved, self._schedule_total_in_checkpoint = getattr(self, "_schedule_total_in_checkpoint", None), None
-            cfg, trainer = self.optimizer_config, self.trainer
-            warning = saved is not None and schedule_change_warning(
-                cfg.schedule, saved, steps, trainer.max_epochs, trainer.max_steps
-            )
+            plan = schedule_plan(self.trainer, self.updates_per_batch())
+            saved, self._schedule_in_checkpoint = getattr(self, "_schedule_in_checkpoint", None), None
+            warning = saved is not None and schedule_change_warning(self.optimizer_config.schedule, saved, plan)
             if warning:  # once, at the first decaying step after a resume
                 rank_zero_warn(warning)
-            return steps
+            return plan["total_steps"]
 
         from lightning.pytorch.plugins.precision import MixedPrecision
 
@@ -215,17 +210,15 @@ class PolicyModule(L.LightningModule):
         return out
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lr_schedule_total_steps"] = total_optimizer_steps(  # a resume with other limits warns
-            float(self.trainer.estimated_stepping_batches), self.updates_per_batch(), self.trainer.max_steps
-        )
+        checkpoint["lr_schedule"] = schedule_plan(self.trainer, self.updates_per_batch())  # resume: other limits warn
         if self.sharded:  # the gathered full state dict (on rank 0) -> trainable weights only, as without FSDP
             trainable = self._trainable_names()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Keep the schedule length the checkpoint was written with: the first step that needs this run's
-        length compares the two (``configure_optimizers``)."""
-        self._schedule_total_in_checkpoint = checkpoint.get("lr_schedule_total_steps")
+        """Keep the schedule length (and limits) the checkpoint was written with: the first step that needs this
+        run's length compares the two (``configure_optimizers``)."""
+        self._schedule_in_checkpoint = checkpoint.get("lr_schedule")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Norm clipping under FSDP goes through the root's ``clip_grad_norm_``, which reduces the norm over

@@ -99,9 +99,10 @@ def test_resume_with_other_limits_warns_that_the_schedule_changes(kind, tiny_mod
         trainer = _fit(make(tiny_model_path), prompts_file, tmp_path / "longer", max_epochs=2, ckpt_path=ckpt)
     assert trainer.global_step == 4
     (message,) = _schedule_warnings(caught)
-    assert message.startswith("--trainer.max_epochs=2 / --trainer.max_steps=-1:")
+    assert message.startswith("--trainer.max_epochs=2 / --trainer.max_steps=-1: the checkpoint was written with "
+                              "--trainer.max_epochs=1 / --trainer.max_steps=-1")
     assert "spans 2 optimizer steps" in message and "make it 4" in message
-    assert "resume with the --trainer.max_epochs and --trainer.max_steps the checkpoint was written with" in message
+    assert "resume with the limits the checkpoint was written with" in message
 
 
 def test_resume_with_other_limits_keeps_a_constant_schedule_silently(tiny_model_path, prompts_file, tmp_path):

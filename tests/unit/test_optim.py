@@ -129,11 +129,18 @@ def test_doctests():
     assert result.attempted > 0 and result.failed == 0
 
 
-def test_schedule_change_warning_only_for_a_decaying_schedule_whose_length_changed():
-    message = schedule_change_warning("linear", 12, 16, 4, -1)
-    assert "--trainer.max_epochs=4 / --trainer.max_steps=-1" in message
+def _plan(total_steps, max_epochs, max_steps=-1) -> dict:
+    return {"total_steps": total_steps, "max_epochs": max_epochs, "max_steps": max_steps}
+
+
+def test_schedule_change_warning_only_for_a_decaying_schedule_whose_limits_changed_its_length():
+    message = schedule_change_warning("linear", _plan(12, 3), _plan(16, 4))
+    assert message.startswith("--trainer.max_epochs=4 / --trainer.max_steps=-1: the checkpoint was written with "
+                              "--trainer.max_epochs=3 / --trainer.max_steps=-1")
     assert "spans 12 optimizer steps" in message and "make it 16" in message
-    assert "resume with the --trainer.max_epochs and --trainer.max_steps the checkpoint was written with" in message
-    assert "unbounded" in schedule_change_warning("cosine", 12, float("inf"), -1, -1)
-    assert schedule_change_warning("linear", 12, 12, 4, -1) is None
-    assert schedule_change_warning("constant", 12, 16, 4, -1) is None
+    assert "resume with the limits the checkpoint was written with" in message
+    assert "unbounded" in schedule_change_warning("cosine", _plan(12, 3), _plan(float("inf"), -1))
+    assert schedule_change_warning("linear", _plan(12, 3), _plan(12, 3)) is None
+    assert schedule_change_warning("linear", _plan(12, 3, 12), _plan(12, 4, 12)) is None  # max_steps still ends it
+    assert schedule_change_warning("linear", _plan(12, 3), _plan(15, 3)) is None  # same limits: the data's length
+    assert schedule_change_warning("constant", _plan(12, 3), _plan(16, 4)) is None

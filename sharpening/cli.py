@@ -22,16 +22,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from sharpening.callbacks import SelfVerificationCallback
-from sharpening.checkpoint import (
-    DiskFullError,
-    checksum_problem,
-    holding_run_directories,
-    run_checkpoint_dirs,
-    run_directory_problems,
-)
+from sharpening.checkpoint import DiskFullError, checksum_problem
 from sharpening.errors import ConfigError, collect_problems, raise_if_problems
 from sharpening.policy_module import PolicyModule
 from sharpening.prompts import PromptDataModule
+from sharpening.run_directories import holding_run_directories, run_checkpoint_dirs, run_directory_problems
 from sharpening.safety import NonFiniteError
 
 

@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from sharpening.checkpoint import disk_full_explained, output_dir_problems, verify_checkpoint
+from sharpening.checkpoint import disk_full_explained, verify_checkpoint
 from sharpening.errors import raise_if_problems, unwritable_directory_problem
 from sharpening.optim import (
     OptimizerConfig,
@@ -37,6 +37,7 @@ from sharpening.policy import (
     resolve_dtype,
     validate_policy_config,
 )
+from sharpening.run_directories import output_dir_problems
 
 
 class PolicyModule(L.LightningModule):

@@ -17,18 +17,18 @@ import sys
 import pytest
 import torch
 
-from sharpening.checkpoint import (
+from sharpening.checkpoint import DiskFullError
+from sharpening.cli import main, resume_problems
+from sharpening.errors import ConfigError
+from sharpening.policy_module import PolicyModule, save_policy
+from sharpening.run_directories import (
     RUN_LOCK,
-    DiskFullError,
     holding_run_directories,
     is_launching_process,
     output_dir_problems,
     output_lock_path,
     run_directory_problems,
 )
-from sharpening.cli import main, resume_problems
-from sharpening.errors import ConfigError
-from sharpening.policy_module import PolicyModule, save_policy
 from sharpening.safety import AtomicCheckpointIO
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -180,9 +180,10 @@ class PolicyModule(L.LightningModule):
     def configure_optimizers(self):
         def total() -> float:  # called lazily, once training data exists
             plan = schedule_plan(self.trainer, self.updates_per_batch())
-            saved, self._schedule_in_checkpoint = getattr(self, "_schedule_in_checkpoint", None), None
-            warning = saved is not None and schedule_change_warning(self.optimizer_config.schedule, saved, plan)
-            if warning:  # once, at the first decaying step after a resume
+            # the checkpoint's plan at the first decaying step of a resume, else this run's (the same limits)
+            previous, self._schedule_plan = getattr(self, "_schedule_plan", None), plan
+            warning = previous is not None and schedule_change_warning(self.optimizer_config.schedule, previous, plan)
+            if warning:
                 rank_zero_warn(warning)
             return plan["total_steps"]
 
@@ -211,7 +212,8 @@ class PolicyModule(L.LightningModule):
         return out
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lr_schedule"] = schedule_plan(self.trainer, self.updates_per_batch())  # resume: other limits warn
+        if getattr(self, "_schedule_plan", None):  # the length in use (asking Lightning here could load data)
+            checkpoint["lr_schedule"] = self._schedule_plan
         if self.sharded:  # the gathered full state dict (on rank 0) -> trainable weights only, as without FSDP
             trainable = self._trainable_names()
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
@@ -219,7 +221,7 @@ class PolicyModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Keep the schedule length (and limits) the checkpoint was written with: the first step that needs this
         run's length compares the two (``configure_optimizers``)."""
-        self._schedule_in_checkpoint = checkpoint.get("lr_schedule")
+        self._schedule_plan = checkpoint.get("lr_schedule")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Norm clipping under FSDP goes through the root's ``clip_grad_norm_``, which reduces the norm over

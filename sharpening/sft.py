@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 from sharpening.buffer import (
     SampleBuffer, batch_response_tokens, collate_examples, collate_packed, epoch_sampler, no_round,
 )
+from sharpening.errors import raise_if_problems
 from sharpening.logprobs import packed_response_logprobs, packing_problem, response_logprobs
 from sharpening.losses import masked_nll
 from sharpening.optim import OptimizerConfig
@@ -106,6 +107,17 @@ class SFTSharpeningModule(PolicyModule):
             rank_zero_warn(f"--model.packing=true: training on padded batches instead ({problem})")
         return partial(collate_examples, pad_token_id=pad_token_id)
 
+    def setup(self, stage: str) -> None:
+        """Refuse, before any weights load, a trainer option that replaces the module's epoch order: the loss
+        is normalized over each optimizer step's tokens, counted from that order."""
+        super().setup(stage)
+        if self.trainer.overfit_batches:
+            raise_if_problems([
+                f"--trainer.overfit_batches={self.trainer.overfit_batches}: SFT-sharpening normalizes its loss over "
+                "each optimizer step's response tokens, counted from its own order of the selected samples, which "
+                "overfit_batches replaces; use --trainer.limit_train_batches instead"
+            ])
+
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         if "input_ids" in batch:  # packed (collate_packed)
             token_logprobs = packed_response_logprobs(self.policy, batch, chunk_size=self.logprob_chunk_size)  # [R, L]
@@ -118,6 +130,8 @@ class SFTSharpeningModule(PolicyModule):
                 batch["response_mask"],
                 chunk_size=self.logprob_chunk_size,
             )  # [B, T]
+        if self._trainer is None:  # a direct call, outside fit: this batch's own token mean
+            return masked_nll(token_logprobs, batch["response_mask"])
         step_tokens, step_ends = self._step_tokens(batch_idx, batch["response_mask"])
         # this micro-batch's part of the step's token mean (the same response tokens, packed or padded)
         part = masked_nll(token_logprobs, batch["response_mask"], token_count=step_tokens)

@@ -179,6 +179,7 @@ CASES = [
      "leave --model.rl.truncated at keep and set --verifier.selection.truncated drop (its default) instead"),
     ("qlora without lora settings", SFT, ["--model.init_args.policy.finetuning=qlora", "--model.init_args.policy.lora_r=0"], "lora_r=0"),
     ("unknown self-reward", SFT, ["--verifier.selection.reward=bleu"], SystemExit),
+    ("overfit_batches replaces the SFT order", SFT, ["--trainer.overfit_batches=1"], "--trainer.overfit_batches=1"),
     ("unknown algorithm", RL, ["--model.init_args.rl.algorithm=ppo"], SystemExit),
     ("crafted pickle checkpoint", SFT, _pickle_checkpoint, "refused"),
     ("other run's checkpoints", SFT, _other_runs_checkpoints, "holds another run's checkpoints"),

@@ -71,8 +71,24 @@ def load_tokenizer_for(cfg: EvalModelConfig, model: str, adapter: str | None):
     from sharpening.policy import PolicyConfig, load_tokenizer
 
     source = adapter if adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else model
-    return load_tokenizer(PolicyConfig(model_name_or_path=source, trust_remote_code=cfg.trust_remote_code,
-                                       revision=None if source == adapter else cfg.revision))  # fmt: skip
+    try:
+        return load_tokenizer(PolicyConfig(model_name_or_path=source, trust_remote_code=cfg.trust_remote_code,
+                                           revision=None if source == adapter else cfg.revision))  # fmt: skip
+    except ConfigError as err:  # named for training's option; here the tokenizer is the model's or adapter's
+        option = "--model.adapter_path" if source == adapter else "--model.model_name_or_path"
+        raise ConfigError([p.replace("--model.policy.model_name_or_path", option) for p in err.problems]) from None
+
+
+def read_prompts(data: PromptDataModule, tokenizer) -> None:
+    """Read and tokenize the prompts; a dataset that cannot be found or reached is a ConfigError."""
+    try:
+        data.load_prompts(tokenizer)
+    except OSError as err:  # datasets' "not found" and "couldn't reach the hub" (offline, not cached)
+        raise ConfigError([
+            f"--data.dataset={data.hparams.dataset!r}: cannot be read ({type(err).__name__}: {str(err)[:200]}); "
+            "give a local .jsonl/.json/.csv/.parquet file, or a hub dataset name that exists (with "
+            "HF_HUB_OFFLINE set: one already in the local cache)"
+        ]) from err  # fmt: skip
 
 
 def load_models(cfg: EvalModelConfig, model: str, adapter: str | None, device: torch.device):
@@ -213,7 +229,7 @@ def measure(model_cfg: EvalModelConfig, protocol: ProtocolConfig, data_args: dic
     model_path, adapter = resolve_model_sources(model_cfg)
     data = PromptDataModule(**data_args)
     tokenizer = load_tokenizer_for(model_cfg, model_path, adapter)
-    data.load_prompts(tokenizer)  # missing columns and empty files fail here, still before any weights load
+    read_prompts(data, tokenizer)  # missing columns and empty files fail here, still before any weights load
     device = resolve_device(model_cfg.device)
     sampling = SamplingConfig(decode=protocol.decode)
     problems = decode_device_problems(sampling, device, "--protocol", gpu_option="--model.device cuda")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import string
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -140,6 +141,22 @@ def adapter_files_problem(path: str) -> str | None:
     return None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model")  # fmt: skip
+"""Files a tokenizer is read from; a model directory with none of them has no tokenizer to sample with."""
+
+
+def tokenizer_files_problem(model: str, adapter: str | None) -> str | None:
+    """Why no tokenizer can be read from the local model directory (nor from the adapter, which may hold one)."""
+    places = [os.path.expanduser(p) for p in (model, adapter) if p and os.path.isdir(os.path.expanduser(p))]
+    if not places or any(os.path.isfile(os.path.join(p, f)) for p in places for f in TOKENIZER_FILES):
+        return None
+    return (
+        f"no tokenizer files there ({', '.join(TOKENIZER_FILES[:3])}, ...; {_listing(os.path.expanduser(model))}); "
+        "save the tokenizer beside the weights (tokenizer.save_pretrained) or copy its files from the base model"
+    )
+
+
 def _local_dir(name: str) -> str | None:
     """The real path of ``name`` when it is a local directory."""
     path = os.path.expanduser(name)
@@ -265,6 +282,8 @@ def validate_model_config(cfg: EvalModelConfig, option: str = "--model") -> list
         problems.append(f"{named} {model!r} cannot load: {problem}; or give the base with {option}.model_name_or_path")
     elif problem is not None:
         problems.append(f"{option}.model_name_or_path={model!r}: {problem}")
+    elif (problem := tokenizer_files_problem(model, adapter)) is not None:
+        problems.append(f"{option}.model_name_or_path={model!r}: {problem}")
     else:
         problems += adapter_base_check(cfg, option)[0]
     if cfg.base_model_name_or_path and (problem := model_source_problem(cfg.base_model_name_or_path)) is not None:
@@ -320,9 +339,30 @@ def validate_protocol_config(cfg: ProtocolConfig, option: str = "--protocol") ->
     return problems
 
 
+def prompt_template_problem(template: str, option: str = "--data.prompt_template") -> str | None:
+    """Why ``template`` is not a format string over named columns, or None.
+
+    >>> prompt_template_problem("Q: {question}\\nA:") is None
+    True
+    >>> prompt_template_problem("{0}")
+    "--data.prompt_template='{0}': {0} is a positional field; name a column, e.g. {prompt}"
+    """
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as err:
+        fix = "name columns as {column}, write a literal brace as {{ or }}"
+        return f"{option}={template!r}: not a format string ({err}); {fix}"
+    positional = [name for name in fields if not name or name[0].isdigit()]
+    if positional:
+        return f"{option}={template!r}: {{{positional[0]}}} is a positional field; name a column, e.g. {{prompt}}"
+    return None
+
+
 def validate_data_args(data: dict, option: str = "--data") -> list[str]:
     """The PromptDataModule checks that need no file read, plus: evaluation needs an answer column."""
     problems = validate_dataset_source(data.get("dataset", ""), f"{option}.dataset")
+    if (problem := prompt_template_problem(data.get("prompt_template") or "{prompt}", f"{option}.prompt_template")):
+        problems.append(problem)
     if data.get("max_prompts") is not None and data["max_prompts"] < 1:
         problems.append(f"{option}.max_prompts={data['max_prompts']}: must be >= 1, or null for all prompts")
     if not data.get("answer_column"):

@@ -225,3 +225,37 @@ def test_the_output_dir_may_not_hold_the_adapter_nor_the_cache_lie_inside_it(ada
     assert output.startswith(f"--output_dir={str(run)!r} holds the directory of --model.adapter_path")
     assert cache.startswith(f"--cache_dir={str(adapter / 'cache')!r} lies inside the directory of --model.adapter_path")
     assert sorted(os.listdir(run)) == ["adapter"] and not (adapter / "cache").exists()
+
+
+# ---------------------------------------------------------------- prompts, template and tokenizer
+
+
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("--data.prompt_template={", "--data.prompt_template='{': not a format string"),
+        ("--data.prompt_template=Q {0}", "--data.prompt_template='Q {0}': {0} is a positional field; name a column"),
+        ("--data.dataset=no-org/no-such-dataset", "--data.dataset='no-org/no-such-dataset': cannot be read"),
+    ],
+)
+def test_a_bad_template_or_unreadable_dataset_is_refused(override, fragment, tiny_model_path, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        evaluate(tiny_model_path, tmp_path / "out", override)
+    assert fragment in str(err.value)
+
+
+def test_a_model_without_a_usable_tokenizer_is_refused_as_typed(tiny_model_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_model_path, name), bare)
+    with pytest.raises(ConfigError, match=f"--model.model_name_or_path='{bare}': no tokenizer files there"):
+        evaluate(str(bare), tmp_path / "out")
+    no_eos = shutil.copytree(tiny_model_path, tmp_path / "no-eos")
+    tokenizer = AutoTokenizer.from_pretrained(no_eos)
+    tokenizer.eos_token = None
+    tokenizer.save_pretrained(no_eos)
+    with pytest.raises(ConfigError, match=f"--model.model_name_or_path='{no_eos}': the tokenizer has no EOS token"):
+        evaluate(str(no_eos), tmp_path / "out")

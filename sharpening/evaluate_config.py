@@ -245,6 +245,17 @@ def adapter_base_check(cfg: EvalModelConfig, option: str = "--model") -> tuple[l
     ], []  # fmt: skip
 
 
+def vocabulary_problem(model: str, cfg: EvalModelConfig) -> str | None:
+    """Why the base cannot score the evaluated model's tokens (another vocabulary size), or None."""
+    ours, base = _model_config(model, cfg.revision), _model_config(cfg.base_model_name_or_path)
+    if not ours or not base or ours.get("vocab_size") == base.get("vocab_size"):
+        return None
+    return (
+        f"its vocab_size={base.get('vocab_size')} differs from the evaluated model's ({ours.get('vocab_size')}), "
+        "and it scores the evaluated model's tokens; give the base that model was fine-tuned from"
+    )
+
+
 def device_problem(device: str) -> str | None:
     """Why ``device`` (auto, cpu, cuda, cuda:N) cannot be used here, or None."""
     import torch
@@ -287,6 +298,8 @@ def validate_model_config(cfg: EvalModelConfig, option: str = "--model") -> list
     else:
         problems += adapter_base_check(cfg, option)[0]
     if cfg.base_model_name_or_path and (problem := model_source_problem(cfg.base_model_name_or_path)) is not None:
+        problems.append(f"{option}.base_model_name_or_path={cfg.base_model_name_or_path!r}: {problem}")
+    elif cfg.base_model_name_or_path and model and (problem := vocabulary_problem(model, cfg)) is not None:
         problems.append(f"{option}.base_model_name_or_path={cfg.base_model_name_or_path!r}: {problem}")
     if cfg.score_with not in ("self", "base"):
         problems.append(f"{option}.score_with={cfg.score_with!r}: must be self or base")

@@ -259,3 +259,15 @@ def test_a_model_without_a_usable_tokenizer_is_refused_as_typed(tiny_model_path,
     tokenizer.save_pretrained(no_eos)
     with pytest.raises(ConfigError, match=f"--model.model_name_or_path='{no_eos}': the tokenizer has no EOS token"):
         evaluate(str(no_eos), tmp_path / "out")
+
+
+def test_a_base_of_another_vocabulary_is_refused_before_drawing(tiny_model_path, tmp_path):
+    """score_with=base scores the evaluated model's token ids under the base: the vocabularies must agree."""
+    from conftest import build_tiny_model
+
+    larger = build_tiny_model(tmp_path / "larger", vocab_extra=8)
+    with pytest.raises(ConfigError) as err:
+        base_args = ["--model.score_with=base", f"--model.base_model_name_or_path={tiny_model_path}"]
+        evaluate(larger, tmp_path / "out", *base_args)
+    assert f"--model.base_model_name_or_path={tiny_model_path!r}: its vocab_size=" in str(err.value)
+    assert "differs from the evaluated model's" in str(err.value)

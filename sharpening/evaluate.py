@@ -80,15 +80,8 @@ def load_tokenizer_for(cfg: EvalModelConfig, model: str, adapter: str | None):
 
 
 def read_prompts(data: PromptDataModule, tokenizer) -> None:
-    """Read and tokenize the prompts; a dataset that cannot be found or reached is a ConfigError."""
-    try:
-        data.load_prompts(tokenizer)
-    except OSError as err:  # datasets' "not found" and "couldn't reach the hub" (offline, not cached)
-        raise ConfigError([
-            f"--data.dataset={data.hparams.dataset!r}: cannot be read ({type(err).__name__}: {str(err)[:200]}); "
-            "give a local .jsonl/.json/.csv/.parquet file, or a hub dataset name that exists (with "
-            "HF_HUB_OFFLINE set: one already in the local cache)"
-        ]) from err  # fmt: skip
+    """Read and tokenize the prompts (bad data is a ConfigError from ``load_prompts``)."""
+    data.load_prompts(tokenizer)
 
 
 def load_models(cfg: EvalModelConfig, model: str, adapter: str | None, device: torch.device):

@@ -231,6 +231,12 @@ class PromptDataModule(L.LightningDataModule):
                 [f"--data.dataset={hp.dataset!r}: no rows could be read ({detail}); "
                  "the file must hold one row per prompt with a prompt column (JSON Lines: one JSON object a line)"]
             ) from err
+        except OSError as err:  # datasets' "not found" and "couldn't reach the hub" (offline, not cached)
+            raise ConfigError([
+                f"--data.dataset={hp.dataset!r}: cannot be read ({type(err).__name__}: {str(err)[:200]}); "
+                "give a local .jsonl/.json/.csv/.parquet file, or a hub dataset name that exists (with "
+                "HF_HUB_OFFLINE set: one already in the local cache)"
+            ]) from err  # fmt: skip
         problems = []
         for column, option in ((hp.prompt_column, "prompt_column"), (hp.answer_column, "answer_column")):
             if column is not None and column not in rows.column_names:
@@ -263,6 +269,11 @@ class PromptDataModule(L.LightningDataModule):
             raise ConfigError(
                 [f"--data.prompt_template={hp.prompt_template!r}: column {err} not found; columns: {sorted(rows[0])}"]
             ) from err
+        except (IndexError, ValueError) as err:  # "{0}" (positional), "{" or "}" alone, a bad format spec
+            raise ConfigError([
+                f"--data.prompt_template={hp.prompt_template!r}: not a valid template ({err}); name the row's columns "
+                f"in braces, e.g. '{{{hp.prompt_column}}}', and write a literal brace as '{{{{' or '}}}}'"
+            ]) from err  # fmt: skip
         add_special = not hp.use_chat_template  # a chat template already holds BOS
         source = f"--data.dataset={hp.dataset!r}"
         self.prompt_ids = encode_prompts(self.prompt_texts, tokenizer, add_special, source, keep)

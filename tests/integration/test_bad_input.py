@@ -135,6 +135,9 @@ def _flash_attention(tmp):
 
 CASES = [
     # (id, config, overrides (list or builder), fragment expected in the error)
+    ("template with a positional field", SFT, ["--data.prompt_template={0}"], "not a valid template"),
+    ("template with a lone brace", SFT, ["--data.prompt_template=Q: {prompt"], "not a valid template"),
+    ("hub dataset offline", SFT, ["--data.dataset=nobody/no-such-dataset"], "cannot be read"),
     ("config file empty", SFT, _config_file(""), "the file is empty"),
     ("config file a list", SFT, _config_file("- trainer\n- model\n"), "the top level is a list"),
     ("config file not YAML", SFT, _config_file("trainer:\n  max_epochs: [1\n"), "flow sequence at line 2"),

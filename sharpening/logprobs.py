@@ -10,6 +10,8 @@ between them; see the section at the end of this file).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -208,13 +210,22 @@ def _response_positions_logprobs(
     return out
 
 
+@functools.cache
+def kv_cache_keyword() -> str:
+    """The name under which a model's forward takes its KV cache and its output returns it: ``cache`` where
+    transformers has renamed it (5.25 warns on ``past_key_values`` and drops it in 5.40), else ``past_key_values``."""
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    return "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def shared_prompt_problem(model: torch.nn.Module) -> str | None:
     """Why ``group_response_logprobs`` cannot run the prompt once per group for ``model`` right now; None
     when it can. The caller then scores every row with its own copy of the prompt (same values).
 
-    Gradient checkpointing drops the KV cache in training (transformers' checkpointed layers set
-    ``past_key_values=None``, and a replayed layer would append to it twice), and layers with a sliding
-    window or chunked attention keep only part of the cache, so both take the one-pass path.
+    Gradient checkpointing drops the KV cache in training (transformers' checkpointed layers pass no cache,
+    and a replayed layer would append to it twice), and layers with a sliding window or chunked attention
+    keep only part of the cache, so both take the one-pass path.
     """
     if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         return "gradient checkpointing is on (it drops the KV cache in training)"
@@ -255,7 +266,7 @@ def group_response_logprobs(
     mask = prompt_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
     prompt_out = decoder(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-    cache = prompt_out.past_key_values
+    cache = getattr(prompt_out, kv_cache_keyword())
     cache.batch_repeat_interleave(n)  # [B, ...] -> [B*N, ...]
     flat_ids, flat_mask = response_ids.reshape(b * n, t), response_mask.reshape(b * n, t)  # [B, N, T] -> [B*N, T]
     first = positions[:, -1:].repeat_interleave(n, 0) + 1  # [B*N, 1]: the first response position
@@ -263,8 +274,8 @@ def group_response_logprobs(
         input_ids=flat_ids,
         attention_mask=torch.cat([mask.repeat_interleave(n, 0), flat_mask.long()], dim=1),  # [B*N, P+T]
         position_ids=first + torch.arange(t, device=first.device),  # [B*N, T]
-        past_key_values=cache,
         use_cache=True,
+        **{kv_cache_keyword(): cache},
     ).last_hidden_state  # [B*N, T, H]
     last_prompt = prompt_out.last_hidden_state[:, -1:].repeat_interleave(n, 0)  # [B*N, 1, H]
     predicting = torch.cat([last_prompt, hidden[:, :-1]], dim=1)  # [B*N, T, H]: state before token t

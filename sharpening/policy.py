@@ -312,8 +312,11 @@ def load_policy(cfg: PolicyConfig, device: torch.device | None = None, frozen_co
     ``frozen_copy`` (the caller loads the base later with :func:`load_frozen_base`, when it needs one).
     """
     model = _load_model(cfg, device or torch.device("cpu"))
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:  # transformers 5.25 warns on gradient_checkpointing_enable (gone in v6)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     if cfg.finetuning == "full":
         set_cpu_linear(model, cfg.cpu_linear, device)

@@ -20,6 +20,7 @@ import torch
 
 from sharpening.cpu_linear import packed_linear_weights
 from sharpening.decode_attention import cpu_decode_attention
+from sharpening.logprobs import kv_cache_keyword
 from sharpening.types import PromptBatch, SampleBatch
 
 # Finished rows leave the batch and the KV cache once this fraction of the rows has finished (1 / COMPACT_DIVISOR).
@@ -251,7 +252,7 @@ def generate_samples(
     out = model(
         input_ids=prompts.prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
     )
-    cache, prompt_len = out.past_key_values, mask.shape[1]
+    cache, prompt_len = getattr(out, kv_cache_keyword()), mask.shape[1]
     logits = out.logits[:, -1].float().repeat_interleave(n, 0)  # [B*N, V]
     mask = mask.repeat_interleave(n, 0)  # [B*N, P]
     next_position = positions[:, -1:].repeat_interleave(n, 0) + 1  # [B*N, 1]
@@ -365,8 +366,9 @@ def _static_cache(cache, n: int, length: int, decode: str):
 def _decode_step(model: torch.nn.Module, decode: str):
     """One decode forward, ``(input_ids [R, 1], attention_mask, position_ids [R, 1], cache)`` -> next-token
     logits [R, V] float32. For 'compiled', the model's CUDA-graph forward (compiled once per model)."""
+    key = kv_cache_keyword()
     if decode != "compiled":
-        return lambda cache, **inputs: model(**inputs, past_key_values=cache, use_cache=True).logits[:, -1].float()
+        return lambda cache, **inputs: model(**inputs, **{key: cache}, use_cache=True).logits[:, -1].float()
     forward = model.__dict__.get("_sharpening_compiled_forward")
     if forward is None:  # graph breaks fall back to eager, hence fullgraph=False (as transformers' generate)
         forward = torch.compile(model.__call__, mode="reduce-overhead", fullgraph=False)
@@ -374,7 +376,7 @@ def _decode_step(model: torch.nn.Module, decode: str):
 
     def step(cache, **inputs):
         torch.compiler.cudagraph_mark_step_begin()
-        out = forward(**inputs, past_key_values=cache, use_cache=True)
+        out = forward(**inputs, **{key: cache}, use_cache=True)
         return out.logits[:, -1].float().clone()  # the graph's output buffer is overwritten by the next replay
 
     return step

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -244,7 +246,8 @@ def test_shared_prompt_gives_way_to_gradient_checkpointing_and_sliding_windows(t
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable({"use_reentrant": False})
     model.train()
     assert "gradient checkpointing" in shared_prompt_problem(model)
     samples = _group_samples(batch[0])
@@ -258,6 +261,16 @@ def test_shared_prompt_gives_way_to_gradient_checkpointing_and_sliding_windows(t
         num_key_value_heads=2, sliding_window=4,
     )
     assert "sliding-window" in shared_prompt_problem(transformers.MistralForCausalLM(windowed))
+
+
+def test_a_policy_loaded_with_gradient_checkpointing_scores_in_one_pass_without_deprecation(tiny_model_path):
+    from sharpening.policy import PolicyConfig, load_policy
+
+    cfg = PolicyConfig(model_name_or_path=tiny_model_path, finetuning="full", dtype="float32", gradient_checkpointing=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # transformers' older name for turning checkpointing on
+        policy, _ = load_policy(cfg, frozen_copy=False)
+    assert policy.training and "gradient checkpointing" in shared_prompt_problem(policy)
 
 
 def _tiny_family_model(family: str):

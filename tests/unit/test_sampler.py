@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import warnings
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from sharpening.logprobs import sample_logprobs
+from sharpening.logprobs import kv_cache_keyword, sample_logprobs
 from sharpening.prompts import pad_prompts
 from sharpening.sampler import (
     SamplingConfig,
@@ -290,6 +292,22 @@ def test_sampler_logprobs_equal_teacher_forced_rescoring(tiny_model, cfg):
     )
 
 
+@pytest.mark.parametrize("decode", ["dynamic", "static"])
+def test_generation_and_scoring_raise_no_transformers_deprecation(tiny_model, monkeypatch, decode):
+    # transformers renamed the KV cache argument and output field; the old name warns (FutureWarning for the
+    # argument, a logged warning_once for the output field, which this test records even if it was said before)
+    logged = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *args, **kwargs: logged.append(str(msg)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        samples = _generate(tiny_model, _prompts(PROMPTS), samples_per_prompt=3, max_new_tokens=5, decode=decode)
+        with torch.no_grad():
+            sample_logprobs(tiny_model, samples)  # the prompt once per group, with a KV cache
+            sample_logprobs(tiny_model, samples, share_prompt=False)
+    assert not [message for message in logged if "deprecated" in message], logged
+
+
 def test_decode_responses_drops_special_tokens(tiny_model, tiny_tokenizer):
     samples = _generate(tiny_model, _prompts(PROMPTS), samples_per_prompt=2, max_new_tokens=5)
     texts = decode_responses(tiny_tokenizer, samples)
@@ -350,15 +368,16 @@ class FixedLogitsLM(torch.nn.Module):
         self.register_buffer("next_logits", logits.float())
         self.calls = []
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=False,
-                logits_to_keep=0):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=0, **cache):
+        past = cache.pop(kv_cache_keyword(), None)  # the KV cache, under the name this transformers uses
+        assert not cache, f"unexpected arguments {sorted(cache)}"
         self.calls.append(dict(input_shape=tuple(input_ids.shape), mask_shape=tuple(attention_mask.shape),
-                               positions=position_ids.clone(), cached=past_key_values is not None))
-        cache = past_key_values if past_key_values is not None else _Cache(input_ids.shape[0])
-        assert cache.rows == input_ids.shape[0]
+                               positions=position_ids.clone(), cached=past is not None))
+        past = past if past is not None else _Cache(input_ids.shape[0])
+        assert past.rows == input_ids.shape[0]
         b, s = input_ids.shape
         keep = 1 if logits_to_keep == 1 else s
-        return SimpleNamespace(logits=self.next_logits.expand(b, keep, -1), past_key_values=cache)
+        return SimpleNamespace(logits=self.next_logits.expand(b, keep, -1), **{kv_cache_keyword(): past})
 
 
 def test_prefill_once_then_one_token_per_row():

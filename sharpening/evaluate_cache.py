@@ -20,7 +20,7 @@ from sharpening.types import PromptBatch, SampleBatch
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 CONFIG_FILES = ("config.json", "adapter_config.json", "generation_config.json")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # part of every key: bumped whenever the draws for a given seed change (the sampler's race)
 
 
 def file_digest(path: str, chunk_bytes: int = 1 << 20, full_below_bytes: int = 16 << 20) -> str:

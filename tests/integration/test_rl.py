@@ -373,7 +373,9 @@ def test_online_drop_leaves_truncated_samples_out_of_the_loss(toy_dir, monkeypat
     assert 0 < truncated.float().mean() < 1
     for samples, adv, in_loss in zip(seen["samples"], seen["advantages"], seen["in_loss"]):
         assert torch.equal(in_loss, ~samples.truncated.flatten())
-        assert (adv[~in_loss] == 0).all() and adv[in_loss].abs().sum() > 0
+        assert (adv[~in_loss] == 0).all()
+    # a step's kept samples may all get 0 (alone in their group, or equal responses): not every step's
+    assert any(adv[in_loss].abs().sum() > 0 for adv, in_loss in zip(seen["advantages"], seen["in_loss"]))
     assert trainer.logged_metrics["train/dropped_fraction"] == pytest.approx(float(seen["samples"][-1].truncated.float().mean()))
 
 

@@ -23,7 +23,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from sharpening.callbacks import SelfVerificationCallback
 from sharpening.checkpoint import DiskFullError, checksum_problem
-from sharpening.errors import ConfigError, collect_problems, raise_if_problems
+from sharpening.errors import ConfigError, collect_problems, parse_error_problem, raise_if_problems
 from sharpening.policy_module import PolicyModule
 from sharpening.prompts import PromptDataModule
 from sharpening.run_directories import holding_run_directories, run_checkpoint_dirs, run_directory_problems
@@ -45,6 +45,22 @@ class SharpeningCLI(LightningCLI):
             "--overwrite_run", type=bool, default=False,
             help="Start a new run in a default_root_dir whose checkpoints/ already holds another run's checkpoints.",
         )
+
+    def parse_arguments(self, parser, args) -> None:
+        """A value that does not parse is our one error naming the option, the value and the rule, not
+        jsonargparse's page of usage and, for --model.*, its report of every union member it tried."""
+        from jsonargparse import ArgumentError
+
+        try:  # the parsers raise instead of exiting: exit_on_error=False in _run_cli's parser_kwargs
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            message = str(err)
+            if "subcommand" in message:
+                first = message.strip().splitlines()[0].rstrip(".")
+                problem = f"{first}; run `sharpen fit --config FILE` to train, or `sharpen evaluate ...`"
+            else:
+                problem = parse_error_problem(message, "sharpen fit")
+            raise ConfigError([problem]) from None
 
     def _run_subcommand(self, subcommand: str) -> None:
         """After SIGTERM Lightning ends the epoch with SIGTERMException; by then PreemptionCallback has
@@ -259,8 +275,9 @@ def _run_cli(argv: list[str] | None) -> SharpeningCLI:
             datamodule_class=PromptDataModule,
             args=argv,
             auto_configure_optimizers=False,
-            parser_kwargs={"prog": "sharpen", "description": "Sharpening: train a model with itself as the verifier "
-                           "(`sharpen fit`); `sharpen evaluate` runs best-of-N evaluation (see its --help)."},
+            parser_kwargs={"prog": "sharpen", "exit_on_error": False,
+                           "description": "Sharpening: train a model with itself as the verifier (`sharpen fit`); "
+                           "`sharpen evaluate` runs best-of-N evaluation (see its --help)."},
         )
     finally:
         set_parsing_settings(docstring_parse_attribute_docstrings=False)

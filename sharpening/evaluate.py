@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 
 from sharpening.cpu_linear import packed_linear_weights
-from sharpening.errors import ConfigError, raise_if_problems, unwritable_directory_problem
+from sharpening.errors import ConfigError, parse_error_problem, raise_if_problems, unwritable_directory_problem
 from sharpening.evaluate_cache import DrawCache, model_fingerprint
 from sharpening.evaluate_config import (
     EvalModelConfig,
@@ -303,7 +303,7 @@ def build_parser(with_docs: bool = False):
     from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
     set_parsing_settings(docstring_parse_attribute_docstrings=with_docs)
-    parser = ArgumentParser(prog="sharpen evaluate", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="sharpen evaluate", description=__doc__.split("\n")[0], exit_on_error=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML file with any of the options below")
     parser.add_class_arguments(EvalModelConfig, "model")
     parser.add_class_arguments(PromptDataModule, "data")
@@ -321,11 +321,15 @@ def build_parser(with_docs: bool = False):
 def run(argv: list[str]) -> dict:
     """Parse, measure, write results.json / results.csv / config.yaml / plots, print the table."""
     import yaml
+    from jsonargparse import ArgumentError
 
     from sharpening.evaluate_report import format_table, remove_plots, write_atomically, write_plots, write_results
 
     parser = build_parser(with_docs=any(a in ("-h", "--help") for a in argv))
-    ns = parser.parse_args(argv)
+    try:  # a value that does not parse: one problem naming the option, not a page of usage
+        ns = parser.parse_args(argv)
+    except ArgumentError as err:
+        raise ConfigError([parse_error_problem(str(err), "sharpen evaluate")]) from None
     model_cfg, protocol = EvalModelConfig(**ns.model.as_dict()), ProtocolConfig(**ns.protocol.as_dict())
     read = read_directories(model_cfg)
     output_problems = [output_dir_problem(ns.output_dir, ns.overwrite, read)]

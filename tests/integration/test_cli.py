@@ -245,7 +245,7 @@ def test_round_metrics_can_be_monitored(tiny_model_path, prompts_file, tmp_path)
 
 
 def test_only_fit_is_offered_and_help_shows_the_config_docs(capsys):
-    with pytest.raises(SystemExit):
+    with pytest.raises(ConfigError, match="invalid choice: 'validate'"):
         main(["validate", "--config", os.path.join(ROOT, "configs", "demo.yaml")])  # no validation_step to run
     with pytest.raises(SystemExit):
         main(["fit", "--help"])

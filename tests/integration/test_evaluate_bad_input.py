@@ -236,9 +236,14 @@ def test_the_output_dir_may_not_hold_the_adapter_nor_the_cache_lie_inside_it(ada
         ("--data.prompt_template={", "--data.prompt_template='{': not a format string"),
         ("--data.prompt_template=Q {0}", "--data.prompt_template='Q {0}': {0} is a positional field; name a column"),
         ("--data.dataset=no-org/no-such-dataset", "--data.dataset='no-org/no-such-dataset': cannot be read"),
+        # a value that does not parse: the option, the value and the rule, not a page of usage
+        ("--protocol.temperature=nan", "--protocol.temperature='nan': must be a number (nan and inf are refused)"),
+        ("--protocol.decode=fast", "--protocol.decode='fast': must be one of dynamic, static, compiled"),
+        ("--protocol.n_values=abc", "--protocol.n_values='abc': must be a list"),
+        ("--protocol.nvalues=[1]", "unknown option(s) --protocol.nvalues=[1]"),
     ],
 )
-def test_a_bad_template_or_unreadable_dataset_is_refused(override, fragment, tiny_model_path, tmp_path):
+def test_a_bad_value_template_or_unreadable_dataset_is_refused(override, fragment, tiny_model_path, tmp_path):
     with pytest.raises(ConfigError) as err:
         evaluate(tiny_model_path, tmp_path / "out", override)
     assert fragment in str(err.value)
@@ -271,3 +276,4 @@ def test_a_base_of_another_vocabulary_is_refused_before_drawing(tiny_model_path,
         evaluate(larger, tmp_path / "out", *base_args)
     assert f"--model.base_model_name_or_path={tiny_model_path!r}: its vocab_size=" in str(err.value)
     assert "differs from the evaluated model's" in str(err.value)
+

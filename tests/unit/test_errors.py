@@ -54,3 +54,47 @@ def test_collect_problems_reports_every_section_at_once():
         pass
     with pytest.raises(ConfigError):  # outside any block it raises at once again
         raise_if_problems(["--e: bad"])
+
+
+def test_doctests():
+    import doctest
+
+    import sharpening.errors as errors_module
+
+    result = doctest.testmod(errors_module)
+    assert result.attempted > 0 and result.failed == 0
+
+
+UNION_REPORT = """Parser key "model":
+  Does not validate against any of the Union subtypes
+  Subtypes: [<class 'sharpening.policy_module.PolicyModule'>, <class 'NoneType'>]
+  Errors:
+    - Problem with given class_path 'sharpening.SFTSharpeningModule':
+        Parser key "optimizer":
+          Does not validate against any of the Union subtypes
+          Errors:
+            - Problem with given class_path 'sharpening.OptimizerConfig':
+                Parser key "lr":
+                  Expected a <class 'float'>. Got value: nan
+            - Expected a <class 'NoneType'>
+    - Expected a <class 'NoneType'>
+  Given value: NestedArg(key='optimizer.lr', val='nan')"""
+
+
+@pytest.mark.parametrize(
+    "message, problem",
+    [
+        (UNION_REPORT, "--model.optimizer.lr='nan': must be a number (nan and inf are refused)"),
+        ("Parser key \"model.dtype\":\n  Expected a typing.Literal['auto', 'float32']. Got value: x",
+         "--model.dtype='x': must be one of auto, float32"),
+        ("Parser key \"seed_everything\":\n  Does not validate against any of the Union subtypes\n  Errors:\n"
+         "    - Expected a <class 'bool'>\n    - Expected a <class 'int'>\n  Given value: abc",
+         "--seed_everything='abc': must be true or false, or a whole number"),
+        ("Subcommand 'fit' does not accept option 'trainer.max_epochz'", "--trainer.max_epochz: no such option"),
+        ("unrecognized arguments: --foo 1", "unknown option(s) --foo 1"),
+    ],
+)
+def test_a_parse_error_is_one_problem_naming_the_option_value_and_rule(message, problem):
+    from sharpening.errors import parse_error_problem
+
+    assert parse_error_problem(message, "sharpen fit").startswith(problem)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import functools
 import glob
+import importlib.util
 import os
 import sys
 import warnings
 
 import torch
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -26,8 +28,15 @@ from sharpening.checkpoint import DiskFullError, checksum_problem
 from sharpening.errors import ConfigError, collect_problems, parse_error_problem, raise_if_problems
 from sharpening.policy_module import PolicyModule
 from sharpening.prompts import PromptDataModule
-from sharpening.run_directories import holding_run_directories, run_checkpoint_dirs, run_directory_problems
+from sharpening.run_directories import (
+    holding_run_directories,
+    is_launching_process,
+    run_checkpoint_dirs,
+    run_directory_problems,
+    saved_config_problem,
+)
 from sharpening.safety import NonFiniteError
+from sharpening.trainer_settings import lightning_refusal_problem, trainer_problems
 
 
 class SharpeningCLI(LightningCLI):
@@ -68,6 +77,7 @@ class SharpeningCLI(LightningCLI):
         self.preempted = False
         directories = self.trainer.default_root_dir, self.model.output_dir, run_checkpoint_dirs(self.trainer)
         with holding_run_directories(*directories):  # a second run into them is refused; released at the end
+            raise_if_problems(self._saved_config_problems())
             try:
                 super()._run_subcommand(subcommand)
             except SIGTERMException:
@@ -89,6 +99,33 @@ class SharpeningCLI(LightningCLI):
                 raise
             raise cause from None
 
+    def instantiate_trainer(self, **kwargs):
+        """Trainer settings that would train nothing, train in reverse or crash once the weights are loaded are
+        refused here, and so is what Lightning's Trainer refuses itself (an unknown strategy, devices=0, ...):
+        named as typed, with the other sections' problems, not as its traceback."""
+        subcommand = self.config.get("subcommand")
+        resuming = bool((self.config[subcommand] if subcommand else self.config).get("ckpt_path"))
+        settings = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        problems = trainer_problems(settings, resuming)
+        if problems:  # raised, not recorded: the Trainer would refuse some of them again in its own words
+            raise ConfigError(problems)
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, ValueError, TypeError) as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError([lightning_refusal_problem(str(err), settings)]) from err
+
+    def _set_seed(self) -> None:
+        """A seed outside numpy's range is refused as typed (Lightning raises a bare ValueError)."""
+        try:
+            super()._set_seed()
+        except ValueError as err:
+            seed = self._get(self.config, "seed_everything")
+            raise ConfigError([
+                f"--seed_everything={seed}: {err}; give a seed in that range, or true for a random one"
+            ]) from None  # fmt: skip
+
     def _check_run_directories(self) -> None:
         """An unwritable run directory, or an output_dir that would replace the prompts, the run's directory,
         checkpoints or logs: refused before fit, whatever --model.overwrite_output_dir says."""
@@ -97,10 +134,33 @@ class SharpeningCLI(LightningCLI):
         dataset = self.datamodule.hparams.get("dataset")
         raise_if_problems(run_directory_problems(self.trainer, self.model.output_dir, dataset, ckpt_path))
 
-    def before_instantiate_classes(self) -> None:
-        """Refuse to start a fresh run on top of another run's checkpoints (they would be overwritten)."""
+    def _saved_config_problems(self) -> list[str]:
+        """A file where Lightning writes the run's configuration at fit start that must not be replaced (it
+        would raise a traceback, or with overwrite replace the user's own YAML). Checked under the run's lock,
+        so a run still going there is reported as such, not by the configuration it wrote. Only the launching
+        process checks: the others may start after it wrote the file (Lightning's DDP launcher starts them in fit)."""
+        if not is_launching_process() or not self.save_config_callback or self.trainer.fast_dev_run:
+            return []
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
+        path = os.path.join(self.trainer.log_dir or "", self.save_config_kwargs.get("config_filename", "config.yaml"))
+        overwrite = bool(self.save_config_kwargs.get("overwrite"))
+        problem = saved_config_problem(path, overwrite, [os.fspath(f) for f in config.get("config") or []])
+        return [problem] if problem else []
+
+    def before_instantiate_classes(self) -> None:
+        """Refuse a model section that names no algorithm (the base class has no training step), and a fresh run
+        on top of another run's checkpoints (they would be overwritten)."""
+        subcommand = self.config.get("subcommand")
+        config = self.config[subcommand] if subcommand else self.config
+        class_path = (config.get("model") or {}).get("class_path")
+        if subcommand == "fit" and (class_path or "PolicyModule").rsplit(".", 1)[-1] == "PolicyModule":
+            named = f"--model.class_path={class_path}" if class_path else "--model.class_path is not set"
+            self.pending_problems = [  # reported with the other sections' problems (instantiate_classes)
+                f"{named}: PolicyModule is the algorithms' base class, with no training step; name an algorithm, "
+                "--model.class_path sharpening.SFTSharpeningModule or sharpening.RLSharpeningModule, or start from a "
+                "config (--config configs/demo.yaml)"
+            ]
         if subcommand != "fit" or config.get("ckpt_path"):
             return
         if config.get("overwrite_run"):  # asked for: the new run's config.yaml replaces the old run's
@@ -112,7 +172,8 @@ class SharpeningCLI(LightningCLI):
             self.pending_problems = [
                 f"--trainer.default_root_dir={root!r} holds another run's checkpoints "
                 f"({os.path.relpath(existing[-1], root)}, ...): resume it with --ckpt_path last (or a path), "
-                "choose a new directory, or pass --overwrite_run true"
+                "choose a new directory, or pass --overwrite_run true",
+                *getattr(self, "pending_problems", []),
             ]
 
     def _parse_ckpt_path(self) -> None:
@@ -132,7 +193,21 @@ class SharpeningCLI(LightningCLI):
             # (no default_root_dir: only the current directory's own run layouts, never other runs below it)
             if found:
                 path = config["ckpt_path"] = max(found, key=os.path.getmtime)
-        if path and path not in ("last", "best", "hpc", "registry"):
+        if path == "best" or (path is not None and not str(path).strip()):  # Lightning: a ValueError in fit
+            raise_if_problems([
+                f"--ckpt_path={path!r}: " + ("a new `sharpen fit` has no best checkpoint (Lightning tracks one only "
+                "within the run that saved it); give that checkpoint's path" if path == "best" else "empty; give a "
+                "checkpoint's path") + ", or last (the newest under --trainer.default_root_dir), or leave --ckpt_path "
+                "out to start a new run"
+            ])  # fmt: skip
+        root = config["trainer"].get("default_root_dir") or os.getcwd()
+        if path == "hpc" and not glob.glob(os.path.join(root, "hpc_ckpt_*.ckpt")):  # what SLURM's requeue saves
+            raise_if_problems([
+                f"--ckpt_path=hpc: no SLURM requeue checkpoint (hpc_ckpt_*.ckpt) in --trainer.default_root_dir={root!r}; "
+                "give a checkpoint's path, or last"
+            ])  # fmt: skip
+        registry = str(path or "").startswith("registry") and importlib.util.find_spec("litmodels") is not None
+        if path and path not in ("last", "hpc") and not registry:
             raise_if_problems(resume_problems(str(path), config["model"]))
         if path:  # keep the original run's config.yaml; record the resumed run's beside it
             self.save_config_kwargs.update(config_filename="config-resumed.yaml", overwrite=True)

@@ -81,6 +81,33 @@ def run_directory_problems(trainer, output_dir: str | None, dataset: str | None,
     return problems + output_dir_problems(output_dir, protected)
 
 
+RUN_CONFIG_HEADER = b"# lightning.pytorch=="  # the first line of the configuration a run writes (and --print_config)
+
+
+def saved_config_problem(path: str, overwrite: bool, config_files: list[str]) -> str | None:
+    """Why the run may not write its configuration to ``path`` (Lightning writes it at fit start). A file that
+    does not start as a written configuration does, or that is a --config file of this command, is the user's
+    own: never replaced, even with --overwrite_run. An earlier run's is replaced only when asked."""
+    if not os.path.isfile(path):
+        return None
+    directory = os.path.dirname(path)
+    given = [f for f in config_files if os.path.isfile(f) and os.path.samefile(f, path)]
+    with open(path, "rb") as f:
+        written_by_a_run = f.read(len(RUN_CONFIG_HEADER)) == RUN_CONFIG_HEADER
+    if given or not written_by_a_run:
+        what = "is your --config file" if given else "was not written by a run"
+        return (
+            f"--trainer.default_root_dir={directory!r}: the run writes its configuration to {path!r}, which {what}; "
+            "it is never replaced. Choose a directory for the run, e.g. --trainer.default_root_dir runs/my-run"
+        )
+    if not overwrite:
+        return (
+            f"--trainer.default_root_dir={directory!r}: {path!r} holds an earlier run's configuration; choose a new "
+            "directory, or pass --overwrite_run true to start over in this one"
+        )
+    return None
+
+
 def interrupted_write_problems(output_dir: str) -> list[str]:
     """A policy write killed between its two renames leaves output_dir missing and the earlier policy in
     ``.<name>.<pid>.previous`` (the new one in ``.partial``): which to keep is the user's choice."""

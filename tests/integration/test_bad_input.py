@@ -75,6 +75,21 @@ def _output_dir_inside_a_file(tmp):
     return [f"--model.init_args.output_dir={tmp / 'notes.txt' / 'out'}"]
 
 
+def _no_gpu():
+    import torch
+
+    if torch.cuda.is_available() or torch.backends.mps.is_available():
+        pytest.skip("a GPU is here")
+    return ["--trainer.accelerator=gpu"]
+
+
+def _own_config(tmp):
+    """The user's own YAML where the run would write its configuration (--overwrite_run replaces a run's only)."""
+    (tmp / "root").mkdir()
+    (tmp / "root" / "config.yaml").write_text("mine: true\n")
+    return ["--overwrite_run=true"]
+
+
 def _config_file(text):
     def build(tmp):
         (tmp / "bad.yaml").write_text(text)
@@ -196,6 +211,22 @@ CASES = [
     ("unknown option", SFT, ["--verifier.sampling.tmperature=1"], "unknown option(s) --verifier.sampling.tmperature=1"),
     ("unknown key in a config file", SFT, _config_file("trainer:\n  max_epochz: 1\n"), "--trainer.max_epochz: no such option"),
     ("config file missing", SFT, ["--config=./no/such.yaml"], "--config: File does not exist"),
+    # trainer settings: Lightning's refusals named as typed; settings that would train nothing, or in reverse
+    ("max_epochs below -1", SFT, ["--trainer.max_epochs=-5"], "--trainer.max_epochs=-5: must be >= 1, or -1 for no limit"),
+    ("max_epochs 0 trains nothing", SFT, ["--trainer.max_epochs=0"], "--trainer.max_epochs=0: no step would train"),
+    ("no batch trains", SFT, ["--trainer.limit_train_batches=0"], "--trainer.limit_train_batches=0: no batch would train"),
+    ("accumulate 0 batches", SFT, ["--trainer.accumulate_grad_batches=0"], "--trainer.accumulate_grad_batches=0: must be >= 1"),
+    ("negative clipping bound", SFT, ["--trainer.gradient_clip_val=-1"], "a negative bound reverses the gradient"),
+    ("GPU that is not there", SFT, lambda tmp: _no_gpu(), "--trainer.accelerator=gpu: no GPU is visible"),
+    ("unknown strategy", SFT, ["--trainer.strategy=bogus"], "--trainer.strategy='bogus': refused by Lightning's Trainer"),
+    ("zero devices", SFT, ["--trainer.devices=0"], "--trainer.devices='0': refused by Lightning's Trainer"),
+    ("seed out of range", SFT, ["--seed_everything=99999999999999999999"], "--seed_everything=99999999999999999999: "),
+    ("no algorithm class", SFT, ["--model.class_path=sharpening.policy_module.PolicyModule"],
+     "--model.class_path=sharpening.policy_module.PolicyModule: PolicyModule is the algorithms' base class"),
+    ("resume the best checkpoint", SFT, ["--ckpt_path=best"], "--ckpt_path='best': a new `sharpen fit` has no best checkpoint"),
+    ("resume an empty path", SFT, ["--ckpt_path="], "--ckpt_path='': empty"),
+    ("resume a SLURM checkpoint that is not there", SFT, ["--ckpt_path=hpc"], "--ckpt_path=hpc: no SLURM requeue checkpoint"),
+    ("config.yaml of the user's own in the run directory", SFT, lambda tmp: _own_config(tmp), "which was not written by a run"),
     ("crafted pickle checkpoint", SFT, _pickle_checkpoint, "refused"),
     ("other run's checkpoints", SFT, _other_runs_checkpoints, "holds another run's checkpoints"),
     ("a logger's checkpoints", SFT, _logger_checkpoints, "(lightning_logs/version_0/checkpoints/last-preempted.ckpt"),
@@ -249,6 +280,8 @@ def test_bad_input_is_refused_early_and_nothing_is_written(case, tiny_model_path
         assert (tmp_path / "run" / "checkpoints" / "epoch=0-step=4.ckpt").read_bytes() == b"not mine to overwrite"
     if name.startswith("output_dir"):
         assert (tmp_path / "notes.txt").read_text() == "mine"
+    if name.startswith("config.yaml"):
+        assert (tmp_path / "root" / "config.yaml").read_text() == "mine: true\n"
 
 
 def test_resume_checkpoint_from_another_model_or_algorithm_is_refused(tiny_model_path, prompts_file, tmp_path):

@@ -21,10 +21,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sharpening.buffer import BufferExample, SampleBuffer, selected_examples
 from sharpening.cpu_linear import packed_linear_weights
-from sharpening.errors import raise_if_problems
+from sharpening.errors import RunStoppedError, raise_if_problems
 from sharpening.logprobs import sample_logprobs
 from sharpening.metrics import SharpeningMetric
-from sharpening.policy import eval_mode, stop_token_ids
+from sharpening.policy import eval_mode, stop_token_ids, token_ids_problem
 from sharpening.safety import preempt, sigterm_agreed
 from sharpening.rewards import extract_answers, score_samples
 from sharpening.sampler import (
@@ -116,7 +116,7 @@ class SelfVerificationCallback(L.Callback):
             module_sampling = getattr(pl_module, "sampling", None)  # RL samples with its own settings
             mine = self.sampling.max_new_tokens if hasattr(pl_module, "buffer") else 0  # used only for a buffer
             max_new = max(mine, getattr(module_sampling, "max_new_tokens", 0))
-            raise_if_problems(context_problems(pl_module.policy_config, data.prompt_ids, max_new))
+            raise_if_problems(context_problems(pl_module.policy_config, data.prompt_ids, max_new, pl_module.tokenizer))
         if not hasattr(pl_module, "buffer"):  # the module does not train from a buffer (e.g. on-policy RL)
             if hasattr(pl_module, "sampling") and (self.sampling, self.selection) != (SamplingConfig(), SelectionConfig()):
                 algorithm = getattr(getattr(pl_module, "rl", None), "algorithm", type(pl_module).__name__)
@@ -203,9 +203,11 @@ class SelfVerificationCallback(L.Callback):
             preempt(trainer, f"during self-verification (epoch {epoch})")
         kept = _gather_examples(kept, trainer.world_size)
         if not kept:
-            raise RuntimeError(
-                f"self-verification kept no sample in epoch {epoch}: every response was ineligible (truncated or "
-                "under min_score). Raise --verifier.sampling.max_new_tokens or set --verifier.selection.truncated keep"
+            raise RunStoppedError(
+                f"self-verification kept no sample in epoch {epoch}: every response was ineligible: truncated (no EOS "
+                "within max_new_tokens), under --verifier.selection.min_score, or scored NaN/inf (weights or logits "
+                "that are not finite). Raise --verifier.sampling.max_new_tokens or set --verifier.selection.truncated "
+                "keep; lower or unset min_score; check the model's weights"
             )
         self.buffer.replace(kept, epoch)
         self.rounds_done += 1
@@ -284,19 +286,22 @@ class SelfVerificationCallback(L.Callback):
         )
 
 
-def context_problems(policy_config, prompt_ids: list[list[int]], max_new_tokens: int) -> list[str]:
-    """Prompts that cannot fit the model's context with max_new_tokens more (reads config.json only)."""
+def context_problems(policy_config, prompt_ids: list[list[int]], max_new_tokens: int, tokenizer=None) -> list[str]:
+    """Prompts that cannot fit the model's context with max_new_tokens more, and token ids of ``tokenizer`` past
+    the model's vocabulary (reads config.json only)."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(
-        policy_config.model_name_or_path, trust_remote_code=policy_config.trust_remote_code, revision=policy_config.revision
-    )
+    name = policy_config.model_name_or_path
+    config = AutoConfig.from_pretrained(name, trust_remote_code=policy_config.trust_remote_code, revision=policy_config.revision)
+    problems = []
+    if tokenizer is not None and (problem := token_ids_problem(tokenizer, prompt_ids, getattr(config, "vocab_size", None))):
+        problems.append(f"--model.policy.model_name_or_path={name!r}: {problem}")
     context = getattr(config, "max_position_embeddings", None)
     longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     need = len(prompt_ids[longest]) + max_new_tokens
     if context is None or need <= context:
-        return []
-    return [
+        return problems
+    return problems + [
         f"--data.dataset: prompt {longest} has {len(prompt_ids[longest])} tokens; with "
         f"max_new_tokens={max_new_tokens} that is {need} > the model's context of {context}; "
         "shorten the prompts (few-shot prefix, template), lower max_new_tokens, or set --data.max_prompts"

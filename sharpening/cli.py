@@ -25,7 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from sharpening.callbacks import SelfVerificationCallback
 from sharpening.checkpoint import DiskFullError, checksum_problem
-from sharpening.errors import ConfigError, collect_problems, parse_error_problem, raise_if_problems
+from sharpening.errors import ConfigError, RunStoppedError, collect_problems, parse_error_problem, raise_if_problems
 from sharpening.policy_module import PolicyModule
 from sharpening.prompts import PromptDataModule
 from sharpening.run_directories import (
@@ -296,7 +296,7 @@ def main(args: list[str] | None = None):
     except ConfigError as err:
         print(f"{program}: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (NonFiniteError, DiskFullError) as err:
+    except (NonFiniteError, DiskFullError, RunStoppedError) as err:
         print(f"{program}: {err}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -40,6 +40,7 @@ from sharpening.evaluate_config import (
     prompt_context_problems,
     read_directories,
     resolve_model_sources,
+    tokenizer_vocabulary_problem,
     validate_data_args,
     validate_model_config,
     validate_protocol_config,
@@ -253,11 +254,15 @@ def measure(model_cfg: EvalModelConfig, protocol: ProtocolConfig, data_args: dic
 
 
 def context_problems(cfg: EvalModelConfig, model: str, data: PromptDataModule, max_new_tokens: int) -> list[str]:
-    """Prompts too long for the evaluated model's context, or for the base that rescores its draws."""
+    """Prompts too long for the evaluated model's context, or for the base that rescores its draws, and token ids
+    past the evaluated model's vocabulary."""
     scorers = [(model, cfg.revision)]
     if cfg.score_with == "base" and cfg.base_model_name_or_path:
         scorers.append((cfg.base_model_name_or_path, None))
-    return [
+    problems = []
+    if vocabulary := tokenizer_vocabulary_problem(model, cfg.revision, data.tokenizer, data.prompt_ids):
+        problems.append(f"--model.model_name_or_path={model!r}: {vocabulary}")
+    return problems + [
         problem
         for name, revision in scorers
         for problem in prompt_context_problems(data.prompt_ids, max_new_tokens, data.hparams.dataset, name,

@@ -256,6 +256,13 @@ def vocabulary_problem(model: str, cfg: EvalModelConfig) -> str | None:
     )
 
 
+def tokenizer_vocabulary_problem(model: str, revision: str | None, tokenizer, prompt_ids: list[list[int]]) -> str | None:
+    """Why ``model`` cannot embed the ids its tokenizer feeds it (policy.token_ids_problem), from its config.json."""
+    from sharpening.policy import token_ids_problem
+
+    return token_ids_problem(tokenizer, prompt_ids, (_model_config(model, revision) or {}).get("vocab_size"))
+
+
 def device_problem(device: str) -> str | None:
     """Why ``device`` (auto, cpu, cuda, cuda:N) cannot be used here, or None."""
     import torch

@@ -109,7 +109,7 @@ def model_source_problem(name: str) -> str | None:
         if not os.path.isfile(os.path.join(expanded, "config.json")):
             found = sorted(os.listdir(expanded))[:8]
             return f"directory has no config.json (found: {found}); point to a save_pretrained directory"
-        return model_weights_problem(expanded)
+        return config_json_problem(expanded) or model_weights_problem(expanded)
     if os.path.exists(expanded):
         return "is a file; give the directory that holds config.json and the weights"
     parent = os.path.dirname(expanded.rstrip("/"))  # "runs/mdl" with runs/ here is a path, not a hub id
@@ -121,6 +121,34 @@ def model_source_problem(name: str) -> str | None:
 
         if not isinstance(try_to_load_from_cache(name, "config.json"), str):
             return "not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it first or give a local path"
+    return None
+
+
+def config_json_problem(directory: str) -> str | None:
+    """Why ``directory``'s config.json cannot describe a model (not JSON, not an object, no model_type, one this
+    transformers does not know), or None. transformers raises a bare JSONDecodeError or KeyError for these."""
+    import json
+
+    from transformers import CONFIG_MAPPING
+
+    again = "download or copy the model again, or fix the file"
+    try:
+        with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        return f"its config.json is not valid JSON ({type(err).__name__}: {str(err)[:120]}); {again}"
+    if not isinstance(config, dict):
+        return f"its config.json holds a JSON {type(config).__name__}, not an object of model settings; {again}"
+    model_type = config.get("model_type")
+    if not model_type:
+        return f"its config.json has no model_type (e.g. \"llama\"), so transformers cannot tell the architecture; {again}"
+    if model_type not in CONFIG_MAPPING and "auto_map" not in config:  # auto_map: code shipped with the model
+        import transformers
+
+        return (
+            f"its config.json names model_type {model_type!r}, which transformers {transformers.__version__} does not "
+            "know; upgrade transformers, or check the model_type"
+        )
     return None
 
 
@@ -282,16 +310,52 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def token_ids_problem(tokenizer, prompt_ids: list[list[int]], vocab_size: int | None) -> str | None:
+    """Why a model of ``vocab_size`` cannot embed the ids ``tokenizer`` feeds it (the prompts', the pad and EOS
+    ids), or None: the embedding lookup would fail with an IndexError once the weights are loaded and drawing.
+
+    >>> class Tok:
+    ...     pad_token_id, eos_token_id = 0, 2
+    ...     def __len__(self): return 24
+    >>> token_ids_problem(Tok(), [[1, 5], [23]], 24) is None
+    True
+    >>> token_ids_problem(Tok(), [[1, 5], [23]], 10)[:71]
+    'its tokenizer gives token ids up to 23 (prompt 1), but the model has an'
+    """
+    if not vocab_size:
+        return None
+    highest = {f"prompt {i}": max(ids) for i, ids in enumerate(prompt_ids) if ids}
+    highest.update({f"{name} token": i for name in ("pad", "eos") if (i := getattr(tokenizer, f"{name}_token_id")) is not None})
+    over = {what: i for what, i in highest.items() if i >= vocab_size}
+    if not over:
+        return None
+    worst = max(over, key=over.get)
+    return (
+        f"its tokenizer gives token ids up to {over[worst]} ({worst}), but the model has an embedding for ids below "
+        f"vocab_size={vocab_size} only (the tokenizer has {len(tokenizer)} tokens); use the tokenizer saved with these "
+        "weights, or resize the embeddings (model.resize_token_embeddings(len(tokenizer))) and save the model again"
+    )
+
+
 def load_tokenizer(cfg: PolicyConfig):
     """The model's tokenizer, left-padded for generation; pad falls back to EOS. Errors without EOS."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(
-        cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
-    )
-    if tokenizer.eos_token_id is None:
-        from sharpening.errors import ConfigError
+    from sharpening.errors import ConfigError
 
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            cfg.model_name_or_path, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision
+        )
+    except Exception as err:  # no tokenizer files (ValueError), a damaged tokenizer.json (JSONDecodeError), ...
+        path = os.path.expanduser(cfg.model_name_or_path)
+        found = f" (the directory holds {sorted(os.listdir(path))[:10]})" if os.path.isdir(path) else ""
+        raise ConfigError([
+            f"--model.policy.model_name_or_path={cfg.model_name_or_path!r}: its tokenizer cannot be read{found}: "
+            f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}; save the "
+            "tokenizer beside the weights (tokenizer.save_pretrained) or copy its files from the base model"
+        ]) from err  # fmt: skip
+    if tokenizer.eos_token_id is None:
         raise ConfigError(
             [
                 f"--model.policy.model_name_or_path={cfg.model_name_or_path!r}: the tokenizer has no EOS token, "

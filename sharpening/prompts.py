@@ -45,6 +45,29 @@ def validate_dataset_source(dataset: str, option: str = "--data.dataset") -> lis
     return []
 
 
+def not_utf8_problem(path: str) -> str | None:
+    """Where a local text data file stops being UTF-8 (the line and the byte), or None. ``datasets`` reads it
+    as UTF-8 and fails on the first such row with a bare UnicodeDecodeError. Parquet is binary: not read."""
+    import codecs
+
+    if _local_format(path) not in ("json", "csv"):
+        return None
+    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                at = line + chunk[: max(err.start, 0)].count(b"\n")
+                return f"is not UTF-8 text (byte {chunk[err.start:err.start + 1].hex() or '?'} on line {at})"
+            line += chunk.count(b"\n")
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return f"is not UTF-8 text (it ends inside a character, on line {line})"
+    return None
+
+
 def _data_files_in(directory: str) -> list[str]:
     """Data files ``datasets`` would read from a local dataset directory (its top level or one folder down)."""
     import glob
@@ -220,6 +243,11 @@ class PromptDataModule(L.LightningDataModule):
         hp = self.hparams
         from datasets.exceptions import DatasetGenerationError
 
+        path = os.path.expanduser(hp.dataset)
+        for file in [path] if os.path.isfile(path) else _data_files_in(path) if os.path.isdir(path) else []:
+            if problem := not_utf8_problem(file):
+                where = f"--data.dataset={hp.dataset!r}" + ("" if file == path else f": {file!r}")
+                raise_if_problems([f"{where} {problem}; save it as UTF-8 (e.g. iconv -f ITS_ENCODING -t utf-8 FILE > NEW)"])
         try:
             rows = load_prompt_rows(hp.dataset, hp.split, hp.subset)
         except (StopIteration, ValueError, DatasetGenerationError) as err:  # "no rows" / unreadable / malformed

@@ -138,6 +138,22 @@ def _index_without_shards(directory):
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": shards}))
 
 
+def _edit_config(**changes):
+    """A damage that rewrites config.json: ``changes`` set (None deletes the key)."""
+
+    def damage(directory):
+        config = json.loads((directory / "config.json").read_text())
+        config.update(changes)
+        (directory / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+
+    return damage
+
+
+def _latin1_prompts(tmp):
+    (tmp / "latin1.jsonl").write_bytes(b'{"prompt": "abcd=", "answer": "x"}\n{"prompt": "ab\xe9=", "answer": "x"}\n')
+    return [f"--data.dataset={tmp / 'latin1.jsonl'}"]
+
+
 def _flash_attention(tmp):
     import torch
 
@@ -162,6 +178,18 @@ CASES = [
     ("model without weights", SFT, _damaged_model(_remove_weights), "has config.json but no weights"),
     ("truncated safetensors", SFT, _damaged_model(_truncate_weights), "model.safetensors is truncated"),
     ("shards missing", SFT, _damaged_model(_index_without_shards), "names 2 shard file(s) and 2 are missing"),
+    ("config.json not JSON", SFT, _damaged_model(lambda d: (d / "config.json").write_text("{not json")),
+     "its config.json is not valid JSON"),
+    ("config.json without model_type", SFT, _damaged_model(_edit_config(model_type=None)), "its config.json has no model_type"),
+    ("config.json of an unknown architecture", SFT, _damaged_model(_edit_config(model_type="nosuchmodel")),
+     "names model_type 'nosuchmodel', which transformers"),
+    ("tokenizer.json damaged", SFT, _damaged_model(lambda d: (d / "tokenizer.json").write_text("{broken")),
+     "its tokenizer cannot be read"),
+    ("tokenizer files missing", SFT, _damaged_model(lambda d: [os.remove(d / f) for f in ("tokenizer.json", "tokenizer_config.json")]),
+     "its tokenizer cannot be read (the directory holds ['config.json'"),
+    ("tokenizer ids past the model's vocabulary", SFT, _damaged_model(_edit_config(vocab_size=10)),
+     "but the model has an embedding for ids below vocab_size=10 only"),
+    ("prompts not UTF-8", SFT, _latin1_prompts, "latin1.jsonl' is not UTF-8 text (byte e9 on line 2)"),
     ("no chat template", SFT, ["--data.use_chat_template=true"], "has no chat template"),
     ("LoRA targets match nothing", SFT, ["--model.init_args.policy.finetuning=lora",
                                          "--model.init_args.policy.lora_target_modules=[qkv]"], "['qkv'] match(es) no module"),

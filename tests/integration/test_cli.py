@@ -146,6 +146,23 @@ def test_resume_restores_the_buffer_and_round(checkpoint, tiny_model_path, promp
     assert resumed.buffer.state_dict() == full.buffer.state_dict()
 
 
+def test_from_the_shell_a_stopped_run_and_bad_input_are_one_message_without_a_traceback(
+    tiny_model_path, prompts_file, tmp_path, monkeypatch, capsys
+):
+    """`sharpen` as a command (main without arguments reads sys.argv): a round that keeps no sample (every score
+    under min_score) exits with status 1, a value that does not parse with status 2; each prints its message."""
+    run = ["sharpen", "fit", "--config", os.path.join(ROOT, "configs", "demo.yaml"),
+           *tiny_overrides(tiny_model_path, prompts_file, str(tmp_path)), "--trainer.max_epochs=1"]  # fmt: skip
+    for extra, status, message in [
+        ("--verifier.selection.min_score=1.0", 1, "sharpen: self-verification kept no sample in epoch 0"),
+        ("--verifier.sampling.max_new_tokens=abc", 2, "--verifier.sampling.max_new_tokens='abc': must be a whole number"),
+    ]:
+        monkeypatch.setattr(sys, "argv", [*run, extra])
+        with pytest.raises(SystemExit) as done:
+            main()
+        assert done.value.code == status and message in capsys.readouterr().err
+
+
 def test_lora_adapter_output_loads_with_plain_peft(tiny_model_path, prompts_file, tmp_path):
     _fit(tiny_model_path, prompts_file, str(tmp_path), "--trainer.max_epochs=1")
     out = tmp_path / "out"

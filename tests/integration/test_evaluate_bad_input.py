@@ -266,6 +266,35 @@ def test_a_model_without_a_usable_tokenizer_is_refused_as_typed(tiny_model_path,
         evaluate(str(no_eos), tmp_path / "out")
 
 
+@pytest.mark.parametrize(
+    "damage, fragment",
+    [
+        ({"config.json": "{not json"}, "its config.json is not valid JSON"),
+        ({"tokenizer.json": "{broken"}, "its tokenizer cannot be read"),
+        ({"config.json": "vocab_size=10"}, "but the model has an embedding for ids below vocab_size=10 only"),
+    ],
+)
+def test_a_damaged_model_is_refused_as_typed_before_weights_load(damage, fragment, tiny_model_path, tmp_path):
+    model = shutil.copytree(tiny_model_path, tmp_path / "model")
+    for name, text in damage.items():
+        if text.startswith("vocab_size="):
+            config = json.loads((model / name).read_text())
+            text = json.dumps(dict(config, vocab_size=int(text.split("=")[1])))
+        (model / name).write_text(text)
+    with pytest.raises(ConfigError) as err:
+        evaluate(str(model), tmp_path / "out")
+    assert f"--model.model_name_or_path={str(model)!r}: " in str(err.value) and fragment in str(err.value)
+    with pytest.raises(ConfigError, match=f"--base={str(model)!r}: "):
+        compare("--base", str(model), "--prompts", REVERSAL)
+
+
+def test_prompts_that_are_not_utf8_are_refused_with_the_line(tiny_model_path, tmp_path):
+    dataset = tmp_path / "latin1.jsonl"
+    dataset.write_bytes(b'{"prompt": "ab=", "answer": "x"}\n{"prompt": "ab\xe9=", "answer": "x"}\n')
+    with pytest.raises(ConfigError, match=r"is not UTF-8 text \(byte e9 on line 2\)"):
+        evaluate(tiny_model_path, tmp_path / "out", dataset=str(dataset))
+
+
 def test_a_base_of_another_vocabulary_is_refused_before_drawing(tiny_model_path, tmp_path):
     """score_with=base scores the evaluated model's token ids under the base: the vocabularies must agree."""
     from conftest import build_tiny_model

@@ -77,8 +77,16 @@ def validate_rl_config(rl: RLConfig, sampling: SamplingConfig) -> list[str]:
     for name in ("inner_updates", "xpo_updates_per_round", "pairs_per_update"):
         if getattr(rl, name) < 1:
             problems.append(f"{o}.{name}={getattr(rl, name)}: must be >= 1")
-    if not rl.clip_ratio > 0:
-        problems.append(f"{o}.clip_ratio={rl.clip_ratio}: must be > 0 (e.g. 0.2)")
+    if not 0 < rl.clip_ratio <= 1:  # a huge one overflowed float32 in the clamp
+        problems.append(
+            f"{o}.clip_ratio={rl.clip_ratio}: must be in (0, 1] (ratios are clipped to [1 - clip_ratio, 1 + clip_ratio]; "
+            "e.g. 0.2)"
+        )
+    if rl.max_grad_norm is not None and not rl.max_grad_norm >= 0:
+        problems.append(
+            f"{o}.max_grad_norm={rl.max_grad_norm}: must be > 0, or null for no clipping; a negative bound reverses "
+            "the gradient"
+        )
     if rl.heldout_prompts > 0 and rl.algorithm != "xpo":
         problems.append(
             f"{o}.heldout_prompts={rl.heldout_prompts}: only xpo scores held-out prompts (to pick its best round); "

@@ -18,6 +18,7 @@ evaluate_compare.py (base vs sharpened, the demo's check); this module loads, dr
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import sys
@@ -52,6 +53,7 @@ from sharpening.policy import (
 )
 from sharpening.prompts import PromptDataModule
 from sharpening.rewards import extract_answers, loglik_reward
+from sharpening.run_directories import holding_lock, output_lock_path
 from sharpening.sampler import SamplingConfig, decode_device_problems, decode_responses, generate_samples
 from sharpening.tasks.extractors import answers_match, resolve_extractor
 from sharpening.types import SampleBatch
@@ -337,23 +339,28 @@ def run(argv: list[str]) -> dict:
         raise ConfigError([parse_error_problem(str(err), "sharpen evaluate")]) from None
     model_cfg, protocol = EvalModelConfig(**ns.model.as_dict()), ProtocolConfig(**ns.protocol.as_dict())
     read = read_directories(model_cfg)
-    output_problems = [output_dir_problem(ns.output_dir, ns.overwrite, read)]
-    if ns.cache_dir:
-        output_problems.append(unwritable_directory_problem("--cache_dir", ns.cache_dir))
-        output_problems.append(overlap_problem("--cache_dir", ns.cache_dir, read))
-    output_problems = [p for p in output_problems if p]
-    config = ns.as_dict()  # every option, None included: the exact configuration
-    config_files = [str(f) for f in config.pop("config", None) or []]
-    cache_dir = ns.cache_dir or os.path.join(ns.output_dir, "cache")
-    for warning in adapter_base_check(model_cfg)[1]:  # a base other than the adapter's own, of the same shapes
-        warnings.warn(warning, stacklevel=2)
-    numbers = measure(model_cfg, protocol, ns.data.as_dict(), cache_dir, ns.show_progress, output_problems)
-    results = {"config": config, "config_files": config_files, **numbers}
-    os.makedirs(ns.output_dir, exist_ok=True)
-    write_atomically(os.path.join(ns.output_dir, "config.yaml"), lambda f: yaml.safe_dump(config, f, sort_keys=False))
-    written = write_results(results, ns.output_dir)
-    stale = remove_plots(ns.output_dir)  # an earlier run's: new ones replace them, or none are wanted
-    written += write_plots(results, ns.output_dir) if ns.plots else []
+    output = output_dir_problem(ns.output_dir, ns.overwrite, read)
+    # One run at a time per output_dir: a second one started while the first draws found it empty and later
+    # replaced the first's results without --overwrite. Checked again under the lock (a run may have ended there).
+    lock = output_lock_path(ns.output_dir)
+    with contextlib.nullcontext() if output else holding_lock(lock, f"--output_dir={ns.output_dir!r}"):
+        output_problems = [output or output_dir_problem(ns.output_dir, ns.overwrite, read)]
+        if ns.cache_dir:
+            output_problems.append(unwritable_directory_problem("--cache_dir", ns.cache_dir))
+            output_problems.append(overlap_problem("--cache_dir", ns.cache_dir, read))
+        output_problems = [p for p in output_problems if p]
+        config = ns.as_dict()  # every option, None included: the exact configuration
+        config_files = [str(f) for f in config.pop("config", None) or []]
+        cache_dir = ns.cache_dir or os.path.join(ns.output_dir, "cache")
+        for warning in adapter_base_check(model_cfg)[1]:  # a base other than the adapter's own, of the same shapes
+            warnings.warn(warning, stacklevel=2)
+        numbers = measure(model_cfg, protocol, ns.data.as_dict(), cache_dir, ns.show_progress, output_problems)
+        results = {"config": config, "config_files": config_files, **numbers}
+        os.makedirs(ns.output_dir, exist_ok=True)
+        write_atomically(os.path.join(ns.output_dir, "config.yaml"), lambda f: yaml.safe_dump(config, f, sort_keys=False))
+        written = write_results(results, ns.output_dir)
+        stale = remove_plots(ns.output_dir)  # an earlier run's: new ones replace them, or none are wanted
+        written += write_plots(results, ns.output_dir) if ns.plots else []
     if stale and not ns.plots:
         print("removed the earlier run's plots (--plots false): " + ", ".join(stale))
     print(format_table(results))

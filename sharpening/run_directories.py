@@ -184,6 +184,16 @@ def holding_run_directories(root: str, output_dir: str | None, checkpoint_dirs: 
             release_lock(path, record)
 
 
+@contextlib.contextmanager
+def holding_lock(path: str, what: str):
+    """Hold the lock at ``path`` for the block (``take_lock``; released on any exit)."""
+    held = take_lock(path, what)
+    try:
+        yield
+    finally:
+        release_lock(*held)
+
+
 def take_lock(path: str, what: str) -> tuple[str, str]:
     """Create the lock file at ``path`` (O_CREAT|O_EXCL: one run wins) holding this process's pid, host,
     start time and command; take over a lock whose holder died on this host. Returns (path, record)."""

@@ -306,3 +306,19 @@ def test_a_base_of_another_vocabulary_is_refused_before_drawing(tiny_model_path,
     assert f"--model.base_model_name_or_path={tiny_model_path!r}: its vocab_size=" in str(err.value)
     assert "differs from the evaluated model's" in str(err.value)
 
+
+
+def test_an_output_dir_another_evaluation_writes_to_is_refused_and_the_lock_is_released(tiny_model_path, tmp_path):
+    """A second run that found output_dir empty while the first drew replaced the first's results at its end."""
+    from sharpening.run_directories import output_lock_path, take_lock
+
+    lock = output_lock_path(str(tmp_path / "out"))
+    _, record = take_lock(lock, "the first run")  # held by this (live) process
+    with pytest.raises(ConfigError, match=f"--output_dir={str(tmp_path / 'out')!r} is in use by another run"):
+        evaluate(tiny_model_path, tmp_path / "out")
+    with open(lock) as f:
+        assert f.read() == record
+    os.remove(lock)
+    with pytest.raises(AssertionError, match="weights were loaded"):  # the run gets as far as loading
+        evaluate(tiny_model_path, tmp_path / "out")
+    assert not os.path.exists(lock)  # and releases its lock on the way out

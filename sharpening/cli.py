@@ -299,6 +299,20 @@ def main(args: list[str] | None = None):
     except (NonFiniteError, DiskFullError, RunStoppedError) as err:
         print(f"{program}: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except KeyboardInterrupt:  # Ctrl-C outside Lightning's own handling (evaluate; fit before training starts)
+        kept = ("the draws made so far are cached: rerun the same command with --overwrite true to go on from them"
+                if program == "sharpen evaluate" else "resume from the last checkpoint written with --ckpt_path last")
+        print(f"{program}: interrupted; {kept}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not isinstance(err, MemoryError) and "out of memory" not in text and "can't allocate memory" not in text:
+            raise
+        sizes = ("--protocol.prompts_per_batch, the largest N (--protocol.n_values, samples_per_prompt) or "
+                 "--protocol.max_new_tokens" if program == "sharpen evaluate" else "--verifier.sampling.prompts_per_batch, "
+                 "samples_per_prompt or max_new_tokens, --model.batch_size or pack_length (RL: --model.prompts_per_step)")
+        print(f"{program}: out of memory ({text[:300]}); lower {sizes}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def config_file_problems(argv: list[str]) -> list[str]:

@@ -163,6 +163,27 @@ def test_from_the_shell_a_stopped_run_and_bad_input_are_one_message_without_a_tr
         assert done.value.code == status and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "error, status, message",
+    [
+        (KeyboardInterrupt(), 130, "sharpen evaluate: interrupted; the draws made so far are cached"),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 576000000000 bytes"), 1,
+         "sharpen evaluate: out of memory (DefaultCPUAllocator: can't allocate memory"),
+        (RuntimeError("a bug"), None, None),  # not ours to explain: the traceback stays
+    ],
+)
+def test_from_the_shell_ctrl_c_and_out_of_memory_are_one_message(error, status, message, monkeypatch, capsys):
+    def fail(argv):
+        raise error
+
+    monkeypatch.setattr("sharpening.evaluate.dispatch", fail)
+    monkeypatch.setattr(sys, "argv", ["sharpen", "evaluate", "--output_dir=out"])
+    with pytest.raises(SystemExit if status else RuntimeError) as done:
+        main()
+    if status:
+        assert done.value.code == status and message in capsys.readouterr().err
+
+
 def test_lora_adapter_output_loads_with_plain_peft(tiny_model_path, prompts_file, tmp_path):
     _fit(tiny_model_path, prompts_file, str(tmp_path), "--trainer.max_epochs=1")
     out = tmp_path / "out"

@@ -66,7 +66,12 @@ class PolicyModule(L.LightningModule):
         if logprob_chunk_size < 1:
             problems.append(f"--model.logprob_chunk_size={logprob_chunk_size}: must be >= 1 (e.g. 256)")
         unwritable = unwritable_directory_problem("--model.output_dir", output_dir) if output_dir else None
-        if unwritable:
+        if output_dir is not None and not output_dir.strip():  # "" would write nothing, silently
+            problems.append(
+                f"--model.output_dir={output_dir!r}: empty; name a directory for the sharpened policy, or leave it "
+                "unset (null) to keep only the checkpoints"
+            )
+        elif unwritable:
             problems.append(unwritable)
         elif output_dir and os.path.isdir(output_dir) and os.listdir(output_dir) and not overwrite_output_dir:
             problems.append(

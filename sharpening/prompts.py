@@ -119,6 +119,22 @@ def render_prompt(
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
+def attribute_field(template: str) -> str | None:
+    """The first field of ``template`` that reads an attribute (``{prompt.upper}``), or None (also for a
+    template that does not parse: rendering reports it).
+
+    >>> attribute_field("Q: {question.strip} A:"), attribute_field("{prompt}="), attribute_field("{")
+    ('question.strip', None, None)
+    """
+    import string
+
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name]
+    except ValueError:
+        return None
+    return next((name for name in fields if "." in name.split("[")[0]), None)
+
+
 def empty_prompt_rows(rows: list[dict], column: str) -> list[int]:
     """Numbers of the rows whose ``column`` is text that is empty or only whitespace.
 
@@ -288,6 +304,11 @@ class PromptDataModule(L.LightningDataModule):
         if hp.use_chat_template and (problem := chat_template_problem(tokenizer)):
             raise_if_problems([problem])
         rows = [dict(rows[i], prompt=rows[i][hp.prompt_column]) for i in keep]
+        if field := attribute_field(hp.prompt_template):  # it renders e.g. "<built-in method upper of str ...>"
+            raise_if_problems([
+                f"--data.prompt_template={hp.prompt_template!r}: {{{field}}} reads an attribute of the column's value, "
+                f"not text from the row; name columns only, e.g. '{{{field.split('.')[0]}}}'"
+            ])  # fmt: skip
         try:
             self.prompt_texts = [
                 render_prompt(r, hp.prompt_template, hp.few_shot_prefix, tokenizer, hp.use_chat_template, hp.system_prompt)

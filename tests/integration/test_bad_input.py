@@ -168,6 +168,8 @@ CASES = [
     # (id, config, overrides (list or builder), fragment expected in the error)
     ("template with a positional field", SFT, ["--data.prompt_template={0}"], "not a valid template"),
     ("template with a lone brace", SFT, ["--data.prompt_template=Q: {prompt"], "not a valid template"),
+    ("template reading an attribute", SFT, ["--data.prompt_template={prompt.upper}"],
+     "{prompt.upper} reads an attribute of the column's value"),
     ("hub dataset offline", SFT, ["--data.dataset=nobody/no-such-dataset"], "cannot be read"),
     ("config file empty", SFT, _config_file(""), "the file is empty"),
     ("config file a list", SFT, _config_file("- trainer\n- model\n"), "the top level is a list"),
@@ -262,6 +264,7 @@ CASES = [
     ("other run's checkpoints", SFT, _other_runs_checkpoints, "holds another run's checkpoints"),
     ("a logger's checkpoints", SFT, _logger_checkpoints, "(lightning_logs/version_0/checkpoints/last-preempted.ckpt"),
     ("output_dir is a file", SFT, _output_dir_is_a_file, "is a file, not a directory"),
+    ("empty output_dir", SFT, ["--model.init_args.output_dir="], "--model.output_dir='': empty"),
     ("output_dir inside a file", RL, _output_dir_inside_a_file, "is a file, so the directory cannot be made"),
     ("tokenizer without EOS", SFT, "no-eos", "no EOS token"),
     # writing the policy replaces output_dir: never over what the run reads or keeps, whatever overwrite says

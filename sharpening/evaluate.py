@@ -330,7 +330,9 @@ def run(argv: list[str]) -> dict:
     import yaml
     from jsonargparse import ArgumentError
 
-    from sharpening.evaluate_report import format_table, remove_plots, write_atomically, write_plots, write_results
+    from sharpening.evaluate_report import (
+        format_table, remove_plots, replaced_input_problems, write_atomically, write_plots, write_results,
+    )
 
     parser = build_parser(with_docs=any(a in ("-h", "--help") for a in argv))
     try:  # a value that does not parse: one problem naming the option, not a page of usage
@@ -348,9 +350,11 @@ def run(argv: list[str]) -> dict:
         if ns.cache_dir:
             output_problems.append(unwritable_directory_problem("--cache_dir", ns.cache_dir))
             output_problems.append(overlap_problem("--cache_dir", ns.cache_dir, read))
-        output_problems = [p for p in output_problems if p]
         config = ns.as_dict()  # every option, None included: the exact configuration
         config_files = [str(f) for f in config.pop("config", None) or []]
+        inputs = {f"--config={f!r}": f for f in config_files} | {f"--data.dataset={ns.data.dataset!r}": ns.data.dataset}
+        output_problems += replaced_input_problems(ns.output_dir, inputs)
+        output_problems = [p for p in output_problems if p]
         cache_dir = ns.cache_dir or os.path.join(ns.output_dir, "cache")
         for warning in adapter_base_check(model_cfg)[1]:  # a base other than the adapter's own, of the same shapes
             warnings.warn(warning, stacklevel=2)

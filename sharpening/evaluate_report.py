@@ -232,6 +232,23 @@ PLOTS = {
 }
 
 
+OUTPUT_FILES = ("config.yaml", "results.json", "results.csv", *PLOTS)
+"""What a run writes into its output directory (beside the cache)."""
+
+
+def replaced_input_problems(out_dir: str, inputs: dict[str, str]) -> list[str]:
+    """Inputs of the run ({option as typed: path}) that writing its files to ``out_dir`` would replace: --overwrite
+    replaces earlier results, never the config or the prompts the run reads."""
+    return [
+        f"{option} is {target!r}, where the run writes its {name}: --overwrite replaces earlier results, never what "
+        "the run reads; choose another --output_dir"
+        for name in OUTPUT_FILES
+        if os.path.isfile(target := os.path.join(out_dir, name))
+        for option, path in inputs.items()
+        if path and os.path.isfile(path) and os.path.samefile(target, path)
+    ]
+
+
 def write_plots(results: dict, out_dir: str) -> list[str]:
     """Every plot in PLOTS as a PNG under ``out_dir``; [] (with a warning) when matplotlib is missing."""
     try:

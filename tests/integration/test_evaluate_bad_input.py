@@ -322,3 +322,16 @@ def test_an_output_dir_another_evaluation_writes_to_is_refused_and_the_lock_is_r
     with pytest.raises(AssertionError, match="weights were loaded"):  # the run gets as far as loading
         evaluate(tiny_model_path, tmp_path / "out")
     assert not os.path.exists(lock)  # and releases its lock on the way out
+
+
+def test_overwrite_never_replaces_the_config_or_prompts_the_run_reads(tiny_model_path, tmp_path):
+    """--overwrite true replaces earlier results; a --config file or prompts named like a result file are inputs."""
+    (tmp_path / "config.yaml").write_text("# mine\nplots: false\n")
+    shutil.copy(REVERSAL, tmp_path / "results.json")
+    with pytest.raises(ConfigError) as err:
+        evaluate(tiny_model_path, tmp_path, "--overwrite=true", f"--config={tmp_path / 'config.yaml'}",
+                 dataset=str(tmp_path / "results.json"))  # fmt: skip
+    config_problem, data_problem = err.value.problems
+    assert config_problem.startswith(f"--config='{tmp_path / 'config.yaml'}' is '{tmp_path / 'config.yaml'}', where the run")
+    assert data_problem.startswith(f"--data.dataset='{tmp_path / 'results.json'}' is ") and "never what the run reads" in data_problem
+    assert (tmp_path / "config.yaml").read_text() == "# mine\nplots: false\n"

@@ -24,6 +24,8 @@ from sharpening.evaluate_config import (
     ProtocolConfig,
     adapter_base_check,
     is_adapter_dir,
+    overlap_problem,
+    read_directories,
     validate_data_args,
     validate_model_config,
     validate_protocol_config,
@@ -87,6 +89,8 @@ def compare(args: argparse.Namespace) -> dict:
     problems += _as_typed(validate_protocol_config(protocol) + validate_data_args(data))
     for cfg, flags in models.values():
         problems += [p for p in _as_typed(validate_model_config(cfg), flags) if p not in problems]
+        if args.summary and (overlap := overlap_problem("--summary", args.summary, read_directories(cfg))):
+            problems += [p for p in _as_typed([overlap], flags) if p not in problems]  # nothing among a model's files
     raise_if_problems(problems)  # both models and the prompts checked before either model loads
     for cfg, flags in models.values():
         for warning in _as_typed(adapter_base_check(cfg)[1], flags):

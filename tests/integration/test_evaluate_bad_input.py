@@ -200,6 +200,10 @@ def test_compare_refuses_a_summary_it_could_not_write_before_measuring(tiny_mode
     with pytest.raises(ConfigError, match=f"--summary={summary!r}: its folder=.* is a file"):
         compare("--base", tiny_model_path, "--prompts", REVERSAL, "--summary", summary)
     assert (tmp_path / "file").read_text() == "mine"
+    model = shutil.copytree(tiny_model_path, tmp_path / "model")
+    with pytest.raises(ConfigError, match=f"--summary='{model / 's.json'}' lies inside the directory of --base="):
+        compare("--base", str(model), "--prompts", REVERSAL, "--summary", str(model / "s.json"))
+    assert not (model / "s.json").exists()
 
 
 # ---------------------------------------------------------------- output and cache directories

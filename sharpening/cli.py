@@ -132,7 +132,8 @@ class SharpeningCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         ckpt_path = (self.config[subcommand] if subcommand else self.config).get("ckpt_path")
         dataset = self.datamodule.hparams.get("dataset")
-        raise_if_problems(run_directory_problems(self.trainer, self.model.output_dir, dataset, ckpt_path))
+        base = self.model.policy_config.model_name_or_path
+        raise_if_problems(run_directory_problems(self.trainer, self.model.output_dir, dataset, ckpt_path, base))
 
     def _saved_config_problems(self) -> list[str]:
         """A file where Lightning writes the run's configuration at fit start that must not be replaced (it

@@ -276,6 +276,8 @@ CASES = [
     ("policy inside the run's checkpoints", SFT,
      lambda tmp: [f"--model.init_args.output_dir={tmp / 'root' / 'checkpoints' / 'policy'}", OVERWRITE],
      "is inside the run's checkpoints"),
+    ("run directory inside the base model", SFT, lambda tmp, model: _demo_folder(tmp, model, "out") + [
+        f"--trainer.default_root_dir={tmp / 'demo' / 'base' / 'run'}"], "lies inside the base model"),
     ("run directory inside the policy", SFT, lambda tmp: [f"--trainer.default_root_dir={tmp / 'out' / 'run'}", OVERWRITE],
      "contains the run directory"),
 ]

@@ -299,6 +299,14 @@ class PromptDataModule(L.LightningDataModule):
                     f"(rows {empty[:8]}{' ...' if len(empty) > 8 else ''}, counting from 0); fill or drop them"
                     + (", or set --data.answer_column null to go without answers" if option == "answer_column" else "")
                 )
+            nested = [i for i, r in enumerate(rows) if column is not None and isinstance(r[column], (list, dict))]
+            if nested:  # the template would write its Python repr ("['a', 'b']") into the prompt, or the answer
+                problems.append(
+                    f"--data.{option}={column!r}: {len(nested)} row(s) of {hp.dataset!r} hold a "
+                    f"{type(rows[nested[0]][column]).__name__}, not text (rows {nested[:8]}{' ...' if len(nested) > 8 else ''}"
+                    ", counting from 0); name a column of text, or give one value per row (a JSON file of columns is "
+                    "read as one row: write JSON Lines, one object per row)"
+                )
         raise_if_problems(problems)
         keep = self._rows_with_a_prompt(rows)
         if hp.use_chat_template and (problem := chat_template_problem(tokenizer)):

@@ -55,7 +55,7 @@ def output_dir_problems(output_dir: str, protected: list[tuple[str, str, str, bo
 def run_directory_problems(
     trainer, output_dir: str | None, dataset: str | None, ckpt_path: str | None, base_model: str | None = None
 ) -> list[str]:
-    """An unwritable run directory, or one that is or lies inside the base model's (checkpoints and config.yaml
+    """An unwritable run or checkpoint directory, or one that is or lies inside the base model's (checkpoints
     among the model's files), and an output_dir whose writing would destroy what the run reads or keeps: the
     prompts, the checkpoint to resume, this run's directory, checkpoints and logs (PolicyModule checks the base
     model). output_dir may sit inside default_root_dir (``runs/x/policy``), not in its checkpoints or logs."""
@@ -63,13 +63,14 @@ def run_directory_problems(
     dirpath_option = "--trainer.callbacks ModelCheckpoint dirpath"
     problems = [unwritable_directory_problem("--trainer.default_root_dir", root)]
     base = _real(base_model) if base_model and os.path.isdir(os.path.expanduser(base_model)) else None
-    if base and (_real(root) == base or _inside(_real(root), base)):
-        relation = "is" if _real(root) == base else "lies inside"
-        problems.append(
-            f"--trainer.default_root_dir={root!r} {relation} the base model {base_model!r} (from "
-            "--model.policy.model_name_or_path): the run would write its checkpoints and config.yaml among the model's "
-            "files; choose a directory of its own, e.g. --trainer.default_root_dir runs/my-run"
-        )
+    for option, directory in [("--trainer.default_root_dir", root), *((dirpath_option, d) for d in dirpaths)]:
+        if base and (_real(directory) == base or _inside(_real(directory), base)):
+            relation = "is" if _real(directory) == base else "lies inside"
+            problems.append(
+                f"{option}={directory!r} {relation} the base model {base_model!r} (from --model.policy.model_name_or_path): "
+                "the run would write its checkpoints among the model's files; choose a directory of its own, e.g. "
+                "--trainer.default_root_dir runs/my-run"
+            )
     problems = [p for p in problems + [unwritable_directory_problem(dirpath_option, d) for d in dirpaths] if p]
     if not output_dir:
         return problems

@@ -174,6 +174,7 @@ CASES = [
     ("config file empty", SFT, _config_file(""), "the file is empty"),
     ("config file a list", SFT, _config_file("- trainer\n- model\n"), "the top level is a list"),
     ("config file not YAML", SFT, _config_file("trainer:\n  max_epochs: [1\n"), "flow sequence at line 2"),
+    ("prompts that are lists", SFT, _prompts(["abcd=", "bcde="]), "--data.prompt_column='prompt': 1 row(s) of"),
     ("prompts all empty", SFT, _prompts("  ", "", "\n"), "all 3 prompt(s) in column 'prompt' are empty or whitespace"),
     ("dataset is a directory", SFT, _dataset_directory, "is a directory with no .jsonl/.json/.csv/.parquet file"),
     ("characters the tokenizer lacks", SFT, _prompts("abcd=", "abZ=\u00e9"), "prompt 1 (row 1): ['Z', '\u00e9']"),
@@ -278,6 +279,9 @@ CASES = [
      "is inside the run's checkpoints"),
     ("run directory inside the base model", SFT, lambda tmp, model: _demo_folder(tmp, model, "out") + [
         f"--trainer.default_root_dir={tmp / 'demo' / 'base' / 'run'}"], "lies inside the base model"),
+    ("checkpoints into the base model", SFT, lambda tmp, model: _demo_folder(tmp, model, "out") + [
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp / 'demo' / 'base'}"],
+     "ModelCheckpoint dirpath="),
     ("run directory inside the policy", SFT, lambda tmp: [f"--trainer.default_root_dir={tmp / 'out' / 'run'}", OVERWRITE],
      "contains the run directory"),
 ]

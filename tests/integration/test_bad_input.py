@@ -42,6 +42,32 @@ def _no_eos_model(tmp, model):
     return [f"--model.init_args.policy.model_name_or_path={tmp / 'no-eos'}"]
 
 
+def _corrupted_checkpoint(tmp):
+    """A checkpoint written with its checksum, then one byte flipped inside a weight (torch.load accepts it)."""
+    import torch
+
+    from sharpening.safety import AtomicCheckpointIO
+
+    path = tmp / "ckpts" / "epoch=0-step=2.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"state_dict": {"w": torch.zeros(4096)}, "hyper_parameters": {}}, path)
+    data = bytearray(path.read_bytes())
+    data[data.index(bytes(4096)) + 100] = 0x40
+    path.write_bytes(bytes(data))
+    return [f"--ckpt_path={path}"]
+
+
+def _run_directory_held(tmp):
+    """Another live run (this test's own process stands in for it) holds the run directory."""
+    import socket
+
+    from sharpening.run_directories import RUN_LOCK
+
+    (tmp / "root").mkdir()
+    record = {"pid": os.getpid(), "host": socket.gethostname(), "started": "2026-01-01 00:00:00", "command": "sharpen fit"}
+    (tmp / "root" / RUN_LOCK).write_text(json.dumps(record))
+    return []
+
+
 def _pickle_checkpoint(tmp):
     class Payload:
         def __reduce__(self):
@@ -166,6 +192,8 @@ def _flash_attention(tmp):
 
 CASES = [
     # (id, config, overrides (list or builder), fragment expected in the error)
+    ("checkpoint with a flipped byte", SFT, _corrupted_checkpoint, "is corrupted"),
+    ("run directory held by a live run", SFT, _run_directory_held, "started 2026-01-01 00:00:00: sharpen fit"),
     ("template with a positional field", SFT, ["--data.prompt_template={0}"], "not a valid template"),
     ("template with a lone brace", SFT, ["--data.prompt_template=Q: {prompt"], "not a valid template"),
     ("template reading an attribute", SFT, ["--data.prompt_template={prompt.upper}"],

@@ -98,6 +98,8 @@ def parse_error_problem(message: str, help_command: str) -> str:
             continue
         entry = found.setdefault(".".join(k for _, k in keys), {"depth": len(keys), "expected": [], "detail": []})
         text = line.strip(" -")
+        if not text:  # a Parser key line with nothing after its colon
+            continue
         if match := re.match(r"Expected an? (.+?)(?:\. Got value:\s?(.*))?$", text):
             if "NoneType" not in match.group(1):
                 entry["expected"].append(match.group(1))

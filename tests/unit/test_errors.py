@@ -92,6 +92,9 @@ UNION_REPORT = """Parser key "model":
          "--seed_everything='abc': must be true or false, or a whole number"),
         ("Subcommand 'fit' does not accept option 'trainer.max_epochz'", "--trainer.max_epochz: no such option"),
         ("unrecognized arguments: --foo 1", "unknown option(s) --foo 1"),
+        ("Parser key \"model\":\n  Does not validate against any of the Union subtypes\n  Errors:\n"
+         "    - Problem with given class_path 'sharpening.NoSuch':\n        module 'sharpening' has no attribute 'NoSuch'",
+         "--model.class_path='sharpening.NoSuch': module 'sharpening' has no attribute 'NoSuch'"),
     ],
 )
 def test_a_parse_error_is_one_problem_naming_the_option_value_and_rule(message, problem):

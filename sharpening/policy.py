@@ -114,7 +114,10 @@ def model_source_problem(name: str) -> str | None:
         return "is a file; give the directory that holds config.json and the weights"
     parent = os.path.dirname(expanded.rstrip("/"))  # "runs/mdl" with runs/ here is a path, not a hub id
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or (parent and os.path.isdir(parent)):
-        return "no such directory; check the path (relative paths start from the current directory)"
+        hint = ""
+        if os.path.normpath(expanded).endswith(os.path.join("artifacts", "demo", "base")):  # the shipped configs' model
+            hint = " (the demo's base model: build it once with `python -m sharpening.tasks.demo build --out artifacts/demo`)"
+        return f"no such directory{hint}; check the path (relative paths start from the current directory)"
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     if offline:
         from huggingface_hub import try_to_load_from_cache

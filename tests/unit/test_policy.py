@@ -527,3 +527,11 @@ def test_validate_policy_config_refuses_flash_attention_2_without_flash_attn(tin
     assert len(problems) == 1
     assert problems[0].startswith(f"{OPTION}.attn_implementation=flash_attention_2: needs flash-attn")
     assert validate_policy_config(PolicyConfig(model_name_or_path=tiny_model_path, attn_implementation="auto")) == []
+
+
+def test_a_missing_demo_model_says_how_to_build_it(tmp_path):
+    from sharpening.policy import model_source_problem
+
+    problem = model_source_problem(str(tmp_path / "artifacts" / "demo" / "base"))
+    assert "python -m sharpening.tasks.demo build --out artifacts/demo" in problem
+    assert "demo" not in model_source_problem(str(tmp_path / "models" / "base"))

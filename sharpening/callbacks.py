@@ -24,7 +24,8 @@ from sharpening.cpu_linear import packed_linear_weights
 from sharpening.errors import RunStoppedError, raise_if_problems
 from sharpening.logprobs import sample_logprobs
 from sharpening.metrics import SharpeningMetric
-from sharpening.policy import eval_mode, stop_token_ids, token_ids_problem
+from sharpening.model_checks import token_ids_problem
+from sharpening.policy import eval_mode, stop_token_ids
 from sharpening.safety import preempt, sigterm_agreed
 from sharpening.rewards import extract_answers, score_samples
 from sharpening.sampler import (

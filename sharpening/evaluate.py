@@ -48,6 +48,7 @@ from sharpening.evaluate_config import (
 )
 from sharpening.evaluate_protocol import SeedDraws, answer_codes, loglik_histogram, protocol_table, seed_metrics
 from sharpening.logprobs import sample_logprobs
+from sharpening.model_checks import flash_attn_installed
 from sharpening.policy import (
     frozen_base, nf4_config, raise_if_logit_head_differs, resolve_dtype, select_attn_implementation, set_cpu_linear, stop_token_ids,
 )
@@ -95,7 +96,7 @@ def load_models(cfg: EvalModelConfig, model: str, adapter: str | None, device: t
     """
     from transformers import AutoModelForCausalLM
 
-    attn = select_attn_implementation(cfg.attn_implementation, torch.cuda.is_available(), _has_flash_attn())
+    attn = select_attn_implementation(cfg.attn_implementation, torch.cuda.is_available(), flash_attn_installed())
     dtype = resolve_dtype(cfg.dtype, device)
     kwargs = dict(dtype=dtype, attn_implementation=attn, trust_remote_code=cfg.trust_remote_code)
     if cfg.load_in_4bit:  # as a QLoRA run holds its base; placed on the device while loading (no .to for 4-bit)
@@ -121,12 +122,6 @@ def load_models(cfg: EvalModelConfig, model: str, adapter: str | None, device: t
 def _placed(model, device: torch.device, loaded_in_4bit: bool):
     """In eval mode on ``device`` (a 4-bit model was placed while loading and refuses ``.to``)."""
     return (model if loaded_in_4bit else model.to(device)).eval()
-
-
-def _has_flash_attn() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec("flash_attn") is not None
 
 
 def score_loglik(samples: SampleBatch, model, base, score_with: str) -> torch.Tensor:

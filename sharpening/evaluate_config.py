@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sharpening.errors import unwritable_directory_problem
-from sharpening.policy import cpu_linear_problems, model_source_problem
+from sharpening.model_checks import model_source_problem, token_ids_problem
+from sharpening.policy import cpu_linear_problems
 from sharpening.prompts import validate_dataset_source
 from sharpening.sampler import SamplingConfig, validate_sampling_config
 from sharpening.selection import TRUNCATED_POLICIES
@@ -257,8 +258,7 @@ def vocabulary_problem(model: str, cfg: EvalModelConfig) -> str | None:
 
 
 def tokenizer_vocabulary_problem(model: str, revision: str | None, tokenizer, prompt_ids: list[list[int]]) -> str | None:
-    """Why ``model`` cannot embed the ids its tokenizer feeds it (policy.token_ids_problem), from its config.json."""
-    from sharpening.policy import token_ids_problem
+    """Why ``model`` cannot embed the ids its tokenizer feeds it (model_checks.token_ids_problem), from its config.json."""
 
     return token_ids_problem(tokenizer, prompt_ids, (_model_config(model, revision) or {}).get("vocab_size"))
 

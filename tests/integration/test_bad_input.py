@@ -183,7 +183,7 @@ def _latin1_prompts(tmp):
 def _flash_attention(tmp):
     import torch
 
-    from sharpening.policy import flash_attn_installed
+    from sharpening.model_checks import flash_attn_installed
 
     if torch.cuda.is_available() and flash_attn_installed():
         pytest.skip("flash-attn and a CUDA device are both here: flash_attention_2 can run")

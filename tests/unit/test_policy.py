@@ -408,7 +408,7 @@ def test_a_saved_adapter_names_a_local_base_by_its_absolute_path(tiny_model_path
 
 
 def test_model_source_problem_tells_a_local_typo_and_a_file_from_a_hub_id(tmp_path, monkeypatch):
-    from sharpening.policy import model_source_problem
+    from sharpening.model_checks import model_source_problem
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
@@ -450,7 +450,7 @@ def _copy_model(src, dst):
 
 
 def test_model_weights_problem_whole_missing_and_truncated(tiny_model_path, tmp_path):
-    from sharpening.policy import model_weights_problem
+    from sharpening.model_checks import model_weights_problem
 
     assert model_weights_problem(tiny_model_path) is None
     model = _copy_model(tiny_model_path, tmp_path / "m")
@@ -469,7 +469,7 @@ def test_model_weights_problem_whole_missing_and_truncated(tiny_model_path, tmp_
 
 
 def test_model_weights_problem_sharded(tiny_model, tmp_path):
-    from sharpening.policy import model_weights_problem
+    from sharpening.model_checks import model_weights_problem
 
     tiny_model.save_pretrained(tmp_path, max_shard_size="100KB")
     shards = sorted(p.name for p in tmp_path.glob("model-*.safetensors"))
@@ -485,7 +485,7 @@ def test_model_weights_problem_sharded(tiny_model, tmp_path):
 def test_lora_targets_that_match_no_module_are_named_without_loading_weights(tiny_model_path, tmp_path):
     model = _copy_model(tiny_model_path, tmp_path / "m")
     os.remove(model / "model.safetensors")  # the module names come from config.json alone
-    from sharpening.policy import lora_target_problems
+    from sharpening.model_checks import lora_target_problems
 
     cfg = PolicyConfig(model_name_or_path=str(model), lora_target_modules=["q_proj", "v_prj", "self_attn.k_proj"])
     problems = lora_target_problems(cfg, "--model.policy.lora_target_modules")
@@ -510,7 +510,7 @@ def test_lora_targets_that_match_no_module_are_named_without_loading_weights(tin
     ],
 )
 def test_flash_attention_asked_for_by_name_where_it_cannot_run(requested, cuda, flash, missing):
-    from sharpening.policy import flash_attention_problem
+    from sharpening.model_checks import flash_attention_problem
 
     problem = flash_attention_problem(requested, cuda, flash)
     assert (problem is None) == (missing is None)
@@ -530,8 +530,17 @@ def test_validate_policy_config_refuses_flash_attention_2_without_flash_attn(tin
 
 
 def test_a_missing_demo_model_says_how_to_build_it(tmp_path):
-    from sharpening.policy import model_source_problem
+    from sharpening.model_checks import model_source_problem
 
     problem = model_source_problem(str(tmp_path / "artifacts" / "demo" / "base"))
     assert "python -m sharpening.tasks.demo build --out artifacts/demo" in problem
     assert "demo" not in model_source_problem(str(tmp_path / "models" / "base"))
+
+
+def test_model_checks_doctests_run():
+    import doctest
+
+    from sharpening import model_checks
+
+    result = doctest.testmod(model_checks)
+    assert result.attempted > 0 and result.failed == 0

@@ -11,9 +11,9 @@ rescoring, unless ``score_with: base`` asks to score a sharpened model's samples
 adapter disabled, or the base loaded beside a fully fine-tuned model) or the temperature is not 1.
 Draws are cached on disk, so an interrupted run resumes where it stopped.
 
-Files: evaluate_config.py (options and their checks), evaluate_protocol.py (the maths, pure),
-evaluate_cache.py (model fingerprints, cached draws), evaluate_report.py (results.json, CSV, plots),
-evaluate_compare.py (base vs sharpened, the demo's check); this module loads, draws, scores and runs.
+Files: evaluate_config.py (options and their checks), evaluate_sources.py (the model and adapter files and
+whether they fit), evaluate_protocol.py (the maths, pure), evaluate_cache.py (model fingerprints, cached draws),
+evaluate_report.py (results.json, CSV, plots), evaluate_compare.py (base vs sharpened, the demo's check); this module loads, draws, scores and runs.
 """
 
 from __future__ import annotations
@@ -34,17 +34,17 @@ from sharpening.evaluate_cache import DrawCache, model_fingerprint
 from sharpening.evaluate_config import (
     EvalModelConfig,
     ProtocolConfig,
-    adapter_base_check,
     model_context,
     output_dir_problem,
     overlap_problem,
     prompt_context_problems,
     read_directories,
-    resolve_model_sources,
-    tokenizer_vocabulary_problem,
     validate_data_args,
     validate_model_config,
     validate_protocol_config,
+)
+from sharpening.evaluate_sources import (
+    adapter_base_check, resolve_model_sources, tokenizer_vocabulary_problem,
 )
 from sharpening.evaluate_protocol import SeedDraws, answer_codes, loglik_histogram, protocol_table, seed_metrics
 from sharpening.logprobs import sample_logprobs

@@ -22,14 +22,13 @@ from sharpening.evaluate import measure
 from sharpening.evaluate_config import (
     EvalModelConfig,
     ProtocolConfig,
-    adapter_base_check,
-    is_adapter_dir,
     overlap_problem,
     read_directories,
     validate_data_args,
     validate_model_config,
     validate_protocol_config,
 )
+from sharpening.evaluate_sources import adapter_base_check, is_adapter_dir
 from sharpening.evaluate_report import find_row
 
 KEYS = {"greedy_accuracy": ("greedy", 1), "sample_accuracy": ("sample", 1), "bon_accuracy": ("bon_loglik", None),

@@ -19,7 +19,6 @@ import sharpening.evaluate_protocol as protocol_module
 from sharpening.evaluate_config import (
     EvalModelConfig,
     ProtocolConfig,
-    adapter_base_check,
     output_dir_problem,
     prompt_context_problems,
     read_directories,
@@ -27,6 +26,7 @@ from sharpening.evaluate_config import (
     validate_model_config,
     validate_protocol_config,
 )
+from sharpening.evaluate_sources import adapter_base_check
 from sharpening.evaluate_protocol import (
     SeedDraws,
     answer_codes,

@@ -1,5 +1,5 @@
 """The sampler's draw is exact far into the tail: tokens 16 to 48 nats below the top are drawn as often as the
-model says (the exponential race and its 63-bit exponential variates, sharpening/sampler.py)."""
+model says (the exponential race of sharpening/race.py and its 63-bit exponential variates)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sharpening import sampler
-from sharpening.sampler import SamplingConfig, _draw, _negative_exponentials, _race
+from sharpening.race import negative_exponentials, race
+from sharpening.sampler import SamplingConfig, _draw
 
 
 def binomial_interval(draws: int, p: float, alpha: float = 1e-4) -> tuple[int, int]:
@@ -59,7 +60,7 @@ def test_the_exponential_variates_have_the_exponential_distribution_far_into_bot
     lo, hi = 0, 2**63
     while lo < hi:
         mid = (lo + hi) // 2
-        if -float(_negative_exponentials(torch.tensor([mid]))) >= t:
+        if -float(negative_exponentials(torch.tensor([mid]))) >= t:
             hi = mid
         else:
             lo = mid + 1
@@ -69,7 +70,7 @@ def test_the_exponential_variates_have_the_exponential_distribution_far_into_bot
 
 def test_the_smallest_and_largest_variates_are_finite_and_positive():
     extremes = torch.tensor([0, 1, 2**62, 2**63 - 2**10, 2**63 - 1])
-    values = -_negative_exponentials(extremes)
+    values = -negative_exponentials(extremes)
     assert torch.isfinite(values).all() and (values > 0).all()
     assert values[0] == pytest.approx(2.0**-64, rel=1e-15)
     assert values[-1] == pytest.approx(53 * math.log(2), rel=1e-15)  # U at most 1 - 2^-53
@@ -84,7 +85,7 @@ def test_a_token_far_below_the_top_wins_exactly_when_its_variate_is_small_enough
     for k in (0, k_edge - 2, k_edge + 2, 2**40):
         bits = torch.tensor([[k_top, k]])
         tail_wins = _exponential(k) < threshold
-        assert _race(torch.tensor([[0.0, -gap]]), bits).item() == int(tail_wins), (k, tail_wins)
+        assert race(torch.tensor([[0.0, -gap]]), bits).item() == int(tail_wins), (k, tail_wins)
 
 
 def test_the_race_matches_a_python_reference_on_wide_logits():
@@ -96,9 +97,9 @@ def test_the_race_matches_a_python_reference_on_wide_logits():
     want = []
     for row, row_bits in zip(scaled.tolist(), bits.tolist()):
         top = max(row)
-        race = [math.exp(l - top) / _exponential(k) for l, k in zip(row, row_bits)]
-        want.append(max(range(len(race)), key=race.__getitem__))
-    assert _race(scaled, bits).tolist() == want
+        values = [math.exp(l - top) / _exponential(k) for l, k in zip(row, row_bits)]
+        want.append(max(range(len(values)), key=values.__getitem__))
+    assert race(scaled, bits).tolist() == want
 
 
 @pytest.mark.parametrize("cfg", [SamplingConfig(samples_per_prompt=4), SamplingConfig(samples_per_prompt=4, top_k=5),

@@ -370,11 +370,15 @@ class PromptDataModule(L.LightningDataModule):
         """This rank's shard of the prompts (indices rank, rank + world_size, ...), left-padded batches."""
         mine = list(range(rank, len(self.prompt_ids), world_size))
         for start in range(0, len(mine), batch_size):
-            chunk = mine[start : start + batch_size]
-            batch = pad_prompts(
-                [self.prompt_ids[i] for i in chunk], chunk, [self.answers[i] for i in chunk], self.tokenizer.pad_token_id
-            )
-            if device is not None:
-                batch.prompt_ids, batch.prompt_mask = batch.prompt_ids.to(device), batch.prompt_mask.to(device)
-                batch.prompt_indices = batch.prompt_indices.to(device)
-            yield batch
+            yield self.batch(mine[start : start + batch_size], device)
+
+    def batch(self, indices, device: torch.device | None = None) -> PromptBatch:
+        """The prompts at ``indices``, left-padded, on ``device`` if given (also a DataLoader's collate_fn)."""
+        indices = list(indices)
+        batch = pad_prompts(
+            [self.prompt_ids[i] for i in indices], indices, [self.answers[i] for i in indices], self.tokenizer.pad_token_id
+        )
+        if device is not None:
+            batch.prompt_ids, batch.prompt_mask = batch.prompt_ids.to(device), batch.prompt_mask.to(device)
+            batch.prompt_indices = batch.prompt_indices.to(device)
+        return batch

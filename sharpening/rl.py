@@ -44,7 +44,6 @@ from sharpening.losses import (
 from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig, disable_dropout, eval_mode, stop_token_ids
 from sharpening.policy_module import PolicyModule, config_from, plain_hparams
-from sharpening.prompts import pad_prompts
 from sharpening.rl_config import RLConfig, validate_rl_config
 from sharpening.sampler import (
     SamplingConfig,
@@ -152,9 +151,8 @@ class RLSharpeningModule(PolicyModule):
         count = len(data) - self.rl.heldout_prompts
         if count < 1:
             raise RuntimeError(f"--model.rl.heldout_prompts={self.rl.heldout_prompts} leaves no training prompt")
-        collate = partial(_collate_prompts, data=data)
         sampler = epoch_sampler(self._trainer, count, self.seed, self.prompts_per_step)
-        return DataLoader(range(count), self.prompts_per_step, sampler=sampler, collate_fn=collate)
+        return DataLoader(range(count), self.prompts_per_step, sampler=sampler, collate_fn=data.batch)
 
     # -- training --------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -220,7 +218,7 @@ class RLSharpeningModule(PolicyModule):
     @torch.no_grad()
     def _estimate_on_policy(self, prompt_indices: list[int]) -> None:
         """Offline pairs come from the base; reward, KL, J_beta and entropy need draws from the policy."""
-        prompts = _to_device(_collate_prompts(prompt_indices, self.trainer.datamodule), self.device)
+        prompts = self.trainer.datamodule.batch(prompt_indices, self.device)
         samples = self._draw(prompts, "policy", 1, stream=4)
         with self.frozen_base() as base:
             base_seq = (sample_logprobs(base, samples, self.logprob_chunk_size) * samples.response_mask).sum(-1)
@@ -295,7 +293,7 @@ class RLSharpeningModule(PolicyModule):
         data, heldout = self.trainer.datamodule, self.rl.heldout_prompts
         if heldout == 0:
             return
-        prompts = _to_device(_collate_prompts(range(len(data) - heldout, len(data)), data), self.device)
+        prompts = data.batch(range(len(data) - heldout, len(data)), self.device)
         samples = self._draw(prompts, "policy", self.sampling.samples_per_prompt, stream=3)
         with self.frozen_base() as base:
             base_seq = (sample_logprobs(base, samples, self.logprob_chunk_size) * samples.response_mask).sum(-1)
@@ -389,21 +387,3 @@ class RLSharpeningModule(PolicyModule):
             step = self.best["round"]
             which = "the initial policy (pi_base)" if step == 0 else f"the policy after step {step}"
             rank_zero_info(f"XPO: keeping {which}, the best held-out J_beta ({self.best['j_beta']:.4f})")
-
-
-def _collate_prompts(indices, data) -> PromptBatch:
-    """A left-padded PromptBatch of the data module's prompts at ``indices``."""
-    indices = list(indices)
-    return pad_prompts(
-        [data.prompt_ids[i] for i in indices], indices, [data.answers[i] for i in indices], data.tokenizer.pad_token_id
-    )
-
-
-def _to_device(prompts: PromptBatch, device: torch.device) -> PromptBatch:
-    return dataclasses.replace(
-        prompts,
-        prompt_ids=prompts.prompt_ids.to(device),
-        prompt_mask=prompts.prompt_mask.to(device),
-        prompt_indices=prompts.prompt_indices.to(device),
-    )
-

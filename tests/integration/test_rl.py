@@ -11,8 +11,8 @@ import lightning as L
 import pytest
 import torch
 
-import sharpening.rl as rl_module
-from sharpening.buffer import collate_pairs
+import sharpening.rl.module as rl_module
+from sharpening.rl.pairs import collate_pairs
 from sharpening.callbacks import SelfVerificationCallback
 from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharpening.buffer import PairExample, collate_pairs
+from sharpening.rl.pairs import PairExample, collate_pairs
 from sharpening.losses import (
     apply_truncated_policy,
     group_advantages,
@@ -275,7 +275,7 @@ def test_collate_pairs_carries_the_truncation_flags():
 @pytest.mark.parametrize("baseline", ["leave_one_out", "mean"])
 def test_online_rl_refuses_one_sample_per_prompt_under_either_baseline(baseline):
     """With one sample the mean baseline is the sample's own reward: every advantage would be 0."""
-    from sharpening.rl_config import RLConfig, validate_rl_config
+    from sharpening.rl.config import RLConfig, validate_rl_config
     from sharpening.sampler import SamplingConfig
 
     problems = validate_rl_config(RLConfig(baseline=baseline), SamplingConfig(samples_per_prompt=1))

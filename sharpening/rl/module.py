@@ -27,9 +27,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from sharpening.buffer import (
-    PairExample, SampleBuffer, collate_pairs, epoch_sampler, no_round, pairs_for_rank, pairs_from_buffer,
-)
+from sharpening.buffer import SampleBuffer, epoch_sampler, no_round
 from sharpening.errors import raise_if_problems
 from sharpening.logprobs import response_logprobs, sample_logprobs
 from sharpening.losses import (
@@ -44,7 +42,8 @@ from sharpening.losses import (
 from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig, disable_dropout, eval_mode, stop_token_ids
 from sharpening.policy_module import PolicyModule, config_from, plain_hparams
-from sharpening.rl_config import RLConfig, validate_rl_config
+from sharpening.rl.config import RLConfig, validate_rl_config
+from sharpening.rl.pairs import PairExample, collate_pairs, pairs_for_rank, pairs_from_buffer
 from sharpening.sampler import (
     SamplingConfig,
     decode_device_problems,

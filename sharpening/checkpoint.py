@@ -17,6 +17,8 @@ import hashlib
 import os
 import re
 import shutil
+from collections.abc import Callable, Iterator
+from typing import IO
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -53,11 +55,48 @@ def _partial(path: str) -> str:
     return os.path.join(directory, f".{name}.{os.getpid()}.partial")
 
 
-class _HashingWriter:
-    """A write-only file that hashes what passes through it (torch.save streams its archive in order)."""
+@contextlib.contextmanager
+def _written_beside(path: str, write: Callable[[IO], object], binary: bool) -> Iterator[str]:
+    """``write(file)`` into the hidden ``.<name>.<pid>.partial`` beside ``path``, flushed and fsync'd; yields
+    its name for the caller to rename, and removes it on the way out if it is still there (an error)."""
+    temporary = _partial(path)
+    try:
+        with open(temporary, "wb") if binary else open(temporary, "w", newline="") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        yield temporary
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
 
-    def __init__(self, file) -> None:
-        self.file, self.sha256 = file, hashlib.sha256()
+
+def write_atomically(path: str, write: Callable[[IO], object], binary: bool = False, what: str | None = None) -> str:
+    """Write ``path`` whole or not at all: ``write(file)`` fills a temporary file in the same directory (text,
+    newlines written as given, as the csv module wants; or ``binary``), which is flushed to disk and renamed
+    over ``path`` (``os.replace`` is atomic on one filesystem). A reader, or a run killed mid-write, sees the
+    earlier file or the new one; a full disk raises DiskFullError (``what`` names the write) and keeps the
+    earlier file. Returns ``path``.
+
+    >>> import tempfile
+    >>> path = os.path.join(tempfile.mkdtemp(), "notes.txt")
+    >>> os.path.basename(write_atomically(path, lambda f: f.write("sharp\\n")))
+    'notes.txt'
+    >>> open(path).read(), os.listdir(os.path.dirname(path))
+    ('sharp\\n', ['notes.txt'])
+    """
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    with disk_full_explained(directory, what or f"writing {path!r}"), _written_beside(path, write, binary) as temporary:
+        os.replace(temporary, path)
+    return path
+
+
+class _HashingWriter:
+    """A write-only file that feeds what passes through it to ``sha256`` (torch.save streams its archive in order)."""
+
+    def __init__(self, file, sha256) -> None:
+        self.file, self.sha256 = file, sha256
 
     def write(self, data) -> int:
         self.sha256.update(data)
@@ -68,31 +107,29 @@ class _HashingWriter:
 
 
 def write_checkpoint(checkpoint: dict, path: str) -> None:
-    """``torch.save`` to ``path`` whole or not at all, then its checksum. The old checksum goes first and the
-    new one comes last, so a process killed in between leaves a checkpoint without one, never a mismatch."""
+    """``torch.save`` to ``path`` whole or not at all, then its checksum. Both are written before either is
+    renamed into place; the old checksum goes first and the new one comes last, so a process killed in
+    between leaves a checkpoint without one, never a mismatch."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
     sidecar = path + CHECKSUM_SUFFIX
-    temporary, temporary_sidecar = _partial(path), _partial(sidecar)
-    try:
-        with disk_full_explained(directory, f"writing checkpoint {path!r}"):
-            with open(temporary, "wb") as f:
-                writer = _HashingWriter(f)
-                torch.save(checkpoint, writer)
-                f.flush()
-                os.fsync(f.fileno())
-            with open(temporary_sidecar, "w") as f:
-                f.write(f"{writer.sha256.hexdigest()}  {os.path.basename(path)}\n")
-                f.flush()
-                os.fsync(f.fileno())
+    sha256 = hashlib.sha256()
+
+    def save(f) -> None:
+        torch.save(checkpoint, _HashingWriter(f, sha256))
+
+    def record_checksum(f) -> None:  # runs after save: the checkpoint's bytes are all hashed
+        f.write(f"{sha256.hexdigest()}  {os.path.basename(path)}\n")
+
+    with (
+        disk_full_explained(directory, f"writing checkpoint {path!r}"),
+        _written_beside(path, save, binary=True) as temporary,
+        _written_beside(sidecar, record_checksum, binary=False) as temporary_sidecar,
+    ):
         with contextlib.suppress(FileNotFoundError):
             os.remove(sidecar)
         os.replace(temporary, path)
         os.replace(temporary_sidecar, sidecar)
-    finally:
-        for leftover in (temporary, temporary_sidecar):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(leftover)
 
 
 def remove_checksum(path: str) -> None:

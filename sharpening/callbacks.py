@@ -152,6 +152,13 @@ class SelfVerificationCallback(L.Callback):
         if state_dict["seed"] != self.seed:
             rank_zero_warn(f"resuming with --verifier.seed={self.seed}, the checkpoint used {state_dict['seed']}")
 
+    def examples_for_epoch(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> list[BufferExample]:
+        """The kept samples epoch ``epoch`` trains on; the round runs first when one is due. Asked when Lightning
+        builds that epoch's loader, at every epoch start and after a resume, so no hook ordering skips a round."""
+        if self._needs_round(epoch):
+            self.run_round(trainer, pl_module, epoch)
+        return self.buffer.examples
+
     def ensure_round(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
         """Make the buffer hold epoch ``epoch``'s round. Called when Lightning asks for that epoch's data,
         at every epoch start and after a resume (mid-epoch or not), so no hook ordering can skip a round."""

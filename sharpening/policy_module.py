@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import lightning as L
 import torch
@@ -39,12 +39,47 @@ from sharpening.policy import (
 )
 from sharpening.run_directories import output_dir_problems
 
+if TYPE_CHECKING:
+    from sharpening.buffer import BufferExample
+
+TrainsOn = Literal["selected", "all_samples", "prompts"]
+"""What a module trains on: the round's kept samples (``selected``), all N samples of every prompt
+(``all_samples``), or prompts it draws from itself (``prompts``: no round)."""
+
 
 class PolicyModule(L.LightningModule):
     """Base class: a policy, its tokenizer and its frozen base. Subclasses define the loss."""
 
     lazy_frozen_base = True
     """Full fine-tuning: hold no frozen copy while the policy still IS the base (a single SFT round needs none)."""
+
+    _fixed_examples: list[BufferExample] | None = None  # set by train_on_examples: no round
+
+    @property
+    def trains_on(self) -> TrainsOn:
+        """What this module trains on; the SelfVerificationCallback reads it to decide whether and what to keep."""
+        return "prompts"
+
+    def train_on_examples(self, examples: list[BufferExample]) -> None:
+        """Train on ``examples`` in every epoch instead of a SelfVerificationCallback's round (hand-made data)."""
+        self._fixed_examples = list(examples)
+
+    def round_examples(self) -> list[BufferExample]:
+        """The examples this epoch trains on: the SelfVerificationCallback's kept samples (it runs the round
+        when one is due), or those given to ``train_on_examples``."""
+        if self._fixed_examples is not None:
+            return self._fixed_examples
+        from sharpening.callbacks import SelfVerificationCallback  # callbacks.py imports this module
+
+        trainer = self._trainer
+        verifiers = [c for c in trainer.callbacks if isinstance(c, SelfVerificationCallback)] if trainer else []
+        if not verifiers:
+            raise RuntimeError(
+                f"{type(self).__name__} trains on samples selected by a SelfVerificationCallback; add one to the "
+                "Trainer's callbacks (the `sharpen` CLI adds it as `verifier:`), or give the examples to "
+                "train_on_examples(examples)"
+            )
+        return verifiers[0].examples_for_epoch(trainer, self, self.current_epoch)
 
     def __init__(
         self,

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create (or reuse) the project virtual environment and install sharpening with its test extras.
+# Create (or reuse) the project virtual environment and install sharpening with its test extras
+# (pytest, and ruff pinned in pyproject.toml for .ci/run's lint and format checks).
 # Safe to run again: it reinstalls only when pyproject.toml changed.
 #   SHARPENING_VENV   venv directory (default: .venv in the repository)
 #   TORCH_SPEC        torch requirement installed FIRST when the venv has no torch (default torch==2.13.0).

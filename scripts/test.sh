@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Run the test suite (installs what it needs first). Extra arguments go to pytest, e.g.
+# Run the test suite (installs what it needs first); with no arguments, every test. Extra arguments go to
+# pytest, e.g.
+#   ./scripts/test.sh -m "not slow"         the quick loop: no subprocesses, DDP/FSDP, convergence or builds
 #   ./scripts/test.sh tests/unit -k sampler
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from sharpening.cpu_linear import packed_linear_weights
-from sharpening.decode_attention import cpu_decode_attention
-from sharpening.race import race, race_by_prompt, random_bits
+from sharpening.kernels.cpu_linear import packed_linear_weights
+from sharpening.kernels.decode_attention import cpu_decode_attention
+from sharpening.engines.race import race, race_by_prompt, random_bits
 from sharpening.logprobs import kv_cache_keyword
 from sharpening.types import PromptBatch, SampleBatch
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from sharpening.cpu_linear import (
+from sharpening.kernels.cpu_linear import (
     MIN_ONEDNN_WEIGHT,
     OneDNNLinear,
     onednn_applies,

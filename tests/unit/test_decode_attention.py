@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from sharpening.decode_attention import (
+from sharpening.kernels.decode_attention import (
     DECODE_ATTENTION,
     cpu_decode_attention,
     decode_attention,
@@ -126,7 +126,7 @@ def test_keeps_sdpa_where_transformers_has_no_mask_interface(tiny_model_path, mo
 
     from transformers import AutoModelForCausalLM
 
-    import sharpening.decode_attention as module
+    import sharpening.kernels.decode_attention as module
 
     monkeypatch.setitem(sys.modules, "transformers.masking_utils", None)  # its import now raises ImportError
     assert module._register.__wrapped__() is False
@@ -141,7 +141,7 @@ def test_sampler_uses_it_and_draws_what_sdpa_draws(tiny_model_path, monkeypatch)
     attention went through the matmul path, and the model's setting is sdpa again afterwards."""
     from transformers import AutoModelForCausalLM
 
-    import sharpening.decode_attention as module
+    import sharpening.kernels.decode_attention as module
     from sharpening.prompts import pad_prompts
     from sharpening.sampler import SamplingConfig, generate_samples
 
@@ -188,7 +188,7 @@ def _family_model(family: str):
 
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
 def test_sampler_draws_what_sdpa_draws_for_windowed_and_hybrid_models(family, monkeypatch):
-    import sharpening.decode_attention as module
+    import sharpening.kernels.decode_attention as module
     from sharpening.prompts import pad_prompts
     from sharpening.sampler import SamplingConfig, generate_samples
 

@@ -426,7 +426,7 @@ def test_a_onednn_head_takes_the_fused_path_with_the_same_values_and_gradients(b
     fast.load_state_dict(head.state_dict())
     assert use_onednn_linears(fast, min_weight=0) == 1 and type(fast) is OneDNNLinear
     assert lp._plain_linear_head(fast, None, None)
-    import sharpening.cpu_linear as cl
+    import sharpening.kernels.cpu_linear as cl
 
     calls, original = [], cl.onednn_linear
     monkeypatch.setattr(cl, "onednn_linear", lambda *a: calls.append(1) or original(*a))

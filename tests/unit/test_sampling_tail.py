@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from sharpening import sampler
-from sharpening.race import negative_exponentials, race
+from sharpening.engines.race import negative_exponentials, race
 from sharpening.sampler import SamplingConfig, _draw
 
 

@@ -1,0 +1,1 @@
+"""Sampling engines: what turns prompts into N sampled responses each."""

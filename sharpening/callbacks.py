@@ -1,44 +1,38 @@
-"""SelfVerificationCallback: sample -> score with the frozen base -> select -> fill the buffer.
+"""SelfVerificationCallback: when rounds run, the ranks' turns, SIGTERM, the buffer and the round's logging.
 
-Lightning asks for the train dataloader BEFORE ``on_train_epoch_start`` (and, after a resume, without
-re-running the hooks of the restored epoch), so the round for epoch e runs exactly when the module's
-``train_dataloader`` is asked for epoch e's data (``ensure_buffer``); dataloaders reload every epoch with
-``resample_every_epoch`` (else one loader serves the whole run). Each rank samples its
-own shard of prompts; the selected samples are gathered so every rank holds the same, rank-independent
-buffer (Lightning's distributed sampler then gives each rank the same number of batches).
+The module asks for the epoch's examples (``PolicyModule.round_examples``) when Lightning builds that
+epoch's loader, which is BEFORE ``on_train_epoch_start`` (and, after a resume, without re-running the
+hooks of the restored epoch), so the round for epoch e runs exactly when epoch e's data is asked for;
+dataloaders reload every epoch with ``resample_every_epoch`` (else one loader serves the whole run). The
+round itself is ``verifier.run_round``. Each rank samples its own shard of prompts; the kept samples are
+gathered so every rank holds the same, rank-independent buffer (Lightning's distributed sampler then
+gives each rank the same number of batches). The buffer is checkpointed through ``state_dict``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from collections.abc import Iterator
+from functools import partial
 from typing import Literal
 
 import lightning as L
-import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from sharpening.buffer import BufferExample, SampleBuffer, selected_examples
+from sharpening.buffer import BufferExample, SampleBuffer
 from sharpening.cpu_linear import packed_linear_weights
 from sharpening.errors import RunStoppedError, raise_if_problems
-from sharpening.logprobs import sample_logprobs
-from sharpening.metrics import SharpeningMetric
-from sharpening.model_checks import token_ids_problem
-from sharpening.policy import eval_mode, stop_token_ids
+from sharpening.policy import eval_mode
+from sharpening.policy_module import PolicyModule
+from sharpening.prompts import PromptDataModule
+from sharpening.run_checks import run_problems
 from sharpening.safety import preempt, sigterm_agreed
-from sharpening.rewards import extract_answers, score_samples
-from sharpening.sampler import (
-    SamplingConfig,
-    decode_responses,
-    generate_samples,
-    is_exact_sampling,
-    decode_device_problems,
-    validate_sampling_config,
-)
-from sharpening.selection import SelectionConfig, select_top_k, validate_selection_config
-from sharpening.tasks.extractors import answers_match, resolve_extractor
-from sharpening.types import PromptBatch, SampleBatch, ScoredSamples
+from sharpening.sampler import SamplingConfig, validate_sampling_config
+from sharpening.selection import SelectionConfig, validate_selection_config
+from sharpening.tasks.extractors import resolve_extractor
+from sharpening.types import PromptBatch
+from sharpening.verifier import RoundModels, RoundSettings, run_round
 
 
 class SelfVerificationCallback(L.Callback):
@@ -96,39 +90,12 @@ class SelfVerificationCallback(L.Callback):
 
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        sharded = bool(getattr(pl_module, "sharded", False))
-        device = trainer.strategy.root_device
-        problems = decode_device_problems(self.sampling, device, "--verifier.sampling", sharded)
-        if getattr(getattr(pl_module, "rl", None), "algorithm", None) == "offline" and self.selection.reward != "loglik":
-            problems.append(  # Eq. 8 reads each kept sample's score as its summed base log-probability
-                f"--verifier.selection.reward={self.selection.reward}: offline RL-sharpening uses each sample's score "
-                "as log pi_base(y|x) in its squared loss, so it needs --verifier.selection.reward loglik"
-            )
-        offline = getattr(getattr(pl_module, "rl", None), "algorithm", None) == "offline"
-        if offline and self.selection.truncated == "penalize":  # all N kept, pairs hold raw scores: penalty lost
-            problems.append(
-                "--verifier.selection.truncated=penalize: offline RL-sharpening keeps every sample and reads its raw "
-                "score as log pi_base(y|x), so the penalty would not reach its loss (truncated samples would train as "
-                "with keep); use drop (the default) or keep, or algorithm online or xpo with --model.rl.truncated penalize"
-            )
-        raise_if_problems(problems)
-        data = trainer.datamodule
-        if data is not None and getattr(data, "prompt_ids", None) and hasattr(pl_module, "policy_config"):
-            module_sampling = getattr(pl_module, "sampling", None)  # RL samples with its own settings
-            mine = self.sampling.max_new_tokens if hasattr(pl_module, "buffer") else 0  # used only for a buffer
-            max_new = max(mine, getattr(module_sampling, "max_new_tokens", 0))
-            raise_if_problems(context_problems(pl_module.policy_config, data.prompt_ids, max_new, pl_module.tokenizer))
-        if not hasattr(pl_module, "buffer"):  # the module does not train from a buffer (e.g. on-policy RL)
-            if hasattr(pl_module, "sampling") and (self.sampling, self.selection) != (SamplingConfig(), SelectionConfig()):
-                algorithm = getattr(getattr(pl_module, "rl", None), "algorithm", type(pl_module).__name__)
-                rank_zero_warn(
-                    f"--verifier.sampling / --verifier.selection are set but not used: algorithm {algorithm!r} draws "
-                    "its own samples with --model.sampling (the verifier's round feeds only offline RL and SFT)"
-                )
-            return
-        pl_module.buffer = self.buffer
-        pl_module.ensure_buffer = lambda epoch: self.ensure_round(trainer, pl_module, epoch)
-        if self.resample_every_epoch:
+        """Refuse what the sections cannot do together (``run_checks``; the CLI checked it before, Python API
+        users get it here). With ``resample_every_epoch`` Lightning must rebuild the loader every epoch, so
+        each epoch's loader asks for its own round: the trainer holds that setting, so it is set here."""
+        module = _policy_module(pl_module)
+        raise_if_problems(run_problems(module, trainer.datamodule, trainer))
+        if self.resample_every_epoch and module.trains_on != "prompts":
             trainer.reload_dataloaders_every_n_epochs = 1
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
@@ -159,57 +126,44 @@ class SelfVerificationCallback(L.Callback):
             self.run_round(trainer, pl_module, epoch)
         return self.buffer.examples
 
-    def ensure_round(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> None:
-        """Make the buffer hold epoch ``epoch``'s round. Called when Lightning asks for that epoch's data,
-        at every epoch start and after a resume (mid-epoch or not), so no hook ordering can skip a round."""
-        if self._needs_round(epoch):
-            self.run_round(trainer, pl_module, epoch)
-
     def _needs_round(self, epoch: int) -> bool:
         if self.buffer.epoch is None:
             return True
         return self.resample_every_epoch and self.buffer.epoch != epoch
 
+    def round_settings(self) -> RoundSettings:
+        """This callback's options as the round reads them."""
+        return RoundSettings(
+            self.sampling, self.selection, self.extractor, self.sample_from, self.seed, self.greedy_accuracy,
+            self.stop_unselectable,
+        )
+
+    def round_models(self, module: PolicyModule) -> RoundModels:
+        """The module's model to sample from (``sample_from``) and its frozen base, as contexts."""
+        return RoundModels(
+            partial(module.sampling_model, self.sample_from), module.frozen_base, module.tokenizer,
+            module.logprob_chunk_size,
+        )
+
     # -- one round ---------------------------------------------------------------------------------
     def run_round(self, trainer: L.Trainer, pl_module: L.LightningModule, epoch: int) -> dict[str, float]:
-        """Sample, score, select on this rank's prompts; gather the kept samples into the buffer.
+        """Sample, score, select on this rank's prompts (``verifier.run_round``); gather the kept samples of
+        every rank into the buffer, reduce and log the metrics.
 
         On SIGTERM the round is abandoned between prompt batches (the buffer keeps its previous round,
         so a resumed run draws this round again, identically) and the run stops."""
-        from tqdm.auto import tqdm
-
-        data = trainer.datamodule
-        if data is None or not hasattr(data, "prompt_batches"):
+        module, data = _policy_module(pl_module), trainer.datamodule
+        if not isinstance(data, PromptDataModule):
             raise RuntimeError("SelfVerificationCallback needs a PromptDataModule (the `data:` section)")
-        per_batch = self.sampling.prompts_per_batch
-        shard = math.ceil(max(len(data) - trainer.global_rank, 0) / trainer.world_size)
-        batches = data.prompt_batches(per_batch, trainer.global_rank, trainer.world_size, device=pl_module.device)
-        metric = SharpeningMetric()
-        kept: list[BufferExample] = []
-        bar = tqdm(
-            batches,
-            total=math.ceil(shard / per_batch),
-            desc=f"self-verification (epoch {epoch}, N={self.sampling.samples_per_prompt})",
-            disable=not (self.show_progress and trainer.is_global_zero),
-            leave=False,
-        )
-        # Every rank takes as many turns as the largest shard has batches and the ranks agree on SIGTERM before
-        # each, so a signal on any rank stops all of them within one batch (not after every shard is drawn).
-        turns, shard_batches = math.ceil(math.ceil(len(data) / trainer.world_size) / per_batch), iter(bar)
-        stopped = False
+        turns = AgreedTurns(trainer, *self._progress(trainer, data, epoch, module.device))
         # the weights are packed for oneDNN once per round, not once per batch (cpu_linear.py)
-        with eval_mode(pl_module.policy), pl_module.gathered_for_generation(), packed_linear_weights(pl_module):
-            for _ in range(turns):
-                prompts = next(shard_batches, None)  # None: this rank's shard is done, it still takes its turn
-                if stopped := sigterm_agreed(trainer):
-                    break
-                if prompts is not None:
-                    scored, correct, greedy_correct = self.process_batch(pl_module, prompts, epoch)
-                    kept.extend(selected_examples(scored))
-                    metric.update(scored, correct, greedy_correct)
-        if stopped or sigterm_agreed(trainer):  # abandon the round: a resumed run redraws it identically
+        with eval_mode(module.policy), module.gathered_for_generation(), packed_linear_weights(module):
+            result = run_round(
+                self.round_models(module), turns, self.round_settings(), epoch, module.trains_on == "all_samples"
+            )
+        if turns.stopped or sigterm_agreed(trainer):  # abandon the round: a resumed run redraws it identically
             preempt(trainer, f"during self-verification (epoch {epoch})")
-        kept = _gather_examples(kept, trainer.world_size)
+        kept = _gather_examples(result.examples, trainer.world_size)
         if not kept:
             raise RunStoppedError(
                 f"self-verification kept no sample in epoch {epoch}: every response was ineligible: truncated (no EOS "
@@ -219,7 +173,7 @@ class SelfVerificationCallback(L.Callback):
             )
         self.buffer.replace(kept, epoch)
         self.rounds_done += 1
-        metric = metric.to(pl_module.device)  # NCCL reduces device tensors only; the counts are summed on CPU
+        metric = result.metric.to(module.device)  # NCCL reduces device tensors only; the counts are summed on CPU
         self.last_metrics = {k: float(v) for k, v in metric.compute().items()}
         self.last_metrics["sample/buffer_size"] = float(len(self.buffer))
         for logger in trainer.loggers:  # at the step the round ran
@@ -227,93 +181,52 @@ class SelfVerificationCallback(L.Callback):
         rank_zero_info(f"self-verification epoch {epoch}: " + _format_metrics(self.last_metrics))
         return self.last_metrics
 
-    def process_batch(
-        self, pl_module: L.LightningModule, prompts: PromptBatch, epoch: int
-    ) -> tuple[ScoredSamples, torch.Tensor | None, torch.Tensor | None]:
-        """One batch of prompts: samples scored and selected, plus correctness when answers exist."""
-        tokenizer = pl_module.tokenizer
-        pad = tokenizer.pad_token_id
-        keep_all = getattr(pl_module, "keep_all_samples", False)  # e.g. offline RL forms pairs from all N
-        with pl_module.sampling_model(self.sample_from) as model:
-            eos = stop_token_ids(model, tokenizer)
-            samples = generate_samples(
-                model, prompts, self.sampling, eos, pad, seed=self.seed, round_index=epoch,
-                stop_unselectable=0 if keep_all else self.stopping_top_k(),
-            )
-        texts = decode_responses(tokenizer, samples)
-        answers = extract_answers(texts, self.extractor)
-        scores = self.score(pl_module, samples, answers)
-        if samples.pruned is not None:  # stopped samples are partial: not a score, never kept
-            scores = scores.masked_fill(samples.pruned.to(scores.device), float("-inf"))
-        selected, selected_mask = select_top_k(
-            scores.to(samples.truncated.device),
-            samples.truncated,
-            samples.samples_per_prompt if keep_all else self.selection.keep_top_k,
-            self.selection.truncated,
-            self.selection.truncation_penalty,
-            self.selection.min_score,
+    def _progress(self, trainer: L.Trainer, data: PromptDataModule, epoch: int, device) -> tuple:
+        """This rank's prompt batches under a progress bar (rank zero), with the number of turns every rank takes."""
+        from tqdm.auto import tqdm
+
+        per_batch = self.sampling.prompts_per_batch
+        shard = math.ceil(max(len(data) - trainer.global_rank, 0) / trainer.world_size)
+        batches = data.prompt_batches(per_batch, trainer.global_rank, trainer.world_size, device=device)
+        bar = tqdm(
+            batches,
+            total=math.ceil(shard / per_batch),
+            desc=f"self-verification (epoch {epoch}, N={self.sampling.samples_per_prompt})",
+            disable=not (self.show_progress and trainer.is_global_zero),
+            leave=False,
         )
-        scored = ScoredSamples(samples, scores, selected, selected_mask)
-        if not any(a is not None for a in prompts.answers):
-            return scored, None, None
-        correct = torch.tensor(
-            [[answers_match(a, ref, self.extractor) for a in group] for group, ref in zip(answers, prompts.answers)]
-        )  # [B, N]
-        greedy_correct = self.greedy_correctness(pl_module, prompts) if self.greedy_accuracy else None
-        return scored, correct, greedy_correct
+        return bar, math.ceil(math.ceil(len(data) / trainer.world_size) / per_batch)
 
-    def stopping_top_k(self) -> int:
-        """k for the sampler's stopping of samples that cannot be among the k kept, or 0 where stopping is not
-        exact: the score must be the sum of the sampler's own log-probs (loglik of exact draws from the base)."""
-        exact = self.sample_from == "base" and is_exact_sampling(
-            self.sampling.temperature, self.sampling.top_k, self.sampling.top_p
+
+class AgreedTurns:
+    """This rank's prompt batches, one per turn, stopping when the ranks agree on SIGTERM (``stopped``).
+
+    Every rank takes as many turns as the largest shard has batches and the ranks agree on SIGTERM before
+    each, so a signal on any rank stops all of them within one batch (not after every shard is drawn)."""
+
+    def __init__(self, trainer: L.Trainer, batches, turns: int) -> None:
+        self.trainer, self.batches, self.turns = trainer, batches, turns
+        self.stopped = False
+
+    def __iter__(self) -> Iterator[PromptBatch]:
+        batches = iter(self.batches)
+        for _ in range(self.turns):
+            prompts = next(batches, None)  # None: this rank's shard is done, it still takes its turn
+            self.stopped = sigterm_agreed(self.trainer)
+            if self.stopped:
+                return
+            if prompts is not None:
+                yield prompts
+
+
+def _policy_module(pl_module: L.LightningModule) -> PolicyModule:
+    """``pl_module`` as the PolicyModule the round needs (its models, tokenizer and ``trains_on``)."""
+    if not isinstance(pl_module, PolicyModule):
+        raise TypeError(
+            f"SelfVerificationCallback needs a PolicyModule (SFTSharpeningModule or RLSharpeningModule), got "
+            f"{type(pl_module).__name__}"
         )
-        return self.selection.keep_top_k if self.stop_unselectable and exact and self.selection.reward == "loglik" else 0
-
-    def score(self, pl_module: L.LightningModule, samples: SampleBatch, answers) -> torch.Tensor:
-        """Self-rewards [B, N] from the frozen base; sampler log-probs are reused only when they ARE base
-        log-probs of exact draws (sampled from the base at temperature 1 with no truncation, SPEC 4.4)."""
-        if self.selection.reward == "majority":
-            return score_samples("majority", answers=answers)
-        if self.sample_from == "base" and samples.exact_draws:
-            token_logprobs = samples.logprobs
-        else:
-            with pl_module.frozen_base() as base:
-                token_logprobs = sample_logprobs(base, samples, pl_module.logprob_chunk_size)
-        return score_samples(self.selection.reward, token_logprobs, samples.response_mask)
-
-    def greedy_correctness(self, pl_module: L.LightningModule, prompts: PromptBatch) -> torch.Tensor:
-        """Whether greedy decoding of the sampled-from model gives the reference answer: [B] bool."""
-        tokenizer = pl_module.tokenizer
-        greedy_cfg = dataclasses.replace(self.sampling, samples_per_prompt=1, temperature=0.0)
-        with pl_module.sampling_model(self.sample_from) as model:
-            greedy = generate_samples(model, prompts, greedy_cfg, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
-        texts = decode_responses(tokenizer, greedy)
-        return torch.tensor(
-            [answers_match(self.extractor(g[0]), ref, self.extractor) for g, ref in zip(texts, prompts.answers)]
-        )
-
-
-def context_problems(policy_config, prompt_ids: list[list[int]], max_new_tokens: int, tokenizer=None) -> list[str]:
-    """Prompts that cannot fit the model's context with max_new_tokens more, and token ids of ``tokenizer`` past
-    the model's vocabulary (reads config.json only)."""
-    from transformers import AutoConfig
-
-    name = policy_config.model_name_or_path
-    config = AutoConfig.from_pretrained(name, trust_remote_code=policy_config.trust_remote_code, revision=policy_config.revision)
-    problems = []
-    if tokenizer is not None and (problem := token_ids_problem(tokenizer, prompt_ids, getattr(config, "vocab_size", None))):
-        problems.append(f"--model.policy.model_name_or_path={name!r}: {problem}")
-    context = getattr(config, "max_position_embeddings", None)
-    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
-    need = len(prompt_ids[longest]) + max_new_tokens
-    if context is None or need <= context:
-        return problems
-    return problems + [
-        f"--data.dataset: prompt {longest} has {len(prompt_ids[longest])} tokens; with "
-        f"max_new_tokens={max_new_tokens} that is {need} > the model's context of {context}; "
-        "shorten the prompts (few-shot prefix, template), lower max_new_tokens, or set --data.max_prompts"
-    ]
+    return pl_module
 
 
 def _gather_examples(examples: list[BufferExample], world_size: int) -> list[BufferExample]:

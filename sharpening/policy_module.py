@@ -7,18 +7,23 @@ a standard Hugging Face / PEFT directory at the end of training.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import os
-import shutil
-from typing import TYPE_CHECKING, Iterator, Literal
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Literal
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from sharpening.checkpoint import disk_full_explained, verify_checkpoint
+from sharpening.checkpoint import (
+    load_trainable_state,
+    only_trainable,
+    save_policy,
+    trainable_state_dict,
+    verify_checkpoint,
+)
 from sharpening.errors import raise_if_problems, unwritable_directory_problem
 from sharpening.optim import (
     OptimizerConfig,
@@ -232,31 +237,19 @@ class PolicyModule(L.LightningModule):
         mixed = isinstance(self.trainer.precision_plugin, MixedPrecision)  # its clipping refuses a fused step
         return build_optimizer(self.trainer.model.parameters(), self.optimizer_config, total, fused=not mixed)
 
-    # Checkpoints hold trainable weights only: a LoRA checkpoint is the adapter, and the frozen copy of
-    # full fine-tuning is reloaded from the model path, never saved.
-    def _trainable_names(self) -> set[str]:
-        return {name for name, p in self.named_parameters() if p.requires_grad}
-
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
-        """Trainable parameters only, read directly (no module hooks: bitsandbytes' 4-bit serializer
-        mutates the packed weights in place on CPU, which would perturb a QLoRA run's frozen base).
-
-        Under FSDP the full module state dict is returned: FSDP's state-dict hooks gather and rename every
-        parameter and fail on a missing one. on_save_checkpoint then keeps the trainable ones."""
+        """Trainable parameters only (``checkpoint.state``). Under FSDP the full module state dict is returned:
+        FSDP's state-dict hooks gather and rename every parameter and fail on a missing one.
+        on_save_checkpoint then keeps the trainable ones."""
         if self.sharded:
             return super().state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
-        out = collections.OrderedDict() if destination is None else destination
-        for name, param in self.named_parameters():
-            if param.requires_grad:
-                out[prefix + name] = param if keep_vars else param.detach()
-        return out
+        return trainable_state_dict(self, destination, prefix, keep_vars)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         if getattr(self, "_schedule_plan", None):  # the length in use (asking Lightning here could load data)
             checkpoint["lr_schedule"] = self._schedule_plan
         if self.sharded:  # the gathered full state dict (on rank 0) -> trainable weights only, as without FSDP
-            trainable = self._trainable_names()
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+            checkpoint["state_dict"] = only_trainable(checkpoint["state_dict"], self)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Keep the schedule length (and limits) the checkpoint was written with: the first step that needs this
@@ -272,27 +265,13 @@ class PolicyModule(L.LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Copy the checkpoint's trainable weights into place. Module load hooks are bypassed on purpose:
-        bitsandbytes' hooks re-quantize 4-bit layers, which would perturb a QLoRA run's frozen base."""
+        """Copy the checkpoint's trainable weights into place, module load hooks bypassed (``checkpoint.state``)."""
         if self.policy is None:
             self.configure_model()
         self._policy_is_base = False  # the weights are a checkpoint's from here on
-        params = dict(self.named_parameters())
-        trainable = self._trainable_names()
-        missing = sorted(trainable - set(state_dict))
-        unexpected = sorted(k for k in state_dict if k not in trainable)
-        if strict and (missing or unexpected):
-            raise RuntimeError(
-                f"checkpoint does not fit this model (model.policy.model_name_or_path="
-                f"{self.policy_config.model_name_or_path!r}, finetuning={self.policy_config.finetuning}): "
-                f"missing {missing[:4]}, unexpected {unexpected[:4]}. "
-                "Resume with the model and finetuning mode that wrote the checkpoint."
-            )
-        with torch.no_grad():
-            for name, value in state_dict.items():
-                if name in trainable:
-                    params[name].copy_(value)
-        return torch.nn.modules.module._IncompatibleKeys(missing, unexpected)
+        cfg = self.policy_config
+        model = f"model.policy.model_name_or_path={cfg.model_name_or_path!r}, finetuning={cfg.finetuning}"
+        return load_trainable_state(self, state_dict, strict, model)
 
     def configure_callbacks(self):
         """Always on: checkpoint-and-stop on SIGTERM, and no update from a non-finite gradient."""
@@ -373,40 +352,3 @@ def plain_hparams(arguments: dict) -> dict:
     if module is not None:  # which module wrote a checkpoint: resume checks compare it
         plain["module_class"] = f"{type(module).__module__}.{type(module).__name__}"
     return plain
-
-
-def save_policy(policy: torch.nn.Module, tokenizer, output_dir: str) -> None:
-    """``save_pretrained`` the policy (safetensors) and tokenizer; the result loads without sharpening.
-
-    Written into a new sibling directory, then moved to ``output_dir``, which it replaces: the result holds
-    this policy's files only (never an earlier run's adapter beside new full weights), and an error while
-    writing (a full disk: DiskFullError) leaves ``output_dir`` as it was. A process killed mid-way leaves
-    ``.<name>.<pid>.partial`` / ``.previous``, which the next run clears (``checkpoint.remove_leftovers``).
-    """
-    for config in (getattr(policy, "peft_config", None) or {}).values():  # a local base: absolute, not cwd-relative
-        base = getattr(config, "base_model_name_or_path", None)
-        if base and os.path.isdir(os.path.expanduser(base)):
-            config.base_model_name_or_path = os.path.abspath(os.path.expanduser(base))
-    output_dir = os.path.abspath(output_dir)
-    parent, name = os.path.split(output_dir)
-    os.makedirs(parent, exist_ok=True)
-    staging = os.path.join(parent, f".{name}.{os.getpid()}.partial")
-    shutil.rmtree(staging, ignore_errors=True)  # a leftover of this pid's earlier, failed attempt
-    os.mkdir(staging)
-    try:
-        with disk_full_explained(parent, f"writing the policy to {output_dir!r}"):
-            policy.save_pretrained(staging, safe_serialization=True)
-            tokenizer.save_pretrained(staging)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    previous = os.path.join(parent, f".{name}.{os.getpid()}.previous")
-    if os.path.lexists(output_dir):
-        os.replace(output_dir, previous)
-    try:
-        os.replace(staging, output_dir)
-    except BaseException:
-        if os.path.lexists(previous):
-            os.replace(previous, output_dir)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)

@@ -1,7 +1,8 @@
 """SFTSharpeningModule: maximum likelihood on the self-selected best-of-N samples (SPEC 3.1).
 
-The SelfVerificationCallback fills ``self.buffer`` with (prompt, best response) pairs scored by the
-frozen base; this module minimises the NLL of the response tokens, prompt tokens masked.
+It trains on the (prompt, best response) pairs the SelfVerificationCallback keeps, scored by the frozen
+base (``trains_on`` "selected", ``round_examples``), and minimises the NLL of the response tokens, prompt
+tokens masked.
 With ``packing`` the examples of a batch are concatenated into a few rows (each attending only to
 itself) instead of padded: the same examples and the same token-mean loss, without padding compute.
 
@@ -25,15 +26,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from sharpening.buffer import (
-    SampleBuffer, batch_response_tokens, collate_examples, collate_packed, epoch_sampler, no_round,
-)
+from sharpening.buffer import BufferExample, batch_response_tokens, collate_examples, collate_packed, epoch_sampler
 from sharpening.errors import raise_if_problems
 from sharpening.logprobs import packed_response_logprobs, packing_problem, response_logprobs
 from sharpening.losses import masked_nll
 from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig
-from sharpening.policy_module import PolicyModule, config_from, plain_hparams
+from sharpening.policy_module import PolicyModule, TrainsOn, config_from, plain_hparams
 
 
 class SFTSharpeningModule(PolicyModule):
@@ -75,23 +74,22 @@ class SFTSharpeningModule(PolicyModule):
         self.shuffle_seed = shuffle_seed
         self.packing = packing
         self.pack_length = pack_length
-        self.buffer: SampleBuffer | None = None  # attached by SelfVerificationCallback.setup
+        self._examples: list[BufferExample] = []  # the current loader's examples (round_examples)
         self._batch_tokens: tuple[int, list[list[int]]] | None = None  # (epoch, response tokens [rank][batch])
         self._step_nll = torch.zeros(())  # the current optimizer step's NLL parts so far (this rank)
-        self.ensure_buffer = no_round  # replaced by SelfVerificationCallback.setup (a plain function: picklable)
+
+    @property
+    def trains_on(self) -> TrainsOn:
+        """The round's kept (best-of-N) samples."""
+        return "selected"
 
     def train_dataloader(self) -> DataLoader:
-        if self.buffer is None:
-            raise RuntimeError(
-                "SFTSharpeningModule trains on samples selected by a SelfVerificationCallback; "
-                "add one (the `sharpen` CLI adds it as `verifier:`)"
-            )
-        self.ensure_buffer(self.current_epoch)  # the self-verification round for this epoch, if due
-        self._batch_tokens = None  # the buffer may be new: count its batches again
+        self._examples = self.round_examples()  # the self-verification round for this epoch runs if due
+        self._batch_tokens = None  # the examples may be new: count their batches again
         return DataLoader(
-            self.buffer,
+            self._examples,
             batch_size=self.batch_size,
-            sampler=epoch_sampler(self._trainer, len(self.buffer), self.shuffle_seed, self.batch_size),
+            sampler=epoch_sampler(self._trainer, len(self._examples), self.shuffle_seed, self.batch_size),
             collate_fn=self._collate_fn(),
         )
 
@@ -165,7 +163,7 @@ class SFTSharpeningModule(PolicyModule):
         epoch = self.current_epoch
         if self._batch_tokens is None or self._batch_tokens[0] != epoch:
             world_size = self.trainer.world_size
-            counts = batch_response_tokens(self.buffer.examples, self.shuffle_seed, epoch, self.batch_size, world_size)
+            counts = batch_response_tokens(self._examples, self.shuffle_seed, epoch, self.batch_size, world_size)
             self._batch_tokens = (epoch, counts)
         return self._batch_tokens[1]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
-from sharpening.buffer import BufferExample, SampleBuffer
+from sharpening.buffer import BufferExample
 from sharpening.policy import PolicyConfig
 from sharpening.prompts import PromptDataModule
 from sharpening.rl import RLConfig, RLSharpeningModule
@@ -65,12 +65,11 @@ def _sft(tiny_model_path, batch_size: int = 2) -> SFTSharpeningModule:
         batch_size=batch_size,
     )
     tok = module.tokenizer
-    module.buffer = SampleBuffer()
     words = ["abcd", "bcde", "cdef", "defg"]
     response_ids = [tok(w[::-1], add_special_tokens=False).input_ids + [tok.eos_token_id] for w in words]
     prompt_ids = [tok(w + "=").input_ids for w in words]
     examples = [BufferExample(p, r, 0.0, i, 0) for i, (p, r) in enumerate(zip(prompt_ids, response_ids))]
-    module.buffer.replace(examples, epoch=0)
+    module.train_on_examples(examples)
     return module
 
 

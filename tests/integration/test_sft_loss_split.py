@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from sharpening.buffer import BufferExample, SampleBuffer, collate_examples
+from sharpening.buffer import BufferExample, collate_examples
 from sharpening.logprobs import response_logprobs
 from sharpening.policy import PolicyConfig
 from sharpening.sft import SFTSharpeningModule
@@ -38,8 +38,7 @@ def _module(path: str, batch_size: int, packing: bool) -> SFTSharpeningModule:
         for i, n in enumerate(LENGTHS)
     ]
     assert [len(e.response_ids) for e in examples] == LENGTHS
-    module.buffer = SampleBuffer()
-    module.buffer.replace(examples, epoch=0)
+    module.train_on_examples(examples)
     return module
 
 
@@ -58,7 +57,7 @@ def _reference(path: str) -> tuple[dict, float]:
     """The gradient and value of the token-mean NLL over all four examples, computed directly."""
     module = _module(path, 4, packing=False)
     module.configure_model()
-    batch = collate_examples(module.buffer.examples, module.tokenizer.pad_token_id)
+    batch = collate_examples(module.round_examples(), module.tokenizer.pad_token_id)
     mask = batch["response_mask"]
     logprobs = response_logprobs(module.policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], mask)
     loss = -(logprobs * mask).sum() / sum(LENGTHS)

@@ -14,6 +14,7 @@ from sharpening.rewards import loglik_reward
 from sharpening.sampler import SamplingConfig
 from sharpening.selection import SelectionConfig
 from sharpening.sft import SFTSharpeningModule
+from sharpening.verifier import process_batch
 
 
 def _module(path: str, finetuning: str) -> SFTSharpeningModule:
@@ -140,7 +141,7 @@ def test_callback_selects_the_sample_the_frozen_base_likes_best(sample_from, tin
         greedy_accuracy=False,
     )
     module.eval()
-    scored, correct, _ = verifier.process_batch(module, prompts, epoch=0)
+    scored, correct, _ = process_batch(verifier.round_models(module), prompts, verifier.round_settings(), epoch=0)
     with module.frozen_base() as base:
         expected = loglik_reward(sample_logprobs(base, scored.samples), scored.samples.response_mask)  # [B, N]
     if scored.samples.pruned is not None:  # a stopped sample is partial: not scored, never kept
@@ -170,7 +171,7 @@ def test_stopping_unselectable_samples_keeps_the_same_buffer(keep_top_k, tiny_mo
             greedy_accuracy=False,
             stop_unselectable=stop,
         )
-        runs[stop] = verifier.process_batch(module, prompts, epoch=0)[0]
+        runs[stop] = process_batch(verifier.round_models(module), prompts, verifier.round_settings(), epoch=0)[0]
     assert runs[True].samples.pruned.any() and runs[False].samples.pruned is None
     want, got = selected_examples(runs[False]), selected_examples(runs[True])
     assert [(e.prompt_index, e.sample_index, e.response_ids) for e in want] == [

@@ -1,0 +1,90 @@
+"""Checks across the run's sections (model, data, verifier, trainer), gathered before any weights load.
+
+Each section checks itself in its constructor; what needs two sections at once lives here, so the
+callback and the modules never read each other's settings. ``sharpen fit`` calls ``run_problems`` once
+the classes exist; the SelfVerificationCallback's ``setup`` calls it again for users of the Python API
+(by then the prompts are read, so the context check runs too).
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.utilities import rank_zero_warn
+
+from sharpening.model_checks import token_ids_problem
+from sharpening.policy_module import PolicyModule
+from sharpening.prompts import PromptDataModule
+from sharpening.sampler import SamplingConfig, decode_device_problems
+from sharpening.selection import SelectionConfig
+
+
+def run_problems(module: PolicyModule, datamodule, trainer) -> list[str]:
+    """Every cross-section problem of a run; warns when the verifier's settings go unused. ``trainer`` gives
+    the device and the SelfVerificationCallback (none: only the module and data are checked)."""
+    from sharpening.callbacks import SelfVerificationCallback  # callbacks.py calls this module
+    from sharpening.rl import RLSharpeningModule  # the RL package imports policy_module
+
+    verifier = next((c for c in trainer.callbacks if isinstance(c, SelfVerificationCallback)), None)
+    rl = module.rl if isinstance(module, RLSharpeningModule) else None
+    problems = []
+    if verifier is not None:
+        problems += verifier_problems(verifier, module, trainer, rl)
+    if isinstance(datamodule, PromptDataModule) and datamodule.prompt_ids:  # read by now (not yet in the CLI)
+        keeps = module.trains_on != "prompts" or (rl is not None and rl.algorithm == "offline")
+        round_draws = verifier is not None and keeps  # the round feeds the module
+        max_new_tokens = max(
+            verifier.sampling.max_new_tokens if round_draws else 0, module.sampling.max_new_tokens if rl else 0
+        )
+        problems += context_problems(module.policy_config, datamodule.prompt_ids, max_new_tokens, module.tokenizer)
+    return problems
+
+
+def verifier_problems(verifier, module: PolicyModule, trainer, rl) -> list[str]:
+    """The verifier's decode loop on the run's device, offline RL's needs of its scores, and a warning when
+    the verifier's settings are set for a module that draws its own samples. ``rl``: the RL config or None."""
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    sharded = isinstance(trainer.strategy, FSDPStrategy)
+    problems = decode_device_problems(verifier.sampling, trainer.strategy.root_device, "--verifier.sampling", sharded)
+    offline = rl is not None and rl.algorithm == "offline"
+    if offline and verifier.selection.reward != "loglik":  # Eq. 8 reads each kept sample's score as its base loglik
+        problems.append(
+            f"--verifier.selection.reward={verifier.selection.reward}: offline RL-sharpening uses each sample's score "
+            "as log pi_base(y|x) in its squared loss, so it needs --verifier.selection.reward loglik"
+        )
+    if offline and verifier.selection.truncated == "penalize":  # all N kept, pairs hold raw scores: penalty lost
+        problems.append(
+            "--verifier.selection.truncated=penalize: offline RL-sharpening keeps every sample and reads its raw "
+            "score as log pi_base(y|x), so the penalty would not reach its loss (truncated samples would train as "
+            "with keep); use drop (the default) or keep, or algorithm online or xpo with --model.rl.truncated penalize"
+        )
+    unused = rl is not None and not offline  # online and XPO draw with --model.sampling
+    if unused and (verifier.sampling, verifier.selection) != (SamplingConfig(), SelectionConfig()):
+        rank_zero_warn(
+            f"--verifier.sampling / --verifier.selection are set but not used: algorithm {rl.algorithm!r} draws "
+            "its own samples with --model.sampling (the verifier's round feeds only offline RL and SFT)"
+        )
+    return problems
+
+
+def context_problems(policy_config, prompt_ids: list[list[int]], max_new_tokens: int, tokenizer=None) -> list[str]:
+    """Prompts that cannot fit the model's context with max_new_tokens more, and token ids of ``tokenizer`` past
+    the model's vocabulary (reads config.json only)."""
+    from transformers import AutoConfig
+
+    name = policy_config.model_name_or_path
+    trust, revision = policy_config.trust_remote_code, policy_config.revision
+    config = AutoConfig.from_pretrained(name, trust_remote_code=trust, revision=revision)
+    problems = []
+    vocab_size = getattr(config, "vocab_size", None)
+    if tokenizer is not None and (problem := token_ids_problem(tokenizer, prompt_ids, vocab_size)):
+        problems.append(f"--model.policy.model_name_or_path={name!r}: {problem}")
+    context = getattr(config, "max_position_embeddings", None)
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    need = len(prompt_ids[longest]) + max_new_tokens
+    if context is None or need <= context:
+        return problems
+    return problems + [
+        f"--data.dataset: prompt {longest} has {len(prompt_ids[longest])} tokens; with "
+        f"max_new_tokens={max_new_tokens} that is {need} > the model's context of {context}; "
+        "shorten the prompts (few-shot prefix, template), lower max_new_tokens, or set --data.max_prompts"
+    ]

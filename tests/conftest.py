@@ -12,10 +12,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-TINY_CHARS = "abcdefgh=0123456789 +"
+from tests.helpers import build_tiny_model
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -27,34 +27,12 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
-def build_tiny_model(path, seed: int = 0, hidden: int = 64, layers: int = 2, vocab_extra: int = 0):
-    """Save a random tiny Llama + char tokenizer to ``path``; return the path as a string."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sharpening.tasks.chars import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer(TINY_CHARS)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer) + vocab_extra,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> str:
-    """Directory of a tiny random Llama (hidden 64 — bitsandbytes 4-bit needs >= 64 —, 2 layers) and its char tokenizer."""
+    """Directory of a tiny random Llama and its char tokenizer.
+
+    Hidden size 64 (bitsandbytes 4-bit needs at least 64), 2 layers.
+    """
     return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
 
 

@@ -16,18 +16,17 @@ import os
 import sys
 import warnings
 
-import torch
-
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from sharpening.callbacks import SelfVerificationCallback
-from sharpening.checkpoint import DiskFullError, checksum_problem
+from sharpening.checkpoint import DiskFullError, last_checkpoint, resume_problems, run_checkpoints
 from sharpening.errors import ConfigError, RunStoppedError, collect_problems, parse_error_problem, raise_if_problems
 from sharpening.policy_module import PolicyModule
 from sharpening.prompts import PromptDataModule
+from sharpening.run_checks import run_problems
 from sharpening.run_directories import (
     holding_run_directories,
     is_launching_process,
@@ -91,6 +90,7 @@ class SharpeningCLI(LightningCLI):
             with collect_problems(getattr(self, "pending_problems", None)):
                 super().instantiate_classes()
                 self._check_run_directories()
+                raise_if_problems(run_problems(self.model, self.datamodule, self.trainer))  # across the sections
         except (ValueError, TypeError) as err:
             cause = err
             while cause is not None and not isinstance(cause, ConfigError):
@@ -186,14 +186,8 @@ class SharpeningCLI(LightningCLI):
             return
         config = self.config[subcommand]
         path = config.get("ckpt_path")
-        if path == "last":  # the newest checkpoint of this run directory, whatever logger version wrote it
-            given = config["trainer"].get("default_root_dir")
-            found = run_checkpoints(given or os.getcwd())
-            if not found and given:  # a ModelCheckpoint dirpath of its own somewhere under the run directory
-                found = glob.glob(os.path.join(given, "**", "*.ckpt"), recursive=True)
-            # (no default_root_dir: only the current directory's own run layouts, never other runs below it)
-            if found:
-                path = config["ckpt_path"] = max(found, key=os.path.getmtime)
+        if path == "last":  # left as given when the run directory holds none: Lightning then starts afresh
+            path = config["ckpt_path"] = last_checkpoint(config["trainer"].get("default_root_dir")) or path
         if path == "best" or (path is not None and not str(path).strip()):  # Lightning: a ValueError in fit
             raise_if_problems([
                 f"--ckpt_path={path!r}: " + ("a new `sharpen fit` has no best checkpoint (Lightning tracks one only "
@@ -212,66 +206,6 @@ class SharpeningCLI(LightningCLI):
             raise_if_problems(resume_problems(str(path), config["model"]))
         if path:  # keep the original run's config.yaml; record the resumed run's beside it
             self.save_config_kwargs.update(config_filename="config-resumed.yaml", overwrite=True)
-
-
-def run_checkpoints(root: str) -> list[str]:
-    """Checkpoints a run in ``root`` wrote, oldest first: in ``root/checkpoints`` (no logger) or in a
-    logger's ``root/<name>/version_<n>/checkpoints`` (the default CSV logger's ``lightning_logs``)."""
-    patterns = [os.path.join(root, "checkpoints", "*.ckpt"), os.path.join(root, "*", "version_*", "checkpoints", "*.ckpt")]
-    return sorted((p for pattern in patterns for p in glob.glob(pattern)), key=os.path.getmtime)
-
-
-def resume_problems(path: str, model_config) -> list[str]:
-    """Why the checkpoint at ``path`` cannot resume ``model_config`` (class_path + init_args), if it can't.
-
-    Loading uses ``weights_only=True``: a checkpoint that needs unpickling of arbitrary objects is refused,
-    and so is one whose bytes differ from the checksum written with it.
-    """
-    if not os.path.isfile(path):
-        parent = os.path.dirname(path) or "."
-        found = sorted(f for f in os.listdir(parent) if f.endswith(".ckpt")) if os.path.isdir(parent) else []
-        return [f"--ckpt_path={path!r}: no such file (checkpoints in {parent!r}: {found[:6]})"]
-    corrupted = checksum_problem(path, "--ckpt_path")
-    if corrupted:
-        return [corrupted]
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # pickle.UnpicklingError, RuntimeError from the zip reader, ...
-        return [
-            f"--ckpt_path={path!r}: refused: it cannot be read as plain tensors and data (weights_only=True): "
-            f"{type(err).__name__}: {str(err).splitlines()[0][:200]}. Checkpoints from untrusted sources can run code."
-        ]
-    saved = checkpoint.get("hyper_parameters", {})
-    init = model_config.get("init_args") or {}
-    policy = init.get("policy") or {}
-    want = {
-        "module": model_config.get("class_path"),
-        "policy.model_name_or_path": policy.get("model_name_or_path"),
-        "policy.finetuning": policy.get("finetuning"),
-        "policy.lora_r": policy.get("lora_r") if policy.get("finetuning") != "full" else None,
-        "rl.algorithm": (init.get("rl") or {}).get("algorithm"),
-    }
-    have = {
-        "module": saved.get("module_class"),
-        "policy.model_name_or_path": saved.get("policy", {}).get("model_name_or_path"),
-        "policy.finetuning": saved.get("policy", {}).get("finetuning"),
-        "policy.lora_r": saved.get("policy", {}).get("lora_r") if saved.get("policy", {}).get("finetuning") != "full" else None,
-        "rl.algorithm": saved.get("rl", {}).get("algorithm"),
-    }
-    problems = []
-    for key, value in want.items():
-        stored = have[key]
-        if key == "module" and value and stored and value.rsplit(".", 1)[-1] == stored.rsplit(".", 1)[-1]:
-            continue  # sharpening.SFTSharpeningModule and sharpening.sft.SFTSharpeningModule are one class
-        if key == "policy.model_name_or_path" and value and stored and os.path.abspath(value) == os.path.abspath(stored):
-            continue
-        if value is not None and stored is not None and value != stored:
-            option = "--model.class_path" if key == "module" else f"--model.{key}"
-            problems.append(
-                f"--ckpt_path={path!r} was written with {key}={stored!r} but {option}={value!r}: "
-                "resume with the settings that wrote it, or start a new run without --ckpt_path"
-            )
-    return problems
 
 
 def main(args: list[str] | None = None):

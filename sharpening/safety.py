@@ -6,8 +6,8 @@
   decide together, at the same point, by reducing their flags (``sigterm_agreed``), so a signal that
   reaches one rank or all of them at different moments stops every rank at the same step. (Lightning's
   own handler broadcasts from inside the signal handler, which deadlocks or breaks the process group.)
-- Atomic checkpoints: AtomicCheckpointIO writes beside the target and renames, so SIGKILL mid-save
-  leaves the previous checkpoint loadable.
+- Atomic checkpoints: PreemptionCallback installs ``checkpoint.AtomicCheckpointIO``, which writes beside the
+  target and renames, so SIGKILL mid-save leaves the previous checkpoint loadable.
 - Non-finite values: NonFiniteGuardCallback checks the gradients before every optimizer step; on a
   NaN/inf it writes the last good state (the update is not applied) and stops with a message. Under a
   gradient scaler (16-mixed) an overflow of the scaled gradient is left to the scaler, which skips the step.
@@ -23,7 +23,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from sharpening.checkpoint import remove_checksum, verify_checkpoint, write_checkpoint
+from sharpening.checkpoint import AtomicCheckpointIO
 
 PREEMPTED_CHECKPOINT = "last-preempted.ckpt"
 LAST_GOOD_CHECKPOINT = "last-good.ckpt"
@@ -64,24 +64,6 @@ def preempt(trainer: L.Trainer, where: str) -> None:
     trainer.save_checkpoint(path, weights_only=False)  # the whole training state
     rank_zero_info(f"SIGTERM received {where}: stopping. Resumable checkpoint: {path}; resume with --ckpt_path last")
     raise SIGTERMException
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Checkpoints appear whole or not at all: written to a hidden temporary file in the SAME directory,
-    flushed to disk, then renamed over the target (``os.replace`` is atomic on one filesystem). A process
-    killed while saving, or a full disk, leaves the previous checkpoint in place, and no partial ``*.ckpt``.
-    Each checkpoint gets its SHA-256 beside it, checked when it loads (``sharpening.checkpoint``)."""
-
-    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
-        write_checkpoint(checkpoint, os.fspath(path))
-
-    def load_checkpoint(self, path, *args, **kwargs):
-        verify_checkpoint(path, "--ckpt_path")
-        return super().load_checkpoint(path, *args, **kwargs)
-
-    def remove_checkpoint(self, path) -> None:
-        super().remove_checkpoint(path)
-        remove_checksum(path)
 
 
 class PreemptionCallback(L.Callback):

@@ -17,10 +17,10 @@ import sys
 import pytest
 import torch
 
-from sharpening.checkpoint import DiskFullError
-from sharpening.cli import main, resume_problems
+from sharpening.checkpoint import AtomicCheckpointIO, DiskFullError, resume_problems, save_policy
+from sharpening.cli import main
 from sharpening.errors import ConfigError
-from sharpening.policy_module import PolicyModule, save_policy
+from sharpening.policy_module import PolicyModule
 from sharpening.run_directories import (
     RUN_LOCK,
     holding_run_directories,
@@ -29,7 +29,6 @@ from sharpening.run_directories import (
     output_lock_path,
     run_directory_problems,
 )
-from sharpening.safety import AtomicCheckpointIO
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SFT = os.path.join(ROOT, "configs", "demo.yaml")
@@ -361,7 +360,7 @@ def test_full_disk_while_writing_the_policy_keeps_the_previous_one(tmp_path):
 
 def test_full_disk_during_training_stops_with_the_last_good_checkpoint(tiny_model_path, prompts_file, tmp_path, monkeypatch):
     """The second epoch's checkpoint does not fit: the run stops naming the directory; the first one stays."""
-    import sharpening.checkpoint as checkpoint
+    import sharpening.checkpoint.files as checkpoint
 
     real, saves = torch.save, []
 

@@ -156,14 +156,14 @@ def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tiny_model
     before = previous.read_bytes()
     code = f"""
 import sys, time, torch
-import sharpening.safety as safety
+from sharpening.checkpoint import AtomicCheckpointIO
 def stalled_save(obj, f, *args, **kwargs):
     f.write(b"partial bytes of a big checkpoint")
     f.flush()
     print("writing", flush=True)
     time.sleep(60)
-safety.torch.save = stalled_save
-safety.AtomicCheckpointIO().save_checkpoint({{"state_dict": {{}}}}, {str(previous)!r})
+torch.save = stalled_save
+AtomicCheckpointIO().save_checkpoint({{"state_dict": {{}}}}, {str(previous)!r})
 """
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "writing"

@@ -1,13 +1,22 @@
-"""The checkpoint stage's pure parts: atomic writes."""
+"""The checkpoint stage's pure parts: atomic writes, trainable-only state, the resume lookup."""
 
 import doctest
 import errno
 import os
 
 import pytest
+import torch
 
-import sharpening.checkpoint as checkpoint
-from sharpening.checkpoint import DiskFullError, write_atomically
+import sharpening.checkpoint.files as checkpoint
+from sharpening.checkpoint import (
+    DiskFullError,
+    last_checkpoint,
+    load_trainable_state,
+    only_trainable,
+    run_checkpoints,
+    trainable_state_dict,
+    write_atomically,
+)
 
 
 def test_doctests():
@@ -60,3 +69,48 @@ def test_other_errors_pass_through_and_leave_nothing_behind(tmp_path):
     with pytest.raises(ValueError, match="not serialisable"):
         write_atomically(str(tmp_path / "r.json"), fails)
     assert os.listdir(tmp_path) == []
+
+
+def _half_frozen() -> torch.nn.Module:
+    module = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    module[0].requires_grad_(False)  # the frozen base; module[1] trains (the adapter)
+    return module
+
+
+def test_a_checkpoint_state_holds_the_trainable_parameters_only():
+    module = _half_frozen()
+    state = trainable_state_dict(module, prefix="m.")
+    assert list(state) == ["m.1.weight", "m.1.bias"] and not state["m.1.weight"].requires_grad
+    assert trainable_state_dict(module, keep_vars=True)["1.weight"] is module[1].weight
+    assert list(only_trainable(module.state_dict(), module)) == ["1.weight", "1.bias"]
+
+
+def test_loading_copies_trainable_weights_in_place_and_refuses_another_model_when_strict():
+    module, source = _half_frozen(), _half_frozen()
+    frozen_before = module[0].weight.clone()
+    weight = module[1].weight
+    load_trainable_state(module, trainable_state_dict(source), strict=True, model="tiny")
+    assert module[1].weight is weight and torch.equal(weight, source[1].weight)  # copied into the same tensor
+    result = load_trainable_state(module, source.state_dict(), strict=False, model="tiny")
+    assert torch.equal(module[0].weight, frozen_before)  # the checkpoint's frozen entries are ignored
+    assert result.missing_keys == [] and result.unexpected_keys == ["0.bias", "0.weight"]
+    with pytest.raises(RuntimeError, match=r"unexpected \['0.bias', '0.weight'\]"):
+        load_trainable_state(module, source.state_dict(), strict=True, model="tiny")
+    with pytest.raises(RuntimeError, match=r"does not fit this model \(tiny\): missing \['1.bias'\]"):
+        load_trainable_state(module, {"1.weight": source[1].weight}, strict=True, model="tiny")
+    assert load_trainable_state(module, {}, strict=False, model="tiny").missing_keys == ["1.bias", "1.weight"]
+
+
+def test_last_is_the_newest_checkpoint_of_any_logger_version_else_one_under_the_run(tmp_path):
+    older = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "epoch=0.ckpt"
+    newer = tmp_path / "checkpoints" / "epoch=1.ckpt"
+    own = tmp_path / "elsewhere" / "deep" / "mine.ckpt"
+    for i, path in enumerate((older, newer, own)):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
+        os.utime(path, (1000 + i, 1000 + i))
+    assert run_checkpoints(str(tmp_path)) == [str(older), str(newer)]  # a dirpath of its own is no run layout
+    assert last_checkpoint(str(tmp_path)) == str(newer)
+    newer.unlink(), older.unlink()
+    assert last_checkpoint(str(tmp_path)) == str(own)
+    assert last_checkpoint(str(tmp_path / "empty")) is None

@@ -1,5 +1,5 @@
-"""Checkpoints and the policy on disk: atomic checksummed checkpoint writes, a full disk explained, and
-the leftovers of killed writes.
+"""Files on disk whole or not at all: atomic writes (``write_atomically``), checksummed checkpoints
+(``AtomicCheckpointIO``, Lightning's checkpoint IO), a full disk explained, and the leftovers of killed writes.
 
 - A checkpoint is written beside its target and renamed into place, with its SHA-256 in ``<name>.ckpt.sha256``
   (``sha256sum -c`` reads it). Loading checks it: a flipped byte inside a weight still unpickles, so
@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from typing import IO
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
 from sharpening.errors import ConfigError
@@ -49,17 +50,18 @@ def disk_full_explained(directory: str, what: str):
         ) from err
 
 
-def _partial(path: str) -> str:
-    """The hidden name a write to ``path`` goes through (the pattern remove_leftovers recognises)."""
+def hidden_name(path: str, kind: str = "partial") -> str:
+    """The hidden ``.<name>.<pid>.<kind>`` beside ``path`` that a write to it goes through (``partial``) or moves
+    the earlier file or directory aside to (``previous``): the pattern remove_leftovers recognises."""
     directory, name = os.path.split(path)
-    return os.path.join(directory, f".{name}.{os.getpid()}.partial")
+    return os.path.join(directory, f".{name}.{os.getpid()}.{kind}")
 
 
 @contextlib.contextmanager
 def _written_beside(path: str, write: Callable[[IO], object], binary: bool) -> Iterator[str]:
     """``write(file)`` into the hidden ``.<name>.<pid>.partial`` beside ``path``, flushed and fsync'd; yields
     its name for the caller to rename, and removes it on the way out if it is still there (an error)."""
-    temporary = _partial(path)
+    temporary = hidden_name(path)
     try:
         with open(temporary, "wb") if binary else open(temporary, "w", newline="") as f:
             write(f)
@@ -170,6 +172,24 @@ def verify_checkpoint(path, option: str = "checkpoint_path") -> None:
         problem = checksum_problem(os.fspath(path), option)
         if problem:
             raise ConfigError([problem])
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints appear whole or not at all: written to a hidden temporary file in the SAME directory,
+    flushed to disk, then renamed over the target (``os.replace`` is atomic on one filesystem). A process
+    killed while saving, or a full disk, leaves the previous checkpoint in place, and no partial ``*.ckpt``.
+    Each checkpoint gets its SHA-256 beside it, checked when it loads."""
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        write_checkpoint(checkpoint, os.fspath(path))
+
+    def load_checkpoint(self, path, *args, **kwargs):
+        verify_checkpoint(path, "--ckpt_path")
+        return super().load_checkpoint(path, *args, **kwargs)
+
+    def remove_checkpoint(self, path) -> None:
+        super().remove_checkpoint(path)
+        remove_checksum(path)
 
 
 def pid_alive(pid: int) -> bool:

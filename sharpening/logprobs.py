@@ -4,8 +4,7 @@ The decoder runs once over ``[prompt | response]``; the LM head and the log-soft
 the hidden states that predict response tokens (padding skipped), ``chunk_size`` positions at a time.
 Peak memory of the head is ``chunk_size x vocab`` floats, never ``batch x length x vocab``; under autograd
 each chunk is recomputed in backward (activation checkpointing), so the same bound holds in training.
-``packed_response_logprobs`` does the same for packed batches (several examples per row, no padding
-between them; see the section at the end of this file).
+Packed batches (several examples per row) use the same head through ``packing.packed_response_logprobs``.
 """
 
 from __future__ import annotations
@@ -145,7 +144,7 @@ def _plain_linear_head(head, softcap, scale) -> bool:
     )
 
 
-def _chunked_logprobs(
+def chunked_logprobs(
     model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk_size: int
 ) -> torch.Tensor:
     """``_chunk_logprobs`` over ``chunk_size`` rows at a time. hidden [M, H], targets [M] -> [M] float32 (M > 0).
@@ -205,7 +204,7 @@ def _response_positions_logprobs(
     out = torch.zeros(response_ids.shape, dtype=torch.float32, device=response_ids.device)
     flat_targets = response_ids[response_mask]  # [M]
     if flat_targets.numel():
-        logprobs = _chunked_logprobs(model, predicting[response_mask], flat_targets, chunk_size)  # [M]
+        logprobs = chunked_logprobs(model, predicting[response_mask], flat_targets, chunk_size)  # [M]
         out = out.masked_scatter(response_mask, logprobs)
     return out
 
@@ -229,12 +228,12 @@ def shared_prompt_problem(model: torch.nn.Module) -> str | None:
     """
     if model.training and any(getattr(m, "gradient_checkpointing", False) for m in model.modules()):
         return "gradient checkpointing is on (it drops the KV cache in training)"
-    if _windowed_attention(model.config):
+    if windowed_attention(model.config):
         return "sliding-window or chunked attention layers"
     return None
 
 
-def _windowed_attention(config) -> bool:
+def windowed_attention(config) -> bool:
     """True when some attention layer sees only a window or chunk of the sequence (not full causal)."""
     layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
     windowed = getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None)
@@ -307,90 +306,3 @@ def sample_logprobs(
         chunk_size=chunk_size,
     )
     return flat.view(b, n, t)  # [B*N, T] -> [B, N, T]
-
-
-# ---- packed batches: several examples per row, no padding between them (buffer.collate_packed) --------------
-# Each example keeps its own positions (0, 1, ...) and attends only to itself. How the decoder is told:
-#   sdpa / eager: an explicit block-diagonal causal mask [R, 1, L, L], which transformers passes to the
-#     kernel unchanged (a 4D mask is "already prepared"): bool (True = attend) for sdpa, additive float
-#     (0 / dtype min) for eager, the formats transformers' own mask builders produce for them.
-#   flash_attention_2: no mask; the varlen kernel gets the segment boundaries (cu_seq_lens over the
-#     flattened rows), so attention never crosses an example and no padding is computed.
-PACKED_ATTENTION = ("sdpa", "eager", "flash_attention_2")
-
-
-def packing_problem(model: torch.nn.Module) -> str | None:
-    """Why a packed batch would not give ``model`` the padded result; None when it does.
-
-    Sliding-window or chunked attention layers need their window inside the mask, which the explicit
-    sdpa/eager mask does not carry (flash attention applies the window itself, per segment).
-    """
-    config = model.config
-    attention = config._attn_implementation
-    if attention not in PACKED_ATTENTION:
-        return f"attention {attention!r} is not one of {', '.join(PACKED_ATTENTION)}"
-    if attention == "flash_attention_2":
-        return None
-    if _windowed_attention(config):
-        return f"sliding-window or chunked attention layers under {attention!r} (use flash_attention_2)"
-    return None
-
-
-def block_causal_mask(example_ids: torch.Tensor) -> torch.Tensor:
-    """True where query i may attend key j: same example (same id; padding is one block) and j <= i.
-    example_ids [R, L] -> [R, 1, L, L] bool."""
-    length = example_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=example_ids.device).tril()  # [L, L]
-    same = example_ids[:, :, None] == example_ids[:, None, :]  # [R, L, L]
-    return (same & causal)[:, None]  # [R, L, L] -> [R, 1, L, L]
-
-
-def varlen_attention_kwargs(position_ids: torch.Tensor) -> dict:
-    """Flash-attention varlen arguments for packed rows: a segment starts wherever the position is 0.
-    position_ids [R, L]; the boundaries index the flattened [R*L] tokens (row ends are segment ends)."""
-    flat = position_ids.reshape(-1)  # [R, L] -> [R*L]
-    starts = (flat == 0).nonzero().view(-1)
-    end = torch.tensor([flat.numel()], device=flat.device)
-    cu_seq_lens = torch.cat([starts, end]).to(torch.int32)  # [segments + 1]
-    longest = int(cu_seq_lens.diff().max())
-    return dict(cu_seq_lens_q=cu_seq_lens, cu_seq_lens_k=cu_seq_lens, max_length_q=longest, max_length_k=longest)
-
-
-def packed_attention_kwargs(model: torch.nn.Module, example_ids: torch.Tensor, position_ids: torch.Tensor) -> dict:
-    """What the decoder needs, beside ``position_ids``, to keep every packed example to itself."""
-    problem = packing_problem(model)
-    if problem is not None:
-        raise ValueError(f"packed batches would mix examples: {problem}; train on padded batches instead")
-    attention = model.config._attn_implementation
-    if attention == "flash_attention_2":
-        return varlen_attention_kwargs(position_ids)
-    allowed = block_causal_mask(example_ids)  # [R, 1, L, L]
-    if attention == "sdpa":
-        return {"attention_mask": allowed}
-    dtype = model.get_input_embeddings().weight.dtype
-    blocked = torch.full(allowed.shape, torch.finfo(dtype).min, dtype=dtype, device=allowed.device)
-    return {"attention_mask": blocked.masked_fill(allowed, 0.0)}  # eager adds it to the scores
-
-
-def packed_response_logprobs(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_size: int = 256
-) -> torch.Tensor:
-    """Per-token log-probs of the response tokens of a packed batch (``buffer.collate_packed``).
-
-    batch: input_ids, position_ids, example_ids, response_mask, each [R, L]. Returns [R, L] float32,
-    log pi(token | earlier tokens of its own example) where ``response_mask`` is True, zero elsewhere.
-    Gradients flow when called under grad.
-    """
-    input_ids, response_mask = batch["input_ids"], batch["response_mask"]
-    kwargs = packed_attention_kwargs(model, batch["example_ids"], batch["position_ids"])
-    hidden = model.get_decoder()(
-        input_ids=input_ids, position_ids=batch["position_ids"], use_cache=False, **kwargs
-    ).last_hidden_state  # [R, L, H]
-    targets_mask = response_mask[:, 1:]  # [R, L-1]: the state at position i predicts token i+1
-    flat_targets = input_ids[:, 1:][targets_mask]  # [M]
-    out = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    if flat_targets.numel():
-        flat_hidden = hidden[:, :-1][targets_mask]  # [M, H]
-        logprobs = _chunked_logprobs(model, flat_hidden, flat_targets, chunk_size)  # [M]
-        out = out.masked_scatter(torch.nn.functional.pad(targets_mask, (1, 0)), logprobs)  # [R, L]
-    return out

@@ -1,4 +1,5 @@
-"""PromptDataModule: a dataset (hub or local file) -> templated prompt text -> prompt token ids.
+"""PromptDataModule: a dataset (hub or local file) -> templated prompt text -> prompt token ids; and the
+epoch order in which training loaders visit their items (``epoch_sampler``).
 
 The exact text built here (few-shot prefix, template, chat template, system text) is what the sampler
 conditions on and what the verifier scores: both use the ids this module produces.
@@ -7,14 +8,19 @@ conditions on and what the verifier scores: both use the ids this module produce
 from __future__ import annotations
 
 import os
-from typing import Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from sharpening.engines.base import derive_seed
 from sharpening.errors import ConfigError, raise_if_problems
 from sharpening.types import PromptBatch
+
+if TYPE_CHECKING:
+    from sharpening.buffer import BufferExample
 
 LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
@@ -382,3 +388,71 @@ class PromptDataModule(L.LightningDataModule):
             batch.prompt_ids, batch.prompt_mask = batch.prompt_ids.to(device), batch.prompt_mask.to(device)
             batch.prompt_indices = batch.prompt_indices.to(device)
         return batch
+
+
+# ---- the epoch order of a training loader: (seed, epoch) -> this rank's indices -------------------------
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """Epoch ``e``'s shuffled order depends only on ``(seed, e)``, however often it is iterated; split over ranks.
+
+    Lightning calls ``set_epoch(e)`` at every epoch start, also on a loader it keeps from epoch to epoch,
+    so each epoch gets its own order (``derive_seed(seed, e)``) whether or not the loader is rebuilt.
+    (Lightning calls ``iter()`` twice at a normal epoch start but once after a resume, and a RandomSampler
+    draws a new permutation each time, so a resumed epoch would see another order.)
+    Each rank takes its shard of the order as Lightning's distributed sampler would (padded by wrapping
+    round to equal shards, then every ``num_replicas``-th index), and Lightning keeps a DistributedSampler
+    as it is. ``skip`` leaves out the first indices of this rank's shard already consumed before a
+    mid-epoch restart in epoch ``skip_epoch``, and only in that epoch: skipping must follow the split, or
+    the shards shift. The length stays the full shard's, as Lightning counts the consumed batches itself.
+    """
+
+    def __init__(
+        self, size: int, seed: int, shuffle: bool = True, skip: int = 0, num_replicas: int = 1, rank: int = 0,
+        skip_epoch: int = 0,
+    ) -> None:
+        super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.size, self.order_seed, self.order_shuffled = size, seed, shuffle
+        self.skip, self.skip_epoch = skip, skip_epoch
+
+    def __iter__(self):
+        if self.order_shuffled:
+            generator = torch.Generator().manual_seed(derive_seed(self.order_seed, self.epoch))
+            order = torch.randperm(self.size, generator=generator).tolist()
+        else:
+            order = list(range(self.size))
+        shard = [order[i] for i in super().__iter__()]  # this rank's positions of the order
+        return iter(shard[self.skip :] if self.epoch == self.skip_epoch else shard)
+
+
+def epoch_sampler(trainer, size: int, seed: int, batch_size: int) -> EpochSampler:
+    """The sampler of a training loader (this rank's shard), set to the trainer's current epoch. After a
+    mid-epoch restart it skips, in that epoch only, the batches already trained on (those whose update the
+    checkpoint holds: Lightning's ``processed`` count, which a checkpoint written at batch end already
+    includes; every rank steps the same number of batches)."""
+    skip, replicas, rank, epoch = 0, 1, 0, 0
+    if trainer is not None:
+        replicas, rank, epoch = trainer.world_size, trainer.global_rank, trainer.current_epoch
+        if trainer.fit_loop.restarting:
+            progress = trainer.fit_loop.epoch_progress.current
+            if progress.started > progress.processed:  # the restored epoch was under way
+                skip = trainer.fit_loop.epoch_loop.batch_progress.current.processed * batch_size
+    sampler = EpochSampler(size, seed, shuffle=size > 0, skip=skip, num_replicas=replicas, rank=rank, skip_epoch=epoch)
+    sampler.set_epoch(epoch)  # Lightning sets it again at each epoch start
+    return sampler
+
+
+def batch_response_tokens(
+    examples: list[BufferExample], seed: int, epoch: int, batch_size: int, world_size: int
+) -> list[list[int]]:
+    """Response tokens of each batch of epoch ``epoch`` on each rank, ``[rank][batch]``, in the order the
+    loaders of ``epoch_sampler`` deal them (batch b is the epoch's b-th, also after a mid-epoch restart).
+
+    Every rank holds the whole buffer, so each can count every rank's batches before they run.
+    """
+    lengths = [len(e.response_ids) for e in examples]
+    counts = []
+    for rank in range(world_size):
+        sampler = EpochSampler(len(lengths), seed, shuffle=len(lengths) > 0, num_replicas=world_size, rank=rank)
+        sampler.set_epoch(epoch)
+        shard = list(sampler)
+        counts.append([sum(lengths[i] for i in shard[b : b + batch_size]) for b in range(0, len(shard), batch_size)])
+    return counts

@@ -11,7 +11,7 @@ token weighing 1 / (response tokens of the step), the step being its ``accumulat
 micro-batches on every rank. Its gradient is then the same however the step is split into micro-batches
 and ranks (a per-micro-batch mean would weigh a token by 1 / (tokens of its own micro-batch)). The step's
 token count is known before its micro-batches run: every rank holds the whole buffer and the epoch's
-order depends only on (``shuffle_seed``, epoch) (``buffer.batch_response_tokens``). Each micro-batch's
+order depends only on (``shuffle_seed``, epoch) (``prompts.batch_response_tokens``). Each micro-batch's
 loss is its NLL sum / (step tokens), times ``accumulate_grad_batches`` x world size, which Lightning's
 loss division and DDP/FSDP's gradient averaging take out again. ``train/loss`` is the step's token mean.
 Deviation from the paper: it may resample every epoch (``verifier.resample_every_epoch``); the paper
@@ -26,13 +26,16 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from sharpening.buffer import BufferExample, batch_response_tokens, collate_examples, collate_packed, epoch_sampler
+from sharpening.buffer import BufferExample
 from sharpening.errors import raise_if_problems
-from sharpening.logprobs import packed_response_logprobs, packing_problem, response_logprobs
+from sharpening.logprobs import response_logprobs
 from sharpening.losses import masked_nll
 from sharpening.optim import OptimizerConfig
+from sharpening.packing import collate_examples, collate_packed, packed_response_logprobs, packing_problem
 from sharpening.policy import PolicyConfig
 from sharpening.policy_module import PolicyModule, TrainsOn, config_from, plain_hparams
+from sharpening.prompts import batch_response_tokens, epoch_sampler
+from sharpening.types import PackedBatch, PaddedBatch
 
 
 class SFTSharpeningModule(PolicyModule):
@@ -62,7 +65,7 @@ class SFTSharpeningModule(PolicyModule):
             packing: Concatenate each batch's examples into rows instead of padding them: same loss, less compute.
             pack_length: Most tokens per packed row, or the batch's longest example if longer; shorter rows are
                 chosen per batch when dense attention over long rows would cost more than the padding they
-                save (buffer.collate_packed).
+                save (packing.collate_packed).
         """
         optimizer = config_from(optimizer, OptimizerConfig) or OptimizerConfig()  # (None: a config without the section)
         problems = [] if batch_size >= 1 else [f"--model.batch_size={batch_size}: must be >= 1"]
@@ -116,23 +119,23 @@ class SFTSharpeningModule(PolicyModule):
                 "overfit_batches replaces; use --trainer.limit_train_batches instead"
             ])
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        if "input_ids" in batch:  # packed (collate_packed)
+    def training_step(self, batch: PaddedBatch | PackedBatch, batch_idx: int) -> torch.Tensor:
+        if isinstance(batch, PackedBatch):
             token_logprobs = packed_response_logprobs(self.policy, batch, chunk_size=self.logprob_chunk_size)  # [R, L]
         else:
             token_logprobs = response_logprobs(
                 self.policy,
-                batch["prompt_ids"],
-                batch["prompt_mask"],
-                batch["response_ids"],
-                batch["response_mask"],
+                batch.prompt_ids,
+                batch.prompt_mask,
+                batch.response_ids,
+                batch.response_mask,
                 chunk_size=self.logprob_chunk_size,
             )  # [B, T]
         if self._trainer is None:  # a direct call, outside fit: this batch's own token mean
-            return masked_nll(token_logprobs, batch["response_mask"])
-        step_tokens, step_ends = self._step_tokens(batch_idx, batch["response_mask"])
+            return masked_nll(token_logprobs, batch.response_mask)
+        step_tokens, step_ends = self._step_tokens(batch_idx, batch.response_mask)
         # this micro-batch's part of the step's token mean (the same response tokens, packed or padded)
-        part = masked_nll(token_logprobs, batch["response_mask"], token_count=step_tokens)
+        part = masked_nll(token_logprobs, batch.response_mask, token_count=step_tokens)
         self._log_step_loss(part, batch_idx, step_tokens, step_ends)
         # Lightning divides the loss by accumulate_grad_batches and DDP/FSDP average the ranks' gradients:
         # undo both, so the step's gradient is the sum of the parts' gradients over its micro-batches and ranks

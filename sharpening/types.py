@@ -54,3 +54,24 @@ class ScoredSamples:
     scores: torch.Tensor  # [B, N] float32, self-reward of each sample (higher is better)
     selected: torch.Tensor  # [B, K] long, indices into N of the kept samples, best first
     selected_mask: torch.Tensor  # [B, K] bool, False where no sample was eligible
+
+
+@dataclass
+class PaddedBatch:
+    """Training examples in the shared layout: prompts left-padded to P, responses right-padded to T."""
+
+    prompt_ids: torch.Tensor  # [B, P] long, left-padded with the pad id
+    prompt_mask: torch.Tensor  # [B, P] bool, True on prompt tokens
+    response_ids: torch.Tensor  # [B, T] long, right-padded with the pad id
+    response_mask: torch.Tensor  # [B, T] bool, True on response tokens (the loss targets)
+
+
+@dataclass
+class PackedBatch:
+    """The same examples concatenated into R rows of L tokens, each example attending only to itself."""
+
+    input_ids: torch.Tensor  # [R, L] long, prompt then response of each example, the pad id at row ends
+    position_ids: torch.Tensor  # [R, L] long, restarting at 0 for each example (and for a row's end padding)
+    example_ids: torch.Tensor  # [R, L] long, which example a token belongs to; -1 on padding
+    response_mask: torch.Tensor  # [R, L] bool, True on response tokens (the loss targets)
+    response_lengths: torch.Tensor  # [B] long, response tokens of each example, in the examples' order

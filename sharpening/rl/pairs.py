@@ -43,7 +43,7 @@ def collate_pairs(pairs: list[PairExample], pad_token_id: int) -> dict[str, torc
     """Both sides of P pairs in one batch of 2P rows (rows [0, P) are y, rows [P, 2P) are y')."""
     rows = [BufferExample(p.prompt_ids, p.response_ids, 0.0, p.prompt_index, 0) for p in pairs]
     rows += [BufferExample(p.prompt_ids, p.other_response_ids, 0.0, p.prompt_index, 1) for p in pairs]
-    batch = collate_examples(rows, pad_token_id)
+    batch = dict(vars(collate_examples(rows, pad_token_id)))  # the PaddedBatch's fields, then the pairs'
     batch["base_logprob"] = torch.tensor([p.base_logprob for p in pairs], dtype=torch.float32)  # [P]
     batch["other_base_logprob"] = torch.tensor([p.other_base_logprob for p in pairs], dtype=torch.float32)
     batch["prompt_indices"] = torch.tensor([p.prompt_index for p in pairs], dtype=torch.long)  # [P]

@@ -8,8 +8,9 @@ import lightning as L
 import pytest
 import torch
 
-from sharpening.buffer import BufferExample, collate_examples
+from sharpening.buffer import BufferExample
 from sharpening.logprobs import response_logprobs
+from sharpening.packing import collate_examples
 from sharpening.policy import PolicyConfig
 from sharpening.sft import SFTSharpeningModule
 
@@ -58,8 +59,8 @@ def _reference(path: str) -> tuple[dict, float]:
     module = _module(path, 4, packing=False)
     module.configure_model()
     batch = collate_examples(module.round_examples(), module.tokenizer.pad_token_id)
-    mask = batch["response_mask"]
-    logprobs = response_logprobs(module.policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], mask)
+    mask = batch.response_mask
+    logprobs = response_logprobs(module.policy, batch.prompt_ids, batch.prompt_mask, batch.response_ids, mask)
     loss = -(logprobs * mask).sum() / sum(LENGTHS)
     loss.backward()
     return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}, float(loss)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharpening.buffer import BufferExample, collate_examples
+from sharpening.buffer import BufferExample
 from sharpening.callbacks import SelfVerificationCallback
 from sharpening.logprobs import sample_logprobs
+from sharpening.packing import collate_examples
 from sharpening.policy import PolicyConfig
 from sharpening.prompts import pad_prompts
 from sharpening.rewards import loglik_reward
@@ -77,9 +78,9 @@ def _loss(module: SFTSharpeningModule) -> torch.Tensor:
 
     batch = _batch(module.tokenizer)
     logprobs = response_logprobs(
-        module.policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"]
+        module.policy, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask
     )
-    return masked_nll(logprobs, batch["response_mask"])
+    return masked_nll(logprobs, batch.response_mask)
 
 
 @pytest.mark.parametrize("finetuning", ["full", "lora"])

@@ -1,20 +1,14 @@
-"""SampleBuffer, selected_examples and collate_examples."""
+"""SampleBuffer, selected_examples, collate_examples and the epoch order of training loaders."""
 
 from __future__ import annotations
 
 import torch
-
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
-from sharpening.buffer import (
-    BufferExample,
-    EpochSampler,
-    SampleBuffer,
-    batch_response_tokens,
-    collate_examples,
-    pairs_for_rank,
-    selected_examples,
-)
+from sharpening.buffer import BufferExample, SampleBuffer, selected_examples
+from sharpening.packing import collate_examples
+from sharpening.prompts import EpochSampler, batch_response_tokens
+from sharpening.rl.pairs import pairs_for_rank
 from sharpening.sampler import derive_seed
 from sharpening.types import PromptBatch, SampleBatch, ScoredSamples
 
@@ -135,34 +129,34 @@ def test_collate_examples_layout():
         _example(2, 0, prompt=(1,), response=(10, 2)),
     ]
     batch = collate_examples(examples, pad_token_id=PAD)
-    assert batch["prompt_ids"].tolist() == [[0, 0, 1, 3], [1, 6, 7, 8], [0, 0, 0, 1]]
-    assert batch["prompt_mask"].tolist() == [
+    assert batch.prompt_ids.tolist() == [[0, 0, 1, 3], [1, 6, 7, 8], [0, 0, 0, 1]]
+    assert batch.prompt_mask.tolist() == [
         [False, False, True, True],
         [True, True, True, True],
         [False, False, False, True],
     ]
-    assert batch["response_ids"].tolist() == [[4, 5, 2], [9, 0, 0], [10, 2, 0]]
-    assert batch["response_mask"].tolist() == [
+    assert batch.response_ids.tolist() == [[4, 5, 2], [9, 0, 0], [10, 2, 0]]
+    assert batch.response_mask.tolist() == [
         [True, True, True],
         [True, False, False],
         [True, True, False],
     ]
-    assert batch["prompt_ids"].dtype == torch.long and batch["response_ids"].dtype == torch.long
-    assert batch["prompt_mask"].dtype == torch.bool and batch["response_mask"].dtype == torch.bool
+    assert batch.prompt_ids.dtype == torch.long and batch.response_ids.dtype == torch.long
+    assert batch.prompt_mask.dtype == torch.bool and batch.response_mask.dtype == torch.bool
 
 
 def test_collate_uses_the_given_pad_id():
     batch = collate_examples([_example(0, 0, prompt=(1, 3)), _example(0, 1, prompt=(1,), response=(2,))], 99)
-    assert batch["prompt_ids"].tolist() == [[1, 3], [99, 1]]
-    assert batch["response_ids"].tolist() == [[5, 2], [2, 99]]
+    assert batch.prompt_ids.tolist() == [[1, 3], [99, 1]]
+    assert batch.response_ids.tolist() == [[5, 2], [2, 99]]
 
 
 def test_collate_round_trips_selected_examples():
     examples = selected_examples(_scored())
     batch = collate_examples(examples, PAD)
     for i, e in enumerate(examples):
-        assert batch["prompt_ids"][i][batch["prompt_mask"][i]].tolist() == e.prompt_ids
-        assert batch["response_ids"][i][batch["response_mask"][i]].tolist() == e.response_ids
+        assert batch.prompt_ids[i][batch.prompt_mask[i]].tolist() == e.prompt_ids
+        assert batch.response_ids[i][batch.response_mask[i]].tolist() == e.response_ids
 
 
 def test_epoch_sampler_shards_like_lightning_and_skips_within_each_shard():

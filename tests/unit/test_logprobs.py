@@ -430,14 +430,14 @@ def test_a_onednn_head_takes_the_fused_path_with_the_same_values_and_gradients(b
 
     calls, original = [], cl.onednn_linear
     monkeypatch.setattr(cl, "onednn_linear", lambda *a: calls.append(1) or original(*a))
-    model = type("M", (), {})()  # only what _chunked_logprobs reads: the head and the config
+    model = type("M", (), {})()  # only what chunked_logprobs reads: the head and the config
     model.config = type("C", (), {})()
     upstream = torch.randn(h.shape[0])
     for layer, expect_onednn in ((head, False), (fast, True)):
         model.get_output_embeddings = lambda layer=layer: layer
         calls.clear()
         hidden = h.detach().clone().requires_grad_()
-        got = lp._chunked_logprobs(model, hidden, targets, chunk_size=16)
+        got = lp.chunked_logprobs(model, hidden, targets, chunk_size=16)
         grads = torch.autograd.grad((got * upstream).sum(), [hidden, *layer.parameters()])
         assert bool(calls) == expect_onednn
         if layer is head:

@@ -1,4 +1,4 @@
-"""Packed SFT batches (buffer.collate_packed + logprobs.packed_response_logprobs) against the padded path.
+"""Packed SFT batches (packing.collate_packed + packing.packed_response_logprobs) against the padded path.
 
 The padded path (collate_examples + response_logprobs) is the reference: packing must give the same
 per-token log-probs, the same loss and the same gradients, with every example attending only to itself.
@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from sharpening.buffer import BufferExample, collate_examples, collate_packed, pack_rows
-from sharpening.logprobs import (
+from sharpening.buffer import BufferExample
+from sharpening.logprobs import response_logprobs
+from sharpening.losses import masked_nll
+from sharpening.packing import (
     block_causal_mask,
+    collate_examples,
+    collate_packed,
+    pack_rows,
     packed_response_logprobs,
     packing_problem,
-    response_logprobs,
     varlen_attention_kwargs,
 )
-from sharpening.losses import masked_nll
 from sharpening.policy import PolicyConfig
 from sharpening.sft import SFTSharpeningModule
+from sharpening.types import PackedBatch, PaddedBatch
 
 PAD = 0
 
@@ -37,9 +42,9 @@ def _padded(model, examples, chunk_size: int = 1024) -> tuple[torch.Tensor, torc
     """Reference: per-token log-probs [B, T] and the mean NLL of the padded path."""
     batch = collate_examples(examples, PAD)
     logprobs = response_logprobs(
-        model, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"], chunk_size
+        model, batch.prompt_ids, batch.prompt_mask, batch.response_ids, batch.response_mask, chunk_size
     )
-    return logprobs, masked_nll(logprobs, batch["response_mask"])
+    return logprobs, masked_nll(logprobs, batch.response_mask)
 
 
 def _packed(model, examples, pack_length: int = 0, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,8 +54,8 @@ def _packed(model, examples, pack_length: int = 0, chunk_size: int = 1024) -> tu
     width = max(len(e.response_ids) for e in examples)
     out = torch.zeros(len(examples), width)
     for i, e in enumerate(examples):
-        out[i, : len(e.response_ids)] = logprobs[(batch["example_ids"] == i) & batch["response_mask"]]
-    return out, masked_nll(logprobs, batch["response_mask"])
+        out[i, : len(e.response_ids)] = logprobs[(batch.example_ids == i) & batch.response_mask]
+    return out, masked_nll(logprobs, batch.response_mask)
 
 
 @pytest.fixture(scope="module")
@@ -79,27 +84,27 @@ def test_pack_rows_is_first_fit_decreasing():
 def test_layout_restarts_positions_and_marks_only_response_tokens(pack_length):
     examples = _examples()
     batch = collate_packed(examples, PAD, pack_length)
-    rows, width = batch["input_ids"].shape
+    rows, width = batch.input_ids.shape
     longest = max(len(p) + len(r) for p, r in zip(PROMPTS, RESPONSES))
     assert width <= max(longest, pack_length) and rows <= len(examples)
     for i, e in enumerate(examples):
-        where = batch["example_ids"] == i  # [R, L]
+        where = batch.example_ids == i  # [R, L]
         assert where.any(-1).sum() == 1  # one example, one row
-        assert batch["input_ids"][where].tolist() == e.prompt_ids + e.response_ids
-        assert batch["position_ids"][where].tolist() == list(range(len(e.prompt_ids) + len(e.response_ids)))
-        assert batch["response_mask"][where].tolist() == [False] * len(e.prompt_ids) + [True] * len(e.response_ids)
-    padding = batch["example_ids"] == -1
-    assert (batch["input_ids"][padding] == PAD).all() and not batch["response_mask"][padding].any()
+        assert batch.input_ids[where].tolist() == e.prompt_ids + e.response_ids
+        assert batch.position_ids[where].tolist() == list(range(len(e.prompt_ids) + len(e.response_ids)))
+        assert batch.response_mask[where].tolist() == [False] * len(e.prompt_ids) + [True] * len(e.response_ids)
+    padding = batch.example_ids == -1
+    assert (batch.input_ids[padding] == PAD).all() and not batch.response_mask[padding].any()
     for r in range(rows):  # padding sits at row ends and restarts positions: a segment of its own
         tail = int(padding[r].sum())
         assert padding[r, width - tail :].all()
-        assert batch["position_ids"][r, width - tail :].tolist() == list(range(tail))
-    assert batch["response_lengths"].tolist() == [len(r) for r in RESPONSES]
+        assert batch.position_ids[r, width - tail :].tolist() == list(range(tail))
+    assert batch.response_lengths.tolist() == [len(r) for r in RESPONSES]
 
 
 def test_one_row_when_pack_length_allows():
     batch = collate_packed(_examples(), PAD, pack_length=10**6)
-    assert batch["input_ids"].shape == (1, sum(len(p) + len(r) for p, r in zip(PROMPTS, RESPONSES)))
+    assert batch.input_ids.shape == (1, sum(len(p) + len(r) for p, r in zip(PROMPTS, RESPONSES)))
 
 
 def test_block_causal_mask_matches_enumeration():
@@ -115,15 +120,15 @@ def test_block_causal_mask_matches_enumeration():
 
 def test_varlen_boundaries_are_the_segments_of_the_flattened_rows():
     batch = collate_packed(_examples(), PAD)
-    kwargs = varlen_attention_kwargs(batch["position_ids"])
+    kwargs = varlen_attention_kwargs(batch.position_ids)
     cu = kwargs["cu_seq_lens_q"].tolist()
-    flat_ids = batch["example_ids"].reshape(-1)  # [R, L] -> [R*L]
-    rows, width = batch["example_ids"].shape
+    flat_ids = batch.example_ids.reshape(-1)  # [R, L] -> [R*L]
+    rows, width = batch.example_ids.shape
     for start, end in zip(cu[:-1], cu[1:]):
         assert len(set(flat_ids[start:end].tolist())) == 1  # one example (or one row's padding) per segment
         assert start // width == (end - 1) // width  # never across rows
     assert cu[-1] == rows * width and kwargs["max_length_q"] == max(b - a for a, b in zip(cu[:-1], cu[1:]))
-    assert len(cu) - 1 == len(PROMPTS) + int((batch["example_ids"] == -1).any(-1).sum())
+    assert len(cu) - 1 == len(PROMPTS) + int((batch.example_ids == -1).any(-1).sum())
 
 
 def test_empty_prompt_is_refused():
@@ -180,7 +185,7 @@ def test_one_example(model):
     with torch.no_grad():
         want, want_loss = _padded(model, examples)
         got, got_loss = _packed(model, examples)
-    assert collate_packed(examples, PAD)["input_ids"].shape == (1, len(PROMPTS[0]) + len(RESPONSES[0]))
+    assert collate_packed(examples, PAD).input_ids.shape == (1, len(PROMPTS[0]) + len(RESPONSES[0]))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     torch.testing.assert_close(got_loss, want_loss, atol=1e-5, rtol=0)
 
@@ -200,7 +205,7 @@ def test_empty_response_contributes_nothing(model):
 
 def test_examples_longer_than_pack_length_get_rows_of_their_own_length(model):
     batch = collate_packed(_examples(), PAD, pack_length=4)
-    assert batch["input_ids"].shape[1] == max(len(p) + len(r) for p, r in zip(PROMPTS, RESPONSES))
+    assert batch.input_ids.shape[1] == max(len(p) + len(r) for p, r in zip(PROMPTS, RESPONSES))
     with torch.no_grad():
         want, _ = _padded(model, _examples())
         got, _ = _packed(model, _examples(), pack_length=4)
@@ -270,14 +275,14 @@ def test_real_flash_attention_equals_padded(tiny_model_path):
     ).cuda().eval()
     examples = _examples()
     with torch.no_grad():
-        batch = {k: v.cuda() for k, v in collate_packed(examples, PAD, pack_length=10).items()}
+        batch = move_data_to_device(collate_packed(examples, PAD, pack_length=10), "cuda")
         packed = packed_response_logprobs(model, batch)
-        padded = {k: v.cuda() for k, v in collate_examples(examples, PAD).items()}
+        padded = move_data_to_device(collate_examples(examples, PAD), "cuda")
         keys = ("prompt_ids", "prompt_mask", "response_ids", "response_mask")
-        want = response_logprobs(model, *(padded[k] for k in keys))
+        want = response_logprobs(model, *(getattr(padded, k) for k in keys))
     for i in range(len(examples)):
-        got = packed[(batch["example_ids"] == i) & batch["response_mask"]]
-        torch.testing.assert_close(got, want[i][padded["response_mask"][i]], atol=5e-2, rtol=0)
+        got = packed[(batch.example_ids == i) & batch.response_mask]
+        torch.testing.assert_close(got, want[i][padded.response_mask[i]], atol=5e-2, rtol=0)
 
 
 # ---- the module -------------------------------------------------------------------------------------------
@@ -291,14 +296,14 @@ def test_row_length_weighs_dense_attention_against_padding():
     """Short examples share a row; long ones of similar lengths (few-shot prompts) get a row each under a
     dense mask, where a 512-token row would triple every token's attention; flash (no span) packs them."""
     short = collate_packed(_examples_of_lengths([9, 12, 10, 11, 8, 12, 10, 9]), PAD, 512, attention_span=384)
-    assert short["input_ids"].shape == (1, 81)
+    assert short.input_ids.shape == (1, 81)
     long = _examples_of_lengths([150, 152, 149, 151, 150, 148, 152, 150])
     dense = collate_packed(long, PAD, 512, attention_span=6 * 512)
-    assert dense["input_ids"].shape == (8, 152)  # the padded layout's size: packing saves nothing here
+    assert dense.input_ids.shape == (8, 152)  # the padded layout's size: packing saves nothing here
     flash = collate_packed(long, PAD, 512, attention_span=None)
-    assert flash["input_ids"].shape == (4, 304)  # two per row: as few tokens as padding, in fewer rows (ties: longer)
+    assert flash.input_ids.shape == (4, 304)  # two per row: as few tokens as padding, in fewer rows (ties: longer)
     mixed = collate_packed(_examples_of_lengths([150, 20, 18, 22, 150, 19, 21, 20]), PAD, 512, attention_span=384)
-    assert mixed["input_ids"].shape[0] < 8 and mixed["input_ids"].shape[1] < 512  # pairs up, short rows
+    assert mixed.input_ids.shape[0] < 8 and mixed.input_ids.shape[1] < 512  # pairs up, short rows
 
 
 def test_module_trains_on_packed_batches_with_the_padded_loss(tiny_model_path):
@@ -316,3 +321,13 @@ def test_module_trains_on_packed_batches_with_the_padded_loss(tiny_model_path):
     module.policy.config._attn_implementation = "flex_attention"
     with pytest.warns(UserWarning, match="padded batches"):
         assert module._collate_fn().func is collate_examples
+
+
+def test_lightning_moves_both_batch_types_to_the_device_whole():
+    """Lightning's batch transfer (move_data_to_device) reaches every tensor field of the typed batches."""
+    examples = _examples()
+    for batch in (collate_examples(examples, PAD), collate_packed(examples, PAD, pack_length=10)):
+        moved = move_data_to_device(batch, torch.device("meta"))
+        assert type(moved) is type(batch) and isinstance(moved, (PaddedBatch, PackedBatch))
+        for name, value in vars(batch).items():
+            assert getattr(moved, name).device.type == "meta" and getattr(moved, name).shape == value.shape

@@ -10,7 +10,9 @@ import sys
 import pytest
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import REPO_ROOT
+
+ROOT = str(REPO_ROOT)
 
 pytestmark = [
     pytest.mark.gpu,

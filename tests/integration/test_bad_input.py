@@ -13,8 +13,9 @@ import pytest
 
 from sharpening.cli import main
 from sharpening.errors import ConfigError
+from tests.helpers import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = str(REPO_ROOT)
 SFT, RL = os.path.join(ROOT, "configs", "demo.yaml"), os.path.join(ROOT, "configs", "rl.yaml")
 
 

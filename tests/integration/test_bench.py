@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import REPO_ROOT
+
+ROOT = str(REPO_ROOT)
 
 
 @pytest.mark.slow

@@ -13,8 +13,9 @@ import torch
 
 from sharpening.cli import main
 from sharpening.errors import ConfigError
+from tests.helpers import REPO_ROOT, verifier_callback, verifier_state
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = str(REPO_ROOT)
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 
 
@@ -66,7 +67,7 @@ def test_every_config_runs_on_a_tiny_model(config, tiny_model_path, prompts_file
     overrides = tiny_overrides(tiny_model_path, prompts_file, str(tmp_path), rl)
     cli = main(["fit", "--config", config, *overrides, "--trainer.fast_dev_run=1"])
     assert cli.trainer.global_step >= 1
-    verifier = [c for c in cli.trainer.callbacks if type(c).__name__ == "SelfVerificationCallback"][0]
+    verifier = verifier_callback(cli.trainer)
     if not rl or cli.model.rl.algorithm == "offline":
         assert len(verifier.buffer) == (4 * 3 if rl else 4)  # 4 prompts; best-of-3 each (offline RL: all 3)
     assert os.path.isfile(os.path.join(tmp_path, "out", "config.json")) or os.path.isfile(
@@ -117,22 +118,18 @@ def _checkpoint_every_step_and_epoch(root) -> str:
     return path
 
 
-def _verifier(cli):
-    return [c for c in cli.trainer.callbacks if type(c).__name__ == "SelfVerificationCallback"][0]
-
-
 @pytest.mark.parametrize("checkpoint", ["steps/step=1.ckpt", "epochs/end-epoch=0.ckpt"], ids=["mid-epoch", "epoch-end"])
 def test_resume_restores_the_buffer_and_round(checkpoint, tiny_model_path, prompts_file, tmp_path):
     root_a = str(tmp_path / "a")
     full_cli = _fit(tiny_model_path, prompts_file, root_a, "--config", _checkpoint_every_step_and_epoch(root_a))
-    full = _verifier(full_cli)
+    full = verifier_callback(full_cli.trainer)
     ckpt = os.path.join(root_a, checkpoint)
     saved = torch.load(ckpt, map_location="cpu", weights_only=True)  # plain data: loads with weights_only
-    state = next(v for k, v in saved["callbacks"].items() if "SelfVerificationCallback" in k)
+    state = verifier_state(saved)
     assert saved["state_dict"] and all("lora_" in k for k in saved["state_dict"])  # adapter only, no frozen base
 
     resumed_cli = _fit(tiny_model_path, prompts_file, str(tmp_path / "b"), f"--ckpt_path={ckpt}")
-    resumed = _verifier(resumed_cli)
+    resumed = verifier_callback(resumed_cli.trainer)
     # same steps and bitwise-equal weights as the run that was never stopped (CPU)
     assert resumed_cli.trainer.global_step == full_cli.trainer.global_step == 4
     for name in ("train/loss_step", "train/loss_epoch"):  # the losses logged after the resume point match
@@ -261,7 +258,7 @@ def test_a_run_started_over_replaces_the_old_output_and_config(tiny_model_path, 
 
 def test_callback_metrics_logged_each_round(tiny_model_path, prompts_file, tmp_path):
     cli = _fit(tiny_model_path, prompts_file, str(tmp_path))
-    verifier = [c for c in cli.trainer.callbacks if type(c).__name__ == "SelfVerificationCallback"][0]
+    verifier = verifier_callback(cli.trainer)
     assert verifier.rounds_done == 2  # one round per epoch with resample_every_epoch
     scores = [e.score for e in verifier.buffer.examples]
     metrics = verifier.last_metrics
@@ -276,7 +273,7 @@ def test_round_metrics_can_be_monitored(tiny_model_path, prompts_file, tmp_path)
     cli = _fit(tiny_model_path, prompts_file, str(tmp_path), "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
                "--trainer.callbacks.monitor=sample/accuracy", "--trainer.callbacks.mode=max",
                f"--trainer.callbacks.dirpath={tmp_path}/best")
-    verifier = [c for c in cli.trainer.callbacks if type(c).__name__ == "SelfVerificationCallback"][0]
+    verifier = verifier_callback(cli.trainer)
     assert float(cli.trainer.callback_metrics["sample/accuracy"]) == pytest.approx(verifier.last_metrics["sample/accuracy"])
     best = [c for c in cli.trainer.callbacks if type(c).__name__ == "ModelCheckpoint" and c.monitor][0]
     assert best.best_model_path and best.best_model_score is not None

@@ -12,8 +12,9 @@ import torch
 
 from sharpening.cli import main
 from sharpening.tasks import demo
+from tests.helpers import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = str(REPO_ROOT)
 
 
 def test_distribution_puts_the_most_mass_on_the_answer_but_not_on_its_first_letter():

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from sharpening.safety import PREEMPTED_CHECKPOINT
+from tests.helpers import REPO_ROOT, verifier_state
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = str(REPO_ROOT)
 
 
 def _run(config: str, model: str, prompts: str, root, devices: int, *extra, env=None, ckpt: str = "") -> dict:
@@ -36,7 +37,7 @@ def _run(config: str, model: str, prompts: str, root, devices: int, *extra, env=
 
 
 def _buffer(checkpoint: dict) -> dict:
-    return next(v for k, v in checkpoint["callbacks"].items() if "SelfVerificationCallback" in k)["buffer"]
+    return verifier_state(checkpoint)["buffer"]
 
 
 def test_sft_ddp_selects_the_same_samples_as_one_process(tiny_model_path, seven_prompts, tmp_path):

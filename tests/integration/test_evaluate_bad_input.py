@@ -12,8 +12,9 @@ import pytest
 
 from sharpening.cli import main
 from sharpening.errors import ConfigError
+from tests.helpers import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = str(REPO_ROOT)
 REVERSAL = os.path.join(ROOT, "tests", "data", "reversal.jsonl")
 
 
@@ -97,7 +98,7 @@ def adapter_path(tiny_model_path, tmp_path_factory) -> str:
 
 
 def test_an_adapter_made_for_other_shapes_is_refused_naming_both_models(tiny_model_path, tmp_path):
-    from conftest import build_tiny_model
+    from tests.helpers import build_tiny_model
 
     other = build_tiny_model(tmp_path / "narrow", hidden=32)
     adapter = _adapter(other, tmp_path / "adapter")
@@ -112,7 +113,7 @@ def test_an_adapter_made_for_other_shapes_is_refused_naming_both_models(tiny_mod
 
 
 def test_an_adapter_on_another_base_of_the_same_shapes_is_warned_about(adapter_path, tiny_model_path, tmp_path):
-    from conftest import build_tiny_model
+    from tests.helpers import build_tiny_model
 
     other = build_tiny_model(tmp_path / "other", seed=1)  # the same shapes, other weights
     with pytest.warns(UserWarning, match=f"trained on {tiny_model_path!r} .*, not on --model.model_name_or_path"):
@@ -301,7 +302,7 @@ def test_prompts_that_are_not_utf8_are_refused_with_the_line(tiny_model_path, tm
 
 def test_a_base_of_another_vocabulary_is_refused_before_drawing(tiny_model_path, tmp_path):
     """score_with=base scores the evaluated model's token ids under the base: the vocabularies must agree."""
-    from conftest import build_tiny_model
+    from tests.helpers import build_tiny_model
 
     larger = build_tiny_model(tmp_path / "larger", vocab_extra=8)
     with pytest.raises(ConfigError) as err:

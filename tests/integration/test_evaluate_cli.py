@@ -16,8 +16,9 @@ from sharpening.evaluate_cache import cached_files, load_cached
 from sharpening.evaluate_report import find_row, read_results
 from sharpening.logprobs import response_logprobs
 from sharpening.tasks.extractors import EXTRACTORS
+from tests.helpers import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = str(REPO_ROOT)
 EVAL_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "evaluate", "*.yaml")))
 REVERSAL = os.path.join(ROOT, "tests", "data", "reversal.jsonl")
 ROWS = [json.loads(line) for line in open(REVERSAL)]
@@ -160,8 +161,9 @@ def _lora_adapter(model_path: str, out) -> str:
 def test_score_with_base_rescores_under_the_base(
     kind, tiny_model_path, tiny_tokenizer, tmp_path, letter_class_extractor
 ):
-    from conftest import build_tiny_model
     from transformers import AutoModelForCausalLM
+
+    from tests.helpers import build_tiny_model
 
     if kind == "adapter":
         model_args = [f"--model.adapter_path={_lora_adapter(tiny_model_path, tmp_path / 'adapter')}"]

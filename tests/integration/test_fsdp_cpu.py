@@ -14,7 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import REPO_ROOT, verifier_state
+
+ROOT = str(REPO_ROOT)
 TESTS = os.path.join(ROOT, "tests")
 
 
@@ -43,7 +45,7 @@ SFT = [
 
 
 def _buffer(checkpoint: dict) -> dict:
-    return next(v for k, v in checkpoint["callbacks"].items() if "SelfVerificationCallback" in k)["buffer"]
+    return verifier_state(checkpoint)["buffer"]
 
 
 def _load(path: str) -> dict:

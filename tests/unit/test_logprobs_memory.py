@@ -22,13 +22,14 @@ import pytest
 import torch
 
 from sharpening.logprobs import response_logprobs
+from tests.helpers import REPO_ROOT
 
 VOCAB = 151_936  # Qwen2/2.5/3
 MIB = 2**20
 
 def _reference():
     """scripts/logprob_memory.py: its ``plain_logprobs`` is the full-logits reference (logits -> log_softmax)."""
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = str(REPO_ROOT)
     spec = importlib.util.spec_from_file_location("logprob_memory", os.path.join(root, "scripts", "logprob_memory.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -103,7 +104,7 @@ def peak_growth() -> dict[str, int]:
     """RSS peak growth in bytes of each case in _CASES, measured in one fresh interpreter."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("needs Linux /proc/self/clear_refs and glibc's MALLOC_MMAP_THRESHOLD_")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = str(REPO_ROOT)
     code = _MEASURE.format(vocab=VOCAB, cases=repr(_CASES))
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_=str(MIB))
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=root, timeout=300)

@@ -1,4 +1,5 @@
-"""Which samples to keep, from their [B, N] scores. Pure and deterministic, ties included."""
+"""Which samples to keep, from their [B, N] scores, and the bound that lets the sampler stop a sample that can no
+longer be kept. Pure and deterministic, ties included."""
 
 from __future__ import annotations
 
@@ -74,8 +75,29 @@ def select_top_k(
     return order, eligible.gather(-1, order)
 
 
-def best_of_n(scores: torch.Tensor, truncated: torch.Tensor | None = None, truncated_policy: str = "keep") -> torch.Tensor:
+def best_of_n(
+    scores: torch.Tensor, truncated: torch.Tensor | None = None, truncated_policy: str = "keep"
+) -> torch.Tensor:
     """Index of the best sample per prompt, [B, N] -> [B]; falls back to sample 0 when none is eligible."""
     truncated = torch.zeros_like(scores, dtype=torch.bool) if truncated is None else truncated
     selected, mask = select_top_k(scores, truncated, 1, truncated_policy)
     return torch.where(mask[:, 0], selected[:, 0], torch.zeros_like(selected[:, 0]))
+
+
+def mark_unselectable(
+    running_logprobs: torch.Tensor, row_ids: torch.Tensor, end_scores: torch.Tensor, keep_top_k: int
+) -> torch.Tensor:
+    """The rows that can no longer be among their prompt's ``keep_top_k`` best by log-likelihood, so the sampler
+    may stop drawing them (``stop_unselectable``).
+
+    A row's log-likelihood only falls as tokens are added (each log-prob is <= 0), so once its summed log-prob so
+    far is below the k-th best response of its prompt that already ended by EOS, its final score is too, and
+    ``select_top_k`` would not keep it. A margin of 1e-4 relative keeps float rounding of the final sum from
+    turning a near-tie into a wrong stop; sample 0 is never stopped, so every prompt has one whole response.
+
+    running_logprobs [A] per live row, row_ids [A] their original rows (row r is prompt r // N's sample r % N),
+    end_scores [B, N] (-inf until a row ends by EOS). Returns [A] bool."""
+    n = end_scores.shape[1]
+    bound = end_scores.topk(min(keep_top_k, n), dim=-1).values[:, -1]  # [B]: -inf while fewer than k have ended
+    bound = bound.index_select(0, row_ids // n)  # [B] -> [A]
+    return (running_logprobs < bound - 1e-4 * (1.0 + bound.abs())) & (row_ids % n != 0)

@@ -157,9 +157,9 @@ def test_cpu_linear_option_is_validated(tiny_model_path):
 @needs_onednn
 def test_sampler_and_scoring_agree_with_nn_linear(tiny_model):
     """Same draws (same seed) and log-probs to float32 rounding, with the decode step's packed weights."""
+    from sharpening.engines import SamplingConfig, generate_samples
     from sharpening.logprobs import sample_logprobs
     from sharpening.prompts import pad_prompts
-    from sharpening.sampler import SamplingConfig, generate_samples
 
     fast = copy.deepcopy(tiny_model)
     assert use_onednn_linears(fast, min_weight=0) > 0
@@ -179,8 +179,8 @@ def test_sampler_and_scoring_agree_with_nn_linear(tiny_model):
 def test_samplers_inside_one_packing_context_reorder_each_weight_once(tiny_model):
     """The self-verification round and evaluate wrap all their batches in one context: the sampler's own
     context then reuses the outer copies instead of reordering the weights for every batch."""
+    from sharpening.engines import SamplingConfig, generate_samples
     from sharpening.prompts import pad_prompts
-    from sharpening.sampler import SamplingConfig, generate_samples
 
     fast = copy.deepcopy(tiny_model)
     use_onednn_linears(fast, min_weight=0)

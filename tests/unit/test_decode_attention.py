@@ -142,8 +142,8 @@ def test_sampler_uses_it_and_draws_what_sdpa_draws(tiny_model_path, monkeypatch)
     from transformers import AutoModelForCausalLM
 
     import sharpening.kernels.decode_attention as module
+    from sharpening.engines import SamplingConfig, generate_samples
     from sharpening.prompts import pad_prompts
-    from sharpening.sampler import SamplingConfig, generate_samples
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_path, attn_implementation="sdpa").eval()
     prompts = pad_prompts([[1, 3, 4, 11], [1, 5, 6, 7, 8, 9, 11], [1, 10, 11]], [0, 1, 2], [None] * 3, 0)
@@ -189,8 +189,8 @@ def _family_model(family: str):
 @pytest.mark.parametrize("family", ["mistral", "gemma3"])
 def test_sampler_draws_what_sdpa_draws_for_windowed_and_hybrid_models(family, monkeypatch):
     import sharpening.kernels.decode_attention as module
+    from sharpening.engines import SamplingConfig, generate_samples
     from sharpening.prompts import pad_prompts
-    from sharpening.sampler import SamplingConfig, generate_samples
 
     model = _family_model(family)
     prompts = pad_prompts([[1, 3, 4, 11, 5, 6], [1, 5, 6, 7, 8, 9, 11], [1, 10, 11]], [0, 1, 2], [None] * 3, 0)

@@ -11,17 +11,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sharpening.logprobs import kv_cache_keyword, sample_logprobs
-from sharpening.prompts import pad_prompts
-from sharpening.sampler import (
+from sharpening.engines import (
     SamplingConfig,
     decode_responses,
     derive_seed,
-    filter_logits,
     generate_samples,
     is_exact_sampling,
     validate_sampling_config,
 )
+from sharpening.engines.draw import filter_logits
+from sharpening.logprobs import kv_cache_keyword, sample_logprobs
+from sharpening.prompts import pad_prompts
 
 PAD, BOS, EOS = 0, 1, 2
 VOCAB = 24
@@ -510,6 +510,21 @@ def test_stop_unselectable_keeps_the_same_winners_and_draws(tiny_model, keep_top
     assert fast.response_mask.sum() < full.response_mask.sum()  # tokens not drawn
 
 
+def test_hf_engine_draws_what_generate_samples_draws(tiny_model):
+    """The engine object passes every argument through: seed, round, EOS ids, the stopping bound."""
+    from sharpening.engines import HFEngine, SamplingEngine
+
+    engine: SamplingEngine = HFEngine()
+    prompts = _prompts(PROMPTS * 2, list(range(6)))
+    cfg = SamplingConfig(samples_per_prompt=6, max_new_tokens=12)
+    args = (tiny_model, prompts, cfg, [2, 5, 9], PAD)
+    got = engine.generate(*args, seed=4, round_index=2, stop_unselectable=1)
+    want = generate_samples(*args, seed=4, round_index=2, stop_unselectable=1)
+    _assert_same_draws(got, want, atol=0)
+    assert got.pruned.any()  # the bound reached the loop
+    assert not torch.equal(engine.generate(*args, seed=4, round_index=3).response_ids, want.response_ids)
+
+
 def test_stop_unselectable_off_without_an_ended_row(uniform_model):
     """Nothing is stopped before some row has ended: there is no bound yet."""
     samples = generate_samples(
@@ -580,23 +595,23 @@ def test_static_decode_draws_as_dynamic(eos_likely_model, cfg, stop_unselectable
 def test_sync_free_loop_draws_the_same(eos_likely_model, decode, monkeypatch):
     """What the loop skips on CUDA (finding live prompts, checking "every row ended" each step) changes no
     output: run here on CPU with those skips forced on."""
-    import sharpening.sampler as sampler
+    import sharpening.engines.hf as hf
 
     prompts = _prompts(PROMPTS * 2, [4, 9, 2, 7, 5, 3])
     cfg = SamplingConfig(samples_per_prompt=6, max_new_tokens=60, prompts_per_batch=6, decode=decode)
     want = generate_samples(eos_likely_model, prompts, cfg, [EOS, 3], PAD, seed=2, stop_unselectable=2)
-    monkeypatch.setattr(sampler, "_avoid_syncs", lambda device: True)
+    monkeypatch.setattr(hf, "_avoid_syncs", lambda device: True)
     got = generate_samples(eos_likely_model, prompts, cfg, [EOS, 3], PAD, seed=2, stop_unselectable=2)
     _assert_same_draws(got, want)
     assert want.response_ids.shape[-1] < 60 and not want.truncated.any()  # every row ended before the limit
 
 
 def test_static_cache_length_covers_every_fed_back_token():
-    from sharpening.sampler import _static_cache_length
+    from sharpening.engines.hf_decode import static_cache_length
 
-    assert _static_cache_length(7, 14) == 64
-    assert _static_cache_length(7, 58) == 64  # 7 + 57 fed-back tokens fit exactly
-    assert _static_cache_length(7, 59) == 128
+    assert static_cache_length(7, 14) == 64
+    assert static_cache_length(7, 58) == 64  # 7 + 57 fed-back tokens fit exactly
+    assert static_cache_length(7, 59) == 128
 
 
 def test_static_decode_rejects_a_sliding_window_model(tmp_path):
@@ -617,7 +632,7 @@ def test_validate_rejects_an_unknown_decode_mode():
 
 
 def test_decode_device_problems():
-    from sharpening.sampler import decode_device_problems
+    from sharpening.engines import decode_device_problems
 
     compiled = SamplingConfig(decode="compiled")
     assert decode_device_problems(compiled, torch.device("cuda", 0), "--x") == []

@@ -1,5 +1,5 @@
 """The sampler's draw is exact far into the tail: tokens 16 to 48 nats below the top are drawn as often as the
-model says (the exponential race of sharpening/race.py and its 63-bit exponential variates)."""
+model says (the exponential race of sharpening/engines/race.py and its 63-bit exponential variates)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from sharpening import sampler
+import sharpening.engines.draw as draw_module
+from sharpening.engines import SamplingConfig
+from sharpening.engines.draw import draw_tokens
 from sharpening.engines.race import negative_exponentials, race
-from sharpening.sampler import SamplingConfig, _draw
 
 
 def binomial_interval(draws: int, p: float, alpha: float = 1e-4) -> tuple[int, int]:
@@ -43,7 +44,7 @@ def test_tokens_16_and_18_nats_below_the_top_are_drawn_as_often_as_the_model_say
     n, prompts = 8, 192  # 1536 draws, 8 rows of each prompt's generator
     generators = [torch.Generator().manual_seed(1000 + b) for b in range(prompts)]
     tokens = torch.cat([
-        _draw(logits.expand(n, -1), torch.arange(n), [g], n, SamplingConfig(samples_per_prompt=n))
+        draw_tokens(logits.expand(n, -1), torch.arange(n), [g], n, SamplingConfig(samples_per_prompt=n))
         for g in generators
     ])
     group_of = torch.bucketize(tokens, torch.tensor([1, 1 + 2**16]), right=True)  # token -> 0, 1 or 2
@@ -110,9 +111,9 @@ def test_racing_prompt_by_prompt_draws_what_racing_the_batch_draws(monkeypatch, 
     rows = torch.tensor([0, 1, 3, 5, 9, 10, 11])  # prompt 1 has one live row, prompts 0 and 2 several
 
     def draw(chunk, rows):
-        monkeypatch.setattr(sampler, "RACE_CHUNK", chunk)
+        monkeypatch.setattr(draw_module, "RACE_CHUNK", chunk)
         generators = [torch.Generator().manual_seed(derived) for derived in (11, 12, 13)]
-        return _draw(logits[rows], rows, generators, 4, cfg)
+        return draw_tokens(logits[rows], rows, generators, 4, cfg)
 
     whole = draw(10**9, rows)
     assert torch.equal(draw(3000, rows), whole)  # one row per race

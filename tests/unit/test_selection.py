@@ -1,11 +1,17 @@
-"""select_top_k / best_of_n: table-driven, ties included."""
+"""select_top_k / best_of_n: table-driven, ties included; mark_unselectable against a brute-force reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from sharpening.selection import SelectionConfig, best_of_n, select_top_k, validate_selection_config
+from sharpening.selection import (
+    SelectionConfig,
+    best_of_n,
+    mark_unselectable,
+    select_top_k,
+    validate_selection_config,
+)
 
 INF, NAN = float("inf"), float("nan")
 T, F = True, False
@@ -116,3 +122,37 @@ def test_validate_selection_config():
     assert problems[1].startswith("--model.selection.keep_top_k=9") and "(8)" in problems[1]
     assert problems[2].startswith("--model.selection.truncated='ignore'")
     assert validate_selection_config(SelectionConfig(keep_top_k=0), 8, "--x")[0].startswith("--x.keep_top_k=0")
+
+
+def _unselectable_by_hand(running, row_ids, end_scores, k):
+    """Per live row: not sample 0, and its running sum below (with the margin) the k-th best ended score."""
+    n, out = len(end_scores[0]), []
+    for score, row in zip(running, row_ids):
+        ended = sorted(end_scores[row // n], reverse=True)
+        kth = ended[k - 1] if k <= n else ended[-1]
+        out.append(row % n != 0 and score < kth - 1e-4 * (1.0 + abs(kth)))
+    return out
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_mark_unselectable_matches_a_reference(k):
+    """Rows of 3 prompts x 4 samples, some ended (finite end scores), live rows in any subset and order."""
+    g = torch.Generator().manual_seed(k)
+    end_scores = torch.where(torch.rand(3, 4, generator=g) < 0.6, -10 * torch.rand(3, 4, generator=g), -INF)
+    row_ids = torch.tensor([0, 1, 2, 3, 5, 6, 7, 9, 10, 11])
+    running = -12 * torch.rand(row_ids.shape[0], generator=g)
+    got = mark_unselectable(running, row_ids, end_scores, k)
+    assert got.tolist() == _unselectable_by_hand(running.tolist(), row_ids.tolist(), end_scores.tolist(), k)
+
+
+def test_mark_unselectable_table():
+    end_scores = torch.tensor([[-1.0, -3.0, -INF], [-INF, -INF, -INF]])
+    row_ids = torch.tensor([0, 1, 2, 4, 5])
+    # prompt 0: best ended -1, 2nd best -3; prompt 1: nothing ended, no bound yet
+    running = torch.tensor([-9.0, -2.0, -3.5, -50.0, -50.0])
+    assert mark_unselectable(running, row_ids, end_scores, 1).tolist() == [F, T, T, F, F]  # row 0 is sample 0
+    assert mark_unselectable(running, row_ids, end_scores, 2).tolist() == [F, F, T, F, F]
+    assert mark_unselectable(running, row_ids, end_scores, 3).tolist() == [F, F, F, F, F]  # 3rd best is -inf
+    # a near-tie within the relative margin is not a stop: float rounding of the final sum could flip it
+    near = torch.tensor([-1.0 - 1e-5, -1.0 - 1e-3])
+    assert mark_unselectable(near, torch.tensor([1, 2]), end_scores, 1).tolist() == [F, T]

@@ -230,7 +230,7 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5, device: str = "cpu") 
     """This device's fp32 matmul throughput (best of ``repeats``); on CPU with torch's current thread count,
     the better of torch's ``mm`` (MKL on x86) and oneDNN's matmul (which our linear layers use on CPU).
     On CUDA, fp32 as the benchmark runs it (TF32 as torch's current setting, off by default) and size 8192."""
-    from sharpening.cpu_linear import onednn_linear, onednn_linear_available
+    from sharpening.kernels.cpu_linear import onednn_linear, onednn_linear_available
 
     size = 8192 if device == "cuda" else size
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)

@@ -75,6 +75,7 @@ def test_every_config_runs_on_a_tiny_model(config, tiny_model_path, prompts_file
     )
 
 
+@pytest.mark.slow
 def test_rl_under_mixed_precision_clips_and_steps(tiny_model_path, prompts_file, tmp_path):
     """bf16-mixed with gradient clipping (RL clips by max_grad_norm): Lightning's mixed-precision clipping
     refuses a fused AdamW, so the module builds an unfused one there (configs/lora.yaml and qlora.yaml
@@ -118,6 +119,7 @@ def _checkpoint_every_step_and_epoch(root) -> str:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("checkpoint", ["steps/step=1.ckpt", "epochs/end-epoch=0.ckpt"], ids=["mid-epoch", "epoch-end"])
 def test_resume_restores_the_buffer_and_round(checkpoint, tiny_model_path, prompts_file, tmp_path):
     root_a = str(tmp_path / "a")
@@ -143,6 +145,7 @@ def test_resume_restores_the_buffer_and_round(checkpoint, tiny_model_path, promp
     assert resumed.buffer.state_dict() == full.buffer.state_dict()
 
 
+@pytest.mark.slow
 def test_from_the_shell_a_stopped_run_and_bad_input_are_one_message_without_a_traceback(
     tiny_model_path, prompts_file, tmp_path, monkeypatch, capsys
 ):
@@ -181,6 +184,7 @@ def test_from_the_shell_ctrl_c_and_out_of_memory_are_one_message(error, status, 
         assert done.value.code == status and message in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_lora_adapter_output_loads_with_plain_peft(tiny_model_path, prompts_file, tmp_path):
     _fit(tiny_model_path, prompts_file, str(tmp_path), "--trainer.max_epochs=1")
     out = tmp_path / "out"
@@ -242,6 +246,7 @@ def test_existing_output_dir_is_not_overwritten(tiny_model_path, prompts_file, t
     assert sorted(os.listdir(out)) == ["mine.txt"]
 
 
+@pytest.mark.slow
 def test_a_run_started_over_replaces_the_old_output_and_config(tiny_model_path, prompts_file, tmp_path):
     """--overwrite_run and --model.overwrite_output_dir: the new run's config.yaml replaces the old one (no
     crash in Lightning's SaveConfigCallback), and the output holds only the new policy's files (no earlier
@@ -256,6 +261,7 @@ def test_a_run_started_over_replaces_the_old_output_and_config(tiny_model_path, 
     assert not [f for f in os.listdir(tmp_path) if f.endswith((".partial", ".previous"))]
 
 
+@pytest.mark.slow
 def test_callback_metrics_logged_each_round(tiny_model_path, prompts_file, tmp_path):
     cli = _fit(tiny_model_path, prompts_file, str(tmp_path))
     verifier = verifier_callback(cli.trainer)
@@ -268,6 +274,7 @@ def test_callback_metrics_logged_each_round(tiny_model_path, prompts_file, tmp_p
     assert json.dumps(metrics)
 
 
+@pytest.mark.slow
 def test_round_metrics_can_be_monitored(tiny_model_path, prompts_file, tmp_path):
     """ModelCheckpoint (and EarlyStopping) can monitor a round's metrics, e.g. the sample accuracy."""
     cli = _fit(tiny_model_path, prompts_file, str(tmp_path), "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
@@ -318,6 +325,7 @@ def test_the_modules_pickle_for_ddp_spawn(tiny_model_path):
         assert type(pickle.loads(pickle.dumps(module))) is type(module)
 
 
+@pytest.mark.slow
 def test_ckpt_path_last_without_a_root_dir_never_picks_another_run_below_it(tiny_model_path, prompts_file, tmp_path, monkeypatch):
     other = tmp_path / "artifacts" / "runs" / "old" / "checkpoints"
     other.mkdir(parents=True)
@@ -330,6 +338,7 @@ def test_ckpt_path_last_without_a_root_dir_never_picks_another_run_below_it(tiny
     assert (other / "epoch=2-step=96.ckpt").read_bytes() == b"another run's"
 
 
+@pytest.mark.slow
 def test_round_metrics_stay_monitorable_after_a_mid_epoch_resume(tiny_model_path, prompts_file, tmp_path):
     """A resume that does not redraw the round (mid-epoch) still gives EarlyStopping its metric."""
     stopping = ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping", "--trainer.callbacks.monitor=sample/accuracy",

@@ -44,6 +44,7 @@ class GradNormAtStep(L.Callback):
         self.norms.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
 
 
+@pytest.mark.slow
 def test_rl_clips_the_unscaled_gradient_under_16_mixed(tiny_model_path, prompts_file, tmp_path):
     module = RLSharpeningModule(
         PolicyConfig(model_name_or_path=tiny_model_path, finetuning="lora", lora_r=4, dtype="float32"),

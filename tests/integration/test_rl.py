@@ -21,6 +21,9 @@ from sharpening.rl import RLConfig, RLSharpeningModule
 from sharpening.sampler import SamplingConfig
 from sharpening.tasks import toy
 
+# Every test here trains: a toy base distilled for 150 steps (toy_dir, ~15 s) or a run to the closed-form optimum.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def toy_dir(tmp_path_factory) -> str:

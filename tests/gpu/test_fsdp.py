@@ -16,6 +16,7 @@ ROOT = str(REPO_ROOT)
 
 pytestmark = [
     pytest.mark.gpu,
+    pytest.mark.slow,  # FSDP runs in a subprocess
     pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs CUDA"),
 ]
 

@@ -16,6 +16,9 @@ import torch
 from sharpening.safety import PREEMPTED_CHECKPOINT
 from tests.helpers import REPO_ROOT, verifier_state
 
+# Every test starts DDP runs in subprocesses (two ranks on CPU).
+pytestmark = pytest.mark.slow
+
 ROOT = str(REPO_ROOT)
 
 

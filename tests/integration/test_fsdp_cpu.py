@@ -16,6 +16,9 @@ from safetensors.torch import load_file
 
 from tests.helpers import REPO_ROOT, verifier_state
 
+# Every test starts sharpen under FSDP in a subprocess (two CPU ranks), the refusals included.
+pytestmark = pytest.mark.slow
+
 ROOT = str(REPO_ROOT)
 TESTS = os.path.join(ROOT, "tests")
 

@@ -67,7 +67,7 @@ def _new_counts() -> dict[str, int]:
 
 def sft_round(w: Workload, round_index: int) -> Measurement:
     """One self-verification round (sample, score, select) and one SFT epoch on the winners."""
-    import sharpening.callbacks as callbacks_module
+    import sharpening.verifier as verifier_module
     from sharpening import OptimizerConfig, PolicyConfig, PromptDataModule, SFTSharpeningModule
     from sharpening import SamplingConfig, SelectionConfig, SelfVerificationCallback
 
@@ -94,7 +94,7 @@ def sft_round(w: Workload, round_index: int) -> Measurement:
         )
         callback.run_round = clock.wrap("round", callback.run_round)
         m.setup_seconds = time.perf_counter() - start
-        with _patched(callbacks_module, "generate_samples", _timed_generate(clock, w, counts)), clock.phase("total"):
+        with _patched(verifier_module, "generate_samples", _timed_generate(clock, w, counts)), clock.phase("total"):
             _trainer(w.device, max_epochs=1, gradient_clip_val=1.0, callbacks=[callback]).fit(module, datamodule=data)
     winners = callback.buffer.examples
     _fill_sft(m, w, clock, counts, winners)
@@ -151,7 +151,7 @@ def _from_second_step(clock: PhaseClock, counts: dict[str, int]):
 def rl_step(w: Workload, round_index: int, warm_steps: int = 0) -> Measurement:
     """One online RL-sharpening step: G samples per prompt from the policy, one base pass, one update. With
     ``warm_steps``, that many more steps follow in the same trainer and only they are timed (per step)."""
-    import sharpening.rl as rl_module
+    import sharpening.rl.rollout as rl_module
     from sharpening import OptimizerConfig, PolicyConfig, PromptDataModule, RLConfig, RLSharpeningModule
     from sharpening import SamplingConfig
 

@@ -14,6 +14,11 @@ The optimum is pi*_beta proportional to pi_base^(1 + 1/beta). Three algorithms:
   alpha * log pi(y') + residual^2 (the PLUS sign of the proof), and the best policy on held-out prompts'
   J_beta is the one written out: the initial one (pi^(1) = pi_base, scored before the first refit) or a round's.
 
+Each optimizer update is an ordinary (automatic) training step on a mini-batch of one rollout: the rollout is
+drawn in ``on_train_batch_start`` at its first update (outside the training forward, so FSDP, gradient clipping
+and the precision plugins handle the updates as any other step), kept on the module, and in the checkpoint
+while its updates last (``rl.data``, ``rl.rollout``).
+
 Deviations from the paper: the online policy-gradient path is ours (the paper ran no RL experiment);
 XPO refits for a fixed number of minibatch steps per round instead of to convergence.
 """
@@ -21,35 +26,37 @@ XPO refits for a fixed number of minibatch steps per round instead of to converg
 from __future__ import annotations
 
 import dataclasses
+import math
 from functools import partial
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from sharpening.buffer import SampleBuffer, epoch_sampler, no_round
+from sharpening.buffer import epoch_sampler
 from sharpening.errors import raise_if_problems
-from sharpening.logprobs import response_logprobs, sample_logprobs
-from sharpening.losses import (
-    apply_truncated_policy,
-    group_advantages,
-    kl_regularized_rewards,
-    pair_residuals,
-    policy_gradient_loss,
-    squared_pair_loss,
-    xpo_loss,
-)
+from sharpening.losses import apply_truncated_policy, kl_regularized_rewards, squared_pair_loss, xpo_loss
 from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig, disable_dropout, eval_mode, stop_token_ids
-from sharpening.policy_module import PolicyModule, config_from, plain_hparams
+from sharpening.policy_module import PolicyModule, TrainsOn, config_from, plain_hparams
 from sharpening.rl.config import RLConfig, validate_rl_config
+from sharpening.rl.data import update_loader
 from sharpening.rl.pairs import PairExample, collate_pairs, pairs_for_rank, pairs_from_buffer
-from sharpening.sampler import (
-    SamplingConfig,
-    decode_device_problems,
-    derive_seed,
-    generate_samples,
+from sharpening.rl.rollout import (
+    Rollout,
+    SeedStream,
+    base_sequence_logprobs,
+    build_rollout,
+    draw_samples,
+    online_loss,
+    pair_residuals_of,
+    pairs_of,
+    rollout_from_state,
+    rollout_state,
+    sequence_logprobs,
+    xpo_minibatches,
 )
+from sharpening.sampler import SamplingConfig, decode_device_problems
 from sharpening.types import PromptBatch, SampleBatch
 
 
@@ -76,7 +83,7 @@ class RLSharpeningModule(PolicyModule):
             rl: Algorithm (online, offline, xpo), beta and their knobs.
             sampling: Group sampling for online and xpo (samples_per_prompt is the group size G).
             optimizer: AdamW settings and learning-rate schedule (null: lr 1e-5, constant).
-            prompts_per_step: Prompts per training step (online: each gets G samples; xpo: one round).
+            prompts_per_step: Prompts per rollout (online: each gets G samples; xpo: one round).
             seed: Seed of the policy's draws (with the step and prompt index) and of each epoch's prompt order.
             output_dir: Where the fitted policy (full model or PEFT adapter) is written at the end; null = nowhere.
             overwrite_output_dir: Replace a non-empty output_dir (its old contents go once the new policy is written in full).
@@ -89,19 +96,27 @@ class RLSharpeningModule(PolicyModule):
             problems.append(f"--model.prompts_per_step={prompts_per_step}: must be >= 1")
         super().__init__(policy, optimizer, output_dir, overwrite_output_dir, logprob_chunk_size, problems)
         self.save_hyperparameters(plain_hparams(locals()))
-        self.automatic_optimization = False  # several updates per generation (online, xpo)
         self.rl, self.sampling, self.prompts_per_step, self.seed = rl, sampling, prompts_per_step, seed
+        self.rollout: Rollout | None = None  # online: the rollout the current updates train on (checkpointed)
         self.xpo_pairs: list[PairExample] = []  # xpo: the growing dataset (checkpointed)
+        self.xpo_minibatches: list[list[int]] = []  # xpo: the pairs of each update of the current round (checkpointed)
         # xpo: the best policy scored on the held-out prompts, the initial one (round 0) included (checkpointed)
         self.best: dict = {"j_beta": float("-inf"), "round": -1, "state": None}
-        if rl.algorithm == "offline":
-            self.buffer: SampleBuffer | None = None  # attached by SelfVerificationCallback.setup
-            self.ensure_buffer = no_round  # replaced by SelfVerificationCallback.setup (a plain function: picklable)
+        self._last_update = False  # this step is the last update of its rollout (xpo scores the round after it)
         if rl.algorithm == "online" and rl.kl_estimator == "k3":
             rank_zero_warn(
                 "--model.rl.kl_estimator=k3: GRPO's per-token k3 penalty does not optimise the paper's objective "
                 "(its gradient is that of another KL; the optimum is not pi_base^(1+1/beta)); use sequence for that"
             )
+
+    @property
+    def trains_on(self) -> TrainsOn:
+        """offline: pairs of all N base samples of each prompt (the verifier keeps them all); else own prompts."""
+        return "all_samples" if self.rl.algorithm == "offline" else "prompts"
+
+    def updates_per_rollout(self) -> int:
+        """Optimizer updates (training steps) on one rollout: online's inner updates, an XPO round's refits."""
+        return {"online": self.rl.inner_updates, "offline": 1, "xpo": self.rl.xpo_updates_per_round}[self.rl.algorithm]
 
     def configure_model(self) -> None:
         """The policy, with dropout off: log-probs for the gradient must be those of the policy that drew
@@ -112,37 +127,38 @@ class RLSharpeningModule(PolicyModule):
             switched = disable_dropout(self.policy)
             if switched:
                 rank_zero_info(f"RL-sharpening: dropout set to 0 in {switched} place(s) of the policy")
-            self.keep_all_samples = True  # the callback keeps all N base samples to form pairs
 
     # -- data ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Refuse FSDP before any weights load: every RL update runs inside the training step (manual
-        optimization), and FSDP cannot run a backward pass inside its own forward. Also a decode loop the
-        device cannot run (CUDA graphs off CUDA)."""
-        problems = decode_device_problems(self.sampling, self.trainer.strategy.root_device, "--model.sampling")
-        data = self.trainer.datamodule
+        """Refuse, before any weights load, what cannot run: a decode loop the device cannot run (CUDA graphs off
+        CUDA), no training prompt left, gradient accumulation (each training step IS one update of a rollout),
+        and what FSDP cannot shard. A rollout's updates are one unit: ``--trainer.max_steps`` is rounded up to a
+        whole number of rollouts, so the last rollout drawn runs all its updates and the learning-rate schedule
+        (which counts optimizer steps) ends with it."""
+        super().setup(stage)
+        trainer = self.trainer
+        problems = decode_device_problems(self.sampling, trainer.strategy.root_device, "--model.sampling")
+        data = trainer.datamodule
         if self.rl.heldout_prompts and data is not None and getattr(data, "prompt_ids", None):
             if len(data) - self.rl.heldout_prompts < 1:
                 problems.append(
                     f"--model.rl.heldout_prompts={self.rl.heldout_prompts}: leaves no training prompt of the "
                     f"{len(data)} read (--data.max_prompts={data.hparams.max_prompts}); hold out fewer or read more"
                 )
+        if trainer.accumulate_grad_batches != 1:
+            problems.append(
+                f"--trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: RL-sharpening takes one update "
+                "per training step (several per rollout with --model.rl.inner_updates); set it to 1 and raise "
+                "--model.prompts_per_step for larger updates"
+            )
         raise_if_problems(problems)
-        if not self.sharded:
-            return
-        raise_if_problems([
-            f"--trainer.strategy={type(self.trainer.strategy).__name__}: RL-sharpening does not run under FSDP "
-            "(its updates are taken inside the training step, and FSDP allows no backward pass within its "
-            "forward); use --trainer.strategy ddp, with --model.policy.finetuning lora or qlora to keep each "
-            "rank's copy small. SFT-sharpening runs under FSDP (configs/fsdp.yaml)."
-        ])
+        updates, max_steps = self.updates_per_rollout(), trainer.max_steps
+        if updates > 1 and max_steps is not None and max_steps > 0 and max_steps % updates:
+            trainer.fit_loop.epoch_loop.max_steps = math.ceil(max_steps / updates) * updates
 
     def train_dataloader(self) -> DataLoader:
         if self.rl.algorithm == "offline":
-            if self.buffer is None:
-                raise RuntimeError("offline RL-sharpening needs the SelfVerificationCallback (the CLI's `verifier:`)")
-            self.ensure_buffer(self.current_epoch)  # the self-verification round for this epoch, if due
-            pairs = pairs_from_buffer(self.buffer.examples)
+            pairs = pairs_from_buffer(self.round_examples())  # the self-verification round for this epoch, if due
             collate = partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id)
             sampler = epoch_sampler(self._trainer, len(pairs), self.seed, self.rl.pairs_per_update)
             return DataLoader(pairs, self.rl.pairs_per_update, sampler=sampler, collate_fn=collate)
@@ -150,153 +166,121 @@ class RLSharpeningModule(PolicyModule):
         count = len(data) - self.rl.heldout_prompts
         if count < 1:
             raise RuntimeError(f"--model.rl.heldout_prompts={self.rl.heldout_prompts} leaves no training prompt")
-        sampler = epoch_sampler(self._trainer, count, self.seed, self.prompts_per_step)
-        return DataLoader(range(count), self.prompts_per_step, sampler=sampler, collate_fn=data.batch)
+        updates = self.updates_per_rollout()
+        return update_loader(self._trainer, count, self.seed, self.prompts_per_step, updates, data.batch)
 
-    # -- training --------------------------------------------------------------------------------
-    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        if self.rl.algorithm == "online":
-            return self.online_step(batch)
+    # -- rollouts: drawn before the step that first trains on them -------------------------------
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        """Draw what the step trains on, outside the training forward (FSDP: every rank gathers the weights)."""
+        step = self.trainer.global_step
         if self.rl.algorithm == "offline":
-            return self.pair_step(batch)
-        return self.xpo_round(batch)
+            if step % max(1, self.trainer.log_every_n_steps) == 0:
+                self._estimate_on_policy(batch["prompt_indices"].unique()[:8].tolist(), step)
+            return
+        self._last_update = batch.update == self.updates_per_rollout() - 1
+        first = step - batch.update  # the optimizer step the rollout starts at: its draws' seed
+        if self.rl.algorithm == "online" and (batch.update == 0 or self.rollout is None):
+            self.rollout = self._draw_rollout(batch.prompts, first)
+        elif self.rl.algorithm == "xpo" and (batch.update == 0 or not self.xpo_minibatches):
+            self._start_xpo_round(batch.prompts, first, add_pairs=batch.update == 0)
 
-    def _draw(self, prompts: PromptBatch, source: str, samples_per_prompt: int, stream: int) -> SampleBatch:
+    def _draw(self, prompts: PromptBatch, source: str, count: int, step: int, stream: SeedStream) -> SampleBatch:
         """Exact draws from ``source`` (policy or base); the seed depends on (seed, step, stream, prompt)."""
-        cfg = dataclasses.replace(self.sampling, samples_per_prompt=samples_per_prompt)
-        tok = self.tokenizer
-        with eval_mode(self.policy), self.sampling_model(source) as model:
-            return generate_samples(
-                model, prompts, cfg, stop_token_ids(model, tok), tok.pad_token_id, self.seed,
-                derive_seed(self.global_step, stream),
-            )
+        with self.gathered_for_generation(), eval_mode(self.policy), self.sampling_model(source) as model:
+            stop_ids = stop_token_ids(model, self.tokenizer)
+            return draw_samples(model, self.tokenizer, prompts, self.sampling, count, self.seed, step, stream, stop_ids)
 
-    def online_step(self, prompts: PromptBatch) -> torch.Tensor:
-        """One generation of G samples per prompt from the policy, then ``inner_updates`` updates."""
-        rl, g = self.rl, self.sampling.samples_per_prompt
-        samples = self._draw(prompts, "policy", g, stream=0)
-        mask = samples.response_mask  # [B, G, T]
-        with self.frozen_base() as base:
-            base_lp = sample_logprobs(base, samples, self.logprob_chunk_size)  # ONE base pass: reward and KL
-        base_seq = (base_lp * mask).sum(-1)  # [B, G]
-        old_seq = (samples.logprobs * mask).sum(-1)  # sampler's log pi(y): exact draws, so free
-        rewards = kl_regularized_rewards(base_seq, old_seq, rl.kl_coef) if rl.kl_estimator == "sequence" else base_seq
-        # truncated responses: penalty on the reward after the KL is folded in; drop: in_loss [B, G], else None
-        rewards, in_loss = apply_truncated_policy(rewards, samples.truncated, rl.truncated, rl.truncation_penalty)
-        advantages = group_advantages(rewards, rl.baseline, rl.normalize_advantages, in_loss).flatten()  # [B*G]
-        in_loss = None if in_loss is None else in_loss.flatten()  # [B, G] -> [B*G]
-        mask = mask.flatten(0, 1)  # [B, G, T] -> [B*G, T]
-        for _ in range(rl.inner_updates):  # each prompt runs once for its group (sample_logprobs)
-            logprobs = sample_logprobs(self.policy, samples, self.logprob_chunk_size).flatten(0, 1)  # [B*G, T]
-            # one update: the ratio is exactly 1 (no second policy forward); more: ratio to the sampler's
-            old = logprobs.detach() if rl.inner_updates == 1 else samples.logprobs.flatten(0, 1)  # [B*G, T]
-            k3 = rl.kl_coef if rl.kl_estimator == "k3" else 0.0
-            loss = policy_gradient_loss(
-                logprobs, old, advantages, mask, rl.clip_ratio, base_lp.flatten(0, 1), k3, in_loss
-            )
-            self._update(loss)  # also when nothing is in the loss: a zero loss, backward as on every rank
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(prompts), sync_dist=True)
-        if in_loss is not None:
-            dropped = 1.0 - in_loss.float().mean()
+    def _base_pass(self, samples: SampleBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """log pi_base of the samples per token [B, N, T] and per sequence [B, N] (one frozen-base pass)."""
+        with self.gathered_for_generation():
+            return base_sequence_logprobs(self.frozen_base, samples, self.logprob_chunk_size)
+
+    def _draw_rollout(self, prompts: PromptBatch, step: int) -> Rollout:
+        """G samples per prompt from the policy, ONE base pass for reward and KL, advantages; logged."""
+        samples = self._draw(prompts, "policy", self.sampling.samples_per_prompt, step, SeedStream.POLICY_ROLLOUT)
+        base_logprobs, _ = self._base_pass(samples)
+        rollout = build_rollout(samples, base_logprobs, self.rl)
+        if rollout.in_loss is not None:
+            dropped = 1.0 - rollout.in_loss.float().mean()
             self.log("train/dropped_fraction", dropped, batch_size=len(prompts), sync_dist=True)
-        self._log_policy_estimates(base_seq, old_seq, samples)
-        return loss.detach()
-
-    def pair_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Offline: one update of the paper's squared loss on base-drawn pairs."""
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0:
-            self._estimate_on_policy(batch["prompt_indices"].unique()[:8].tolist())
-        residuals = self._pair_residuals(batch)
-        loss = squared_pair_loss(residuals)
-        self._update(loss)
-        size = batch["base_logprob"].shape[0]
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size, sync_dist=True)
-        self.log("train/residual_rms", residuals.detach().pow(2).mean().sqrt(), batch_size=size, sync_dist=True)
-        return loss.detach()
+        self._log_policy_estimates(rollout.base_seq, rollout.sampler_seq, samples)
+        return rollout
 
     @torch.no_grad()
-    def _estimate_on_policy(self, prompt_indices: list[int]) -> None:
+    def _estimate_on_policy(self, prompt_indices: list[int], step: int) -> None:
         """Offline pairs come from the base; reward, KL, J_beta and entropy need draws from the policy."""
         prompts = self.trainer.datamodule.batch(prompt_indices, self.device)
-        samples = self._draw(prompts, "policy", 1, stream=4)
-        with self.frozen_base() as base:
-            base_seq = (sample_logprobs(base, samples, self.logprob_chunk_size) * samples.response_mask).sum(-1)
-        self._log_policy_estimates(base_seq, (samples.logprobs * samples.response_mask).sum(-1), samples)
+        samples = self._draw(prompts, "policy", 1, step, SeedStream.ON_POLICY_ESTIMATE)
+        _, base_seq = self._base_pass(samples)
+        self._log_policy_estimates(base_seq, sequence_logprobs(samples.logprobs, samples.response_mask), samples)
 
-    def _pair_residuals(self, batch: dict[str, torch.Tensor], with_policy_y2: bool = False):
-        logprobs = response_logprobs(
-            self.policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"],
-            chunk_size=self.logprob_chunk_size,
-        )  # [2P, T]
-        seq = (logprobs * batch["response_mask"]).sum(-1)  # [2P]
-        policy_y, policy_y2 = seq.chunk(2)  # [2P] -> [P], [P]
-        # xpo with penalize: the penalty lowers r(y), r(y'), not log pi_base in the KL terms (offline: always keep)
-        policy, penalty = self.rl.truncated, self.rl.truncation_penalty
-        reward_y, _ = apply_truncated_policy(batch["base_logprob"], batch["truncated"], policy, penalty)
-        reward_y2, _ = apply_truncated_policy(batch["other_base_logprob"], batch["other_truncated"], policy, penalty)
-        residuals = pair_residuals(
-            policy_y, batch["base_logprob"], policy_y2, batch["other_base_logprob"], self.rl.kl_coef,
-            reward_y, reward_y2,
-        )
-        return (residuals, policy_y2) if with_policy_y2 else residuals
-
-    def xpo_round(self, prompts: PromptBatch) -> torch.Tensor:
-        """XPO: grow the dataset with (x, y ~ policy, y' ~ base), refit on all of it, score the round."""
-        if self.global_step == 0 and self.best["state"] is None:  # the paper's pi^(1) = pi_base is a candidate too
-            self._score_round()
+    def _start_xpo_round(self, prompts: PromptBatch, step: int, add_pairs: bool) -> None:
+        """XPO: score pi^(1) = pi_base first (a candidate too), grow the dataset with (x, y ~ policy, y' ~ base),
+        and fix the round's minibatches."""
+        if step == 0 and self.best["state"] is None:
+            self._score_round(0)
             if self.best["state"] is not None:
                 rank_zero_info(f"XPO: the initial policy (pi_base) scores held-out J_beta {self.best['j_beta']:.4f}")
-        self.xpo_pairs.extend(self._new_pairs(prompts))
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.global_step, 1))
-        collate = partial(collate_pairs, pad_token_id=self.tokenizer.pad_token_id)
-        for _ in range(self.rl.xpo_updates_per_round):
-            pick = torch.randint(len(self.xpo_pairs), (min(self.rl.pairs_per_update, len(self.xpo_pairs)),), generator=generator)
-            batch = collate([self.xpo_pairs[i] for i in pick.tolist()])
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            residuals, policy_y2 = self._pair_residuals(batch, with_policy_y2=True)
-            loss = xpo_loss(residuals, policy_y2, self.rl.xpo_alpha)
-            self._update(loss)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(prompts), sync_dist=True)
+        if add_pairs:
+            self.xpo_pairs.extend(self._new_pairs(prompts, step))
+        self.xpo_minibatches = xpo_minibatches(len(self.xpo_pairs), self.rl, self.seed, step)
         self.log("train/xpo_pairs", float(len(self.xpo_pairs)), batch_size=len(prompts), sync_dist=True)
-        self._score_round()
-        return loss.detach()
 
-    def _new_pairs(self, prompts: PromptBatch) -> list[PairExample]:
+    def _new_pairs(self, prompts: PromptBatch, step: int) -> list[PairExample]:
         """One pair per prompt: y from the policy, y' from the base, both scored by the base, truncation flagged."""
-        y = self._draw(prompts, "policy", 1, stream=1)
-        y2 = self._draw(prompts, "base", 1, stream=2)
-        with self.frozen_base() as base:
-            base_y = (sample_logprobs(base, y, self.logprob_chunk_size) * y.response_mask).sum(-1)  # [B, 1]
-        base_y2 = (y2.logprobs * y2.response_mask).sum(-1)  # exact base draws: sampler log-probs ARE base scores
-        self._log_policy_estimates(base_y, (y.logprobs * y.response_mask).sum(-1), y)
-        pairs = []
-        for b in range(len(prompts)):
-            prompt = prompts.prompt_ids[b][prompts.prompt_mask[b]].tolist()
-            pairs.append(
-                PairExample(
-                    prompt,
-                    y.response_ids[b, 0][y.response_mask[b, 0]].tolist(),
-                    y2.response_ids[b, 0][y2.response_mask[b, 0]].tolist(),
-                    float(base_y[b, 0]),
-                    float(base_y2[b, 0]),
-                    int(prompts.prompt_indices[b]),
-                    bool(y.truncated[b, 0]),
-                    bool(y2.truncated[b, 0]),
-                )
-            )
-        return pairs
+        y = self._draw(prompts, "policy", 1, step, SeedStream.XPO_POLICY)
+        y2 = self._draw(prompts, "base", 1, step, SeedStream.XPO_BASE)
+        _, base_y = self._base_pass(y)  # [B, 1]
+        base_y2 = sequence_logprobs(y2.logprobs, y2.response_mask)  # exact base draws: their log-probs ARE base scores
+        self._log_policy_estimates(base_y, sequence_logprobs(y.logprobs, y.response_mask), y)
+        return pairs_of(prompts, y, y2, base_y, base_y2)
 
-    def _score_round(self) -> None:
+    # -- updates: one per training step ----------------------------------------------------------
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        """The loss of one update: on the current rollout (online), a pair batch (offline), or a minibatch of
+        the XPO dataset. Lightning takes the backward pass, clipping and the optimizer and scheduler steps."""
+        rl = self.rl
+        if rl.algorithm == "online":
+            loss, size = online_loss(self.policy, self.rollout, rl, self.logprob_chunk_size), len(batch.prompts)
+        elif rl.algorithm == "offline":
+            residuals, _ = pair_residuals_of(self.policy, batch, rl, self.logprob_chunk_size)
+            loss, size = squared_pair_loss(residuals), batch["base_logprob"].shape[0]
+            self.log("train/residual_rms", residuals.detach().pow(2).mean().sqrt(), batch_size=size, sync_dist=True)
+        else:
+            picked = [self.xpo_pairs[i] for i in self.xpo_minibatches[batch.update]]
+            pairs = {k: v.to(self.device) for k, v in collate_pairs(picked, self.tokenizer.pad_token_id).items()}
+            residuals, policy_y2 = pair_residuals_of(self.policy, pairs, rl, self.logprob_chunk_size)
+            loss, size = xpo_loss(residuals, policy_y2, rl.xpo_alpha), len(batch.prompts)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size, sync_dist=True)
+        return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Clip the gradient to ``rl.max_grad_norm``. Here, inside ``optimizer.step()``, because under
+        16-mixed the precision plugin has unscaled the gradient by now (under FSDP the root clips: the norm is
+        reduced over every rank's shard, ``PolicyModule.configure_gradient_clipping``)."""
+        super().on_before_optimizer_step(optimizer)
+        if self.rl.max_grad_norm:
+            self.configure_gradient_clipping(optimizer, self.rl.max_grad_norm, "norm")
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        """The update; after an XPO round's last one, the round is scored on the held-out prompts. Here, not at
+        batch end, because checkpoint callbacks save at batch end before the module's hook runs, and the round's
+        score belongs in the checkpoint of its step."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.rl.algorithm == "xpo" and self._last_update:
+            self._score_round(self.trainer.global_step + 1)  # Lightning counts this step once the hook returns
+
+    def _score_round(self, step: int) -> None:
         """Estimate J_beta on the held-out prompts; keep the best round's trainable weights (round 0: the
         initial policy, pi_base, scored before the first refit)."""
         data, heldout = self.trainer.datamodule, self.rl.heldout_prompts
         if heldout == 0:
             return
         prompts = data.batch(range(len(data) - heldout, len(data)), self.device)
-        samples = self._draw(prompts, "policy", self.sampling.samples_per_prompt, stream=3)
-        with self.frozen_base() as base:
-            base_seq = (sample_logprobs(base, samples, self.logprob_chunk_size) * samples.response_mask).sum(-1)
-        signal = kl_regularized_rewards(base_seq, (samples.logprobs * samples.response_mask).sum(-1), self.rl.kl_coef)
+        samples = self._draw(prompts, "policy", self.sampling.samples_per_prompt, step, SeedStream.HELDOUT)
+        _, base_seq = self._base_pass(samples)
+        policy_seq = sequence_logprobs(samples.logprobs, samples.response_mask)  # [B, N]
+        signal = kl_regularized_rewards(base_seq, policy_seq, self.rl.kl_coef)
         self.log("val/j_beta", float(signal.mean()), batch_size=heldout)  # the paper's J_beta
         if self.rl.truncated == "penalize":  # the round kept is the best for the objective trained
             signal, _ = apply_truncated_policy(signal, samples.truncated, "penalize", self.rl.truncation_penalty)
@@ -304,23 +288,7 @@ class RLSharpeningModule(PolicyModule):
         j_beta = float(signal.mean())
         if j_beta > self.best["j_beta"]:
             state = {k: v.detach().cpu().clone() for k, v in self.state_dict().items()}
-            self.best = {"j_beta": j_beta, "round": int(self.global_step), "state": state}
-
-    def _update(self, loss: torch.Tensor) -> None:
-        """One optimizer step on ``loss``; its gradient is clipped in ``on_before_optimizer_step``."""
-        optimizer = self.optimizers()
-        self.manual_backward(loss)
-        optimizer.step()
-        optimizer.zero_grad()
-        self.lr_schedulers().step()
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Clip the gradient to ``rl.max_grad_norm``. Here, inside ``optimizer.step()``, because under
-        16-mixed the precision plugin has unscaled the gradient by now: clipped before, in ``_update``, the
-        gradient would still carry the loss scale, and the update would be clipped to max_grad_norm / scale."""
-        super().on_before_optimizer_step(optimizer)
-        if self.rl.max_grad_norm:
-            self.configure_gradient_clipping(optimizer, self.rl.max_grad_norm, "norm")
+            self.best = {"j_beta": j_beta, "round": int(step), "state": state}
 
     def _log_policy_estimates(self, base_seq: torch.Tensor, policy_seq: torch.Tensor, samples: SampleBatch) -> None:
         """Reward, KL, J_beta and entropy estimated from draws of the CURRENT policy. [B, G] inputs."""
@@ -337,23 +305,27 @@ class RLSharpeningModule(PolicyModule):
             metrics["train/reward_best_minus_mean"] = (base_seq.max(-1).values - base_seq.mean(-1)).mean()
         self.log_dict(metrics, prog_bar=False, batch_size=size, sync_dist=True)  # means over ranks
 
-    def updates_per_batch(self) -> int:
-        """Optimizer steps per training batch (the LR schedule counts optimizer steps)."""
-        return {"online": self.rl.inner_updates, "offline": 1, "xpo": self.rl.xpo_updates_per_round}[self.rl.algorithm]
-
     # -- checkpoint and output ---------------------------------------------------------------------
+    def _by_rank(self, value):
+        """``value`` of every rank, in rank order (collective: Lightning builds the checkpoint dict on every
+        rank before rank 0 saves it)."""
+        if self.trainer.world_size == 1:
+            return [value]
+        gathered = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, value)
+        return gathered
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
+        if self.rl.algorithm == "online":  # a checkpoint between two updates of a rollout resumes on it
+            state = None if self.rollout is None else rollout_state(self.rollout)
+            checkpoint["rl_rollout_by_rank"] = self._by_rank(state)
         if self.rl.algorithm != "xpo":
             return
-        pairs = [dataclasses.asdict(p) for p in self.xpo_pairs]
-        pairs_by_rank = [pairs]
-        if self.trainer.world_size > 1:  # each rank grew its own dataset; rank 0 alone writes the file
-            pairs_by_rank = [None] * self.trainer.world_size
-            # collective: Lightning builds the checkpoint dict (this hook) on every rank before rank 0 saves it
-            torch.distributed.all_gather_object(pairs_by_rank, pairs)
         checkpoint["xpo"] = {
-            "pairs_by_rank": pairs_by_rank,  # [world size][pairs]; before: "pairs", one list (rank 0's)
+            # [world size][pairs]: each rank grew its own dataset; rank 0 alone writes the file
+            "pairs_by_rank": self._by_rank([dataclasses.asdict(p) for p in self.xpo_pairs]),
+            "minibatches_by_rank": self._by_rank(self.xpo_minibatches),
             # the same on every rank: DDP keeps the weights equal, and each rank scores the same held-out draws
             "best_j_beta": self.best["j_beta"],
             "best_round": self.best["round"],
@@ -362,13 +334,22 @@ class RLSharpeningModule(PolicyModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
+        world, rank = (self._trainer.world_size, self._trainer.global_rank) if self._trainer else (1, 0)
+        rollouts = checkpoint.get("rl_rollout_by_rank")
+        if rollouts and len(rollouts) == world and rollouts[rank] is not None:  # else redrawn at the next step
+            self.rollout = rollout_from_state(rollouts[rank], torch.device("cpu"))
         state = checkpoint.get("xpo")
         if not state:
             return
-        world, rank = (self._trainer.world_size, self._trainer.global_rank) if self._trainer else (1, 0)
         pairs_by_rank = state.get("pairs_by_rank", [state.get("pairs", [])])  # older checkpoints: one list
         self.xpo_pairs = [PairExample(**p) for p in pairs_for_rank(pairs_by_rank, world, rank)]
+        minibatches = state.get("minibatches_by_rank")
+        self.xpo_minibatches = minibatches[rank] if minibatches and len(minibatches) == world else []
         self.best = {"j_beta": state["best_j_beta"], "round": state["best_round"], "state": state["best_state"]}
+
+    def on_train_start(self) -> None:
+        if self.rollout is not None:  # restored from a checkpoint on the CPU
+            self.rollout = self.rollout.to(self.device)
 
     def on_train_end(self) -> None:
         self._keep_best_round()

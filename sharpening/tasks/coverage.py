@@ -209,7 +209,7 @@ def run_rl(coverage: CoverageToy, settings: RLSettings, seed: int) -> dict:
     )
     tracker = ArgmaxMassTracker(coverage, s.samples_per_round())
     start = time.time()
-    _trainer(s.max_rounds * module.updates_per_batch(), seed, [tracker]).fit(
+    _trainer(s.max_rounds * module.updates_per_rollout(), seed, [tracker]).fit(
         module, datamodule=PromptDataModule(dataset=str(coverage.directory / "prompts.jsonl"))
     )
     return {

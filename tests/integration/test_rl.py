@@ -11,13 +11,14 @@ import lightning as L
 import pytest
 import torch
 
-import sharpening.rl.module as rl_module
+import sharpening.rl.rollout as rl_module
 from sharpening.rl.pairs import collate_pairs
 from sharpening.callbacks import SelfVerificationCallback
 from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig
 from sharpening.prompts import PromptDataModule, pad_prompts
 from sharpening.rl import RLConfig, RLSharpeningModule
+from sharpening.rl.rollout import SeedStream, pair_residuals_of
 from sharpening.sampler import SamplingConfig
 from sharpening.tasks import toy
 
@@ -63,7 +64,7 @@ def test_reward_equals_the_enumerated_log_prob(toy_dir):
     tok = module.tokenizer
     outcomes = toy.toy_outcomes()
     prompts = pad_prompts([tok("x=").input_ids, tok("y=").input_ids], [0, 1], [None, None], tok.pad_token_id)
-    samples = module._draw(prompts, "policy", 8, stream=0)
+    samples = module._draw(prompts, "policy", 8, 0, SeedStream.POLICY_ROLLOUT)
     with module.frozen_base() as base:
         from sharpening.logprobs import sample_logprobs
 
@@ -290,6 +291,33 @@ def test_stop_and_resume_equals_an_uninterrupted_run(algorithm, toy_dir, tmp_pat
         assert [p.response_ids for p in resumed.xpo_pairs] == [p.response_ids for p in full.xpo_pairs]
 
 
+@pytest.mark.parametrize(
+    "algorithm, extra, step",
+    [("online", {"inner_updates": 3}, 4), ("xpo", {"xpo_updates_per_round": 3, "pairs_per_update": 4}, 4)],
+)
+def test_resume_inside_a_rollout_continues_on_the_same_rollout(algorithm, extra, step, toy_dir, tmp_path):
+    """A checkpoint between two updates of one rollout (step 4 of rollouts of 3 updates) holds the rollout: the
+    resumed run takes the remaining updates on it, not on a new draw, and ends with the uninterrupted run's weights."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    def run(name, ckpt_path=None):
+        module = _module(toy_dir, algorithm=algorithm, **extra)
+        every_step = ModelCheckpoint(dirpath=str(tmp_path / name), every_n_train_steps=1, save_top_k=-1, filename="{step}")
+        _fit(module, toy_dir, max_steps=6, root=str(tmp_path / name), ckpt_path=ckpt_path, callbacks=[every_step])
+        return module
+
+    full = run("full")
+    saved = torch.load(tmp_path / "full" / f"step={step}.ckpt", map_location="cpu", weights_only=True)
+    if algorithm == "online":
+        assert saved["rl_rollout_by_rank"][0]["response_ids"].shape[:2] == (3, 6)  # 3 prompts x G = 6
+    else:
+        assert len(saved["xpo"]["minibatches_by_rank"][0]) == 3
+    resumed = run("resumed", str(tmp_path / "full" / f"step={step}.ckpt"))
+    assert resumed.trainer.global_step == full.trainer.global_step == 6
+    for key, value in full.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
+
+
 def test_resume_mid_epoch_with_the_loader_kept_across_epochs(toy_dir, tmp_path):
     """The CLI's on-policy runs keep one loader for the whole run (no reload): a restart in the middle of
     the second epoch skips its consumed batch there only, and each epoch keeps its own prompt order."""
@@ -303,7 +331,7 @@ def test_resume_mid_epoch_with_the_loader_kept_across_epochs(toy_dir, tmp_path):
     def run(name, ckpt_path=None):
         module = _module(toy_dir, prompts_per_step=1)  # 3 prompts: 3 steps an epoch
         step = module.training_step
-        module.training_step = lambda batch, *args: seen[name].append(batch.prompt_indices.tolist()) or step(batch, *args)
+        module.training_step = lambda batch, *args: seen[name].append(batch.prompts.prompt_indices.tolist()) or step(batch, *args)
         _fit(module, toy_dir, max_steps=9, root=str(tmp_path / name), ckpt_path=ckpt_path, callbacks=every_step(tmp_path / name), reload=False)
         return module
 
@@ -360,9 +388,9 @@ def _record(monkeypatch, every_sample_truncated: bool = False) -> dict:
 
     monkeypatch.setattr(rl_module, "generate_samples", generate)
     monkeypatch.setattr(rl_module, "policy_gradient_loss", loss)
-    real_backward = RLSharpeningModule.manual_backward
+    real_backward = RLSharpeningModule.backward
     monkeypatch.setattr(
-        RLSharpeningModule, "manual_backward",
+        RLSharpeningModule, "backward",
         lambda self, *a, **k: seen.__setitem__("backward", seen["backward"] + 1) or real_backward(self, *a, **k),
     )
     return seen
@@ -421,9 +449,9 @@ def test_xpo_penalize_flags_the_pairs_and_lowers_only_their_rewards(toy_dir):
     assert len(flags) == 9 and len(set(flags)) > 1  # 3 rounds x 3 prompts, mixed
     batch = collate_pairs(module.xpo_pairs, module.tokenizer.pad_token_id)
     with torch.no_grad():
-        penalized = module._pair_residuals(batch)
+        penalized = pair_residuals_of(module.policy, batch, module.rl, module.logprob_chunk_size)[0]
         module.rl = dataclasses.replace(module.rl, truncated="keep")
-        kept = module._pair_residuals(batch)
+        kept = pair_residuals_of(module.policy, batch, module.rl, module.logprob_chunk_size)[0]
     torch.testing.assert_close(penalized, kept + 3.0 * (batch["truncated"].float() - batch["other_truncated"].float()))
 
 

@@ -1,0 +1,194 @@
+"""Trajectories of RL-sharpening and the maths of one update on them, apart from Lightning.
+
+A rollout is drawn once (``draw_rollout``: G samples per prompt from the policy, ONE frozen-base pass for
+reward and KL, group advantages) and then serves ``inner_updates`` optimizer steps (``online_loss``). XPO
+draws a pair per prompt (``draw_xpo_pairs``) and refits on minibatches of all its pairs (``pair_residuals_of``,
+``xpo_minibatches``). Every draw is seeded by (seed, the optimizer step its rollout starts at, a ``SeedStream``,
+prompt index), so a draw does not depend on which rank or process makes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Callable
+
+import torch
+
+from sharpening.logprobs import response_logprobs, sample_logprobs
+from sharpening.losses import (
+    apply_truncated_policy,
+    group_advantages,
+    kl_regularized_rewards,
+    pair_residuals,
+    policy_gradient_loss,
+)
+from sharpening.rewards import loglik_reward
+from sharpening.rl.config import RLConfig
+from sharpening.rl.pairs import PairExample
+from sharpening.sampler import SamplingConfig, derive_seed, generate_samples
+from sharpening.types import PromptBatch, SampleBatch
+
+BaseContext = Callable[[], AbstractContextManager[torch.nn.Module]]
+"""The frozen base as a context (``PolicyModule.frozen_base``): entered only after the policy has drawn."""
+
+
+class SeedStream(IntEnum):
+    """Which draw of an optimizer step a seed is for: ``derive_seed(step, stream)`` (values fixed: they seed)."""
+
+    POLICY_ROLLOUT = 0  # online: the G samples per prompt of a rollout
+    XPO_POLICY = 1  # xpo: y ~ policy
+    XPO_BASE = 2  # xpo: y' ~ base
+    HELDOUT = 3  # xpo: the held-out prompts' draws that score a round
+    ON_POLICY_ESTIMATE = 4  # offline: draws from the policy for its logged reward, KL and J_beta
+
+
+XPO_MINIBATCH = 1
+"""xpo: the stream of a round's minibatch picks, ``derive_seed(seed, step, XPO_MINIBATCH)`` (a seed tree of its
+own: the draws' seeds are ``(seed, derive_seed(step, stream))``)."""
+
+
+@dataclass
+class Rollout:
+    """One online rollout: the samples and everything the updates on them need."""
+
+    samples: SampleBatch  # [B, G, T] responses, drawn from the policy at the rollout's first step
+    base_logprobs: torch.Tensor  # [B, G, T] float32, log pi_base per response token (the k3 term)
+    base_seq: torch.Tensor  # [B, G] float32, log pi_base(y|x): the reward before the KL
+    sampler_seq: torch.Tensor  # [B, G] float32, log pi(y|x) of the policy that drew y (exact draws: free)
+    advantages: torch.Tensor  # [B*G] float32, group-baselined rewards
+    in_loss: torch.Tensor | None  # [B*G] bool, False for dropped (truncated) samples; None: all count
+
+    def to(self, device: torch.device) -> Rollout:
+        """The rollout with every tensor on ``device``."""
+        return rollout_from_state(rollout_state(self), device)
+
+
+def sequence_logprobs(token_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """log p(y|x): the sum of the response tokens' log-probs. [..., T] -> [...].
+
+    >>> sequence_logprobs(torch.tensor([[-1.0, -0.5, 0.0]]), torch.tensor([[True, True, False]]))
+    tensor([-1.5000])
+    """
+    return loglik_reward(token_logprobs, response_mask)
+
+
+def draw_samples(
+    model: torch.nn.Module, tokenizer, prompts: PromptBatch, sampling: SamplingConfig, samples_per_prompt: int,
+    seed: int, step: int, stream: SeedStream, stop_ids: list[int],
+) -> SampleBatch:
+    """Exact draws from ``model`` (gradients off, eval mode entered by the caller), seeded by (seed, step, stream,
+    prompt index)."""
+    cfg = dataclasses.replace(sampling, samples_per_prompt=samples_per_prompt)
+    with torch.no_grad():
+        return generate_samples(model, prompts, cfg, stop_ids, tokenizer.pad_token_id, seed, derive_seed(step, stream))
+
+
+def base_sequence_logprobs(
+    base: BaseContext, samples: SampleBatch, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One frozen-base pass over the samples: per-token [B, N, T] and sequence [B, N] log pi_base."""
+    with base() as model:
+        token_logprobs = sample_logprobs(model, samples, chunk_size)  # [B, N, T]
+    return token_logprobs, sequence_logprobs(token_logprobs, samples.response_mask)
+
+
+def build_rollout(samples: SampleBatch, base_logprobs: torch.Tensor, rl: RLConfig) -> Rollout:
+    """Rewards (log pi_base, the sequence KL folded in unless k3), the truncation policy and group advantages."""
+    base_seq = sequence_logprobs(base_logprobs, samples.response_mask)  # [B, G]
+    sampler_seq = sequence_logprobs(samples.logprobs, samples.response_mask)  # [B, G]
+    sequence_kl = rl.kl_estimator == "sequence"
+    rewards = kl_regularized_rewards(base_seq, sampler_seq, rl.kl_coef) if sequence_kl else base_seq
+    # truncated responses: penalty on the reward after the KL is folded in; drop: in_loss [B, G], else None
+    rewards, in_loss = apply_truncated_policy(rewards, samples.truncated, rl.truncated, rl.truncation_penalty)
+    advantages = group_advantages(rewards, rl.baseline, rl.normalize_advantages, in_loss).flatten()  # [B, G] -> [B*G]
+    in_loss = None if in_loss is None else in_loss.flatten()  # [B, G] -> [B*G]
+    return Rollout(samples, base_logprobs, base_seq, sampler_seq, advantages, in_loss)
+
+
+def online_loss(policy: torch.nn.Module, rollout: Rollout, rl: RLConfig, chunk_size: int) -> torch.Tensor:
+    """The loss of one update on ``rollout``: one policy pass (each prompt once for its group), then the clipped
+    importance-weighted policy gradient. With one update per rollout the ratio is exactly 1 (the policy's own
+    log-probs, detached); with more, the ratio is to the sampler's log-probs."""
+    samples = rollout.samples
+    logprobs = sample_logprobs(policy, samples, chunk_size).flatten(0, 1)  # [B, G, T] -> [B*G, T]
+    old = logprobs.detach() if rl.inner_updates == 1 else samples.logprobs.flatten(0, 1)  # [B*G, T]
+    k3 = rl.kl_coef if rl.kl_estimator == "k3" else 0.0
+    mask = samples.response_mask.flatten(0, 1)  # [B, G, T] -> [B*G, T]
+    base = rollout.base_logprobs.flatten(0, 1)  # [B, G, T] -> [B*G, T]
+    return policy_gradient_loss(logprobs, old, rollout.advantages, mask, rl.clip_ratio, base, k3, rollout.in_loss)
+
+
+def pair_residuals_of(
+    policy: torch.nn.Module, batch: dict[str, torch.Tensor], rl: RLConfig, chunk_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Paper Eq. 8 residuals of a ``collate_pairs`` batch [P], and log pi(y'|x) [P] (XPO's exploration term)."""
+    logprobs = response_logprobs(
+        policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"],
+        chunk_size=chunk_size,
+    )  # [2P, T]
+    policy_y, policy_y2 = sequence_logprobs(logprobs, batch["response_mask"]).chunk(2)  # [2P] -> [P], [P]
+    # xpo with penalize: the penalty lowers r(y), r(y'), not log pi_base in the KL terms (offline: always keep)
+    reward_y, _ = apply_truncated_policy(batch["base_logprob"], batch["truncated"], rl.truncated, rl.truncation_penalty)
+    reward_y2, _ = apply_truncated_policy(
+        batch["other_base_logprob"], batch["other_truncated"], rl.truncated, rl.truncation_penalty
+    )
+    residuals = pair_residuals(
+        policy_y, batch["base_logprob"], policy_y2, batch["other_base_logprob"], rl.kl_coef, reward_y, reward_y2
+    )
+    return residuals, policy_y2
+
+
+def xpo_minibatches(pair_count: int, rl: RLConfig, seed: int, step: int) -> list[list[int]]:
+    """The pairs each update of an XPO round trains on: ``xpo_updates_per_round`` draws with replacement of
+    ``pairs_per_update`` indices, seeded by (seed, the round's first step)."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, step, XPO_MINIBATCH))
+    size = (min(rl.pairs_per_update, pair_count),)
+    return [torch.randint(pair_count, size, generator=generator).tolist() for _ in range(rl.xpo_updates_per_round)]
+
+
+def pairs_of(
+    prompts: PromptBatch, y: SampleBatch, y2: SampleBatch, base_y: torch.Tensor, base_y2: torch.Tensor
+) -> list[PairExample]:
+    """One PairExample per prompt from one draw each of y and y' ([B, 1, T]) and their base scores [B, 1]."""
+    pairs = []
+    for b in range(len(prompts)):
+        pairs.append(
+            PairExample(
+                prompts.prompt_ids[b][prompts.prompt_mask[b]].tolist(),
+                y.response_ids[b, 0][y.response_mask[b, 0]].tolist(),
+                y2.response_ids[b, 0][y2.response_mask[b, 0]].tolist(),
+                float(base_y[b, 0]),
+                float(base_y2[b, 0]),
+                int(prompts.prompt_indices[b]),
+                bool(y.truncated[b, 0]),
+                bool(y2.truncated[b, 0]),
+            )
+        )
+    return pairs
+
+
+def rollout_state(rollout: Rollout) -> dict:
+    """The rollout as plain tensors and lists on the CPU (a checkpoint loads it with ``weights_only=True``)."""
+    s, p = rollout.samples, rollout.samples.prompts
+    cpu = {
+        "prompt_ids": p.prompt_ids, "prompt_mask": p.prompt_mask, "prompt_indices": p.prompt_indices,
+        "response_ids": s.response_ids, "response_mask": s.response_mask, "logprobs": s.logprobs,
+        "truncated": s.truncated, "pruned": s.pruned, "base_logprobs": rollout.base_logprobs,
+        "base_seq": rollout.base_seq, "sampler_seq": rollout.sampler_seq, "advantages": rollout.advantages,
+        "in_loss": rollout.in_loss,
+    }
+    state = {k: None if v is None else v.detach().cpu() for k, v in cpu.items()}
+    return {**state, "answers": list(p.answers), "exact_draws": s.exact_draws}
+
+
+def rollout_from_state(state: dict, device: torch.device) -> Rollout:
+    """The ``rollout_state`` dict back as a Rollout with its tensors on ``device``."""
+    t = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in state.items()}
+    prompts = PromptBatch(t["prompt_ids"], t["prompt_mask"], t["prompt_indices"], list(t["answers"]))
+    samples = SampleBatch(
+        prompts, t["response_ids"], t["response_mask"], t["logprobs"], t["truncated"], t["exact_draws"], t["pruned"]
+    )
+    return Rollout(samples, t["base_logprobs"], t["base_seq"], t["sampler_seq"], t["advantages"], t["in_loss"])

@@ -188,7 +188,7 @@ def load_policy(cfg: PolicyConfig, device: torch.device | None = None, frozen_co
     policy itself with the adapter disabled (see :func:`frozen_base`), and for full fine-tuning without
     ``frozen_copy`` (the caller loads the base later with :func:`load_frozen_base`, when it needs one).
     """
-    model = _load_model(cfg, device or torch.device("cpu"))
+    model = load_model(cfg, device or torch.device("cpu"))
     if cfg.gradient_checkpointing:  # transformers 5.25 warns on gradient_checkpointing_enable (gone in v6)
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -206,7 +206,7 @@ def load_frozen_base(cfg: PolicyConfig, device: torch.device | None = None) -> t
     """The base model of a full fine-tuning run, loaded again from ``cfg.model_name_or_path``: eval mode,
     no gradients. Equal to the frozen copy :func:`load_policy` makes, without holding one from the start."""
     device = device or torch.device("cpu")
-    model = set_cpu_linear(_load_model(cfg, device), cfg.cpu_linear, device)
+    model = set_cpu_linear(load_model(cfg, device), cfg.cpu_linear, device)
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -219,8 +219,16 @@ def nf4_config(compute_dtype: torch.dtype):
     )
 
 
-def _load_model(cfg: PolicyConfig, device: torch.device):
-    """``from_pretrained`` with the run's dtype, attention backend and (QLoRA) 4-bit quantization."""
+def load_model(cfg: PolicyConfig, device: torch.device, option: str = "--model.policy.model_name_or_path",
+               prepare_4bit: bool = False):  # fmt: skip
+    """``from_pretrained`` with ``cfg``'s dtype, attention backend and revision; with finetuning=qlora the weights
+    are 4-bit NF4, placed on ``device`` while loading (a 4-bit model refuses ``.to``). The one loader of training
+    and evaluation.
+
+    ``prepare_4bit`` casts a 4-bit model's other weights to float32 before the logit-head check, as evaluation
+    holds a QLoRA base; training does the same later, when it adds the adapter (``_add_lora``). A model whose
+    log-probs teacher-forced scoring cannot reproduce is a ConfigError naming ``option``.
+    """
     from transformers import AutoModelForCausalLM
 
     dtype = resolve_dtype(cfg.dtype, device)
@@ -230,8 +238,25 @@ def _load_model(cfg: PolicyConfig, device: torch.device):
         kwargs["quantization_config"] = nf4_config(dtype)
         kwargs["device_map"] = {"": device}
     model = AutoModelForCausalLM.from_pretrained(cfg.model_name_or_path, **kwargs)
-    raise_if_logit_head_differs(model, "--model.policy.model_name_or_path", cfg.model_name_or_path)
+    if prepare_4bit and cfg.finetuning == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    raise_if_logit_head_differs(model, option, cfg.model_name_or_path)
     return model
+
+
+def load_for_inference(cfg: PolicyConfig, device: torch.device, option: str, adapter: str | None = None,
+                       prepare_4bit: bool = True) -> torch.nn.Module:  # fmt: skip
+    """A model that draws and scores but never trains (evaluation): :func:`load_model`, the PEFT adapter saved
+    in ``adapter`` on top, the CPU linear kernels, then eval mode on ``device``."""
+    model = load_model(cfg, device, option, prepare_4bit)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    model = set_cpu_linear(model, cfg.cpu_linear, device)
+    return (model if cfg.finetuning == "qlora" else model.to(device)).eval()  # 4-bit: placed while loading
 
 
 def raise_if_logit_head_differs(model: torch.nn.Module, option: str, name: str) -> None:

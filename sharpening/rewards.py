@@ -2,16 +2,17 @@
 
 All rewards are "higher is better" and computed from the frozen base only (SPEC 2, 4.1-4.3).
 EOS is part of the response and is scored: it belongs to the response's probability.
+``REWARDS`` is the one table of them: the training round and `sharpen evaluate` both score through
+:func:`score_samples`.
 """
 
 from __future__ import annotations
 
+import inspect
 from collections import Counter
 from typing import Callable
 
 import torch
-
-REWARDS = ("loglik", "loglik_norm", "majority")
 
 
 def loglik_reward(token_logprobs: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -46,24 +47,34 @@ def majority_vote_reward(answers: list[list[str | None]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
 
 
+REWARDS: dict[str, Callable[..., torch.Tensor]] = {
+    "loglik": loglik_reward,
+    "loglik_norm": length_normalized_reward,
+    "majority": majority_vote_reward,
+}
+"""Self-reward name -> function. A function names the inputs it reads among :func:`score_samples`' arguments
+(``token_logprobs``, ``response_mask``, ``answers``) and returns [B, N] scores, higher is better."""
+
+
 def score_samples(
     reward: str,
     token_logprobs: torch.Tensor | None = None,
     response_mask: torch.Tensor | None = None,
     answers: list[list[str | None]] | None = None,
 ) -> torch.Tensor:
-    """The self-reward named ``reward`` for every sample: [B, N] float32.
+    """The self-reward named ``reward`` (a key of :data:`REWARDS`) for every sample: [B, N] float32.
 
     loglik / loglik_norm need the frozen base's ``token_logprobs`` [B, N, T] and ``response_mask``;
     majority needs the extracted ``answers`` [B][N].
+
+    >>> score_samples("loglik_norm", torch.tensor([[[-1.0, -0.5, 0.0]]]), torch.tensor([[[True, True, False]]]))
+    tensor([[-0.7500]])
     """
-    if reward == "loglik":
-        return loglik_reward(token_logprobs, response_mask)
-    if reward == "loglik_norm":
-        return length_normalized_reward(token_logprobs, response_mask)
-    if reward == "majority":
-        return majority_vote_reward(answers)
-    raise ValueError(f"unknown self-reward {reward!r}; choose one of {', '.join(REWARDS)}")
+    if reward not in REWARDS:
+        raise ValueError(f"unknown self-reward {reward!r}; choose one of {', '.join(REWARDS)}")
+    function = REWARDS[reward]
+    given = {"token_logprobs": token_logprobs, "response_mask": response_mask, "answers": answers}
+    return function(**{name: given[name] for name in inspect.signature(function).parameters})
 
 
 def extract_answers(texts: list[list[str]], extractor: Callable[[str], str | None]) -> list[list[str | None]]:

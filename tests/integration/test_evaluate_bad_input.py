@@ -21,7 +21,7 @@ REVERSAL = os.path.join(ROOT, "tests", "data", "reversal.jsonl")
 @pytest.fixture(autouse=True)
 def no_weights(monkeypatch):
     """Every run here must stop at its checks: loading weights fails the test."""
-    import sharpening.evaluate as evaluate_module
+    import sharpening.evaluate.command as evaluate_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the configuration was checked")
@@ -131,7 +131,7 @@ def test_an_adapter_on_a_copy_of_its_base_runs_without_a_warning(adapter_path, t
 def test_a_sharpened_adapter_in_compare_goes_on_base(adapter_path, tiny_model_path, tmp_path, monkeypatch):
     """The base under the sharpened adapter is --base (the two runs differ by the adapter alone), checked
     against the base its adapter_config.json names: here a path on the machine that trained it."""
-    import sharpening.evaluate as evaluate_module
+    import sharpening.evaluate.command as evaluate_module
 
     adapter = shutil.copytree(adapter_path, tmp_path / "adapter")
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -142,7 +142,7 @@ def test_a_sharpened_adapter_in_compare_goes_on_base(adapter_path, tiny_model_pa
         with pytest.raises(ZeroDivisionError):  # the first model to load (the base) stops the run
             compare("--base", tiny_model_path, "--sharpened", str(adapter), "--prompts", REVERSAL)
     assert loaded == [(tiny_model_path, None)]
-    from sharpening.evaluate_compare import build_parser, model_configs
+    from sharpening.evaluate.compare import build_parser, model_configs
 
     args = build_parser().parse_args(["--base", tiny_model_path, "--sharpened", str(adapter), "--prompts", REVERSAL])
     sharpened, _ = model_configs(args)["sharpened"]

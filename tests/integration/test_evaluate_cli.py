@@ -12,8 +12,8 @@ import torch
 
 from sharpening.cli import main
 from sharpening.errors import ConfigError
-from sharpening.evaluate_cache import cached_files, load_cached
-from sharpening.evaluate_report import find_row, read_results
+from sharpening.evaluate.cache import cached_files, load_cached
+from sharpening.evaluate.report import find_row, read_results
 from sharpening.logprobs import response_logprobs
 from sharpening.tasks.extractors import EXTRACTORS
 from tests.helpers import REPO_ROOT
@@ -188,11 +188,11 @@ def test_score_with_base_rescores_under_the_base(
 
 
 def test_a_rerun_draws_nothing_new(tiny_model_path, tmp_path, monkeypatch):
-    import sharpening.evaluate as evaluate_module
+    import sharpening.evaluate.draws as draws_module
 
     calls = []
-    real = evaluate_module.generate_samples
-    monkeypatch.setattr(evaluate_module, "generate_samples", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = draws_module.generate_samples
+    monkeypatch.setattr(draws_module, "generate_samples", lambda *a, **k: calls.append(1) or real(*a, **k))
     first = evaluate(tiny_model_path, tmp_path)
     assert len(calls) == (2 + 1) * 2  # (2 seeds + greedy) x 2 prompt batches
     calls.clear()
@@ -219,7 +219,7 @@ def test_the_static_decode_loop_gives_the_same_evaluation(tiny_model_path, tmp_p
 
 
 def _no_weights(monkeypatch):
-    import sharpening.evaluate as evaluate_module
+    import sharpening.evaluate.command as evaluate_module
 
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the configuration was checked")
@@ -325,8 +325,8 @@ def test_load_in_4bit_evaluates_on_the_4bit_base_a_qlora_run_trains_on(tiny_mode
     full-precision one; the run records it, and its draws are cached apart from full-precision draws."""
     from bitsandbytes.nn import Linear4bit
 
-    from sharpening.evaluate import load_models
-    from sharpening.evaluate_config import EvalModelConfig
+    from sharpening.evaluate.config import EvalModelConfig
+    from sharpening.evaluate.sources import load_models
     from sharpening.policy import PolicyConfig, load_policy
 
     adapter = _lora_adapter(tiny_model_path, tmp_path / "adapter")

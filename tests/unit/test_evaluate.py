@@ -14,9 +14,9 @@ from collections import Counter
 import pytest
 import torch
 
-import sharpening.evaluate_config as config_module
-import sharpening.evaluate_protocol as protocol_module
-from sharpening.evaluate_config import (
+import sharpening.evaluate.config as config_module
+import sharpening.evaluate.protocol as protocol_module
+from sharpening.evaluate.config import (
     EvalModelConfig,
     ProtocolConfig,
     output_dir_problem,
@@ -26,8 +26,7 @@ from sharpening.evaluate_config import (
     validate_model_config,
     validate_protocol_config,
 )
-from sharpening.evaluate_sources import adapter_base_check
-from sharpening.evaluate_protocol import (
+from sharpening.evaluate.protocol import (
     SeedDraws,
     answer_codes,
     loglik_histogram,
@@ -41,7 +40,9 @@ from sharpening.evaluate_protocol import (
     protocol_table,
     seed_metrics,
 )
-from sharpening.evaluate_report import find_row, format_table, read_results, write_results
+from sharpening.evaluate.report import find_row, format_table, read_results, write_results
+from sharpening.evaluate.sources import adapter_base_check
+from sharpening.rewards import score_samples
 from sharpening.tasks.extractors import answers_match, resolve_extractor
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
@@ -53,12 +54,22 @@ def test_doctests(module):
     assert result.attempted > 0 and result.failed == 0
 
 
+def seed_draws(correct, answer_codes, loglik, lengths, truncated) -> SeedDraws:
+    """SeedDraws whose self-rewards come from rewards.score_samples, as evaluation scores its draws: each draw's
+    log-likelihood on its first token, zeros on the rest of its ``lengths`` tokens."""
+    steps = torch.arange(int(lengths.max()))  # [T]
+    response_mask = steps < lengths[..., None]  # [P, N, T]
+    token_logprobs = torch.where(steps == 0, loglik[..., None], torch.zeros(())) * response_mask  # [P, N, T]
+    scores = {reward: score_samples(reward, token_logprobs, response_mask) for reward in ("loglik", "loglik_norm")}
+    return SeedDraws(correct, answer_codes, scores, lengths, truncated)
+
+
 def random_draws(seed: int, prompts: int = 40, n: int = 12, answers: int = 4) -> SeedDraws:
     """Random draws with ties in scores, missing answers and truncated draws."""
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(-1, answers, (prompts, n), generator=g)  # [P, N], -1: no answer
     right = torch.randint(0, answers, (prompts, 1), generator=g)
-    return SeedDraws(
+    return seed_draws(
         correct=codes == right,  # correctness is a function of the answer, as with a real extractor
         answer_codes=codes,
         loglik=-torch.randint(1, 6, (prompts, n), generator=g).float(),  # few values: many ties
@@ -144,14 +155,14 @@ def test_standard_error_over_seeds():
 def hand_draws() -> list[SeedDraws]:
     """Two seeds, two prompts, N_max = 3, small enough to compute every number by hand."""
     return [
-        SeedDraws(  # seed 0
+        seed_draws(  # seed 0
             correct=torch.tensor([[False, True, True], [True, False, False]]),
             answer_codes=torch.tensor([[0, 1, 1], [0, 1, 1]]),
             loglik=torch.tensor([[-3.0, -1.0, -2.0], [-2.0, -4.0, -1.0]]),
             lengths=torch.tensor([[1, 1, 4], [2, 1, 1]]),
             truncated=torch.zeros(2, 3, dtype=torch.bool),
         ),
-        SeedDraws(  # seed 1
+        seed_draws(  # seed 1
             correct=torch.tensor([[True, False, False], [False, False, False]]),
             answer_codes=torch.tensor([[0, 1, 2], [0, 0, -1]]),
             loglik=torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -2.0, -3.0]]),
@@ -355,3 +366,59 @@ def test_extractors_on_task_files(name, answer_column, extractor):
     for row in rows:
         assert answers_match(extract(row["response"]), row[answer_column], extract), (extractor, row["response"])
         assert not answers_match(extract(row["wrong"]), row[answer_column], extract), (extractor, row["wrong"])
+
+
+# ---------------------------------------------------------------- the subpackage: imports, draws' scores
+
+
+def test_every_evaluate_module_imports_first_without_a_cycle():
+    """Each module of sharpening.evaluate imported first, with no sharpening module loaded yet: an import cycle
+    (a module needing a name from one still being initialised) fails here, whichever module a user starts from."""
+    import pkgutil
+    import subprocess
+    import sys
+
+    import sharpening.evaluate as package
+
+    names = sorted(f"sharpening.evaluate.{m.name}" for m in pkgutil.iter_modules(package.__path__))
+    names = [n for n in names if not n.endswith("__main__")]  # runs the command when imported
+    assert {"config", "sources", "draws", "protocol", "cache", "report", "compare", "command"} <= {
+        n.rsplit(".", 1)[1] for n in names
+    }
+    script = (
+        "import importlib, sys\n"
+        f"for name in {names!r}:\n"
+        "    for loaded in [m for m in sys.modules if m == 'sharpening' or m.startswith('sharpening.')]:\n"
+        "        del sys.modules[loaded]\n"
+        "    importlib.import_module(name)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_draws_are_scored_as_the_training_round_scores(tiny_model):
+    """score_draws: the sampler's log-probs for exact draws scored by themselves, else a teacher-forced pass;
+    both summed (loglik) and divided by the response length (loglik_norm), checked against a full forward."""
+    from sharpening.evaluate.draws import score_draws
+    from sharpening.types import PromptBatch, SampleBatch
+
+    prompts = PromptBatch(torch.tensor([[0, 5, 6]]), torch.tensor([[False, True, True]]), torch.tensor([0]), ["x"])
+    response_ids = torch.tensor([[[7, 8, 2], [9, 2, 0]]])  # [1, 2, 3]: a 3-token and a 2-token response
+    response_mask = torch.tensor([[[True, True, True], [True, True, False]]])
+    sampler_logprobs = torch.full((1, 2, 3), -0.25)
+    samples = SampleBatch(prompts, response_ids, response_mask, sampler_logprobs, torch.zeros(1, 2, dtype=torch.bool),
+                          exact_draws=True)  # fmt: skip
+    reused = score_draws(samples, tiny_model, None, "self")
+    torch.testing.assert_close(reused["loglik"], torch.tensor([[-0.75, -0.5]]))
+    torch.testing.assert_close(reused["loglik_norm"], torch.tensor([[-0.25, -0.25]]))
+
+    want = []
+    with torch.no_grad():
+        for j, length in enumerate((3, 2)):
+            ids = torch.cat([torch.tensor([5, 6]), response_ids[0, j, :length]])[None]  # [1, 2 + length]
+            token_logprobs = torch.log_softmax(tiny_model(ids).logits[0].float(), -1)  # [2 + length, V]
+            want.append(sum(float(token_logprobs[1 + t, ids[0, 2 + t]]) for t in range(length)))
+    samples.exact_draws = False  # e.g. drawn at another temperature: rescored by the model
+    rescored = score_draws(samples, tiny_model, None, "self")
+    torch.testing.assert_close(rescored["loglik"], torch.tensor([want]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(rescored["loglik_norm"], torch.tensor([[want[0] / 3, want[1] / 2]]), atol=1e-4, rtol=0)

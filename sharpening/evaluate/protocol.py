@@ -26,7 +26,7 @@ import torch
 from sharpening.selection import best_of_n
 
 SELF_REWARDS = ("loglik", "loglik_norm")
-"""Self-rewards that best-of-N ranks draws by (SPEC 2)."""
+"""Self-rewards that best-of-N ranks draws by (SPEC 2): names in ``sharpening.rewards.REWARDS``, which scores them."""
 METHODS = ("bon_loglik", "bon_loglik_norm", "maj", "pass")
 """Methods reported for every N: best-of-N per self-reward, majority vote, pass@N (an oracle bound)."""
 
@@ -37,15 +37,20 @@ class SeedDraws:
 
     correct: torch.Tensor  # [P, N] bool, the draw's extracted answer matches the reference
     answer_codes: torch.Tensor  # [P, N] long, id of the extracted answer within its prompt; -1 when none
-    loglik: torch.Tensor  # [P, N] float32, log-likelihood of the draw under the scoring model
+    scores: dict[str, torch.Tensor]  # self-reward name (SELF_REWARDS) -> [P, N] float32, under the scoring model
     lengths: torch.Tensor  # [P, N] long, response tokens (EOS included)
     truncated: torch.Tensor  # [P, N] bool, hit max_new_tokens before EOS
+
+    @property
+    def loglik(self) -> torch.Tensor:  # [P, N] float32, log-likelihood of the draw under the scoring model
+        return self.scores["loglik"]
 
     @staticmethod
     def concat(parts: Sequence["SeedDraws"]) -> "SeedDraws":
         """Stack prompt batches of one seed along the prompt axis."""
-        fields = ("correct", "answer_codes", "loglik", "lengths", "truncated")
-        return SeedDraws(**{f: torch.cat([getattr(p, f) for p in parts]) for f in fields})
+        fields = ("correct", "answer_codes", "lengths", "truncated")
+        scores = {name: torch.cat([p.scores[name] for p in parts]) for name in parts[0].scores}
+        return SeedDraws(scores=scores, **{f: torch.cat([getattr(p, f) for p in parts]) for f in fields})
 
 
 def answer_codes(answers: list[list[str | None]]) -> torch.Tensor:
@@ -59,15 +64,6 @@ def answer_codes(answers: list[list[str | None]]) -> torch.Tensor:
         seen: dict[str, int] = {}
         rows.append([-1 if a is None else seen.setdefault(a, len(seen)) for a in group])
     return torch.tensor(rows, dtype=torch.long)
-
-
-def self_reward_scores(draws: SeedDraws, reward: str) -> torch.Tensor:
-    """[P, N] scores by ``reward``: loglik, or loglik_norm (per response token, as in rewards.py)."""
-    if reward == "loglik":
-        return draws.loglik
-    if reward == "loglik_norm":
-        return draws.loglik / draws.lengths.clamp(min=1)
-    raise ValueError(f"unknown self-reward {reward!r}; choose one of {', '.join(SELF_REWARDS)}")
 
 
 def nested_best_of_n(
@@ -155,7 +151,7 @@ def seed_metrics(draws: SeedDraws, n_values: Sequence[int], truncated_policy: st
     out: dict = {"sample": sample, **{m: {} for m in METHODS}}
     for n in n_values:
         for reward in SELF_REWARDS:
-            idx = nested_best_of_n(self_reward_scores(draws, reward), draws.truncated, n, truncated_policy)[:, None]
+            idx = nested_best_of_n(draws.scores[reward], draws.truncated, n, truncated_policy)[:, None]
             out[f"bon_{reward}"][n] = {
                 "accuracy": _mean(draws.correct.gather(-1, idx)),
                 "chosen_loglik": _mean(draws.loglik.gather(-1, idx)),

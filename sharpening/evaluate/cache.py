@@ -16,6 +16,7 @@ from typing import Callable
 
 import torch
 
+from sharpening.checkpoint import write_atomically
 from sharpening.types import PromptBatch, SampleBatch
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
@@ -99,7 +100,7 @@ class DrawCache:
         self, path: str | None, prompts: PromptBatch, exact: bool, draw: Callable[[], SampleBatch]
     ) -> SampleBatch:
         """The cached draws at ``path`` (tensors moved to the prompts' device), else ``draw()`` saved there."""
-        from safetensors.torch import load_file, save_file
+        from safetensors.torch import load_file, save
 
         if path is not None and os.path.isfile(path):
             tensors = load_file(path, device=str(prompts.prompt_ids.device))
@@ -107,11 +108,9 @@ class DrawCache:
             return SampleBatch(prompts, *(tensors[f] for f in self.FIELDS), exact_draws=exact)
         samples = draw()
         self.drawn += 1
-        if path is not None:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.tmp-{os.getpid()}"
-            save_file({f: getattr(samples, f).detach().cpu().contiguous() for f in self.FIELDS}, tmp)
-            os.replace(tmp, path)  # atomic: an interrupted run never leaves a half-written file under ``path``
+        if path is not None:  # whole or not at all: an interrupted run never leaves half a file under ``path``
+            tensors = {f: getattr(samples, f).detach().cpu().contiguous() for f in self.FIELDS}
+            write_atomically(path, lambda file: file.write(save(tensors)), binary=True, what="caching draws")
         return samples
 
 

@@ -12,7 +12,8 @@ import csv
 import json
 import logging
 import os
-from typing import IO, Callable
+
+from sharpening.checkpoint import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -32,20 +33,6 @@ STYLES = {  # distinct widths and markers, so coinciding curves (e.g. best-of-N 
     "maj": dict(color="tab:green", marker="^", ms=5, lw=1.5),
     "pass": dict(color="dimgray", marker="x", ms=6, lw=1.2, ls="--"),
 }
-
-
-def write_atomically(path: str, write: Callable[[IO[str]], None]) -> str:
-    """``write(file)`` into a temporary file beside ``path``, then rename it over ``path``: a reader (or a
-    run killed while writing) sees the old file or the new one, never half of one."""
-    partial = f"{path}.{os.getpid()}.partial"
-    try:
-        with open(partial, "w", newline="") as f:
-            write(f)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
-    return path
 
 
 def write_results(results: dict, out_dir: str) -> list[str]:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sharpening.errors import unwritable_directory_problem
-from sharpening.evaluate_sources import (
+from sharpening.evaluate.sources import (
     adapter_base_check,
     adapter_files_problem,
     is_adapter_dir,

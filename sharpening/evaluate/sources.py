@@ -1,18 +1,26 @@
-"""Which model and adapter `sharpen evaluate` reads, and whether they fit together, checked from their files and
-config.json before any weight loads: an adapter directory and its weights, the base its adapter_config.json names
-(the same directory or hub id, the same weight shapes), the tokenizer files, and the vocabulary the ids need.
+"""Which model and adapter `sharpen evaluate` reads, whether they fit together, and loading them.
+
+The checks read files and config.json before any weight loads: an adapter directory and its weights, the base its
+adapter_config.json names (the same directory or hub id, the same weight shapes), the tokenizer files, and the
+vocabulary the ids need. The weights load through training's loader (``policy.load_for_inference``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
-from sharpening.model_checks import token_ids_problem
+import torch
 
-if TYPE_CHECKING:
-    from sharpening.evaluate_config import EvalModelConfig
+from sharpening.errors import ConfigError
+from sharpening.evaluate.cache import WEIGHT_SUFFIXES, model_fingerprint
+from sharpening.model_checks import token_ids_problem
+from sharpening.policy import PolicyConfig, load_for_inference, load_tokenizer
+
+if TYPE_CHECKING:  # config.py imports this module's checks
+    from sharpening.evaluate.config import EvalModelConfig
 
 
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -133,7 +141,6 @@ def shape_differences(a: dict, b: dict) -> list[str]:
 
 def _same_weights(a: str, b: str) -> bool:
     """Whether two model directories hold the same weight files (a copy), by their fingerprints."""
-    from sharpening.evaluate_cache import WEIGHT_SUFFIXES, model_fingerprint
 
     def weights(name: str) -> dict:
         return {k: v for k, v in model_fingerprint(name)["files"].items() if k.endswith(WEIGHT_SUFFIXES)}
@@ -191,3 +198,50 @@ def tokenizer_vocabulary_problem(model: str, revision: str | None, tokenizer, pr
     """Why ``model`` cannot embed the ids its tokenizer feeds it (model_checks.token_ids_problem), from its config.json."""
 
     return token_ids_problem(tokenizer, prompt_ids, (_model_config(model, revision) or {}).get("vocab_size"))
+
+
+# ---------------------------------------------------------------- loading
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def load_tokenizer_for(cfg: EvalModelConfig, model: str, adapter: str | None):
+    """The tokenizer used for templating, sampling and decoding: the adapter's when it saved one."""
+    source = adapter if adapter and os.path.isfile(os.path.join(adapter, "tokenizer_config.json")) else model
+    try:
+        return load_tokenizer(PolicyConfig(model_name_or_path=source, trust_remote_code=cfg.trust_remote_code,
+                                           revision=None if source == adapter else cfg.revision))  # fmt: skip
+    except ConfigError as err:  # named for training's option; here the tokenizer is the model's or adapter's
+        option = "--model.adapter_path" if source == adapter else "--model.model_name_or_path"
+        raise ConfigError([p.replace("--model.policy.model_name_or_path", option) for p in err.problems]) from None
+
+
+def policy_config(cfg: EvalModelConfig, model: str) -> PolicyConfig:
+    """The training loader's settings for loading ``model`` as ``cfg`` asks: 4-bit NF4 weights are what a
+    QLoRA run holds its base in (finetuning=qlora); otherwise weights load as stored in ``cfg.dtype``."""
+    return PolicyConfig(
+        model_name_or_path=model, finetuning="qlora" if cfg.load_in_4bit else "full", dtype=cfg.dtype,
+        attn_implementation=cfg.attn_implementation, cpu_linear=cfg.cpu_linear,
+        trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+    )  # fmt: skip
+
+
+def load_models(cfg: EvalModelConfig, model: str, adapter: str | None, device: torch.device):
+    """(evaluated model, separate frozen base or None), in eval mode on ``device``.
+
+    The separate base is loaded only for score_with=base without an adapter; with an adapter the base is
+    the same weights with the adapter disabled (no second copy, SPEC 4.3). That base loads at the hub's
+    default revision and, in 4-bit, keeps the dtypes it loads with (no float32 cast of its other weights).
+    """
+    loaded = policy_config(cfg, model)
+    evaluated = load_for_inference(loaded, device, "--model.model_name_or_path", adapter)
+    base = None
+    if cfg.score_with == "base" and adapter is None:
+        base_cfg = replace(loaded, model_name_or_path=cfg.base_model_name_or_path, revision=None)
+        base = load_for_inference(base_cfg, device, "--model.base_model_name_or_path", prepare_4bit=False)
+    return evaluated, base

@@ -18,8 +18,8 @@ import time
 import warnings
 
 from sharpening.errors import ConfigError, raise_if_problems, unwritable_directory_problem
-from sharpening.evaluate import measure
-from sharpening.evaluate_config import (
+from sharpening.evaluate.command import measure
+from sharpening.evaluate.config import (
     EvalModelConfig,
     ProtocolConfig,
     overlap_problem,
@@ -28,8 +28,8 @@ from sharpening.evaluate_config import (
     validate_model_config,
     validate_protocol_config,
 )
-from sharpening.evaluate_sources import adapter_base_check, is_adapter_dir
-from sharpening.evaluate_report import find_row
+from sharpening.evaluate.sources import adapter_base_check, is_adapter_dir
+from sharpening.evaluate.report import find_row
 
 KEYS = {"greedy_accuracy": ("greedy", 1), "sample_accuracy": ("sample", 1), "bon_accuracy": ("bon_loglik", None),
         "pass_at_n": ("pass", None)}  # fmt: skip

@@ -1,0 +1,5 @@
+"""``python -m sharpening.evaluate ...``: the same as ``sharpen evaluate ...``."""
+
+from sharpening.evaluate import main
+
+main()

@@ -1,0 +1,111 @@
+"""Drawing and scoring the samples of `sharpen evaluate`: one prompt batch per (kind, seed), from the cache or the
+sampler, scored as the training round scores (token log-probs, then ``rewards.score_samples``) and reduced to
+what the protocol needs (:class:`~sharpening.evaluate.protocol.SeedDraws`).
+
+Draws are exact at temperature 1, so the sampler's log-probs ARE the drawing model's log-likelihoods (SPEC 4.4):
+they are rescored teacher-forced only for ``score_with: base`` or another temperature.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import asdict, dataclass
+
+import torch
+
+from sharpening.cpu_linear import packed_linear_weights
+from sharpening.evaluate.cache import DrawCache
+from sharpening.evaluate.config import ProtocolConfig
+from sharpening.evaluate.protocol import SELF_REWARDS, SeedDraws, answer_codes
+from sharpening.logprobs import sample_logprobs
+from sharpening.policy import frozen_base, stop_token_ids
+from sharpening.prompts import PromptDataModule
+from sharpening.rewards import extract_answers, score_samples
+from sharpening.sampler import SamplingConfig, decode_responses, generate_samples
+from sharpening.tasks.extractors import answers_match, resolve_extractor
+from sharpening.types import PromptBatch, SampleBatch
+
+
+@dataclass
+class DrawContext:
+    """Everything needed to draw, cache and score one batch of prompts."""
+
+    model: torch.nn.Module
+    base: torch.nn.Module | None
+    tokenizer: object
+    data: PromptDataModule
+    protocol: ProtocolConfig
+    score_with: str
+    cache: DrawCache
+
+
+def score_draws(samples: SampleBatch, model, base, score_with: str) -> dict[str, torch.Tensor]:
+    """The protocol's self-rewards of every draw under the scoring model: {name: [B, N] float32 on the CPU}.
+
+    The sampler's log-probs are reused only for exact draws scored by the model that drew them (SPEC 4.4);
+    otherwise the draws are rescored teacher-forced (sharpening.logprobs.sample_logprobs), as a training round
+    rescores under the frozen base.
+    """
+    if score_with == "self" and samples.exact_draws:
+        token_logprobs = samples.logprobs
+    elif score_with == "self":
+        with torch.no_grad():
+            token_logprobs = sample_logprobs(model, samples)
+    else:
+        with frozen_base(model, base) as scorer:
+            token_logprobs = sample_logprobs(scorer, samples)
+    return {  # [B, N, T] -> [B, N] per self-reward
+        reward: score_samples(reward, token_logprobs, samples.response_mask).cpu() for reward in SELF_REWARDS
+    }
+
+
+def reduce_draws(samples: SampleBatch, scores: dict[str, torch.Tensor], tokenizer, extractor) -> SeedDraws:
+    """What the protocol needs from a batch of draws: correctness, answer codes, scores, lengths, truncation."""
+    answers = extract_answers(decode_responses(tokenizer, samples), extractor)
+    correct = torch.tensor(
+        [[answers_match(a, ref, extractor) for a in group] for group, ref in zip(answers, samples.prompts.answers)]
+    )  # [B, N]
+    return SeedDraws(correct, answer_codes(answers), scores, samples.lengths.cpu(), samples.truncated.cpu())
+
+
+def draw_batch(ctx: DrawContext, prompts: PromptBatch, kind: str, seed: int) -> SeedDraws:
+    """One prompt batch of one seed (kind=sample) or of the greedy run (kind=greedy), from the cache if there."""
+    p = ctx.protocol
+    greedy = kind == "greedy"
+    cfg = SamplingConfig(1 if greedy else p.n_max, p.max_new_tokens, 0.0 if greedy else p.temperature, decode=p.decode)
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("prompts_per_batch", "decode")}  # same draws
+    texts = [ctx.data.prompt_texts[i] for i in prompts.prompt_indices.tolist()]
+    eos, pad = stop_token_ids(ctx.model, ctx.tokenizer), ctx.tokenizer.pad_token_id
+    if len(eos) > 1:  # draws stop on each of these (a single EOS keeps the key of earlier caches)
+        settings["stop_token_ids"] = eos
+    path = ctx.cache.path(kind, seed, settings, prompts, texts)
+    exact = not greedy and cfg.temperature == 1.0
+    draw = functools.partial(generate_samples, ctx.model, prompts, cfg, eos, pad, seed=seed)
+    samples = ctx.cache.get_or_draw(path, prompts, exact, draw)
+    scores = score_draws(samples, ctx.model, ctx.base, ctx.score_with)
+    return reduce_draws(samples, scores, ctx.tokenizer, resolve_extractor(p.answer_extractor))
+
+
+def collect_draws(
+    ctx: DrawContext, device: torch.device, show_progress: bool = True
+) -> tuple[list[SeedDraws], SeedDraws]:
+    """(one SeedDraws per seed [P, N_max], the greedy run [P, 1]), with a progress bar over batches."""
+    from tqdm.auto import tqdm
+
+    p = ctx.protocol
+    batches = list(ctx.data.prompt_batches(p.prompts_per_batch, device=device))
+    runs = [("greedy", 0)] + [("sample", p.seed + s) for s in range(p.seeds)]
+    total = len(runs) * len(batches)
+    bar = tqdm(total=total, desc=f"sampling N_max={p.n_max}", unit="batch", disable=not show_progress)
+    out = []
+    models = torch.nn.ModuleList([m for m in (ctx.model, ctx.base) if m is not None])
+    with packed_linear_weights(models):  # oneDNN's weight layout made once for all batches (cpu_linear.py)
+        for kind, seed in runs:
+            parts = []
+            for prompts in batches:
+                parts.append(draw_batch(ctx, prompts, kind, seed))
+                bar.set_postfix_str(f"{kind} seed {seed}, {ctx.cache.reused} batch(es) from cache", refresh=False)
+                bar.update()
+            out.append(SeedDraws.concat(parts))
+    bar.close()
+    return out[1:], out[0]

@@ -1,6 +1,5 @@
 """The checkpoint stage's pure parts: atomic writes, trainable-only state, the resume lookup."""
 
-import doctest
 import errno
 import os
 
@@ -17,11 +16,6 @@ from sharpening.checkpoint import (
     trainable_state_dict,
     write_atomically,
 )
-
-
-def test_doctests():
-    result = doctest.testmod(checkpoint)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def test_write_goes_through_a_hidden_partial_file_that_is_fsynced_then_renamed(tmp_path, monkeypatch):

@@ -209,8 +209,9 @@ def pad_prompts(prompt_ids: list[list[int]], indices: list[int], answers: list, 
 class PromptDataModule(L.LightningDataModule):
     """Prompts for sharpening, from a hub dataset or a local file.
 
-    It serves prompts to the self-verification callback (``prompt_batches``). The module trains on the
-    samples that callback selects, so ``train_dataloader`` hands over to the module's own.
+    It serves prompts to the self-verification callback (``prompt_batches``) and to modules that draw their
+    own samples (``batch``). Lightning takes the training loader from an attached data module only, so
+    ``train_dataloader`` hands over to the module's own (over the round's kept samples, or prompt indices).
     """
 
     def __init__(
@@ -367,7 +368,7 @@ class PromptDataModule(L.LightningDataModule):
         return len(self.prompt_ids)
 
     def train_dataloader(self):
-        """The module's loader over its buffer of selected samples (Lightning asks the data module)."""
+        """The module's own training loader (Lightning asks the data module when one is attached)."""
         return self.trainer.lightning_module.train_dataloader()
 
     def prompt_batches(

@@ -329,7 +329,7 @@ def test_bad_input_is_refused_early_and_nothing_is_written(case, tiny_model_path
         raise AssertionError("model weights were loaded before the input was checked")
 
     monkeypatch.setattr("sharpening.policy_module.load_policy", no_weights)
-    monkeypatch.setattr("sharpening.callbacks.generate_samples", no_weights)
+    monkeypatch.setattr("sharpening.verifier.generate_samples", no_weights)
     args = [
         "fit", "--config", config,
         f"--model.init_args.policy.model_name_or_path={tiny_model_path}",

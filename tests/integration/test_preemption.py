@@ -89,9 +89,9 @@ def _safety():
 
 def test_sigterm_during_the_epoch_end_round_resumes_to_the_same_weights(tiny_model_path, prompts_file, tmp_path, monkeypatch):
     full = main(_args(tiny_model_path, prompts_file, tmp_path / "full"))
-    import sharpening.callbacks as callbacks
+    import sharpening.verifier as verifier
 
-    real = callbacks.generate_samples
+    real = verifier.generate_samples
     calls = {"n": 0}
 
     def sigterm_in_second_round(*args, **kwargs):
@@ -100,7 +100,7 @@ def test_sigterm_during_the_epoch_end_round_resumes_to_the_same_weights(tiny_mod
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(callbacks, "generate_samples", sigterm_in_second_round)
+    monkeypatch.setattr(verifier, "generate_samples", sigterm_in_second_round)
     stopped = main(_args(tiny_model_path, prompts_file, tmp_path / "run"))
     assert stopped.trainer.global_step == 2 and _verifier(stopped).buffer.epoch == 0  # round 1 abandoned
     assert (tmp_path / "run" / "checkpoints" / PREEMPTED_CHECKPOINT).is_file()
@@ -112,15 +112,15 @@ def test_sigterm_during_the_epoch_end_round_resumes_to_the_same_weights(tiny_mod
 
 
 def test_sigterm_during_the_first_round_stops_cleanly(tiny_model_path, prompts_file, tmp_path, monkeypatch):
-    import sharpening.callbacks as callbacks
+    import sharpening.verifier as verifier
 
-    real = callbacks.generate_samples
+    real = verifier.generate_samples
 
     def sigterm(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(callbacks, "generate_samples", sigterm)
+    monkeypatch.setattr(verifier, "generate_samples", sigterm)
     cli = main(_args(tiny_model_path, prompts_file, tmp_path / "run"))
     assert cli.trainer.global_step == 0 and len(_verifier(cli).buffer) == 0
     assert not (tmp_path / "run" / "out").exists()

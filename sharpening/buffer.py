@@ -68,10 +68,6 @@ def selected_examples(scored: ScoredSamples) -> list[BufferExample]:
     return out
 
 
-def no_round(epoch: int) -> None:  # imported by rl/module.py until offline RL asks round_examples(); removed then
-    """No round to run."""
-
-
 # re-exports; removed in the final import pass
 from sharpening.packing import collate_examples, collate_packed, pack_rows  # noqa: E402, F401
 from sharpening.prompts import EpochSampler, batch_response_tokens, epoch_sampler  # noqa: E402, F401

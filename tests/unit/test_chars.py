@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import doctest
-
 import pytest
 
-import sharpening.tasks.chars as chars_module
 from sharpening.tasks.chars import SPECIAL_TOKENS, build_char_tokenizer
-
-
-def test_doctests():
-    assert doctest.testmod(chars_module).failed == 0
 
 
 def test_ids_and_specials():

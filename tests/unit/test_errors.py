@@ -56,15 +56,6 @@ def test_collect_problems_reports_every_section_at_once():
         raise_if_problems(["--e: bad"])
 
 
-def test_doctests():
-    import doctest
-
-    import sharpening.errors as errors_module
-
-    result = doctest.testmod(errors_module)
-    assert result.attempted > 0 and result.failed == 0
-
-
 UNION_REPORT = """Parser key "model":
   Does not validate against any of the Union subtypes
   Subtypes: [<class 'sharpening.policy_module.PolicyModule'>, <class 'NoneType'>]

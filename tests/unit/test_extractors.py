@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import doctest
-
 import pytest
 
-import sharpening.tasks.extractors as extractors_module
 from sharpening.tasks.extractors import (
     EXTRACTORS,
     answers_match,
@@ -18,10 +15,6 @@ from sharpening.tasks.extractors import (
     extract_strip,
     resolve_extractor,
 )
-
-
-def test_doctests():
-    assert doctest.testmod(extractors_module).failed == 0
 
 
 @pytest.mark.parametrize("text, want", [("  dcba ", "dcba"), ("", None), ("  \n", None), ("a b", "a b")])

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import doctest
-
 import torch
 
-import sharpening.losses as losses_module
 from sharpening.losses import masked_nll
 
 
@@ -54,8 +51,3 @@ def test_parts_over_the_step_count_sum_to_the_token_mean_of_the_whole_batch():
     torch.testing.assert_close(parts, whole)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(got[mask], torch.full((36,), -1 / 36))
-
-
-def test_doctests():
-    result = doctest.testmod(losses_module)
-    assert result.attempted > 0 and result.failed == 0

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-import sharpening.optim as optim_module
 from sharpening.optim import (
     OptimizerConfig,
     build_optimizer,
@@ -120,13 +119,6 @@ def test_build_optimizer_steps_the_schedule_lazily():
 )
 def test_total_optimizer_steps(stepping_batches, updates, max_steps, want):
     assert total_optimizer_steps(stepping_batches, updates, max_steps) == want
-
-
-def test_doctests():
-    import doctest
-
-    result = doctest.testmod(optim_module)
-    assert result.attempted > 0 and result.failed == 0
 
 
 def _plan(total_steps, max_epochs, max_steps=-1) -> dict:

@@ -535,12 +535,3 @@ def test_a_missing_demo_model_says_how_to_build_it(tmp_path):
     problem = model_source_problem(str(tmp_path / "artifacts" / "demo" / "base"))
     assert "python -m sharpening.tasks.demo build --out artifacts/demo" in problem
     assert "demo" not in model_source_problem(str(tmp_path / "models" / "base"))
-
-
-def test_model_checks_doctests_run():
-    import doctest
-
-    from sharpening import model_checks
-
-    result = doctest.testmod(model_checks)
-    assert result.attempted > 0 and result.failed == 0

@@ -235,15 +235,6 @@ def test_a_malformed_jsonl_line_is_a_config_error_naming_the_parser_message(tmp_
     assert text.startswith(f"--data.dataset={str(path)!r}: no rows could be read") and "DatasetGenerationError" not in text
 
 
-def test_doctests():
-    import doctest
-
-    from sharpening import prompts
-
-    result = doctest.testmod(prompts)
-    assert result.attempted > 0 and result.failed == 0
-
-
 def test_empty_prompts_are_skipped_with_a_warning_and_all_empty_is_refused(tmp_path, tiny_tokenizer):
     rows = [{"q": "ab"}, {"q": "  "}, {"q": "cd"}, {"q": ""}]
     path = _write(tmp_path, "jsonl", rows)

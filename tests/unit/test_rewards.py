@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import doctest
 import itertools
 import math
 
 import pytest
 import torch
 
-import sharpening.rewards as rewards_module
 from sharpening.logprobs import response_logprobs
 from sharpening.prompts import pad_prompts
 from sharpening.rewards import (
@@ -22,11 +20,6 @@ from sharpening.rewards import (
 )
 from sharpening.sampler import SamplingConfig, generate_samples
 from sharpening.selection import best_of_n
-
-
-def test_doctests():
-    assert doctest.testmod(rewards_module).failed == 0
-
 
 # ---------------------------------------------------------------- log-likelihood
 

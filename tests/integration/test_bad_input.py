@@ -353,6 +353,7 @@ def test_bad_input_is_refused_early_and_nothing_is_written(case, tiny_model_path
         assert (tmp_path / "root" / "config.yaml").read_text() == "mine: true\n"
 
 
+@pytest.mark.slow
 def test_resume_checkpoint_from_another_model_or_algorithm_is_refused(tiny_model_path, prompts_file, tmp_path):
     run = [
         "fit", "--config", SFT, f"--model.init_args.policy.model_name_or_path={tiny_model_path}",

@@ -111,6 +111,7 @@ def test_output_dir_over_the_model_prompts_or_run_is_refused_whatever_overwrite_
     assert _files(tmp_path) == before  # byte for byte, and nothing new
 
 
+@pytest.mark.slow
 def test_output_dir_inside_the_run_directory_is_the_shipped_layout(tiny_model_path, prompts_file, tmp_path, monkeypatch):
     """configs/*.yaml write the policy to <default_root_dir>/adapter or /model: accepted."""
     model, prompts, root = _demo_layout(tmp_path, tiny_model_path, prompts_file)
@@ -181,6 +182,7 @@ def _stop(*args, **kwargs):
     raise _Stop
 
 
+@pytest.mark.slow
 def test_a_second_run_into_held_directories_is_refused(tiny_model_path, prompts_file, tmp_path, monkeypatch):
     """Run B starts while run A loads its weights: into A's root and output_dir, or only A's output_dir."""
     root, out = tmp_path / "run", tmp_path / "out"
@@ -358,6 +360,7 @@ def test_full_disk_while_writing_the_policy_keeps_the_previous_one(tmp_path):
     assert _files(tmp_path) == before and sorted(os.listdir(tmp_path)) == ["out"]
 
 
+@pytest.mark.slow
 def test_full_disk_during_training_stops_with_the_last_good_checkpoint(tiny_model_path, prompts_file, tmp_path, monkeypatch):
     """The second epoch's checkpoint does not fit: the run stops naming the directory; the first one stays."""
     import sharpening.checkpoint.files as checkpoint

@@ -97,6 +97,7 @@ def adapter_path(tiny_model_path, tmp_path_factory) -> str:
     return _adapter(tiny_model_path, tmp_path_factory.mktemp("adapter"))
 
 
+@pytest.mark.slow
 def test_an_adapter_made_for_other_shapes_is_refused_naming_both_models(tiny_model_path, tmp_path):
     from tests.helpers import build_tiny_model
 

@@ -40,6 +40,7 @@ def _digest(path) -> str:
     return hashlib.sha256(open(os.path.join(path, "model.safetensors"), "rb").read()).hexdigest()
 
 
+@pytest.mark.slow
 def test_base_build_is_deterministic_and_skips_when_current(tmp_path):
     first = demo.build_demo_base(tmp_path / "a", steps=5, batch_size=16)
     second = demo.build_demo_base(tmp_path / "b", steps=5, batch_size=16)
@@ -49,6 +50,7 @@ def test_base_build_is_deterministic_and_skips_when_current(tmp_path):
     assert os.path.getmtime(os.path.join(first, "model.safetensors")) == stamp
 
 
+@pytest.mark.slow
 def test_demo_config_runs_on_a_briefly_trained_demo_base(tmp_path):
     base = demo.build_demo_base(tmp_path, steps=5, batch_size=16)
     train, _ = demo.write_demo_data(tmp_path)

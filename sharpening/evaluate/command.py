@@ -32,11 +32,13 @@ from sharpening.evaluate.config import (
 )
 from sharpening.evaluate.draws import DrawContext, collect_draws
 from sharpening.evaluate.protocol import SeedDraws, loglik_histogram, protocol_table, seed_metrics
-from sharpening.evaluate.report import (
-    format_table, remove_plots, replaced_input_problems, write_plots, write_results,
-)
+from sharpening.evaluate.report import format_table, remove_plots, replaced_input_problems, write_plots, write_results
 from sharpening.evaluate.sources import (
-    adapter_base_check, load_models, load_tokenizer_for, resolve_device, resolve_model_sources,
+    adapter_base_check,
+    load_models,
+    load_tokenizer_for,
+    resolve_device,
+    resolve_model_sources,
     tokenizer_vocabulary_problem,
 )
 from sharpening.prompts import PromptDataModule

@@ -28,8 +28,8 @@ from sharpening.evaluate.config import (
     validate_model_config,
     validate_protocol_config,
 )
-from sharpening.evaluate.sources import adapter_base_check, is_adapter_dir
 from sharpening.evaluate.report import find_row
+from sharpening.evaluate.sources import adapter_base_check, is_adapter_dir
 
 KEYS = {"greedy_accuracy": ("greedy", 1), "sample_accuracy": ("sample", 1), "bon_accuracy": ("bon_loglik", None),
         "pass_at_n": ("pass", None)}  # fmt: skip

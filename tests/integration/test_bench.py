@@ -66,6 +66,7 @@ def test_warm_rl_steps_need_enough_prompts():
     assert bench.parse_args(["--quick", "--warm-rl-steps", "2", "--compare", "none"]).prompts == 24
 
 
+@pytest.mark.slow
 def test_few_shot_workload_shares_one_long_prefix_and_fits_the_model(tmp_path):
     """--few-shot K: every prompt starts with the same K worked sums; the model's positions cover prompt + 32."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))

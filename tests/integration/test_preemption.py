@@ -145,6 +145,7 @@ def test_nan_gradient_stops_with_the_last_good_state(tiny_model_path, prompts_fi
     assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
 
 
+@pytest.mark.slow
 def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tiny_model_path, prompts_file, tmp_path):
     import subprocess
     import sys

@@ -134,7 +134,7 @@ class RLSharpeningModule(PolicyModule):
         CUDA), no training prompt left, gradient accumulation (each training step IS one update of a rollout),
         and what FSDP cannot shard. A rollout's updates are one unit: ``--trainer.max_steps`` is rounded up to a
         whole number of rollouts, so the last rollout drawn runs all its updates and the learning-rate schedule
-        (which counts optimizer steps) ends with it."""
+        (which counts optimizer steps) ends with it. Under FSDP, XPO's held-out pick of a round is refused."""
         super().setup(stage)
         trainer = self.trainer
         problems = decode_device_problems(self.sampling, trainer.strategy.root_device, "--model.sampling")
@@ -150,6 +150,11 @@ class RLSharpeningModule(PolicyModule):
                 f"--trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: RL-sharpening takes one update "
                 "per training step (several per rollout with --model.rl.inner_updates); set it to 1 and raise "
                 "--model.prompts_per_step for larger updates"
+            )
+        if self.sharded and self.rl.algorithm == "xpo" and self.rl.heldout_prompts:
+            problems.append(
+                f"--model.rl.heldout_prompts={self.rl.heldout_prompts}: under FSDP XPO cannot keep the best round's "
+                "weights (each rank holds a shard of them); set it to 0 (the last round is written), or use DDP"
             )
         raise_if_problems(problems)
         updates, max_steps = self.updates_per_rollout(), trainer.max_steps

@@ -137,12 +137,11 @@ def test_fsdp_sigterm_on_one_rank_stops_both_and_resumes_exactly(tiny_model_path
 @pytest.mark.parametrize(
     "config, extra, message",
     [
-        ("rl.yaml", ["--model.prompts_per_step=2"], ["RL-sharpening does not run under FSDP", "--trainer.strategy ddp"]),
         ("fsdp.yaml", [*SFT, "--model.policy.finetuning=lora", "--model.policy.dtype=bfloat16"],
          ["--model.policy.dtype=bfloat16: LoRA under FSDP needs float32 weights", "--model.policy.dtype float32"]),
         ("fsdp.yaml", [*SFT, "--model.policy.finetuning=qlora"], ["--model.policy.finetuning=qlora: QLoRA does not run under FSDP"]),
     ],
-    ids=["rl", "lora-bf16", "qlora"],
+    ids=["lora-bf16", "qlora"],
 )
 def test_what_fsdp_cannot_shard_is_refused_before_weights_load(config, extra, message, tiny_model_path, seven_prompts, tmp_path):
     done = _fit(config, tiny_model_path, seven_prompts, tmp_path, *extra)

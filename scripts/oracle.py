@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""RL-sharpening against the closed-form optimum, by enumeration (SPEC 5).
+"""RL-sharpening against the closed-form optimum, by enumeration (method.md §5).
 
 Builds an enumerable toy (3 prompts, responses of at most 3 tokens over {a, b}, a tiny Llama distilled to
 known tables), computes pi*_beta = pi_base^(1 + 1/beta) exactly, trains each algorithm through the real

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""RL-sharpening with responses cut short: --model.rl.truncated keep / drop / penalize, by enumeration (SPEC 4.5).
+"""RL-sharpening with responses cut short: --model.rl.truncated keep / drop / penalize, by enumeration (method.md §4.5).
 
 The oracle toy of scripts/oracle.py (3 prompts over {a, b}, beta = 0.5) trained with max_new_tokens 2 instead
 of 3: every two-letter response is cut before its EOS, so a truncated outcome's log-prob is that of its prefix

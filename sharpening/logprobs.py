@@ -287,7 +287,7 @@ def sample_logprobs(
 ) -> torch.Tensor:
     """Teacher-forced per-token log-probs of every sample under ``model``: [B, N, T] float32.
 
-    Uses exactly the prompt ids the samples were drawn from (SPEC 4.1). With ``share_prompt`` (and N > 1,
+    Uses exactly the prompt ids the samples were drawn from (method.md §4.1). With ``share_prompt`` (and N > 1,
     and no ``shared_prompt_problem``) each prompt runs once for its N samples (``group_response_logprobs``);
     otherwise every sample row carries its own copy of the prompt. Gradients flow when called under grad.
     """

@@ -23,7 +23,7 @@ def masked_nll(
     return -(token_logprobs * response_mask).sum() / count
 
 
-# ---- RL-sharpening (SPEC 3.2): maximise E_pi[log pi_base(y|x)] - beta KL(pi || pi_base) ----------------
+# ---- RL-sharpening (method.md §3.2): maximise E_pi[log pi_base(y|x)] - beta KL(pi || pi_base) ---------
 # Shapes: R = B*G samples, T response positions; sequence quantities are sums over response tokens.
 
 

@@ -1,6 +1,6 @@
 """Load the policy and its tokenizer; full fine-tuning, LoRA or QLoRA; expose the frozen base.
 
-The verifier is always the frozen base model (SPEC 4.3): with LoRA/QLoRA it is the SAME weights with
+The verifier is always the frozen base model (method.md §4.3): with LoRA/QLoRA it is the SAME weights with
 the adapter disabled (no second copy); with full fine-tuning it is one frozen copy, shared by every
 self-reward and KL computation.
 """

@@ -1,6 +1,6 @@
 """Self-rewards: how much the frozen base model believes in its own response.
 
-All rewards are "higher is better" and computed from the frozen base only (SPEC 2, 4.1-4.3).
+All rewards are "higher is better" and computed from the frozen base only (method.md §2, §4.1-4.3).
 EOS is part of the response and is scored: it belongs to the response's probability.
 ``REWARDS`` is the one table of them: the training round and `sharpen evaluate` both score through
 :func:`score_samples`.

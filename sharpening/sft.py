@@ -1,4 +1,4 @@
-"""SFTSharpeningModule: maximum likelihood on the self-selected best-of-N samples (SPEC 3.1).
+"""SFTSharpeningModule: maximum likelihood on the self-selected best-of-N samples (method.md §3.1).
 
 It trains on the (prompt, best response) pairs the SelfVerificationCallback keeps, scored by the frozen
 base (``trains_on`` "selected", ``round_examples``), and minimises the NLL of the response tokens, prompt

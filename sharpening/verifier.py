@@ -122,7 +122,7 @@ def stopping_top_k(settings: RoundSettings) -> int:
 
 def score(models: RoundModels, samples: SampleBatch, answers, settings: RoundSettings) -> torch.Tensor:
     """Self-rewards [B, N] from the frozen base; sampler log-probs are reused only when they ARE base
-    log-probs of exact draws (sampled from the base at temperature 1 with no truncation, SPEC 4.4)."""
+    log-probs of exact draws (sampled from the base at temperature 1 with no truncation, method.md §4.4)."""
     reward = settings.selection.reward
     if reward == "majority":
         return score_samples("majority", answers=answers)

@@ -1,4 +1,4 @@
-"""`sharpen evaluate`: inference-time sharpening, the paper's best-of-N protocol (SPEC 3.3).
+"""`sharpen evaluate`: inference-time sharpening, the paper's best-of-N protocol (method.md §3.3).
 
     sharpen evaluate --config configs/evaluate/demo.yaml
     sharpen evaluate --model.model_name_or_path DIR --data.dataset FILE --output_dir OUT [--overwrite true]
@@ -6,7 +6,7 @@
 
 Per seed, N_max responses per prompt are drawn ONCE at temperature 1 with no top-k/top-p; best-of-N
 (per self-reward), maj@N and pass@N for a smaller N use the first N of them; greedy decoding runs once.
-Draws are exact, so the sampler's log-probs ARE the evaluated model's log-likelihoods (SPEC 4.4): no
+Draws are exact, so the sampler's log-probs ARE the evaluated model's log-likelihoods (method.md §4.4): no
 rescoring, unless ``score_with: base`` asks to score a sharpened model's samples under its base (the
 adapter disabled, or the base loaded beside a fully fine-tuned model) or the temperature is not 1.
 Draws are cached on disk, so an interrupted run resumes where it stopped.

@@ -1,4 +1,4 @@
-"""`sharpen evaluate`: inference-time sharpening, the paper's best-of-N protocol (SPEC 3.3).
+"""`sharpen evaluate`: inference-time sharpening, the paper's best-of-N protocol (method.md §3.3).
 
 The command itself: its options (:func:`build_parser`), the checks of what it reads and writes, the output
 directory's lock, measuring (:func:`measure`: load, draw, score, compute the protocol's numbers) and the files it

@@ -2,7 +2,7 @@
 sampler, scored as the training round scores (token log-probs, then ``rewards.score_samples``) and reduced to
 what the protocol needs (:class:`~sharpening.evaluate.protocol.SeedDraws`).
 
-Draws are exact at temperature 1, so the sampler's log-probs ARE the drawing model's log-likelihoods (SPEC 4.4):
+Draws are exact at temperature 1, so the sampler's log-probs ARE the drawing model's log-likelihoods (method.md §4.4):
 they are rescored teacher-forced only for ``score_with: base`` or another temperature.
 """
 
@@ -42,7 +42,7 @@ class DrawContext:
 def score_draws(samples: SampleBatch, model, base, score_with: str) -> dict[str, torch.Tensor]:
     """The protocol's self-rewards of every draw under the scoring model: {name: [B, N] float32 on the CPU}.
 
-    The sampler's log-probs are reused only for exact draws scored by the model that drew them (SPEC 4.4);
+    The sampler's log-probs are reused only for exact draws scored by the model that drew them (method.md §4.4);
     otherwise the draws are rescored teacher-forced (sharpening.logprobs.sample_logprobs), as a training round
     rescores under the frozen base.
     """

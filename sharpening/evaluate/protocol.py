@@ -1,4 +1,4 @@
-"""The paper's inference-time protocol (SPEC 3.3) as pure functions over per-sample tensors.
+"""The paper's inference-time protocol (method.md §3.3) as pure functions over per-sample tensors.
 
 Per seed, N_max responses are drawn ONCE per prompt; best-of-N, majority vote and pass@N for a smaller N
 use the FIRST N of those same draws (nested subsets), so a curve over N shows the effect of N, not of
@@ -26,7 +26,9 @@ import torch
 from sharpening.selection import best_of_n
 
 SELF_REWARDS = ("loglik", "loglik_norm")
-"""Self-rewards that best-of-N ranks draws by (SPEC 2): names in ``sharpening.rewards.REWARDS``, which scores them."""
+"""Self-rewards that best-of-N ranks draws by (method.md §2): names in ``sharpening.rewards.REWARDS``, which scores
+them."""
+
 METHODS = ("bon_loglik", "bon_loglik_norm", "maj", "pass")
 """Methods reported for every N: best-of-N per self-reward, majority vote, pass@N (an oracle bound)."""
 

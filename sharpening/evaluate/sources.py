@@ -235,7 +235,7 @@ def load_models(cfg: EvalModelConfig, model: str, adapter: str | None, device: t
     """(evaluated model, separate frozen base or None), in eval mode on ``device``.
 
     The separate base is loaded only for score_with=base without an adapter; with an adapter the base is
-    the same weights with the adapter disabled (no second copy, SPEC 4.3). That base loads at the hub's
+    the same weights with the adapter disabled (no second copy, method.md §4.3). That base loads at the hub's
     default revision and, in 4-bit, keeps the dtypes it loads with (no float32 cast of its other weights).
     """
     loaded = policy_config(cfg, model)

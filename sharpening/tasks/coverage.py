@@ -1,4 +1,5 @@
-"""How many samples SFT-sharpening and XPO need on a low-coverage toy (SPEC 3.1, 3.2, 5).
+"""How many samples SFT-sharpening and XPO need on a low-coverage toy (method.md §2, §3.1, §3.2, §5).
+
 
 The toy (``toy.LOW_COVERAGE_TABLES``) has an argmax y* that holds only ~4% of the base mass, so
 C_cov = 1 / pi_base(y*) ~ 25. Everything is measured by enumeration:
@@ -112,7 +113,7 @@ def bon_cumulative(logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def bon_probabilities(logprobs: torch.Tensor, n: int) -> torch.Tensor:
-    """P(best-of-n by base log-prob = y) for every outcome (SPEC 5): (F(y)^n - F(y-)^n) * m_y / m_tie;
+    """P(best-of-n by base log-prob = y) for every outcome (method.md §5): (F(y)^n - F(y-)^n) * m_y / m_tie;
     within a tie the first sample of the winning score is kept, as ``select_top_k`` does.
     [O] log-probs -> [O] probabilities (float64)."""
     upto, below, share = bon_cumulative(logprobs)

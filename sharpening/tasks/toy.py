@@ -1,4 +1,4 @@
-"""Enumerable toys for RL-sharpening (SPEC 5): every response can be listed, so distributions are exact.
+"""Enumerable toys for RL-sharpening (method.md §5): every response can be listed, so distributions are exact.
 
 Responses are strings over a tiny alphabet, at most ``max_new_tokens`` tokens (EOS included). The
 outcomes are the complete responses (letters + EOS, up to max_new_tokens - 1 letters) and the

@@ -364,7 +364,7 @@ def test_no_eval_mode_warning_from_the_frozen_copy(toy_dir):
     assert not [w for w in caught if "in eval mode" in str(w.message)]
 
 
-# ---- truncated responses (SPEC 4.5): --model.rl.truncated ---------------------------------------------------
+# ---- truncated responses (method.md §4.5): --model.rl.truncated --------------------------------------------
 
 
 def _record(monkeypatch, every_sample_truncated: bool = False) -> dict:

@@ -299,7 +299,7 @@ def test_qlora_loads_4bit_layers_on_cpu(tiny_model_path, tiny_model):
 
 
 def test_response_logprobs_through_lora_and_its_frozen_base(lora_policy, tiny_model):
-    """Scoring a PEFT policy uses its adapter; inside frozen_base it is exactly the base model (SPEC 4.3)."""
+    """Scoring a PEFT policy uses its adapter; inside frozen_base it is exactly the base model (method.md §4.3)."""
     from sharpening.logprobs import response_logprobs
 
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Self-rewards, and the enumeration checks of SPEC 5 on a toy model whose responses can all be listed."""
+"""Self-rewards, and the enumeration checks of method.md §5 on a toy model whose responses can all be listed."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def test_length_normalization_can_reverse_the_raw_order():
     mask = torch.tensor([[True, False, False, False], [True, True, True, True]])
     raw = loglik_reward(logprobs, mask)
     norm = length_normalized_reward(logprobs, mask)
-    assert raw[0] > raw[1]  # raw log-prob favours the short answer (SPEC 4.6)
+    assert raw[0] > raw[1]  # raw log-prob favours the short answer (method.md §4.6)
     assert norm[1] > norm[0]
 
 
@@ -89,7 +89,7 @@ def test_majority_vote_table(answers, want):
 
 
 def test_majority_vote_none_counts_in_the_denominator():
-    # frequency among the N samples (SPEC 2), not among the answered ones
+    # frequency among the N samples (method.md §2), not among the answered ones
     torch.testing.assert_close(majority_vote_reward([["1", None, None, None]]), torch.tensor([[0.25, 0.0, 0.0, 0.0]]))
 
 
@@ -120,7 +120,7 @@ def test_extract_answers_keeps_shape():
     assert got == [["1", None], ["22", "d"]]
 
 
-# ---------------------------------------------------------------- SPEC 5: enumeration on a toy
+# ---------------------------------------------------------------- method.md §5: enumeration on a toy
 
 PAD, BOS, EOS, A = 0, 1, 2, 3
 NON_EOS = (PAD, BOS, A)  # the sampler may draw any vocabulary token, special ones included

@@ -129,7 +129,7 @@ def test_clipping_stops_the_gradient_beyond_the_trust_region():
     assert logprobs.grad.abs().item() == 0.0
 
 
-# ---- truncated responses (SPEC 4.5): keep / drop / penalize --------------------------------------------------
+# ---- truncated responses (method.md §4.5): keep / drop / penalize -------------------------------------------
 
 
 def test_keep_is_the_old_computation_bit_for_bit():

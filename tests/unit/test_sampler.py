@@ -278,7 +278,7 @@ def test_validate_sampling_config_lists_every_problem():
     assert validate_sampling_config(SamplingConfig(), "--model.sampling") == []
 
 
-# ---------------------------------------------------------------- log-probs of the draws (SPEC 4.4)
+# ---------------------------------------------------------------- log-probs of the draws (method.md §4.4)
 
 
 @pytest.mark.parametrize("cfg", [dict(), dict(temperature=0.7, top_k=5), dict(top_p=0.8)])

@@ -115,7 +115,7 @@ class SelfVerificationCallback(L.Callback):
     def load_state_dict(self, state_dict: dict) -> None:
         self.buffer.load_state_dict(state_dict["buffer"])
         self.rounds_done = state_dict["rounds_done"]
-        self.last_metrics = dict(state_dict.get("last_metrics", {}))  # (older checkpoints: none)
+        self.last_metrics = dict(state_dict.get("last_metrics", {}))  # a state without last_metrics: none to show
         if state_dict["seed"] != self.seed:
             rank_zero_warn(f"resuming with --verifier.seed={self.seed}, the checkpoint used {state_dict['seed']}")
 

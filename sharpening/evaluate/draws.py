@@ -76,7 +76,7 @@ def draw_batch(ctx: DrawContext, prompts: PromptBatch, kind: str, seed: int) -> 
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("prompts_per_batch", "decode")}  # same draws
     texts = [ctx.data.prompt_texts[i] for i in prompts.prompt_indices.tolist()]
     eos, pad = stop_token_ids(ctx.model, ctx.tokenizer), ctx.tokenizer.pad_token_id
-    if len(eos) > 1:  # draws stop on each of these (a single EOS keeps the key of earlier caches)
+    if len(eos) > 1:  # draws stop on each of these; one EOS stays out of the key (caches keyed on settings alone match)
         settings["stop_token_ids"] = eos
     path = ctx.cache.path(kind, seed, settings, prompts, texts)
     exact = not greedy and cfg.temperature == 1.0

@@ -43,8 +43,9 @@ class RLConfig:
     """xpo: the last this-many prompts are held out to estimate J_beta and pick the best policy, the initial one
     (pi_base) or a round's (0 = last round)."""
     truncated: Literal["drop", "keep", "penalize"] = "keep"
-    """online, xpo: responses cut at max_new_tokens (no EOS) score unfairly high: keep them (default, as before),
-    drop them (online only: out of the loss and the group baseline), or penalize their reward (docs/rl.md)."""
+    """online, xpo: responses cut at max_new_tokens (no EOS) score unfairly high: keep them (default: the objective
+    of method.md §3.2 as written), drop them (online only: out of the loss and the group baseline), or penalize
+    their reward (docs/rl.md)."""
     truncation_penalty: float = 10.0
     """Subtracted from a truncated response's reward (not from log pi_base in the KL) when truncated=penalize."""
 

@@ -279,7 +279,7 @@ def test_every_problem_is_reported_at_once(tiny_model_path, tmp_path, monkeypatc
     assert len(err.value.problems) == 4 and "--overwrite=false" in err.value.problems[0]
 
 
-@pytest.mark.parametrize("spelling", [["compare"], []], ids=["compare", "old-flags"])
+@pytest.mark.parametrize("spelling", [["compare"], []], ids=["compare", "flags-only"])
 def test_compare_mode_keeps_the_demo_summary(spelling, tiny_model_path, tmp_path, capsys):
     summary_path = tmp_path / "summary.json"
     summary = main(["evaluate", *spelling, "--base", tiny_model_path, "--sharpened", tiny_model_path,

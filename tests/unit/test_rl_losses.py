@@ -132,9 +132,9 @@ def test_clipping_stops_the_gradient_beyond_the_trust_region():
 # ---- truncated responses (method.md §4.5): keep / drop / penalize -------------------------------------------
 
 
-def test_keep_is_the_old_computation_bit_for_bit():
-    """keep returns the very rewards and no mask, so advantages, loss and gradient are those of the code before
-    the option existed (the calls below without the new arguments)."""
+def test_keep_is_the_computation_without_truncation_handling_bit_for_bit():
+    """keep returns the very rewards and no mask, so advantages, loss and gradient equal those of the same calls
+    with the truncation arguments left out: keep changes nothing."""
     g = torch.Generator().manual_seed(5)
     base, policy = -5 * torch.rand(3, 4, generator=g), -5 * torch.rand(3, 4, generator=g)
     truncated = torch.rand(3, 4, generator=g) < 0.5
@@ -144,13 +144,15 @@ def test_keep_is_the_old_computation_bit_for_bit():
     logprobs = torch.randn(12, 5, generator=g, requires_grad=True)
     mask = torch.rand(12, 5, generator=g) < 0.8
     for baseline, normalize in [("leave_one_out", False), ("mean", True)]:
-        old = policy_gradient_loss(logprobs, logprobs.detach(), group_advantages(rewards, baseline, normalize).flatten(), mask)
-        new = policy_gradient_loss(
+        plain = policy_gradient_loss(
+            logprobs, logprobs.detach(), group_advantages(rewards, baseline, normalize).flatten(), mask
+        )
+        with_keep = policy_gradient_loss(
             logprobs, logprobs.detach(), group_advantages(kept, baseline, normalize, in_loss).flatten(), mask,
             in_loss=in_loss,
         )
-        (old_grad,), (new_grad,) = torch.autograd.grad(old, logprobs), torch.autograd.grad(new, logprobs)
-        assert torch.equal(old, new) and torch.equal(old_grad, new_grad)
+        (plain_grad,), (keep_grad,) = torch.autograd.grad(plain, logprobs), torch.autograd.grad(with_keep, logprobs)
+        assert torch.equal(plain, with_keep) and torch.equal(plain_grad, keep_grad)
 
 
 def test_penalize_lowers_only_the_truncated_rewards_and_drop_masks_them():
@@ -269,7 +271,8 @@ def test_collate_pairs_carries_the_truncation_flags():
     batch = collate_pairs(pairs, pad_token_id=0)
     assert batch["truncated"].tolist() == [False, True, False, True]
     assert batch["other_truncated"].tolist() == [False, False, True, True]
-    assert collate_pairs([PairExample([1], [2], [3], -1.0, -2.0, 0)], 0)["truncated"].tolist() == [False]  # old pairs
+    # pairs made without the flags (their defaults) read as not truncated
+    assert collate_pairs([PairExample([1], [2], [3], -1.0, -2.0, 0)], 0)["truncated"].tolist() == [False]
 
 
 @pytest.mark.parametrize("baseline", ["leave_one_out", "mean"])

@@ -438,7 +438,8 @@ def test_top_k_restricts_the_support():
 
 
 def test_finished_rows_leave_the_batch_and_the_draws_do_not_change(tiny_model_path):
-    """Compaction (issue 5): same tokens, log-probs and flags; later decode steps run on fewer rows."""
+    """Compaction (finished rows leave the decode batch): same tokens, log-probs and flags; later decode steps
+    run on fewer rows."""
     from transformers import AutoModelForCausalLM
 
     from sharpening.types import PromptBatch

@@ -346,7 +346,7 @@ class RLSharpeningModule(PolicyModule):
         state = checkpoint.get("xpo")
         if not state:
             return
-        pairs_by_rank = state.get("pairs_by_rank", [state.get("pairs", [])])  # older checkpoints: one list
+        pairs_by_rank = state.get("pairs_by_rank", [state.get("pairs", [])])  # a single "pairs" list: one rank's
         self.xpo_pairs = [PairExample(**p) for p in pairs_for_rank(pairs_by_rank, world, rank)]
         minibatches = state.get("minibatches_by_rank")
         self.xpo_minibatches = minibatches[rank] if minibatches and len(minibatches) == world else []

@@ -40,7 +40,8 @@ def _adapter(cli):
 # (resample_every_epoch, step at which SIGTERM arrives). Two batches an epoch, two epochs. Without
 # resampling Lightning keeps one loader for the whole run: the restart must skip batches in the resumed
 # epoch only, and every epoch must keep its own order (step 3: the second batch of the second epoch).
-PREEMPTIONS = [(True, 0), (False, 0), (False, 3)]
+# (True, 0), a round before every epoch, takes over 2 s on 2 CPU cores.
+PREEMPTIONS = [pytest.param(True, 0, marks=pytest.mark.slow), (False, 0), (False, 3)]
 
 
 @pytest.mark.parametrize(("resample", "step"), PREEMPTIONS)

@@ -23,6 +23,7 @@ DOCTEST_MODULES: list[tuple[str, ...]] = [
     ("sharpening.optim",),
     ("sharpening.prompts",),
     ("sharpening.rewards",),
+    ("sharpening.rl.rollout",),
     ("sharpening.checkpoint.files", "sharpening.checkpoint"),
     ("sharpening.evaluate.config", "sharpening.evaluate_config"),
     ("sharpening.evaluate.protocol", "sharpening.evaluate_protocol"),

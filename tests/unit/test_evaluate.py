@@ -371,6 +371,7 @@ def test_extractors_on_task_files(name, answer_column, extractor):
 # ---------------------------------------------------------------- the subpackage: imports, draws' scores
 
 
+@pytest.mark.slow
 def test_every_evaluate_module_imports_first_without_a_cycle():
     """Each module of sharpening.evaluate imported first, with no sharpening module loaded yet: an import cycle
     (a module needing a name from one still being initialised) fails here, whichever module a user starts from."""

@@ -1,4 +1,4 @@
-"""RLSharpeningModule: maximise E_pi[log pi_base(y|x)] - beta KL(pi || pi_base) (SPEC 3.2).
+"""RLSharpeningModule: maximise E_pi[log pi_base(y|x)] - beta KL(pi || pi_base) (method.md §3.2).
 
 The optimum is pi*_beta proportional to pi_base^(1 + 1/beta). Three algorithms:
 

@@ -1,8 +1,8 @@
 """Every module whose docstrings hold examples runs them here, and a listed module with no example fails.
 
-The modules are listed by name, so a module that moves keeps being checked under its new name, and a
-module whose examples were all deleted fails instead of passing with nothing run. A second test finds
-every source file with a ``>>>`` prompt, so a module that gains examples must be listed too.
+The modules are listed by name: a module that moves fails to import here until the list names it again,
+and a module whose examples were all deleted fails instead of passing with nothing run. A second test
+finds every source file with a ``>>>`` prompt, so a module that gains examples must be listed too.
 """
 
 from __future__ import annotations
@@ -14,35 +14,22 @@ import pytest
 
 from tests.helpers import REPO_ROOT
 
-# Each entry: the names the module may be imported by, first found wins. Modules with two names are being
-# moved into their STYLE subpackage; the lead drops the second name once every move has landed.
-DOCTEST_MODULES: list[tuple[str, ...]] = [
-    ("sharpening.errors",),
-    ("sharpening.losses",),
-    ("sharpening.model_checks",),
-    ("sharpening.optim",),
-    ("sharpening.prompts",),
-    ("sharpening.rewards",),
-    ("sharpening.rl.rollout",),
-    ("sharpening.checkpoint.files", "sharpening.checkpoint"),
-    ("sharpening.evaluate.config", "sharpening.evaluate_config"),
-    ("sharpening.evaluate.protocol", "sharpening.evaluate_protocol"),
-    ("sharpening.evaluate.sources", "sharpening.evaluate_sources"),
-    ("sharpening.tasks.chars",),
-    ("sharpening.tasks.demo",),
-    ("sharpening.tasks.extractors",),
+DOCTEST_MODULES = [
+    "sharpening.checkpoint.files",
+    "sharpening.errors",
+    "sharpening.evaluate.config",
+    "sharpening.evaluate.protocol",
+    "sharpening.evaluate.sources",
+    "sharpening.losses",
+    "sharpening.model_checks",
+    "sharpening.optim",
+    "sharpening.prompts",
+    "sharpening.rewards",
+    "sharpening.rl.rollout",
+    "sharpening.tasks.chars",
+    "sharpening.tasks.demo",
+    "sharpening.tasks.extractors",
 ]
-
-
-def import_first(names: tuple[str, ...]):
-    """Import the first of ``names`` that exists; an error naming all of them when none does."""
-    for name in names:
-        try:
-            return importlib.import_module(name)
-        except ModuleNotFoundError as error:
-            if error.name is None or not name.startswith(error.name):
-                raise  # the module exists but one of its own imports is missing: a real failure
-    raise AssertionError(f"none of {names} can be imported; update DOCTEST_MODULES to the module's name")
 
 
 def count_examples(module) -> int:
@@ -50,9 +37,9 @@ def count_examples(module) -> int:
     return sum(len(test.examples) for test in doctest.DocTestFinder().find(module))
 
 
-@pytest.mark.parametrize("names", DOCTEST_MODULES, ids=lambda names: names[0])
-def test_doctests_run_and_pass(names):
-    module = import_first(names)
+@pytest.mark.parametrize("name", DOCTEST_MODULES)
+def test_doctests_run_and_pass(name):
+    module = importlib.import_module(name)
     assert count_examples(module) > 0, f"{module.__name__} is listed in DOCTEST_MODULES but has no doctest"
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0
@@ -64,7 +51,7 @@ def test_count_examples_sees_a_module_without_examples():
 
 
 def test_every_module_with_examples_is_listed():
-    listed = {import_first(names).__name__ for names in DOCTEST_MODULES}
+    listed = set(DOCTEST_MODULES)
     package = REPO_ROOT / "sharpening"
     with_examples = set()
     for path in sorted(package.rglob("*.py")):

@@ -10,10 +10,10 @@ prompt index), so a draw does not depend on which rank or process makes it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Callable
 
 import torch
 

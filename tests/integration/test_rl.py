@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import sharpening.rl.rollout as rl_module
-from sharpening.rl.pairs import collate_pairs
 from sharpening.callbacks import SelfVerificationCallback
 from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig
 from sharpening.prompts import PromptDataModule, pad_prompts
 from sharpening.rl import RLConfig, RLSharpeningModule
+from sharpening.rl.pairs import collate_pairs
 from sharpening.rl.rollout import SeedStream, pair_residuals_of
 from sharpening.sampler import SamplingConfig
 from sharpening.tasks import toy
@@ -302,8 +302,9 @@ def test_resume_inside_a_rollout_continues_on_the_same_rollout(algorithm, extra,
 
     def run(name, ckpt_path=None):
         module = _module(toy_dir, algorithm=algorithm, **extra)
-        every_step = ModelCheckpoint(dirpath=str(tmp_path / name), every_n_train_steps=1, save_top_k=-1, filename="{step}")
-        _fit(module, toy_dir, max_steps=6, root=str(tmp_path / name), ckpt_path=ckpt_path, callbacks=[every_step])
+        root = tmp_path / name
+        every_step = ModelCheckpoint(dirpath=str(root), every_n_train_steps=1, save_top_k=-1, filename="{step}")
+        _fit(module, toy_dir, max_steps=6, root=str(root), ckpt_path=ckpt_path, callbacks=[every_step])
         return module
 
     full = run("full")

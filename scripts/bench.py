@@ -28,9 +28,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import torch  # noqa: E402
-
-from bench_common import Measurement, Workload, build_workload, copy_bandwidth_gbs, matmul_peak_gflops  # noqa: E402
+import torch
+from bench_common import Measurement, Workload, build_workload, copy_bandwidth_gbs, matmul_peak_gflops
 
 TASKS = ("sft_round", "rl_step")
 PHASES = ("generate", "score", "train", "total")
@@ -47,24 +46,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run of each side")
     parser.add_argument("--quick", action="store_true", help="tiny model, 8 prompts, 1 repeat (smoke test)")
     parser.add_argument(
-        "--complete-all-samples", action="store_true",
+        "--complete-all-samples",
+        action="store_true",
         help="ours: draw every SFT sample to its end (turn off stopping samples that cannot be kept)",
     )
     parser.add_argument(
-        "--few-shot", type=int, default=0, metavar="K",
+        "--few-shot",
+        type=int,
+        default=0,
+        metavar="K",
         help="prefix every prompt with the same K worked sums (about 9 tokens each): long shared prompts",
     )
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both sides run")
     parser.add_argument(
-        "--decode", choices=("dynamic", "static", "compiled"), default="dynamic",
+        "--decode",
+        choices=("dynamic", "static", "compiled"),
+        default="dynamic",
         help="ours: the sampler's decode loop (SamplingConfig.decode; compiled = CUDA graphs, CUDA only)",
     )
     parser.add_argument(
-        "--cpu-linear", choices=("auto", "onednn", "torch"), default="auto",
+        "--cpu-linear",
+        choices=("auto", "onednn", "torch"),
+        default="auto",
         help="ours: the CPU kernel of linear layers (PolicyConfig.cpu_linear; torch = nn.Linear's, as TRL runs)",
     )
     parser.add_argument(
-        "--warm-rl-steps", type=int, default=0, metavar="K",
+        "--warm-rl-steps",
+        type=int,
+        default=0,
+        metavar="K",
         help="also time K RL steps that follow a first, untimed step in the same trainer (task rl_warm_step, "
         "per-step means; needs --prompts >= 8 * (K + 1)): a training run's steady state, without the first "
         "step's page faults and copy-on-write of the loaded weights",
@@ -74,7 +84,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device=cuda: torch sees no CUDA device here; run on a GPU machine or use --device=cpu")
     if args.decode == "compiled" and args.device != "cuda":
-        parser.error(f"--decode=compiled needs --device=cuda (got --device={args.device}); use --decode=static or dynamic")
+        parser.error(
+            f"--decode=compiled needs --device=cuda (got --device={args.device}); use --decode=static or dynamic"
+        )
     if args.quick:
         args.models, args.prompts, args.repeats = ["tiny"], 8 * (1 + max(args.warm_rl_steps, 0)), 1
     if args.few_shot < 0:
@@ -128,7 +140,11 @@ def quiet() -> None:
 def run_model(name: str, sides: dict, args: argparse.Namespace, root: str) -> tuple[dict, Workload]:
     """All repetitions for one model: ({task: {side: [Measurement per repetition]}}, workload), sides alternating."""
     workload = build_workload(name, root, args.prompts, args.fixed_length, few_shot=args.few_shot)
-    workload.complete_all_samples, workload.device, workload.decode = args.complete_all_samples, args.device, args.decode
+    workload.complete_all_samples, workload.device, workload.decode = (
+        args.complete_all_samples,
+        args.device,
+        args.decode,
+    )
     workload.cpu_linear, workload.warm_rl_steps = args.cpu_linear, args.warm_rl_steps
     results = {task: {side: [] for side in sides} for task in tasks(args)}
     order = list(sides)
@@ -137,7 +153,9 @@ def run_model(name: str, sides: dict, args: argparse.Namespace, root: str) -> tu
             for side in order if rep % 2 == 0 else order[::-1]:
                 m = getattr(sides[side], task)(workload, rep)
                 results[task][side].append(m)
-                print(f"  {name} rep {rep} {task:9s} {side:4s} {m.seconds['total']:7.2f} s", file=sys.stderr, flush=True)
+                print(
+                    f"  {name} rep {rep} {task:9s} {side:4s} {m.seconds['total']:7.2f} s", file=sys.stderr, flush=True
+                )
     return results, workload
 
 
@@ -223,7 +241,9 @@ def ratios(ours: list[Measurement], theirs: list[Measurement]) -> dict:
     """TRL seconds / our seconds, per repetition (paired) and their median, end to end and per phase."""
     per_repeat = [t.seconds["total"] / o.seconds["total"] for o, t in zip(ours, theirs)]
     phases = {
-        p: statistics.median(t.seconds[p] / o.seconds[p] if o.seconds[p] > 0 else float("inf") for o, t in zip(ours, theirs))
+        p: statistics.median(
+            t.seconds[p] / o.seconds[p] if o.seconds[p] > 0 else float("inf") for o, t in zip(ours, theirs)
+        )
         for p in PHASES
     }
     return {"per_repeat": [round(r, 3) for r in per_repeat], "median": statistics.median(per_repeat), "phases": phases}
@@ -249,8 +269,10 @@ def print_tables(summary: dict) -> None:
                         f"| {model} | {task} | {phase} | {side} | {s['seconds']:.3f} | {_fmt(s['completions_per_s'], digits=1)}"
                         f" | {_fmt(s['tokens_per_s'], digits=0)} | {_fmt(s['fraction_of_peak'], 100, 1)} | {ratio} |"
                     )
-    print("\n| model | task | side | total s per repeat | setup s | peak RSS MiB | RSS growth MiB | peak GPU MiB"
-          " | mean tokens/response | TRL/ours per repeat (median) |")
+    print(
+        "\n| model | task | side | total s per repeat | setup s | peak RSS MiB | RSS growth MiB | peak GPU MiB"
+        " | mean tokens/response | TRL/ours per repeat (median) |"
+    )
     print("|---|---|---|---|---:|---:|---:|---:|---:|---|")
     for model, tasks in summary.items():
         for task, entry in tasks.items():
@@ -323,11 +345,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
     summary = summarize(results, peak, bounds)
-    print(f"\nfp32 matmul peak {peak:.0f} GFLOP/s (start {peak_start:.0f}, end {peak_end:.0f}) on {args.device};"
-          f" {args.threads} threads; load average {info['load_average_start']} -> {info['load_average_end']}")
+    print(
+        f"\nfp32 matmul peak {peak:.0f} GFLOP/s (start {peak_start:.0f}, end {peak_end:.0f}) on {args.device};"
+        f" {args.threads} threads; load average {info['load_average_start']} -> {info['load_average_end']}"
+    )
     if bandwidth is not None:
-        print(f"{info['gpu']}: copy bandwidth {bandwidth:.0f} GB/s; decode bound on response tokens/s (weights read"
-              " once per step): " + "; ".join(f"{m} {t} {b:,.0f}" for m, tb in bounds.items() for t, b in tb.items()))
+        print(
+            f"{info['gpu']}: copy bandwidth {bandwidth:.0f} GB/s; decode bound on response tokens/s (weights read"
+            " once per step): " + "; ".join(f"{m} {t} {b:,.0f}" for m, tb in bounds.items() for t, b in tb.items())
+        )
         for model, tasks in summary.items():
             for task, entry in tasks.items():
                 for side in ("ours", "trl"):

@@ -15,15 +15,19 @@ import random
 import string
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import torch
 
 CHARS = string.digits + string.ascii_letters + string.punctuation + " "  # 95 printable characters
 MODEL_SHAPES = {
-    "tiny": dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=704),
-    "small": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408),
+    "tiny": dict(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, intermediate_size=704
+    ),
+    "small": dict(
+        hidden_size=512, num_hidden_layers=8, num_attention_heads=8, num_key_value_heads=4, intermediate_size=1408
+    ),
 }
 
 
@@ -119,8 +123,10 @@ def fill_rl_step(m: Measurement, w: Workload, seconds: dict[str, float], counts:
     """An RL step's phases from the clock's seconds (generate, score, total; train is the rest) and the counts
     (completions, response, prompt and scored tokens), as the mean of ``steps`` steps."""
     m.seconds = {
-        "generate": seconds["generate"], "score": seconds["score"],
-        "train": seconds["total"] - seconds["generate"] - seconds["score"], "total": seconds["total"],
+        "generate": seconds["generate"],
+        "score": seconds["score"],
+        "train": seconds["total"] - seconds["generate"] - seconds["score"],
+        "total": seconds["total"],
     }
     m.completions = dict.fromkeys(("generate", "score", "train"), counts["completions"])
     m.response_tokens = dict.fromkeys(("generate", "score", "train"), counts["response_tokens"])

@@ -13,10 +13,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
-
 from bench_common import Measurement, PhaseClock, Workload, fill_rl_step, rss_peak, useful_flops
 
 NO_EOS = -1  # an id the sampler never draws: responses run to max_new_tokens (the fixed-length variant)
@@ -28,8 +27,14 @@ def _trainer(device: str, **kwargs):
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     return L.Trainer(
-        accelerator=device, devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0, **kwargs,
+        accelerator=device,
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        **kwargs,
     )
 
 
@@ -46,7 +51,7 @@ def _patched(module, name: str, replacement) -> Iterator[None]:
 
 def _timed_generate(clock: PhaseClock, w: Workload, counts: dict[str, int]):
     """``generate_samples`` timed as ``generate``, counting what it produced; EOS off when fixed-length."""
-    from sharpening.sampler import generate_samples
+    from sharpening.engines import generate_samples
 
     def generate(model, prompts, cfg, eos, pad, *args, **kwargs):
         with clock.phase("generate"):
@@ -68,15 +73,27 @@ def _new_counts() -> dict[str, int]:
 def sft_round(w: Workload, round_index: int) -> Measurement:
     """One self-verification round (sample, score, select) and one SFT epoch on the winners."""
     import sharpening.verifier as verifier_module
-    from sharpening import OptimizerConfig, PolicyConfig, PromptDataModule, SFTSharpeningModule
-    from sharpening import SamplingConfig, SelectionConfig, SelfVerificationCallback
+    from sharpening import (
+        OptimizerConfig,
+        PolicyConfig,
+        PromptDataModule,
+        SamplingConfig,
+        SelectionConfig,
+        SelfVerificationCallback,
+        SFTSharpeningModule,
+    )
 
     m, clock, counts = Measurement(), PhaseClock(), _new_counts()
     with rss_peak(m):
         start = time.perf_counter()
         module = SFTSharpeningModule(
-            PolicyConfig(model_name_or_path=w.model_path, finetuning="full", dtype="float32", attn_implementation="sdpa",
-                         cpu_linear=w.cpu_linear),
+            PolicyConfig(
+                model_name_or_path=w.model_path,
+                finetuning="full",
+                dtype="float32",
+                attn_implementation="sdpa",
+                cpu_linear=w.cpu_linear,
+            ),
             OptimizerConfig(lr=w.lr, schedule="linear"),
             batch_size=w.sft_batch_size,
             shuffle_seed=round_index,
@@ -88,8 +105,12 @@ def sft_round(w: Workload, round_index: int) -> Measurement:
             w.samples_per_prompt, w.max_new_tokens, 1.0, 0, 1.0, w.prompts_per_batch, decode=w.decode
         )
         callback = SelfVerificationCallback(
-            sampling, SelectionConfig(reward="loglik", keep_top_k=1, truncated="keep"),
-            sample_from="base", greedy_accuracy=False, seed=round_index, show_progress=False,
+            sampling,
+            SelectionConfig(reward="loglik", keep_top_k=1, truncated="keep"),
+            sample_from="base",
+            greedy_accuracy=False,
+            seed=round_index,
+            show_progress=False,
             stop_unselectable=not w.complete_all_samples,
         )
         callback.run_round = clock.wrap("round", callback.run_round)
@@ -113,7 +134,11 @@ def _fill_sft(m: Measurement, w: Workload, clock: PhaseClock, counts: dict[str, 
     trained_tokens = sum(len(e.response_ids) for e in winners)
     sequence_tokens = sum(len(e.prompt_ids) + len(e.response_ids) for e in winners)
     m.completions = {"generate": counts["completions"], "score": counts["completions"], "train": len(winners)}
-    m.response_tokens = {"generate": counts["response_tokens"], "score": counts["response_tokens"], "train": trained_tokens}
+    m.response_tokens = {
+        "generate": counts["response_tokens"],
+        "score": counts["response_tokens"],
+        "train": trained_tokens,
+    }
     m.useful_flops = {
         "generate": useful_flops(w, "forward", counts["prompt_tokens"] + counts["response_tokens"]),
         "score": 0.0,  # exact draws carry their base log-probs: the task needs no scoring pass
@@ -152,8 +177,7 @@ def rl_step(w: Workload, round_index: int, warm_steps: int = 0) -> Measurement:
     """One online RL-sharpening step: G samples per prompt from the policy, one base pass, one update. With
     ``warm_steps``, that many more steps follow in the same trainer and only they are timed (per step)."""
     import sharpening.rl.rollout as rl_module
-    from sharpening import OptimizerConfig, PolicyConfig, PromptDataModule, RLConfig, RLSharpeningModule
-    from sharpening import SamplingConfig
+    from sharpening import OptimizerConfig, PolicyConfig, PromptDataModule, RLConfig, RLSharpeningModule, SamplingConfig
 
     m, clock, counts = Measurement(), PhaseClock(), _new_counts()
     steps = 1 + warm_steps
@@ -161,8 +185,13 @@ def rl_step(w: Workload, round_index: int, warm_steps: int = 0) -> Measurement:
     with rss_peak(m):
         start = time.perf_counter()
         module = RLSharpeningModule(
-            PolicyConfig(model_name_or_path=w.model_path, finetuning="full", dtype="float32", attn_implementation="sdpa",
-                         cpu_linear=w.cpu_linear),
+            PolicyConfig(
+                model_name_or_path=w.model_path,
+                finetuning="full",
+                dtype="float32",
+                attn_implementation="sdpa",
+                cpu_linear=w.cpu_linear,
+            ),
             RLConfig(algorithm="online", kl_coef=w.kl_coef, max_grad_norm=1.0),
             SamplingConfig(w.samples_per_prompt, w.max_new_tokens, 1.0, 0, 1.0, w.rl_prompts, decode=w.decode),
             OptimizerConfig(lr=w.lr, schedule="constant"),
@@ -174,9 +203,11 @@ def rl_step(w: Workload, round_index: int, warm_steps: int = 0) -> Measurement:
         data.load_prompts(module.tokenizer)
         m.setup_seconds = time.perf_counter() - start
         score = _base_pass_timed(clock, rl_module.sample_logprobs)
-        with _patched(rl_module, "generate_samples", _timed_generate(clock, w, counts)), _patched(
-            rl_module, "sample_logprobs", score
-        ), clock.phase("total"):
+        with (
+            _patched(rl_module, "generate_samples", _timed_generate(clock, w, counts)),
+            _patched(rl_module, "sample_logprobs", score),
+            clock.phase("total"),
+        ):
             trainer = _trainer(w.device, max_steps=steps, max_epochs=1, callbacks=[second] if warm_steps else None)
             trainer.fit(module, datamodule=data)
         if warm_steps:

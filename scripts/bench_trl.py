@@ -16,7 +16,6 @@ import tempfile
 import time
 
 import torch
-
 from bench_common import Measurement, PhaseClock, Workload, fill_rl_step, left_pad, rss_peak, useful_flops
 
 
@@ -29,7 +28,9 @@ def _load(w: Workload):
 
 
 @torch.inference_mode()
-def sequence_logliks(model, prompt_rows: list[list[int]], completion_rows: list[list[int]], pad_id: int) -> torch.Tensor:
+def sequence_logliks(
+    model, prompt_rows: list[list[int]], completion_rows: list[list[int]], pad_id: int
+) -> torch.Tensor:
     """log p(completion | prompt) per row with a plain HF forward over [prompt | completion]: [R]."""
     prompt_ids, prompt_mask = (t.to(model.device) for t in left_pad(prompt_rows, pad_id))
     width = max(max(len(c) for c in completion_rows), 1)
@@ -41,9 +42,13 @@ def sequence_logliks(model, prompt_rows: list[list[int]], completion_rows: list[
     completion_ids, completion_mask = completion_ids.to(model.device), completion_mask.to(model.device)
     attention_mask = torch.cat([prompt_mask, completion_mask], 1).long()  # [R, P+T]
     positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model(
-        input_ids=torch.cat([prompt_ids, completion_ids], 1), attention_mask=attention_mask, position_ids=positions
-    ).logits[:, prompt_ids.shape[1] - 1 : -1].float()  # [R, T, V]
+    logits = (
+        model(
+            input_ids=torch.cat([prompt_ids, completion_ids], 1), attention_mask=attention_mask, position_ids=positions
+        )
+        .logits[:, prompt_ids.shape[1] - 1 : -1]
+        .float()
+    )  # [R, T, V]
     token_logprobs = logits.log_softmax(-1).gather(-1, completion_ids[..., None]).squeeze(-1)  # [R, T]
     return (token_logprobs * completion_mask).sum(-1)
 
@@ -74,9 +79,17 @@ def _generate(model, tok, w: Workload, prompt_rows: list[list[int]], seed: int) 
         ids, mask = (t.to(model.device) for t in left_pad(rows, tok.pad_token_id))
         with torch.inference_mode():
             out = model.generate(
-                input_ids=ids, attention_mask=mask.long(), do_sample=True, num_return_sequences=w.samples_per_prompt,
-                max_new_tokens=w.max_new_tokens, temperature=1.0, top_k=0, top_p=1.0,
-                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, **extra,
+                input_ids=ids,
+                attention_mask=mask.long(),
+                do_sample=True,
+                num_return_sequences=w.samples_per_prompt,
+                max_new_tokens=w.max_new_tokens,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                **extra,
             )
         completions += [_trim(r, tok.eos_token_id, tok.pad_token_id) for r in out[:, ids.shape[1] :].tolist()]
     return completions
@@ -86,10 +99,12 @@ def _score_and_select(model, tok, w: Workload, prompt_rows, completions) -> list
     """Best completion per prompt by the model's log-likelihood (scored in generation-sized batches)."""
     n, rows = w.samples_per_prompt, w.prompts_per_batch * w.samples_per_prompt
     prompts_per_row = [p for p in prompt_rows for _ in range(n)]
-    scores = torch.cat([
-        sequence_logliks(model, prompts_per_row[i : i + rows], completions[i : i + rows], tok.pad_token_id)
-        for i in range(0, len(completions), rows)
-    ]).view(len(prompt_rows), n)  # [B*N] -> [B, N]
+    scores = torch.cat(
+        [
+            sequence_logliks(model, prompts_per_row[i : i + rows], completions[i : i + rows], tok.pad_token_id)
+            for i in range(0, len(completions), rows)
+        ]
+    ).view(len(prompt_rows), n)  # [B*N] -> [B, N]
     best = scores.argmax(-1).tolist()
     return [completions[b * n + k] for b, k in enumerate(best)]
 
@@ -99,16 +114,32 @@ def _sft_train(model, tok, w: Workload, prompt_rows, winners, seed: int) -> None
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    data = Dataset.from_dict({
-        "input_ids": [p + c for p, c in zip(prompt_rows, winners)],
-        "completion_mask": [[0] * len(p) + [1] * len(c) for p, c in zip(prompt_rows, winners)],
-    })
+    data = Dataset.from_dict(
+        {
+            "input_ids": [p + c for p, c in zip(prompt_rows, winners)],
+            "completion_mask": [[0] * len(p) + [1] * len(c) for p, c in zip(prompt_rows, winners)],
+        }
+    )
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(
-            output_dir=out, per_device_train_batch_size=w.sft_batch_size, num_train_epochs=1, learning_rate=w.lr,
-            lr_scheduler_type="linear", weight_decay=0.0, max_grad_norm=1.0, bf16=False, fp16=False,
-            gradient_checkpointing=False, completion_only_loss=True, packing=False, max_length=None,
-            report_to="none", save_strategy="no", logging_steps=1000, disable_tqdm=True, use_cpu=w.device == "cpu",
+            output_dir=out,
+            per_device_train_batch_size=w.sft_batch_size,
+            num_train_epochs=1,
+            learning_rate=w.lr,
+            lr_scheduler_type="linear",
+            weight_decay=0.0,
+            max_grad_norm=1.0,
+            bf16=False,
+            fp16=False,
+            gradient_checkpointing=False,
+            completion_only_loss=True,
+            packing=False,
+            max_length=None,
+            report_to="none",
+            save_strategy="no",
+            logging_steps=1000,
+            disable_tqdm=True,
+            use_cpu=w.device == "cpu",
             seed=seed,
         )
         trainer = SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
@@ -179,13 +210,28 @@ def _grpo_trainer(w: Workload, tok, reward, round_index: int, out: str, steps: i
     from trl import GRPOConfig, GRPOTrainer
 
     args = GRPOConfig(
-        output_dir=out, per_device_train_batch_size=w.rl_prompts * w.samples_per_prompt,
-        num_generations=w.samples_per_prompt, max_completion_length=w.max_new_tokens, beta=w.kl_coef,
-        learning_rate=w.lr, lr_scheduler_type="constant", max_grad_norm=1.0, max_steps=steps,
-        temperature=1.0, top_k=0, top_p=1.0, bf16=False, fp16=False, gradient_checkpointing=False,
+        output_dir=out,
+        per_device_train_batch_size=w.rl_prompts * w.samples_per_prompt,
+        num_generations=w.samples_per_prompt,
+        max_completion_length=w.max_new_tokens,
+        beta=w.kl_coef,
+        learning_rate=w.lr,
+        lr_scheduler_type="constant",
+        max_grad_norm=1.0,
+        max_steps=steps,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
         generation_kwargs={"min_new_tokens": w.max_new_tokens} if w.fixed_length else None,
         model_init_kwargs={"dtype": torch.float32, "attn_implementation": "sdpa"},
-        report_to="none", save_strategy="no", logging_steps=1, disable_tqdm=True, use_cpu=w.device == "cpu",
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        use_cpu=w.device == "cpu",
         seed=round_index,
     )
     data = Dataset.from_dict({"prompt": w.prompt_texts[: w.rl_prompts * steps]})

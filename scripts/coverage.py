@@ -45,11 +45,15 @@ def parse_args() -> argparse.Namespace:
 def print_report(result: dict) -> None:
     """Human-readable tables of ``coverage_experiment``'s result."""
     t, sft = result["toy"], result["sft"]
-    print(f"toy: y*={t['argmax']!r} pi_base(y*)={t['p_star']:.4f} C_cov={t['c_cov']:.1f} "
-          f"runner-up={t['second_mass']:.4f} unlisted={t['unlisted_mass']:.1e} "
-          f"pi*_beta(y*)={t['target_mass_on_argmax']:.3f} ({t['outcomes']} outcomes)")
-    print(f"SFT exact: smallest N with P(BoN@N = y*) >= 1/2: {sft['samples_needed']} "
-          f"(closed form {sft['closed_form']}; first-hit 10%-90%: {sft['q10']}-{sft['q90']})")
+    print(
+        f"toy: y*={t['argmax']!r} pi_base(y*)={t['p_star']:.4f} C_cov={t['c_cov']:.1f} "
+        f"runner-up={t['second_mass']:.4f} unlisted={t['unlisted_mass']:.1e} "
+        f"pi*_beta(y*)={t['target_mass_on_argmax']:.3f} ({t['outcomes']} outcomes)"
+    )
+    print(
+        f"SFT exact: smallest N with P(BoN@N = y*) >= 1/2: {sft['samples_needed']} "
+        f"(closed form {sft['closed_form']}; first-hit 10%-90%: {sft['q10']}-{sft['q90']})"
+    )
     print(f"{'SFT N':>6} {'P(BoN=y*)':>10} {'winner share':>14} {'pi(y*) after SFT':>18}")
     for run in result["sft_runs"]:
         share = sum(run["winner_share"]) / len(run["winner_share"])
@@ -79,8 +83,12 @@ def main() -> None:
         online = coverage.RLSettings("online", lr=args.lr, group_size=args.online_group, max_rounds=args.max_rounds)
         runs["online"] = (online, args.online_seeds)
     result = coverage.coverage_experiment(
-        tempfile.mkdtemp(prefix="sharpening-coverage-"), runs, args.sft_n, args.sft_seeds,
-        distil_steps=args.distil_steps, kl_coef=args.kl_coef,
+        tempfile.mkdtemp(prefix="sharpening-coverage-"),
+        runs,
+        args.sft_n,
+        args.sft_seeds,
+        distil_steps=args.distil_steps,
+        kl_coef=args.kl_coef,
     )
     print_report(result)
     if args.json:

@@ -246,8 +246,10 @@ def _fmt(value, digits: int = 0) -> str:
 
 def print_table(results: list[dict], args: argparse.Namespace) -> None:
     v = args.vocab_size
-    print(f"vocab {v:,}, hidden {args.hidden_size}, {args.num_layers} layers, B = {args.rows} rows, "
-          f"P = {args.prompt_tokens} prompt tokens, fp32, {args.threads} torch thread(s)")
+    print(
+        f"vocab {v:,}, hidden {args.hidden_size}, {args.num_layers} layers, B = {args.rows} rows, "
+        f"P = {args.prompt_tokens} prompt tokens, fp32, {args.threads} torch thread(s)"
+    )
     for t in args.response_tokens:
         print(f"full logits B*T*V*4 at T = {t}: {args.rows * t * v * 4 / MIB:,.0f} MiB")
     for c in args.chunk_sizes:
@@ -263,9 +265,11 @@ def print_table(results: list[dict], args: argparse.Namespace) -> None:
         if "error" in r:
             print(f"| {r['response_tokens']:>4} | {r['mode']:<8} | {r['path']:<7} | {chunk:>5} | error: {r['error']}")
             continue
-        print(f"| {r['response_tokens']:>4} | {r['mode']:<8} | {r['path']:<7} | {chunk:>5} "
-              f"| {_fmt(growth):>14} | {_fmt(r.get('torch_peak_mib')):>14} | {_fmt(ratio, 2):>20} "
-              f"| {_fmt(r.get('seconds'), 1):>5} |")
+        print(
+            f"| {r['response_tokens']:>4} | {r['mode']:<8} | {r['path']:<7} | {chunk:>5} "
+            f"| {_fmt(growth):>14} | {_fmt(r.get('torch_peak_mib')):>14} | {_fmt(ratio, 2):>20} "
+            f"| {_fmt(r.get('seconds'), 1):>5} |"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,8 +284,11 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     for config in configurations(args):
         results.append(run_in_subprocess(config))
-        print(f"done: {config['path']} {config['mode']} T={config['response_tokens']} chunk={config['chunk_size']}",
-              file=sys.stderr, flush=True)
+        print(
+            f"done: {config['path']} {config['mode']} T={config['response_tokens']} chunk={config['chunk_size']}",
+            file=sys.stderr,
+            flush=True,
+        )
     print_table(results, args)
     print(f"\n{len(results)} configurations in {time.time() - started:.0f} s")
     if args.json:

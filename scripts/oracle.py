@@ -29,8 +29,12 @@ def main() -> None:
     parser.add_argument("--algorithms", nargs="+", default=["online", "offline", "xpo"])
     parser.add_argument("--kl-coef", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cpu-linear", choices=["auto", "onednn", "torch"], default="auto",
-                        help="the policy's CPU linear kernel (PolicyConfig.cpu_linear): the kernels round differently")
+    parser.add_argument(
+        "--cpu-linear",
+        choices=["auto", "onednn", "torch"],
+        default="auto",
+        help="the policy's CPU linear kernel (PolicyConfig.cpu_linear): the kernels round differently",
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)  # tiny models: one thread is fastest
@@ -58,8 +62,10 @@ def main() -> None:
 
 def _print_row(name: str, result: dict) -> None:
     seconds = f"{result['seconds']:.1f}" if "seconds" in result else ""
-    print(f"{name:<10} {result['kl_to_target']:>12.4f} {result['mass_on_argmax']:>15.3f} "
-          f"{result['unlisted_mass']:>9.1e} {seconds:>8}")
+    print(
+        f"{name:<10} {result['kl_to_target']:>12.4f} {result['mass_on_argmax']:>15.3f} "
+        f"{result['unlisted_mass']:>9.1e} {seconds:>8}"
+    )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,10 @@ def measure(model, tokenizer, base_model, prompts: list[str], kl_coef: float, tr
         base = toy.outcome_logprobs(base_model, tokenizer, prompt, outcomes)
         policy = toy.outcome_logprobs(model, tokenizer, prompt, outcomes)
         best_complete = torch.where(cut, float("-inf"), base).argmax()
-        row = {"truncated_mass": float(policy[cut].exp().sum()), "mass_on_best_complete": float(policy[best_complete].exp())}
+        row = {
+            "truncated_mass": float(policy[cut].exp().sum()),
+            "mass_on_best_complete": float(policy[best_complete].exp()),
+        }
         if treatment != "drop":
             scaled = (1 + 1 / kl_coef) * base - (penalty / kl_coef * cut if treatment == "penalize" else 0.0)
             row["kl_to_target"] = toy.kl_divergence(policy, scaled - scaled.logsumexp(-1))

@@ -5,12 +5,12 @@ Huang et al., "Self-Improvement in Language Models: The Sharpening Mechanism", I
 
 from sharpening.buffer import SampleBuffer
 from sharpening.callbacks import SelfVerificationCallback
-from sharpening.policy import PolicyConfig
+from sharpening.engines import SamplingConfig
 from sharpening.optim import OptimizerConfig
+from sharpening.policy import PolicyConfig
 from sharpening.prompts import PromptDataModule
-from sharpening.sampler import SamplingConfig
-from sharpening.selection import SelectionConfig
 from sharpening.rl import RLConfig, RLSharpeningModule
+from sharpening.selection import SelectionConfig
 from sharpening.sft import SFTSharpeningModule
 
 __all__ = [

@@ -62,15 +62,5 @@ def selected_examples(scored: ScoredSamples) -> list[BufferExample]:
                 continue
             n = int(scored.selected[b, slot])
             response = samples.response_ids[b, n][samples.response_mask[b, n]].tolist()
-            out.append(
-                BufferExample(prompt, response, float(scored.scores[b, n]), int(prompts.prompt_indices[b]), n)
-            )
+            out.append(BufferExample(prompt, response, float(scored.scores[b, n]), int(prompts.prompt_indices[b]), n))
     return out
-
-
-# re-exports; removed in the final import pass
-from sharpening.packing import collate_examples, collate_packed, pack_rows  # noqa: E402, F401
-from sharpening.prompts import EpochSampler, batch_response_tokens, epoch_sampler  # noqa: E402, F401
-from sharpening.rl.pairs import (  # noqa: E402, F401
-    PairExample, collate_pairs, pairs_for_rank, pairs_from_buffer,
-)

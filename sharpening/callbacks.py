@@ -21,14 +21,14 @@ import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sharpening.buffer import BufferExample, SampleBuffer
-from sharpening.cpu_linear import packed_linear_weights
+from sharpening.engines import SamplingConfig, validate_sampling_config
 from sharpening.errors import RunStoppedError, raise_if_problems
+from sharpening.kernels.cpu_linear import packed_linear_weights
+from sharpening.module import PolicyModule
 from sharpening.policy import eval_mode
-from sharpening.policy_module import PolicyModule
 from sharpening.prompts import PromptDataModule
 from sharpening.run_checks import run_problems
 from sharpening.safety import preempt, sigterm_agreed
-from sharpening.sampler import SamplingConfig, validate_sampling_config
 from sharpening.selection import SelectionConfig, validate_selection_config
 from sharpening.tasks.extractors import resolve_extractor
 from sharpening.types import PromptBatch
@@ -134,14 +134,21 @@ class SelfVerificationCallback(L.Callback):
     def round_settings(self) -> RoundSettings:
         """This callback's options as the round reads them."""
         return RoundSettings(
-            self.sampling, self.selection, self.extractor, self.sample_from, self.seed, self.greedy_accuracy,
+            self.sampling,
+            self.selection,
+            self.extractor,
+            self.sample_from,
+            self.seed,
+            self.greedy_accuracy,
             self.stop_unselectable,
         )
 
     def round_models(self, module: PolicyModule) -> RoundModels:
         """The module's model to sample from (``sample_from``) and its frozen base, as contexts."""
         return RoundModels(
-            partial(module.sampling_model, self.sample_from), module.frozen_base, module.tokenizer,
+            partial(module.sampling_model, self.sample_from),
+            module.frozen_base,
+            module.tokenizer,
             module.logprob_chunk_size,
         )
 

@@ -24,7 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from sharpening.callbacks import SelfVerificationCallback
 from sharpening.checkpoint import DiskFullError, last_checkpoint, resume_problems, run_checkpoints
 from sharpening.errors import ConfigError, RunStoppedError, collect_problems, parse_error_problem, raise_if_problems
-from sharpening.policy_module import PolicyModule
+from sharpening.module import PolicyModule
 from sharpening.prompts import PromptDataModule
 from sharpening.run_checks import run_problems
 from sharpening.run_directories import (
@@ -50,7 +50,9 @@ class SharpeningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(SelfVerificationCallback, "verifier")
         parser.add_argument(
-            "--overwrite_run", type=bool, default=False,
+            "--overwrite_run",
+            type=bool,
+            default=False,
             help="Start a new run in a default_root_dir whose checkpoints/ already holds another run's checkpoints.",
         )
 
@@ -235,17 +237,24 @@ def main(args: list[str] | None = None):
         print(f"{program}: {err}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:  # Ctrl-C outside Lightning's own handling (evaluate; fit before training starts)
-        kept = ("the draws made so far are cached: rerun the same command with --overwrite true to go on from them"
-                if program == "sharpen evaluate" else "resume from the last checkpoint written with --ckpt_path last")
+        kept = (
+            "the draws made so far are cached: rerun the same command with --overwrite true to go on from them"
+            if program == "sharpen evaluate"
+            else "resume from the last checkpoint written with --ckpt_path last"
+        )
         print(f"{program}: interrupted; {kept}", file=sys.stderr)
         raise SystemExit(130) from None
     except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
         text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if not isinstance(err, MemoryError) and "out of memory" not in text and "can't allocate memory" not in text:
             raise
-        sizes = ("--protocol.prompts_per_batch, the largest N (--protocol.n_values, samples_per_prompt) or "
-                 "--protocol.max_new_tokens" if program == "sharpen evaluate" else "--verifier.sampling.prompts_per_batch, "
-                 "samples_per_prompt or max_new_tokens, --model.batch_size or pack_length (RL: --model.prompts_per_step)")
+        sizes = (
+            "--protocol.prompts_per_batch, the largest N (--protocol.n_values, samples_per_prompt) or "
+            "--protocol.max_new_tokens"
+            if program == "sharpen evaluate"
+            else "--verifier.sampling.prompts_per_batch, "
+            "samples_per_prompt or max_new_tokens, --model.batch_size or pack_length (RL: --model.prompts_per_step)"
+        )
         print(f"{program}: out of memory ({text[:300]}); lower {sizes}", file=sys.stderr)
         raise SystemExit(1) from None
 
@@ -299,9 +308,12 @@ def _run_cli(argv: list[str] | None) -> SharpeningCLI:
             datamodule_class=PromptDataModule,
             args=argv,
             auto_configure_optimizers=False,
-            parser_kwargs={"prog": "sharpen", "exit_on_error": False,
-                           "description": "Sharpening: train a model with itself as the verifier (`sharpen fit`); "
-                           "`sharpen evaluate` runs best-of-N evaluation (see its --help)."},
+            parser_kwargs={
+                "prog": "sharpen",
+                "exit_on_error": False,
+                "description": "Sharpening: train a model with itself as the verifier (`sharpen fit`); "
+                "`sharpen evaluate` runs best-of-N evaluation (see its --help).",
+            },
         )
     finally:
         set_parsing_settings(docstring_parse_attribute_docstrings=False)

@@ -118,7 +118,9 @@ def parse_error_problem(message: str, help_command: str) -> str:
         rules = rules[:1] + [r.removeprefix("must be ") for r in rules[1:]]
         return f"--{option}={entry['value']!r}: {', or '.join(rules)} {see}"
     if match := re.search(r"does not accept option '([^']+)'", message):
-        return f"--{match.group(1)}: no such option; check its spelling on the command line or in the --config file {see}"
+        return (
+            f"--{match.group(1)}: no such option; check its spelling on the command line or in the --config file {see}"
+        )
     if match := re.match(r"unrecognized arguments: (.*)", message.strip()):
         return f"unknown option(s) {match.group(1)}: check the spelling {see}"
     if found:

@@ -14,7 +14,7 @@ import functools
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from sharpening.cpu_linear import OneDNNLinear, linear
+from sharpening.kernels.cpu_linear import OneDNNLinear, linear
 from sharpening.types import SampleBatch
 
 
@@ -56,9 +56,11 @@ def logit_head_problem(model: torch.nn.Module, tokens: int = 6) -> str | None:
     gap = float((own - ours).abs().max())
     tolerance = 1e-3 if head.weight.dtype == torch.float32 else 5e-2
     if gap > tolerance:
-        return (f"its logits are post-processed in a way sharpening does not reproduce (model_type "
-                f"{getattr(model.config, 'model_type', '?')!r}: log-probs differ by up to {gap:.3g} from its own "
-                "forward), so teacher-forced scores would come from another distribution than its samples")
+        return (
+            f"its logits are post-processed in a way sharpening does not reproduce (model_type "
+            f"{getattr(model.config, 'model_type', '?')!r}: log-probs differ by up to {gap:.3g} from its own "
+            "forward), so teacher-forced scores would come from another distribution than its samples"
+        )
     return None
 
 
@@ -196,7 +198,10 @@ def response_logprobs(
 
 
 def _response_positions_logprobs(
-    model: torch.nn.Module, predicting: torch.Tensor, response_ids: torch.Tensor, response_mask: torch.Tensor,
+    model: torch.nn.Module,
+    predicting: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
     chunk_size: int,
 ) -> torch.Tensor:
     """The head on response positions only. predicting [R, T, H] (the state before each response token),

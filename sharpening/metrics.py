@@ -20,9 +20,22 @@ class SharpeningMetric(Metric):
 
     full_state_update = False
     _sums = (
-        "prompts", "samples", "finite", "reward_all", "selected", "reward_selected", "truncated", "distinct",
-        "answered", "correct_sample", "correct_any", "correct_bon", "greedy_answered", "correct_greedy",
-        "drawn", "pruned",
+        "prompts",
+        "samples",
+        "finite",
+        "reward_all",
+        "selected",
+        "reward_selected",
+        "truncated",
+        "distinct",
+        "answered",
+        "correct_sample",
+        "correct_any",
+        "correct_bon",
+        "greedy_answered",
+        "correct_greedy",
+        "drawn",
+        "pruned",
     )
 
     def __init__(self, **kwargs) -> None:

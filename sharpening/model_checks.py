@@ -38,7 +38,9 @@ def model_source_problem(name: str) -> str | None:
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(name, "config.json"), str):
-            return "not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it first or give a local path"
+            return (
+                "not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it first or give a local path"
+            )
     return None
 
 
@@ -58,7 +60,9 @@ def config_json_problem(directory: str) -> str | None:
         return f"its config.json holds a JSON {type(config).__name__}, not an object of model settings; {again}"
     model_type = config.get("model_type")
     if not model_type:
-        return f"its config.json has no model_type (e.g. \"llama\"), so transformers cannot tell the architecture; {again}"
+        return (
+            f'its config.json has no model_type (e.g. "llama"), so transformers cannot tell the architecture; {again}'
+        )
     if model_type not in CONFIG_MAPPING and "auto_map" not in config:  # auto_map: code shipped with the model
         import transformers
 
@@ -198,7 +202,9 @@ def token_ids_problem(tokenizer, prompt_ids: list[list[int]], vocab_size: int | 
     if not vocab_size:
         return None
     highest = {f"prompt {i}": max(ids) for i, ids in enumerate(prompt_ids) if ids}
-    highest.update({f"{name} token": i for name in ("pad", "eos") if (i := getattr(tokenizer, f"{name}_token_id")) is not None})
+    highest.update(
+        {f"{name} token": i for name in ("pad", "eos") if (i := getattr(tokenizer, f"{name}_token_id")) is not None}
+    )
     over = {what: i for what, i in highest.items() if i >= vocab_size}
     if not over:
         return None

@@ -11,12 +11,13 @@ import contextlib
 import copy
 import importlib.util
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 
-from sharpening.cpu_linear import (
+from sharpening.kernels.cpu_linear import (
     CPU_LINEAR_KERNELS,
     MIN_ONEDNN_WEIGHT,
     onednn_linear_available,
@@ -215,7 +216,10 @@ def nf4_config(compute_dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(
-        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
     )
 
 

@@ -65,7 +65,7 @@ def not_utf8_problem(path: str) -> str | None:
                 decoder.decode(chunk)
             except UnicodeDecodeError as err:
                 at = line + chunk[: max(err.start, 0)].count(b"\n")
-                return f"is not UTF-8 text (byte {chunk[err.start:err.start + 1].hex() or '?'} on line {at})"
+                return f"is not UTF-8 text (byte {chunk[err.start : err.start + 1].hex() or '?'} on line {at})"
             line += chunk.count(b"\n")
     try:
         decoder.decode(b"", final=True)
@@ -270,17 +270,23 @@ class PromptDataModule(L.LightningDataModule):
         for file in [path] if os.path.isfile(path) else _data_files_in(path) if os.path.isdir(path) else []:
             if problem := not_utf8_problem(file):
                 where = f"--data.dataset={hp.dataset!r}" + ("" if file == path else f": {file!r}")
-                raise_if_problems([f"{where} {problem}; save it as UTF-8 (e.g. iconv -f ITS_ENCODING -t utf-8 FILE > NEW)"])
+                raise_if_problems(
+                    [f"{where} {problem}; save it as UTF-8 (e.g. iconv -f ITS_ENCODING -t utf-8 FILE > NEW)"]
+                )
         try:
             rows = load_prompt_rows(hp.dataset, hp.split, hp.subset)
         except (StopIteration, ValueError, DatasetGenerationError) as err:  # "no rows" / unreadable / malformed
             cause = err
             while isinstance(cause, DatasetGenerationError) and cause.__cause__ is not None:
                 cause = cause.__cause__  # the parser's own message (e.g. a bad JSON line), not the wrapper's
-            detail = f"{type(cause).__name__}: {str(cause).strip()[:300]}" if str(cause).strip() else type(cause).__name__
+            detail = (
+                f"{type(cause).__name__}: {str(cause).strip()[:300]}" if str(cause).strip() else type(cause).__name__
+            )
             raise ConfigError(
-                [f"--data.dataset={hp.dataset!r}: no rows could be read ({detail}); "
-                 "the file must hold one row per prompt with a prompt column (JSON Lines: one JSON object a line)"]
+                [
+                    f"--data.dataset={hp.dataset!r}: no rows could be read ({detail}); "
+                    "the file must hold one row per prompt with a prompt column (JSON Lines: one JSON object a line)"
+                ]
             ) from err
         except OSError as err:  # datasets' "not found" and "couldn't reach the hub" (offline, not cached)
             raise ConfigError([
@@ -291,7 +297,9 @@ class PromptDataModule(L.LightningDataModule):
         problems = []
         for column, option in ((hp.prompt_column, "prompt_column"), (hp.answer_column, "answer_column")):
             if column is not None and column not in rows.column_names:
-                problems.append(f"--data.{option}={column!r}: no such column in {hp.dataset!r}; found {rows.column_names}")
+                problems.append(
+                    f"--data.{option}={column!r}: no such column in {hp.dataset!r}; found {rows.column_names}"
+                )
         if len(rows) == 0:
             problems.append(f"--data.dataset={hp.dataset!r}: the dataset has no rows")
         raise_if_problems(problems)
@@ -326,7 +334,9 @@ class PromptDataModule(L.LightningDataModule):
             ])  # fmt: skip
         try:
             self.prompt_texts = [
-                render_prompt(r, hp.prompt_template, hp.few_shot_prefix, tokenizer, hp.use_chat_template, hp.system_prompt)
+                render_prompt(
+                    r, hp.prompt_template, hp.few_shot_prefix, tokenizer, hp.use_chat_template, hp.system_prompt
+                )
                 for r in rows
             ]
         except KeyError as err:
@@ -383,7 +393,10 @@ class PromptDataModule(L.LightningDataModule):
         """The prompts at ``indices``, left-padded, on ``device`` if given (also a DataLoader's collate_fn)."""
         indices = list(indices)
         batch = pad_prompts(
-            [self.prompt_ids[i] for i in indices], indices, [self.answers[i] for i in indices], self.tokenizer.pad_token_id
+            [self.prompt_ids[i] for i in indices],
+            indices,
+            [self.answers[i] for i in indices],
+            self.tokenizer.pad_token_id,
         )
         if device is not None:
             batch.prompt_ids, batch.prompt_mask = batch.prompt_ids.to(device), batch.prompt_mask.to(device)
@@ -407,7 +420,13 @@ class EpochSampler(torch.utils.data.DistributedSampler):
     """
 
     def __init__(
-        self, size: int, seed: int, shuffle: bool = True, skip: int = 0, num_replicas: int = 1, rank: int = 0,
+        self,
+        size: int,
+        seed: int,
+        shuffle: bool = True,
+        skip: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
         skip_epoch: int = 0,
     ) -> None:
         super().__init__(range(size), num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from lightning.pytorch.utilities import rank_zero_warn
 
+from sharpening.engines import SamplingConfig, decode_device_problems
 from sharpening.model_checks import token_ids_problem
-from sharpening.policy_module import PolicyModule
+from sharpening.module import PolicyModule
 from sharpening.prompts import PromptDataModule
-from sharpening.sampler import SamplingConfig, decode_device_problems
 from sharpening.selection import SelectionConfig
 
 
@@ -21,7 +21,7 @@ def run_problems(module: PolicyModule, datamodule, trainer) -> list[str]:
     """Every cross-section problem of a run; warns when the verifier's settings go unused. ``trainer`` gives
     the device and the SelfVerificationCallback (none: only the module and data are checked)."""
     from sharpening.callbacks import SelfVerificationCallback  # callbacks.py calls this module
-    from sharpening.rl import RLSharpeningModule  # the RL package imports policy_module
+    from sharpening.rl import RLSharpeningModule  # the RL package imports sharpening.module
 
     verifier = next((c for c in trainer.callbacks if isinstance(c, SelfVerificationCallback)), None)
     rl = module.rl if isinstance(module, RLSharpeningModule) else None

@@ -209,10 +209,15 @@ def take_lock(path: str, what: str) -> tuple[str, str]:
     """Create the lock file at ``path`` (O_CREAT|O_EXCL: one run wins) holding this process's pid, host,
     start time and command; take over a lock whose holder died on this host. Returns (path, record)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    record = json.dumps({
-        "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "time": time.time(), "command": " ".join(sys.argv),
-    })
+    record = json.dumps(
+        {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "time": time.time(),
+            "command": " ".join(sys.argv),
+        }
+    )
     for _ in range(3):  # a holder can release or die between our attempts
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

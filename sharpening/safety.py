@@ -156,6 +156,8 @@ class NonFiniteGuardCallback(L.Callback):
             return " (the loss was non-finite too, which the 16-mixed gradient scaler cannot cause or fix)"
         scale = scaler.get_scale()
         if scale <= self.min_scale:
-            return (f" (the 16-mixed gradient scaler's scale was {scale:g}, at most {self.min_scale:g}: the gradient "
-                    "was not scaled up, so this is no scaler overflow)")
+            return (
+                f" (the 16-mixed gradient scaler's scale was {scale:g}, at most {self.min_scale:g}: the gradient "
+                "was not scaled up, so this is no scaler overflow)"
+            )
         return None

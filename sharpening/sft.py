@@ -30,10 +30,10 @@ from sharpening.buffer import BufferExample
 from sharpening.errors import raise_if_problems
 from sharpening.logprobs import response_logprobs
 from sharpening.losses import masked_nll
+from sharpening.module import PolicyModule, TrainsOn, config_from, plain_hparams
 from sharpening.optim import OptimizerConfig
 from sharpening.packing import collate_examples, collate_packed, packed_response_logprobs, packing_problem
 from sharpening.policy import PolicyConfig
-from sharpening.policy_module import PolicyModule, TrainsOn, config_from, plain_hparams
 from sharpening.prompts import batch_response_tokens, epoch_sampler
 from sharpening.types import PackedBatch, PaddedBatch
 
@@ -113,11 +113,13 @@ class SFTSharpeningModule(PolicyModule):
         is normalized over each optimizer step's tokens, counted from that order."""
         super().setup(stage)
         if self.trainer.overfit_batches:
-            raise_if_problems([
-                f"--trainer.overfit_batches={self.trainer.overfit_batches}: SFT-sharpening normalizes its loss over "
-                "each optimizer step's response tokens, counted from its own order of the selected samples, which "
-                "overfit_batches replaces; use --trainer.limit_train_batches instead"
-            ])
+            raise_if_problems(
+                [
+                    f"--trainer.overfit_batches={self.trainer.overfit_batches}: SFT-sharpening normalizes its loss over "
+                    "each optimizer step's response tokens, counted from its own order of the selected samples, which "
+                    "overfit_batches replaces; use --trainer.limit_train_batches instead"
+                ]
+            )
 
     def training_step(self, batch: PaddedBatch | PackedBatch, batch_idx: int) -> torch.Tensor:
         if isinstance(batch, PackedBatch):

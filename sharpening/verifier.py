@@ -18,11 +18,11 @@ from typing import Any, Literal
 import torch
 
 from sharpening.buffer import BufferExample, selected_examples
+from sharpening.engines import SamplingConfig, decode_responses, generate_samples, is_exact_sampling
 from sharpening.logprobs import sample_logprobs
 from sharpening.metrics import SharpeningMetric
 from sharpening.policy import stop_token_ids
 from sharpening.rewards import extract_answers, score_samples
-from sharpening.sampler import SamplingConfig, decode_responses, generate_samples, is_exact_sampling
 from sharpening.selection import SelectionConfig, select_top_k
 from sharpening.tasks.extractors import answers_match
 from sharpening.types import PromptBatch, SampleBatch, ScoredSamples

@@ -20,7 +20,8 @@ def _full_state_dict_context(module, world_size: int, rank0_only: bool = True):
     from torch.distributed.fsdp.api import FullOptimStateDictConfig
 
     return FSDP.state_dict_type(
-        module, StateDictType.FULL_STATE_DICT,
+        module,
+        StateDictType.FULL_STATE_DICT,
         FullStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
         FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=rank0_only),
     )
@@ -38,7 +39,11 @@ class CPUFSDPStrategy(FSDPStrategy):
 
         if not any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
             model = FullyShardedDataParallel(
-                module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
-                sharding_strategy=self.sharding_strategy, device_id=torch.device("cpu"), **self.kwargs,
+                module=model,
+                cpu_offload=self.cpu_offload,
+                mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy,
+                device_id=torch.device("cpu"),
+                **self.kwargs,
             )
         return super()._setup_model(model)  # sees the wrapped model: activation checkpointing etc.

@@ -14,7 +14,7 @@ Draws are cached on disk, so an interrupted run resumes where it stopped.
 The stage in data-flow order:
     config.py    the options and their checks
     sources.py   the model and adapter files, whether they fit, and loading them (through sharpening.policy)
-    draws.py     drawing (sharpening.sampler), scoring (logprobs.sample_logprobs, rewards.score_samples)
+    draws.py     drawing (sharpening.engines), scoring (logprobs.sample_logprobs, rewards.score_samples)
     cache.py     model fingerprints and the cached draws
     protocol.py  the maths: best-of-N, maj@N, pass@N, lifts, standard errors (pure)
     report.py    results.json, CSV, the printed table and plots

@@ -16,6 +16,7 @@ from dataclasses import replace
 import torch
 
 from sharpening.checkpoint import write_atomically
+from sharpening.engines import SamplingConfig, decode_device_problems
 from sharpening.errors import ConfigError, parse_error_problem, raise_if_problems, unwritable_directory_problem
 from sharpening.evaluate.cache import DrawCache, model_fingerprint
 from sharpening.evaluate.config import (
@@ -43,7 +44,6 @@ from sharpening.evaluate.sources import (
 )
 from sharpening.prompts import PromptDataModule
 from sharpening.run_directories import holding_lock, output_lock_path
-from sharpening.sampler import SamplingConfig, decode_device_problems
 
 
 def measure(model_cfg: EvalModelConfig, protocol: ProtocolConfig, data_args: dict, cache_dir: str | None,
@@ -64,7 +64,11 @@ def measure(model_cfg: EvalModelConfig, protocol: ProtocolConfig, data_args: dic
     raise_if_problems(problems + context_problems(model_cfg, model_path, data, protocol.max_new_tokens))
     model, base = load_models(model_cfg, model_path, adapter, device)
     identity = model_identity(model_cfg, model_path, adapter, next(model.parameters()).dtype)
-    cache_identity = {"model": identity["fingerprint"], "adapter": identity["adapter_fingerprint"], "dtype": identity["dtype"]}
+    cache_identity = {
+        "model": identity["fingerprint"],
+        "adapter": identity["adapter_fingerprint"],
+        "dtype": identity["dtype"],
+    }
     if model_cfg.load_in_4bit:  # other weights, other draws (the key of full-precision caches is unchanged)
         cache_identity["load_in_4bit"] = True
     cache = DrawCache(cache_dir, cache_identity)
@@ -99,8 +103,13 @@ def context_problems(cfg: EvalModelConfig, model: str, data: PromptDataModule, m
     return problems + [
         problem
         for name, revision in scorers
-        for problem in prompt_context_problems(data.prompt_ids, max_new_tokens, data.hparams.dataset, name,
-                                               model_context(name, revision, cfg.trust_remote_code))  # fmt: skip
+        for problem in prompt_context_problems(
+            data.prompt_ids,
+            max_new_tokens,
+            data.hparams.dataset,
+            name,
+            model_context(name, revision, cfg.trust_remote_code),
+        )  # fmt: skip
     ]
 
 
@@ -189,7 +198,9 @@ def run(argv: list[str]) -> dict:
         numbers = measure(model_cfg, protocol, ns.data.as_dict(), cache_dir, ns.show_progress, output_problems)
         results = {"config": config, "config_files": config_files, **numbers}
         os.makedirs(ns.output_dir, exist_ok=True)
-        write_atomically(os.path.join(ns.output_dir, "config.yaml"), lambda f: yaml.safe_dump(config, f, sort_keys=False))
+        write_atomically(
+            os.path.join(ns.output_dir, "config.yaml"), lambda f: yaml.safe_dump(config, f, sort_keys=False)
+        )
         written = write_results(results, ns.output_dir)
         stale = remove_plots(ns.output_dir)  # an earlier run's: new ones replace them, or none are wanted
         written += write_plots(results, ns.output_dir) if ns.plots else []

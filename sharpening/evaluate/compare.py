@@ -143,13 +143,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--answer-column", default="answer", help="column of --prompts holding the reference answer")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="longest response drawn, in tokens")
     parser.add_argument("--max-prompts", type=int, default=None, help="use the first this many prompts (all: unset)")
-    parser.add_argument("--answer-extractor", default="strip",
-                        help="how an answer is read from a response: a built-in name (sharpening.tasks.extractors."
-                             "EXTRACTORS) or a module:function path")
+    parser.add_argument(
+        "--answer-extractor",
+        default="strip",
+        help="how an answer is read from a response: a built-in name (sharpening.tasks.extractors."
+        "EXTRACTORS) or a module:function path",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws")
-    parser.add_argument("--allow-adapter-base-mismatch", action="store_true",
-                        help="put a --sharpened adapter on a --base hub model other than the one its "
-                             "adapter_config.json names (e.g. a mirror); weight shapes must still agree")
+    parser.add_argument(
+        "--allow-adapter-base-mismatch",
+        action="store_true",
+        help="put a --sharpened adapter on a --base hub model other than the one its "
+        "adapter_config.json names (e.g. a mirror); weight shapes must still agree",
+    )
     parser.add_argument("--summary", default=None, help="write the JSON summary here (a new file: never overwritten)")
     parser.add_argument("--demo-checks", action="store_true", help="print the demo's acceptance checks")
     parser.add_argument("--elapsed-since", type=float, default=None, help="unix time the run started (reported)")

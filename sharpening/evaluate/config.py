@@ -12,6 +12,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Literal
 
+from sharpening.engines import SamplingConfig, validate_sampling_config
 from sharpening.errors import unwritable_directory_problem
 from sharpening.evaluate.sources import (
     adapter_base_check,
@@ -25,7 +26,6 @@ from sharpening.evaluate.sources import (
 from sharpening.model_checks import model_source_problem
 from sharpening.policy import cpu_linear_problems
 from sharpening.prompts import validate_dataset_source
-from sharpening.sampler import SamplingConfig, validate_sampling_config
 from sharpening.selection import TRUNCATED_POLICIES
 from sharpening.tasks.extractors import resolve_extractor
 
@@ -149,7 +149,9 @@ def validate_model_config(cfg: EvalModelConfig, option: str = "--model") -> list
             f"{option}.base_model_name_or_path for a fully fine-tuned one (a base model scores itself: use self)"
         )
     if cfg.load_in_4bit and importlib.util.find_spec("bitsandbytes") is None:  # as --model.policy.finetuning=qlora
-        problems.append(f"{option}.load_in_4bit=true needs bitsandbytes, which is not installed: pip install 'sharpening[qlora]'")
+        problems.append(
+            f"{option}.load_in_4bit=true needs bitsandbytes, which is not installed: pip install 'sharpening[qlora]'"
+        )
     if cfg.base_model_name_or_path and adapter is not None:
         problems.append(
             f"{option}.base_model_name_or_path={cfg.base_model_name_or_path!r}: with an adapter the base is the model "
@@ -211,7 +213,7 @@ def prompt_template_problem(template: str, option: str = "--data.prompt_template
 def validate_data_args(data: dict, option: str = "--data") -> list[str]:
     """The PromptDataModule checks that need no file read, plus: evaluation needs an answer column."""
     problems = validate_dataset_source(data.get("dataset", ""), f"{option}.dataset")
-    if (problem := prompt_template_problem(data.get("prompt_template") or "{prompt}", f"{option}.prompt_template")):
+    if problem := prompt_template_problem(data.get("prompt_template") or "{prompt}", f"{option}.prompt_template"):
         problems.append(problem)
     if data.get("max_prompts") is not None and data["max_prompts"] < 1:
         problems.append(f"{option}.max_prompts={data['max_prompts']}: must be >= 1, or null for all prompts")

@@ -13,15 +13,15 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from sharpening.cpu_linear import packed_linear_weights
+from sharpening.engines import SamplingConfig, decode_responses, generate_samples
 from sharpening.evaluate.cache import DrawCache
 from sharpening.evaluate.config import ProtocolConfig
 from sharpening.evaluate.protocol import SELF_REWARDS, SeedDraws, answer_codes
+from sharpening.kernels.cpu_linear import packed_linear_weights
 from sharpening.logprobs import sample_logprobs
 from sharpening.policy import frozen_base, stop_token_ids
 from sharpening.prompts import PromptDataModule
 from sharpening.rewards import extract_answers, score_samples
-from sharpening.sampler import SamplingConfig, decode_responses, generate_samples
 from sharpening.tasks.extractors import answers_match, resolve_extractor
 from sharpening.types import PromptBatch, SampleBatch
 

@@ -18,8 +18,8 @@ Choices (ours, where the paper is silent):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -48,7 +48,7 @@ class SeedDraws:
         return self.scores["loglik"]
 
     @staticmethod
-    def concat(parts: Sequence["SeedDraws"]) -> "SeedDraws":
+    def concat(parts: Sequence[SeedDraws]) -> SeedDraws:
         """Stack prompt batches of one seed along the prompt axis."""
         fields = ("correct", "answer_codes", "lengths", "truncated")
         scores = {name: torch.cat([p.scores[name] for p in parts]) for name in parts[0].scores}
@@ -192,8 +192,13 @@ def protocol_table(per_seed: Sequence[dict], greedy: dict, n_values: Sequence[in
     g = greedy["accuracy"]
     rows = [
         _row("greedy", 1, [g], g, [greedy["chosen_loglik"]]),
-        _row("sample", 1, [m["sample"]["accuracy"] for m in per_seed], g,
-             [m["sample"]["chosen_loglik"] for m in per_seed]),  # fmt: skip
+        _row(
+            "sample",
+            1,
+            [m["sample"]["accuracy"] for m in per_seed],
+            g,
+            [m["sample"]["chosen_loglik"] for m in per_seed],
+        ),  # fmt: skip
     ]
     for method in METHODS:
         for n in n_values:

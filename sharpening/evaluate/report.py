@@ -96,7 +96,8 @@ def format_table(results: dict) -> str:
         f"greedy accuracy {_cell(greedy['accuracy'], None)}   "
         f"single sample {_cell(sample['accuracy'], sample['accuracy_stderr'])}",
         f"lift over greedy in {unit}; loglik = mean log-likelihood of the chosen response",
-        f"{'N':>4}  " + "  ".join(f"{h:<15}" for h in ("BoN loglik", "BoN loglik_norm", "maj@N", "pass@N"))
+        f"{'N':>4}  "
+        + "  ".join(f"{h:<15}" for h in ("BoN loglik", "BoN loglik_norm", "maj@N", "pass@N"))
         + f"  {'lift loglik':<15}  {'loglik chosen':<15}",
     ]
     for n in results["n_values"]:

@@ -96,8 +96,13 @@ def onednn_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         x.device.type == "cpu"
         and x.dtype == weight.dtype == torch.float32
         and (bias is None or bias.dtype == torch.float32)
-        and _plain(x) and _plain(weight) and _plain(bias)
-        and x.dim() >= 2 and x.shape[-1] > 0 and weight.shape[0] > 0 and x.numel() > 0
+        and _plain(x)
+        and _plain(weight)
+        and _plain(bias)
+        and x.dim() >= 2
+        and x.shape[-1] > 0
+        and weight.shape[0] > 0
+        and x.numel() > 0
         and not torch.is_autocast_enabled("cpu")
     )
 
@@ -111,8 +116,9 @@ class OneDNNLinear(torch.nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not onednn_applies(x, self.weight, self.bias):
             return F.linear(x, self.weight, self.bias)
-        if torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad or
-                                         (self.bias is not None and self.bias.requires_grad)):
+        if torch.is_grad_enabled() and (
+            x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad)
+        ):
             return _OneDNNLinearFunction.apply(x, self.weight, self.bias)
         return onednn_linear(x, self._packed_weight() if self._packing else self.weight, self.bias)
 

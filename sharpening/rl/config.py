@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from sharpening.sampler import SamplingConfig, validate_sampling_config
+from sharpening.engines import SamplingConfig, validate_sampling_config
 from sharpening.selection import TRUNCATED_POLICIES
 
 
@@ -67,8 +67,11 @@ def validate_rl_config(rl: RLConfig, sampling: SamplingConfig) -> list[str]:
             f"--model.sampling.samples_per_prompt={sampling.samples_per_prompt}: a group baseline needs >= 2 "
             f"samples per prompt (with one, {o}.baseline={rl.baseline} {alone}); set it to 2 or more, e.g. 8"
         )
-    inexact = {k: v for k, v in (("temperature", sampling.temperature), ("top_k", sampling.top_k),
-                                  ("top_p", sampling.top_p)) if v != {"temperature": 1.0, "top_k": 0, "top_p": 1.0}[k]}
+    inexact = {
+        k: v
+        for k, v in (("temperature", sampling.temperature), ("top_k", sampling.top_k), ("top_p", sampling.top_p))
+        if v != {"temperature": 1.0, "top_k": 0, "top_p": 1.0}[k]
+    }
     if inexact:
         given = ", ".join(f"--model.sampling.{k}={v}" for k, v in inexact.items())
         problems.append(
@@ -118,8 +121,9 @@ def _truncated_problems(rl: RLConfig) -> list[str]:
         )
     if rl.algorithm == "offline" and rl.truncated != "keep":  # two options would apply to the same samples
         fix = (
-            "set --verifier.selection.truncated drop (its default) instead" if rl.truncated == "drop" else
-            "use --verifier.selection.truncated drop instead (a penalty does not reach the offline loss: its pairs "
+            "set --verifier.selection.truncated drop (its default) instead"
+            if rl.truncated == "drop"
+            else "use --verifier.selection.truncated drop instead (a penalty does not reach the offline loss: its pairs "
             "hold the verifier's samples' raw log pi_base), or algorithm online or xpo"
         )
         problems.append(

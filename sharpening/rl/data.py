@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import DataLoader
 
-from sharpening.buffer import EpochSampler
+from sharpening.prompts import EpochSampler
 from sharpening.types import PromptBatch
 
 
@@ -77,8 +77,13 @@ def update_loader(trainer, prompt_count: int, seed: int, prompts_per_step: int, 
                 done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
     rollouts_done, skip_updates = divmod(done, updates)
     prompts = EpochSampler(
-        prompt_count, seed, shuffle=prompt_count > 0, skip=rollouts_done * prompts_per_step, num_replicas=replicas,
-        rank=rank, skip_epoch=epoch,
+        prompt_count,
+        seed,
+        shuffle=prompt_count > 0,
+        skip=rollouts_done * prompts_per_step,
+        num_replicas=replicas,
+        rank=rank,
+        skip_epoch=epoch,
     )
     sampler = UpdateSampler(prompts, prompts_per_step, updates, skip_updates)
     sampler.set_epoch(epoch)  # Lightning sets it again at each epoch start

@@ -33,12 +33,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from sharpening.buffer import epoch_sampler
+from sharpening.engines import SamplingConfig, decode_device_problems
 from sharpening.errors import raise_if_problems
 from sharpening.losses import apply_truncated_policy, kl_regularized_rewards, squared_pair_loss, xpo_loss
+from sharpening.module import PolicyModule, TrainsOn, config_from, plain_hparams
 from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig, disable_dropout, eval_mode, stop_token_ids
-from sharpening.policy_module import PolicyModule, TrainsOn, config_from, plain_hparams
+from sharpening.prompts import epoch_sampler
 from sharpening.rl.config import RLConfig, validate_rl_config
 from sharpening.rl.data import update_loader
 from sharpening.rl.pairs import PairExample, collate_pairs, pairs_for_rank, pairs_from_buffer
@@ -56,7 +57,6 @@ from sharpening.rl.rollout import (
     sequence_logprobs,
     xpo_minibatches,
 )
-from sharpening.sampler import SamplingConfig, decode_device_problems
 from sharpening.types import PromptBatch, SampleBatch
 
 

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from sharpening.buffer import BufferExample, collate_examples
+from sharpening.buffer import BufferExample
+from sharpening.packing import collate_examples
 
 
 @dataclass

@@ -17,6 +17,7 @@ from enum import IntEnum
 
 import torch
 
+from sharpening.engines import SamplingConfig, derive_seed, generate_samples
 from sharpening.logprobs import response_logprobs, sample_logprobs
 from sharpening.losses import (
     apply_truncated_policy,
@@ -28,7 +29,6 @@ from sharpening.losses import (
 from sharpening.rewards import loglik_reward
 from sharpening.rl.config import RLConfig
 from sharpening.rl.pairs import PairExample
-from sharpening.sampler import SamplingConfig, derive_seed, generate_samples
 from sharpening.types import PromptBatch, SampleBatch
 
 BaseContext = Callable[[], AbstractContextManager[torch.nn.Module]]
@@ -76,8 +76,15 @@ def sequence_logprobs(token_logprobs: torch.Tensor, response_mask: torch.Tensor)
 
 
 def draw_samples(
-    model: torch.nn.Module, tokenizer, prompts: PromptBatch, sampling: SamplingConfig, samples_per_prompt: int,
-    seed: int, step: int, stream: SeedStream, stop_ids: list[int],
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: PromptBatch,
+    sampling: SamplingConfig,
+    samples_per_prompt: int,
+    seed: int,
+    step: int,
+    stream: SeedStream,
+    stop_ids: list[int],
 ) -> SampleBatch:
     """Exact draws from ``model`` (gradients off, eval mode entered by the caller), seeded by (seed, step, stream,
     prompt index)."""
@@ -126,7 +133,11 @@ def pair_residuals_of(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Paper Eq. 8 residuals of a ``collate_pairs`` batch [P], and log pi(y'|x) [P] (XPO's exploration term)."""
     logprobs = response_logprobs(
-        policy, batch["prompt_ids"], batch["prompt_mask"], batch["response_ids"], batch["response_mask"],
+        policy,
+        batch["prompt_ids"],
+        batch["prompt_mask"],
+        batch["response_ids"],
+        batch["response_mask"],
         chunk_size=chunk_size,
     )  # [2P, T]
     policy_y, policy_y2 = sequence_logprobs(logprobs, batch["response_mask"]).chunk(2)  # [2P] -> [P], [P]
@@ -174,10 +185,18 @@ def rollout_state(rollout: Rollout) -> dict:
     """The rollout as plain tensors and lists on the CPU (a checkpoint loads it with ``weights_only=True``)."""
     s, p = rollout.samples, rollout.samples.prompts
     cpu = {
-        "prompt_ids": p.prompt_ids, "prompt_mask": p.prompt_mask, "prompt_indices": p.prompt_indices,
-        "response_ids": s.response_ids, "response_mask": s.response_mask, "logprobs": s.logprobs,
-        "truncated": s.truncated, "pruned": s.pruned, "base_logprobs": rollout.base_logprobs,
-        "base_seq": rollout.base_seq, "sampler_seq": rollout.sampler_seq, "advantages": rollout.advantages,
+        "prompt_ids": p.prompt_ids,
+        "prompt_mask": p.prompt_mask,
+        "prompt_indices": p.prompt_indices,
+        "response_ids": s.response_ids,
+        "response_mask": s.response_mask,
+        "logprobs": s.logprobs,
+        "truncated": s.truncated,
+        "pruned": s.pruned,
+        "base_logprobs": rollout.base_logprobs,
+        "base_seq": rollout.base_seq,
+        "sampler_seq": rollout.sampler_seq,
+        "advantages": rollout.advantages,
         "in_loss": rollout.in_loss,
     }
     state = {k: None if v is None else v.detach().cpu() for k, v in cpu.items()}

@@ -188,16 +188,21 @@ class RLSettings:
 
 def run_rl(coverage: CoverageToy, settings: RLSettings, seed: int) -> dict:
     """Train through RLSharpeningModule until pi(y*) >= 1/2 (or ``max_rounds``); the samples that took."""
+    from sharpening.engines import SamplingConfig
     from sharpening.optim import OptimizerConfig
     from sharpening.policy import PolicyConfig
     from sharpening.prompts import PromptDataModule
     from sharpening.rl import RLConfig, RLSharpeningModule
-    from sharpening.sampler import SamplingConfig
 
     s = settings
     rl = RLConfig(
-        algorithm=s.algorithm, kl_coef=s.kl_coef, xpo_alpha=s.xpo_alpha, xpo_updates_per_round=s.xpo_updates_per_round,
-        pairs_per_update=s.pairs_per_update, heldout_prompts=0, **s.extra,
+        algorithm=s.algorithm,
+        kl_coef=s.kl_coef,
+        xpo_alpha=s.xpo_alpha,
+        xpo_updates_per_round=s.xpo_updates_per_round,
+        pairs_per_update=s.pairs_per_update,
+        heldout_prompts=0,
+        **s.extra,
     )
     base = str(coverage.directory / "base")
     module = RLSharpeningModule(
@@ -230,10 +235,10 @@ def run_sft(coverage: CoverageToy, n: int, seed: int, copies: int = 256, steps: 
     to the ``copies`` winners (full batch, ``steps`` steps). Returns the measured pi(y*), the share of
     winners that are y*, and the exact prediction P(BoN@N = y*)."""
     from sharpening.callbacks import SelfVerificationCallback
+    from sharpening.engines import SamplingConfig
     from sharpening.optim import OptimizerConfig
     from sharpening.policy import PolicyConfig
     from sharpening.prompts import PromptDataModule
-    from sharpening.sampler import SamplingConfig
     from sharpening.selection import SelectionConfig
     from sharpening.sft import SFTSharpeningModule
 
@@ -279,8 +284,15 @@ def _trainer(max_steps: int, seed: int, callbacks: list) -> L.Trainer:
     """A quiet single-device CPU trainer that stops after ``max_steps`` optimizer steps."""
     L.seed_everything(seed, verbose=False)
     return L.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
         reload_dataloaders_every_n_epochs=1,
     )
 
@@ -318,13 +330,15 @@ def coverage_experiment(
     result["toy"]["distil_seconds"] = time.time() - start
     for n in sft_ns:
         runs = [run_sft(enumerated, n, seed, copies=sft_copies) for seed in sft_seeds]
-        result["sft_runs"].append({
-            "n": n,
-            "predicted": runs[0]["predicted"],
-            "mass_on_argmax": [r["mass_on_argmax"] for r in runs],
-            "winner_share": [r["winner_share"] for r in runs],
-            "seconds": sum(r["seconds"] for r in runs),
-        })
+        result["sft_runs"].append(
+            {
+                "n": n,
+                "predicted": runs[0]["predicted"],
+                "mass_on_argmax": [r["mass_on_argmax"] for r in runs],
+                "winner_share": [r["winner_share"] for r in runs],
+                "seconds": sum(r["seconds"] for r in runs),
+            }
+        )
     for name, (settings, seeds) in rl_runs.items():
         settings = dataclasses.replace(settings, kl_coef=kl_coef)
         runs = [run_rl(enumerated, settings, seed) for seed in seeds]

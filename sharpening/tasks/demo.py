@@ -207,8 +207,15 @@ def build_demo_base(
     seed and parameters give the same weights (on the same hardware and torch thread count). Training is
     skipped when ``out_dir/base/demo_build.json`` records the same parameters, unless ``force``.
     """
-    params = {"seed": seed, "hedge_prob": HEDGE_PROB, "steps": steps, "batch_size": batch_size, "lr": lr,
-              "hidden_size": hidden_size, "num_layers": num_layers}
+    params = {
+        "seed": seed,
+        "hedge_prob": HEDGE_PROB,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "hidden_size": hidden_size,
+        "num_layers": num_layers,
+    }
     base_dir = Path(out_dir) / "base"
     if not force and _build_is_current(base_dir, params):
         log.info("base model in %s is up to date (seed %d): not rebuilt", base_dir, seed)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Callable
 from decimal import Decimal, localcontext
 from fractions import Fraction
-from typing import Callable
 
 _SKIP = r"[\s*_\"'`“”‘’:$]*"
 """Blanks, markdown emphasis, quotes, '$' and a colon ('is: C') between an answer statement and its answer."""

@@ -76,7 +76,11 @@ def outcome_logprobs(model, tokenizer, prompt: str, outcomes: list[tuple[str, bo
     prompts = pad_prompts([prompt_ids] * len(responses), list(range(len(responses))), [None] * len(responses), 0)
     device = next(model.parameters()).device
     token_lp = response_logprobs(
-        model, prompts.prompt_ids.to(device), prompts.prompt_mask.to(device), response_ids.to(device), response_mask.to(device)
+        model,
+        prompts.prompt_ids.to(device),
+        prompts.prompt_mask.to(device),
+        response_ids.to(device),
+        response_mask.to(device),
     )
     return (token_lp * response_mask.to(device)).sum(-1)  # [O]
 
@@ -109,9 +113,16 @@ def build_toy_base(
     tokenizer = build_char_tokenizer(letters + "xyz=")
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=16,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=16,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
     )
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -172,26 +183,40 @@ ORACLE_SETTINGS = {
 }
 
 
-def train_on_toy(algorithm: str, toy_dir: str | Path, kl_coef: float = 0.5, lr: float | None = None, max_steps: int | None = None,
-                 seed: int = 0, finetuning: str = "full", cpu_linear: str = "auto",
-                 max_new_tokens: int = TOY_MAX_NEW_TOKENS, rl_extra: dict | None = None):
+def train_on_toy(
+    algorithm: str,
+    toy_dir: str | Path,
+    kl_coef: float = 0.5,
+    lr: float | None = None,
+    max_steps: int | None = None,
+    seed: int = 0,
+    finetuning: str = "full",
+    cpu_linear: str = "auto",
+    max_new_tokens: int = TOY_MAX_NEW_TOKENS,
+    rl_extra: dict | None = None,
+):
     """Train ``algorithm`` through the real RLSharpeningModule + Trainer on the toy (``lr`` defaults to
     ``ORACLE_LR[algorithm]``; ``rl_extra``: further RLConfig fields); returns the module."""
     import lightning as L
 
     from sharpening.callbacks import SelfVerificationCallback
+    from sharpening.engines import SamplingConfig
     from sharpening.optim import OptimizerConfig
     from sharpening.policy import PolicyConfig
     from sharpening.prompts import PromptDataModule
     from sharpening.rl import RLConfig, RLSharpeningModule
-    from sharpening.sampler import SamplingConfig
     from sharpening.selection import SelectionConfig
 
     rl_over, sampling_over, module_over, steps = ORACLE_SETTINGS[algorithm]
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, prompts_per_batch=8, **sampling_over)
     module = RLSharpeningModule(
-        PolicyConfig(model_name_or_path=str(Path(toy_dir) / "base"), finetuning=finetuning, dtype="float32", lora_r=8,
-                     cpu_linear=cpu_linear),
+        PolicyConfig(
+            model_name_or_path=str(Path(toy_dir) / "base"),
+            finetuning=finetuning,
+            dtype="float32",
+            lora_r=8,
+            cpu_linear=cpu_linear,
+        ),
         rl=RLConfig(kl_coef=kl_coef, **rl_over, **(rl_extra or {})),
         sampling=sampling,
         optimizer=OptimizerConfig(lr=ORACLE_LR[algorithm] if lr is None else lr, schedule="constant"),
@@ -199,13 +224,25 @@ def train_on_toy(algorithm: str, toy_dir: str | Path, kl_coef: float = 0.5, lr: 
         **module_over,
     )
     verifier = SelfVerificationCallback(
-        sampling, SelectionConfig(truncated="keep"), resample_every_epoch=True, greedy_accuracy=False, show_progress=False
+        sampling,
+        SelectionConfig(truncated="keep"),
+        resample_every_epoch=True,
+        greedy_accuracy=False,
+        show_progress=False,
     )
     L.seed_everything(seed, verbose=False)
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, max_steps=max_steps or steps, max_epochs=-1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=str(toy_dir), callbacks=[verifier], reload_dataloaders_every_n_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        max_steps=max_steps or steps,
+        max_epochs=-1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(toy_dir),
+        callbacks=[verifier],
+        reload_dataloaders_every_n_epochs=1,
     )
     data = PromptDataModule(dataset=str(Path(toy_dir) / "prompts.jsonl"), answer_column="answer")
     trainer.fit(module, datamodule=data)

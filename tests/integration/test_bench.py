@@ -40,8 +40,16 @@ def test_quick_benchmark_reports_every_phase_without_trl():
 def test_warm_rl_steps_time_the_steps_after_the_first_one_per_step():
     """--warm-rl-steps K: rl_warm_step is the mean of K steps after an untimed first one in the same trainer, so
     its counts are one step's (8 prompts x 8 samples), not K + 1 steps'."""
-    args = [sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--quick", "--compare", "none", "--json",
-            "--warm-rl-steps", "2"]
+    args = [
+        sys.executable,
+        os.path.join(ROOT, "scripts", "bench.py"),
+        "--quick",
+        "--compare",
+        "none",
+        "--json",
+        "--warm-rl-steps",
+        "2",
+    ]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     done = subprocess.run(args, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -27,8 +27,11 @@ def _is_rl(config: str) -> bool:
 def tiny_overrides(model_path: str, prompts: str, root: str, rl: bool = False) -> list[str]:
     """Swap a config's hub model and dataset for the tiny ones, and shrink the work to seconds."""
     module = (
-        ["--model.init_args.prompts_per_step=2", "--model.init_args.sampling.samples_per_prompt=3",
-         "--model.init_args.sampling.max_new_tokens=5"]
+        [
+            "--model.init_args.prompts_per_step=2",
+            "--model.init_args.sampling.samples_per_prompt=3",
+            "--model.init_args.sampling.max_new_tokens=5",
+        ]
         if rl
         else ["--model.init_args.batch_size=2"]
     )
@@ -81,8 +84,17 @@ def test_rl_under_mixed_precision_clips_and_steps(tiny_model_path, prompts_file,
     refuses a fused AdamW, so the module builds an unfused one there (configs/lora.yaml and qlora.yaml
     clip under bf16-mixed too, and run above with their own precision)."""
     overrides = tiny_overrides(tiny_model_path, prompts_file, str(tmp_path), rl=True)
-    cli = main(["fit", "--config", os.path.join(ROOT, "configs", "rl.yaml"), *overrides, "--trainer.precision=bf16-mixed",
-                "--model.init_args.rl.max_grad_norm=0.1", "--trainer.max_steps=2"])
+    cli = main(
+        [
+            "fit",
+            "--config",
+            os.path.join(ROOT, "configs", "rl.yaml"),
+            *overrides,
+            "--trainer.precision=bf16-mixed",
+            "--model.init_args.rl.max_grad_norm=0.1",
+            "--trainer.max_steps=2",
+        ]
+    )
     assert cli.trainer.global_step == 2
     assert not cli.trainer.optimizers[0].defaults.get("fused")
 
@@ -155,7 +167,11 @@ def test_from_the_shell_a_stopped_run_and_bad_input_are_one_message_without_a_tr
            *tiny_overrides(tiny_model_path, prompts_file, str(tmp_path)), "--trainer.max_epochs=1"]  # fmt: skip
     for extra, status, message in [
         ("--verifier.selection.min_score=1.0", 1, "sharpen: self-verification kept no sample in epoch 0"),
-        ("--verifier.sampling.max_new_tokens=abc", 2, "--verifier.sampling.max_new_tokens='abc': must be a whole number"),
+        (
+            "--verifier.sampling.max_new_tokens=abc",
+            2,
+            "--verifier.sampling.max_new_tokens='abc': must be a whole number",
+        ),
     ]:
         monkeypatch.setattr(sys, "argv", [*run, extra])
         with pytest.raises(SystemExit) as done:
@@ -167,8 +183,11 @@ def test_from_the_shell_a_stopped_run_and_bad_input_are_one_message_without_a_tr
     "error, status, message",
     [
         (KeyboardInterrupt(), 130, "sharpen evaluate: interrupted; the draws made so far are cached"),
-        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 576000000000 bytes"), 1,
-         "sharpen evaluate: out of memory (DefaultCPUAllocator: can't allocate memory"),
+        (
+            RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 576000000000 bytes"),
+            1,
+            "sharpen evaluate: out of memory (DefaultCPUAllocator: can't allocate memory",
+        ),
         (RuntimeError("a bug"), None, None),  # not ours to explain: the traceback stays
     ],
 )
@@ -202,7 +221,13 @@ def test_lora_adapter_output_loads_with_plain_peft(tiny_model_path, prompts_file
 
 
 def test_full_finetuning_output_is_a_plain_transformers_directory(tiny_model_path, prompts_file, tmp_path):
-    _fit(tiny_model_path, prompts_file, str(tmp_path), "--trainer.max_epochs=1", "--model.init_args.policy.finetuning=full")
+    _fit(
+        tiny_model_path,
+        prompts_file,
+        str(tmp_path),
+        "--trainer.max_epochs=1",
+        "--model.init_args.policy.finetuning=full",
+    )
     from transformers import AutoModelForCausalLM
 
     trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
@@ -229,7 +254,7 @@ def test_bad_input_fails_before_weights_load(override, fragment, tiny_model_path
         raise AssertionError("weights were loaded before the configuration was checked")
 
     monkeypatch.setattr(policy, "load_policy", no_weights)
-    monkeypatch.setattr("sharpening.policy_module.load_policy", no_weights)
+    monkeypatch.setattr("sharpening.module.load_policy", no_weights)
     with pytest.raises((ConfigError, SystemExit, ValueError)) as err:
         _fit(tiny_model_path, prompts_file, str(tmp_path), override)
     text = str(err.value) + str(getattr(err.value, "__context__", ""))
@@ -253,8 +278,15 @@ def test_a_run_started_over_replaces_the_old_output_and_config(tiny_model_path, 
     LoRA adapter beside new full weights, which transformers would load on top of them)."""
     _fit(tiny_model_path, prompts_file, str(tmp_path), "--trainer.max_epochs=1")
     assert (tmp_path / "out" / "adapter_model.safetensors").is_file()
-    _fit(tiny_model_path, prompts_file, str(tmp_path), "--trainer.max_epochs=1", "--overwrite_run=true",
-         "--model.init_args.policy.finetuning=full", "--model.init_args.overwrite_output_dir=true")
+    _fit(
+        tiny_model_path,
+        prompts_file,
+        str(tmp_path),
+        "--trainer.max_epochs=1",
+        "--overwrite_run=true",
+        "--model.init_args.policy.finetuning=full",
+        "--model.init_args.overwrite_output_dir=true",
+    )
     files = sorted(os.listdir(tmp_path / "out"))
     assert "model.safetensors" in files and not [f for f in files if f.startswith("adapter")], files
     assert "finetuning: full" in (tmp_path / "config.yaml").read_text()
@@ -277,11 +309,19 @@ def test_callback_metrics_logged_each_round(tiny_model_path, prompts_file, tmp_p
 @pytest.mark.slow
 def test_round_metrics_can_be_monitored(tiny_model_path, prompts_file, tmp_path):
     """ModelCheckpoint (and EarlyStopping) can monitor a round's metrics, e.g. the sample accuracy."""
-    cli = _fit(tiny_model_path, prompts_file, str(tmp_path), "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-               "--trainer.callbacks.monitor=sample/accuracy", "--trainer.callbacks.mode=max",
-               f"--trainer.callbacks.dirpath={tmp_path}/best")
+    cli = _fit(
+        tiny_model_path,
+        prompts_file,
+        str(tmp_path),
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks.monitor=sample/accuracy",
+        "--trainer.callbacks.mode=max",
+        f"--trainer.callbacks.dirpath={tmp_path}/best",
+    )
     verifier = verifier_callback(cli.trainer)
-    assert float(cli.trainer.callback_metrics["sample/accuracy"]) == pytest.approx(verifier.last_metrics["sample/accuracy"])
+    assert float(cli.trainer.callback_metrics["sample/accuracy"]) == pytest.approx(
+        verifier.last_metrics["sample/accuracy"]
+    )
     best = [c for c in cli.trainer.callbacks if type(c).__name__ == "ModelCheckpoint" and c.monitor][0]
     assert best.best_model_path and best.best_model_score is not None
 
@@ -296,7 +336,9 @@ def test_only_fit_is_offered_and_help_shows_the_config_docs(capsys):
 
 
 @pytest.mark.parametrize("module", ["SFTSharpeningModule", "RLSharpeningModule"])
-def test_a_config_without_an_optimizer_section_uses_the_modules_default(module, tiny_model_path, prompts_file, tmp_path):
+def test_a_config_without_an_optimizer_section_uses_the_modules_default(
+    module, tiny_model_path, prompts_file, tmp_path
+):
     """jsonargparse passes None for a parameter the subclass forwards to PolicyModule: the module's own
     default must apply (RL: lr 1e-5, constant), not a crash."""
     config = tmp_path / "minimal.yaml"
@@ -306,8 +348,15 @@ def test_a_config_without_an_optimizer_section_uses_the_modules_default(module, 
         f"data:\n  dataset: {prompts_file}\n  max_prompts: 4\n"
     )
     rl = module.startswith("RL")
-    extra = ["--model.init_args.sampling.samples_per_prompt=2", "--model.init_args.sampling.max_new_tokens=4"] if rl else [
-        "--verifier.sampling.max_new_tokens=4", "--verifier.selection.truncated=keep", "--verifier.show_progress=false"]
+    extra = (
+        ["--model.init_args.sampling.samples_per_prompt=2", "--model.init_args.sampling.max_new_tokens=4"]
+        if rl
+        else [
+            "--verifier.sampling.max_new_tokens=4",
+            "--verifier.selection.truncated=keep",
+            "--verifier.show_progress=false",
+        ]
+    )
     cli = main(["fit", "--config", str(config), "--trainer.fast_dev_run=1", "--trainer.logger=false",
                 "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}", *extra])  # fmt: skip
     assert cli.trainer.global_step >= 1
@@ -326,7 +375,9 @@ def test_the_modules_pickle_for_ddp_spawn(tiny_model_path):
 
 
 @pytest.mark.slow
-def test_ckpt_path_last_without_a_root_dir_never_picks_another_run_below_it(tiny_model_path, prompts_file, tmp_path, monkeypatch):
+def test_ckpt_path_last_without_a_root_dir_never_picks_another_run_below_it(
+    tiny_model_path, prompts_file, tmp_path, monkeypatch
+):
     other = tmp_path / "artifacts" / "runs" / "old" / "checkpoints"
     other.mkdir(parents=True)
     (other / "epoch=2-step=96.ckpt").write_bytes(b"another run's")
@@ -347,6 +398,8 @@ def test_round_metrics_stay_monitorable_after_a_mid_epoch_resume(tiny_model_path
                   "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=-1",
                   "--trainer.callbacks.filename={step}"]  # fmt: skip
     first = _fit(tiny_model_path, prompts_file, str(tmp_path / "first"), *stopping, *every_step)
-    resumed = _fit(tiny_model_path, prompts_file, str(tmp_path / "again"), *stopping, f"--ckpt_path={tmp_path}/steps/step=1.ckpt")
+    resumed = _fit(
+        tiny_model_path, prompts_file, str(tmp_path / "again"), *stopping, f"--ckpt_path={tmp_path}/steps/step=1.ckpt"
+    )
     assert resumed.trainer.global_step == first.trainer.global_step
     assert "sample/accuracy" in resumed.trainer.callback_metrics

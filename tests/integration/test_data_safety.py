@@ -20,7 +20,7 @@ import torch
 from sharpening.checkpoint import AtomicCheckpointIO, DiskFullError, resume_problems, save_policy
 from sharpening.cli import main
 from sharpening.errors import ConfigError
-from sharpening.policy_module import PolicyModule
+from sharpening.module import PolicyModule
 from sharpening.run_directories import (
     RUN_LOCK,
     holding_run_directories,
@@ -65,7 +65,7 @@ def _dead_pid() -> int:
 
 @pytest.fixture
 def no_weights(monkeypatch):
-    monkeypatch.setattr("sharpening.policy_module.load_policy", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr("sharpening.module.load_policy", lambda *a, **k: pytest.fail("weights were loaded"))
 
 
 # ---- output_dir never replaces what the run reads or keeps ----
@@ -112,10 +112,12 @@ def test_output_dir_over_the_model_prompts_or_run_is_refused_whatever_overwrite_
 
 
 @pytest.mark.slow
-def test_output_dir_inside_the_run_directory_is_the_shipped_layout(tiny_model_path, prompts_file, tmp_path, monkeypatch):
+def test_output_dir_inside_the_run_directory_is_the_shipped_layout(
+    tiny_model_path, prompts_file, tmp_path, monkeypatch
+):
     """configs/*.yaml write the policy to <default_root_dir>/adapter or /model: accepted."""
     model, prompts, root = _demo_layout(tmp_path, tiny_model_path, prompts_file)
-    monkeypatch.setattr("sharpening.policy_module.load_policy", _stop)
+    monkeypatch.setattr("sharpening.module.load_policy", _stop)
     with pytest.raises(_Stop):  # got past every check into fit
         main(_args(model, prompts, root, root / "adapter", "--overwrite_run=true"))
 
@@ -132,11 +134,16 @@ def test_the_shipped_configs_pass_the_directory_checks(config, tmp_path, monkeyp
     (tmp_path / "artifacts" / "demo" / "train.jsonl").write_text("{}\n")
     with open(config) as f:
         settings = yaml.safe_load(f)
-    root, model = settings["trainer"]["default_root_dir"], settings["model"]["init_args"]["policy"]["model_name_or_path"]
+    root, model = (
+        settings["trainer"]["default_root_dir"],
+        settings["model"]["init_args"]["policy"]["model_name_or_path"],
+    )
     output_dir = settings["model"]["init_args"].get("output_dir") or "artifacts/demo/my-run"
     trainer = L.Trainer(default_root_dir=root, logger=True, accelerator="cpu", enable_progress_bar=False)
     assert run_directory_problems(trainer, output_dir, settings["data"]["dataset"], None) == []
-    assert output_dir_problems(output_dir, [("the base model", model, "--model.policy.model_name_or_path", False)]) == []
+    assert (
+        output_dir_problems(output_dir, [("the base model", model, "--model.policy.model_name_or_path", False)]) == []
+    )
 
 
 def test_the_logger_directory_is_protected(tiny_model_path, prompts_file, tmp_path, no_weights):
@@ -145,13 +152,17 @@ def test_the_logger_directory_is_protected(tiny_model_path, prompts_file, tmp_pa
         main([*_args(tiny_model_path, prompts_file, root, root / "lightning_logs"), "--trainer.logger=true"])
 
 
-def test_read_only_run_directory_is_refused_before_loading(tiny_model_path, prompts_file, tmp_path, monkeypatch, no_weights):
+def test_read_only_run_directory_is_refused_before_loading(
+    tiny_model_path, prompts_file, tmp_path, monkeypatch, no_weights
+):
     root = tmp_path / "readonly"
     root.mkdir()
     (root / "notes.txt").write_text("mine")
     root.chmod(0o555)
     real_access = os.access  # root may write anywhere: the check sees what a normal user would
-    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).startswith(str(root)) else real_access(path, mode))
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False if str(path).startswith(str(root)) else real_access(path, mode)
+    )
     try:
         with pytest.raises(ConfigError, match="default_root_dir=.*is not writable by this user") as err:
             main(_args(tiny_model_path, prompts_file, root / "run", tmp_path / "out"))
@@ -161,7 +172,9 @@ def test_read_only_run_directory_is_refused_before_loading(tiny_model_path, prom
     assert sorted(os.listdir(root)) == ["notes.txt"] and not (tmp_path / "out").exists()
 
 
-def test_a_policy_write_killed_between_its_renames_is_left_to_the_user(tiny_model_path, prompts_file, tmp_path, no_weights):
+def test_a_policy_write_killed_between_its_renames_is_left_to_the_user(
+    tiny_model_path, prompts_file, tmp_path, no_weights
+):
     pid = _dead_pid()
     (tmp_path / f".out.{pid}.previous").mkdir()
     (tmp_path / f".out.{pid}.previous" / "adapter_model.safetensors").write_bytes(b"the last policy")
@@ -189,7 +202,7 @@ def test_a_second_run_into_held_directories_is_refused(tiny_model_path, prompts_
     refused = {}
 
     def second_runs(*args, **kwargs):
-        monkeypatch.setattr("sharpening.policy_module.load_policy", _stop)  # B must not get this far
+        monkeypatch.setattr("sharpening.module.load_policy", _stop)  # B must not get this far
         held = json.loads((root / RUN_LOCK).read_text())
         assert held["pid"] == os.getpid() and held["host"] == socket.gethostname()
         for name, other_root in [("same root", root), ("same output_dir", tmp_path / "other")]:
@@ -198,7 +211,7 @@ def test_a_second_run_into_held_directories_is_refused(tiny_model_path, prompts_
             refused[name] = str(err.value)
         raise _Stop  # A fails too: its locks must still go
 
-    monkeypatch.setattr("sharpening.policy_module.load_policy", second_runs)
+    monkeypatch.setattr("sharpening.module.load_policy", second_runs)
     with pytest.raises(_Stop):
         main(_args(tiny_model_path, prompts_file, root, out))
     assert f"pid {os.getpid()} on {socket.gethostname()}" in refused["same root"]
@@ -225,17 +238,21 @@ def test_a_live_holder_on_this_host_keeps_its_lock(tiny_model_path, prompts_file
         holder.wait()
 
 
-def test_stale_lock_and_leftovers_of_killed_writes_are_cleared_by_the_next_run(tiny_model_path, prompts_file, tmp_path, monkeypatch):
+def test_stale_lock_and_leftovers_of_killed_writes_are_cleared_by_the_next_run(
+    tiny_model_path, prompts_file, tmp_path, monkeypatch
+):
     root, out, dead = tmp_path / "run", tmp_path / "out", _dead_pid()
     (root / "checkpoints").mkdir(parents=True)
-    (root / RUN_LOCK).write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started": "x", "command": "y"}))
+    (root / RUN_LOCK).write_text(
+        json.dumps({"pid": dead, "host": socket.gethostname(), "started": "x", "command": "y"})
+    )
     stale = [root / "checkpoints" / f".epoch=0-step=2.ckpt.{dead}.partial",
              root / "checkpoints" / f".epoch=0-step=2.ckpt.sha256.{dead}.partial", tmp_path / f".out.{dead}.partial"]  # fmt: skip
     kept = [root / "checkpoints" / f".epoch=0-step=2.ckpt.{os.getpid()}.partial",  # a live process's
             root / "checkpoints" / ".notes.partial", tmp_path / f".other.{dead}.partial"]  # not ours  # fmt: skip
     for path in stale + kept:
         path.write_bytes(b"partial")
-    monkeypatch.setattr("sharpening.policy_module.load_policy", _stop)
+    monkeypatch.setattr("sharpening.module.load_policy", _stop)
     with pytest.warns(UserWarning) as warned:
         with pytest.raises(_Stop):  # the run started: lock taken over, leftovers cleared
             main(_args(tiny_model_path, prompts_file, root, out, "--overwrite_run=true"))
@@ -361,7 +378,9 @@ def test_full_disk_while_writing_the_policy_keeps_the_previous_one(tmp_path):
 
 
 @pytest.mark.slow
-def test_full_disk_during_training_stops_with_the_last_good_checkpoint(tiny_model_path, prompts_file, tmp_path, monkeypatch):
+def test_full_disk_during_training_stops_with_the_last_good_checkpoint(
+    tiny_model_path, prompts_file, tmp_path, monkeypatch
+):
     """The second epoch's checkpoint does not fit: the run stops naming the directory; the first one stays."""
     import sharpening.checkpoint.files as checkpoint
 

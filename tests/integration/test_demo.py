@@ -8,7 +8,6 @@ import math
 import os
 
 import pytest
-import torch
 
 from sharpening.cli import main
 from sharpening.tasks import demo

@@ -139,7 +139,9 @@ def test_a_sharpened_adapter_in_compare_goes_on_base(adapter_path, tiny_model_pa
     (adapter / "adapter_config.json").write_text(json.dumps(dict(config, base_model_name_or_path="/elsewhere/base")))
     loaded = []
     monkeypatch.setattr(evaluate_module, "load_models", lambda cfg, *sources: loaded.append(sources[:2]) or 1 / 0)
-    with pytest.warns(UserWarning, match=f"--sharpened={str(adapter)!r} was trained on '/elsewhere/base'.*not on --base"):
+    with pytest.warns(
+        UserWarning, match=f"--sharpened={str(adapter)!r} was trained on '/elsewhere/base'.*not on --base"
+    ):
         with pytest.raises(ZeroDivisionError):  # the first model to load (the base) stops the run
             compare("--base", tiny_model_path, "--sharpened", str(adapter), "--prompts", REVERSAL)
     assert loaded == [(tiny_model_path, None)]
@@ -191,7 +193,9 @@ def test_compare_refuses_directories_that_are_not_models_and_a_missing_prompts_f
     problems = err.value.problems
     assert len(problems) == 3  # all at once
     assert any(p.startswith(f"--prompts={missing!r}: file not found") for p in problems)
-    assert any(p.startswith(f"--base={str(tmp_path / 'empty')!r}: directory has no config.json (found: [])") for p in problems)
+    assert any(
+        p.startswith(f"--base={str(tmp_path / 'empty')!r}: directory has no config.json (found: [])") for p in problems
+    )
     assert any(f"--sharpened={str(tmp_path / 'run')!r}: directory has no config.json (found: ['config.yaml'])" in p
                for p in problems)  # fmt: skip
 
@@ -313,7 +317,6 @@ def test_a_base_of_another_vocabulary_is_refused_before_drawing(tiny_model_path,
     assert "differs from the evaluated model's" in str(err.value)
 
 
-
 def test_an_output_dir_another_evaluation_writes_to_is_refused_and_the_lock_is_released(tiny_model_path, tmp_path):
     """A second run that found output_dir empty while the first drew replaced the first's results at its end."""
     from sharpening.run_directories import output_lock_path, take_lock
@@ -338,6 +341,11 @@ def test_overwrite_never_replaces_the_config_or_prompts_the_run_reads(tiny_model
         evaluate(tiny_model_path, tmp_path, "--overwrite=true", f"--config={tmp_path / 'config.yaml'}",
                  dataset=str(tmp_path / "results.json"))  # fmt: skip
     config_problem, data_problem = err.value.problems
-    assert config_problem.startswith(f"--config='{tmp_path / 'config.yaml'}' is '{tmp_path / 'config.yaml'}', where the run")
-    assert data_problem.startswith(f"--data.dataset='{tmp_path / 'results.json'}' is ") and "never what the run reads" in data_problem
+    assert config_problem.startswith(
+        f"--config='{tmp_path / 'config.yaml'}' is '{tmp_path / 'config.yaml'}', where the run"
+    )
+    assert (
+        data_problem.startswith(f"--data.dataset='{tmp_path / 'results.json'}' is ")
+        and "never what the run reads" in data_problem
+    )
     assert (tmp_path / "config.yaml").read_text() == "# mine\nplots: false\n"

@@ -260,7 +260,9 @@ def test_bad_input_fails_before_weights_load(override, fragment, tiny_model_path
     assert not (tmp_path / "out").exists()
 
 
-def test_an_output_or_cache_dir_that_cannot_be_written_is_refused_before_drawing(tiny_model_path, tmp_path, monkeypatch):
+def test_an_output_or_cache_dir_that_cannot_be_written_is_refused_before_drawing(
+    tiny_model_path, tmp_path, monkeypatch
+):
     _no_weights(monkeypatch)
     (tmp_path / "file").write_text("mine")
     with pytest.raises(ConfigError) as err:

@@ -25,14 +25,30 @@ TESTS = os.path.join(ROOT, "tests")
 
 def _fit(config: str, model: str, prompts: str, root, *extra) -> subprocess.CompletedProcess:
     args = [
-        sys.executable, "-m", "sharpening", "fit", "--config", os.path.join(ROOT, "configs", config),
-        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true",
-        "--trainer.strategy.class_path=cpu_fsdp.CPUFSDPStrategy", "--trainer.max_epochs=2",
-        "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-        f"--trainer.default_root_dir={root}", f"--model.policy.model_name_or_path={model}",
-        "--model.policy.dtype=float32", "--model.policy.gradient_checkpointing=false",
-        f"--data.dataset={prompts}", "--data.subset=null", "--data.prompt_column=prompt",
-        "--data.prompt_template={prompt}", "--data.use_chat_template=false", *extra,
+        sys.executable,
+        "-m",
+        "sharpening",
+        "fit",
+        "--config",
+        os.path.join(ROOT, "configs", config),
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.precision=32-true",
+        "--trainer.strategy.class_path=cpu_fsdp.CPUFSDPStrategy",
+        "--trainer.max_epochs=2",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={root}",
+        f"--model.policy.model_name_or_path={model}",
+        "--model.policy.dtype=float32",
+        "--model.policy.gradient_checkpointing=false",
+        f"--data.dataset={prompts}",
+        "--data.subset=null",
+        "--data.prompt_column=prompt",
+        "--data.prompt_template={prompt}",
+        "--data.use_chat_template=false",
+        *extra,
     ]
     path = os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))  # keep what the caller set
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
@@ -40,9 +56,13 @@ def _fit(config: str, model: str, prompts: str, root, *extra) -> subprocess.Comp
 
 
 SFT = [
-    "--model.batch_size=2", "--model.optimizer.lr=1e-3", "--verifier.sampling.samples_per_prompt=3",
-    "--verifier.sampling.max_new_tokens=5", "--verifier.selection.truncated=keep",
-    "--verifier.selection.answer_extractor=strip", "--verifier.resample_every_epoch=true",
+    "--model.batch_size=2",
+    "--model.optimizer.lr=1e-3",
+    "--verifier.sampling.samples_per_prompt=3",
+    "--verifier.sampling.max_new_tokens=5",
+    "--verifier.selection.truncated=keep",
+    "--verifier.selection.answer_extractor=strip",
+    "--verifier.resample_every_epoch=true",
     "--verifier.show_progress=false",
 ]
 
@@ -61,8 +81,17 @@ AS_SHIPPED = ["--trainer.precision=bf16-mixed", "--model.policy.gradient_checkpo
 
 @pytest.mark.parametrize("finetuning", ["full", "lora"])
 def test_fsdp_config_generates_trains_and_writes_whole_weights(finetuning, tiny_model_path, seven_prompts, tmp_path):
-    done = _fit("fsdp.yaml", tiny_model_path, seven_prompts, tmp_path, *SFT, f"--model.policy.finetuning={finetuning}",
-                "--model.policy.lora_r=4", f"--model.output_dir={tmp_path}/out", *(AS_SHIPPED if finetuning == "lora" else []))
+    done = _fit(
+        "fsdp.yaml",
+        tiny_model_path,
+        seven_prompts,
+        tmp_path,
+        *SFT,
+        f"--model.policy.finetuning={finetuning}",
+        "--model.policy.lora_r=4",
+        f"--model.output_dir={tmp_path}/out",
+        *(AS_SHIPPED if finetuning == "lora" else []),
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     checkpoint = _load(glob.glob(os.path.join(tmp_path, "checkpoints", "*.ckpt"))[0])
     assert checkpoint["global_step"] == 4  # 7 prompts -> 4 per rank -> 2 batches of 2, x 2 epochs
@@ -85,17 +114,35 @@ def test_fsdp_config_generates_trains_and_writes_whole_weights(finetuning, tiny_
 def test_fsdp_resume_mid_epoch_and_at_the_epoch_boundary_is_exact(tiny_model_path, seven_prompts, tmp_path):
     every_step = [
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        f"--trainer.callbacks.dirpath={tmp_path}/steps", "--trainer.callbacks.every_n_train_steps=1",
-        "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.filename={step}",
+        f"--trainer.callbacks.dirpath={tmp_path}/steps",
+        "--trainer.callbacks.every_n_train_steps=1",
+        "--trainer.callbacks.save_top_k=-1",
+        "--trainer.callbacks.filename={step}",
     ]
-    done = _fit("fsdp.yaml", tiny_model_path, seven_prompts, tmp_path / "straight", *SFT, "--model.policy.finetuning=full",
-                f"--model.output_dir={tmp_path}/straight/out", *every_step)
+    done = _fit(
+        "fsdp.yaml",
+        tiny_model_path,
+        seven_prompts,
+        tmp_path / "straight",
+        *SFT,
+        "--model.policy.finetuning=full",
+        f"--model.output_dir={tmp_path}/straight/out",
+        *every_step,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     straight = _load(os.path.join(tmp_path, "steps", "step=4.ckpt"))
     for step in (1, 2):  # mid-epoch (each rank skips its own consumed batch) and at the epoch boundary
         root = tmp_path / f"resumed{step}"
-        done = _fit("fsdp.yaml", tiny_model_path, seven_prompts, root, *SFT, "--model.policy.finetuning=full",
-                    f"--model.output_dir={root}/out", f"--ckpt_path={tmp_path}/steps/step={step}.ckpt")
+        done = _fit(
+            "fsdp.yaml",
+            tiny_model_path,
+            seven_prompts,
+            root,
+            *SFT,
+            "--model.policy.finetuning=full",
+            f"--model.output_dir={root}/out",
+            f"--ckpt_path={tmp_path}/steps/step={step}.ckpt",
+        )
         assert done.returncode == 0, done.stderr[-4000:]
         resumed = _load(glob.glob(os.path.join(root, "checkpoints", "*.ckpt"))[0])
         assert resumed["global_step"] == 4
@@ -137,13 +184,22 @@ def test_fsdp_sigterm_on_one_rank_stops_both_and_resumes_exactly(tiny_model_path
 @pytest.mark.parametrize(
     "config, extra, message",
     [
-        ("fsdp.yaml", [*SFT, "--model.policy.finetuning=lora", "--model.policy.dtype=bfloat16"],
-         ["--model.policy.dtype=bfloat16: LoRA under FSDP needs float32 weights", "--model.policy.dtype float32"]),
-        ("fsdp.yaml", [*SFT, "--model.policy.finetuning=qlora"], ["--model.policy.finetuning=qlora: QLoRA does not run under FSDP"]),
+        (
+            "fsdp.yaml",
+            [*SFT, "--model.policy.finetuning=lora", "--model.policy.dtype=bfloat16"],
+            ["--model.policy.dtype=bfloat16: LoRA under FSDP needs float32 weights", "--model.policy.dtype float32"],
+        ),
+        (
+            "fsdp.yaml",
+            [*SFT, "--model.policy.finetuning=qlora"],
+            ["--model.policy.finetuning=qlora: QLoRA does not run under FSDP"],
+        ),
     ],
     ids=["lora-bf16", "qlora"],
 )
-def test_what_fsdp_cannot_shard_is_refused_before_weights_load(config, extra, message, tiny_model_path, seven_prompts, tmp_path):
+def test_what_fsdp_cannot_shard_is_refused_before_weights_load(
+    config, extra, message, tiny_model_path, seven_prompts, tmp_path
+):
     done = _fit(config, tiny_model_path, seven_prompts, tmp_path, *extra)
     assert done.returncode != 0
     for part in message:

@@ -10,11 +10,11 @@ import torch
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from sharpening.buffer import BufferExample
+from sharpening.engines import SamplingConfig
 from sharpening.policy import PolicyConfig
 from sharpening.prompts import PromptDataModule
 from sharpening.rl import RLConfig, RLSharpeningModule
 from sharpening.safety import LAST_GOOD_CHECKPOINT, NonFiniteError
-from sharpening.sampler import SamplingConfig
 from sharpening.sft import SFTSharpeningModule
 
 
@@ -24,9 +24,16 @@ def _fp16(init_scale: float) -> MixedPrecision:
 
 def _trainer(root, max_steps: int, init_scale: float, callbacks=()) -> L.Trainer:
     return L.Trainer(
-        accelerator="cpu", max_steps=max_steps, max_epochs=-1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(root),
-        plugins=[_fp16(init_scale)], callbacks=list(callbacks),
+        accelerator="cpu",
+        max_steps=max_steps,
+        max_epochs=-1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(root),
+        plugins=[_fp16(init_scale)],
+        callbacks=list(callbacks),
     )
 
 
@@ -48,7 +55,8 @@ class GradNormAtStep(L.Callback):
 def test_rl_clips_the_unscaled_gradient_under_16_mixed(tiny_model_path, prompts_file, tmp_path):
     module = RLSharpeningModule(
         PolicyConfig(model_name_or_path=tiny_model_path, finetuning="lora", lora_r=4, dtype="float32"),
-        rl=RLConfig(max_grad_norm=1e-3), sampling=SamplingConfig(samples_per_prompt=2, max_new_tokens=4),
+        rl=RLConfig(max_grad_norm=1e-3),
+        sampling=SamplingConfig(samples_per_prompt=2, max_new_tokens=4),
         prompts_per_step=2,
     )
     seen = GradNormAtStep()

@@ -8,7 +8,6 @@ import signal
 
 import pytest
 import torch
-
 from sigterm_hook import SigtermAt
 
 from sharpening.cli import main
@@ -19,13 +18,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def _args(model, prompts, root, *extra):
     return [
-        "fit", "--config", os.path.join(ROOT, "configs", "demo.yaml"),
-        f"--model.init_args.policy.model_name_or_path={model}", "--model.init_args.policy.finetuning=lora",
-        "--model.init_args.policy.lora_r=4", "--model.init_args.batch_size=2", f"--model.init_args.output_dir={root}/out",
-        f"--data.dataset={prompts}", "--data.max_prompts=4", "--verifier.sampling.samples_per_prompt=3",
-        "--verifier.sampling.max_new_tokens=5", "--verifier.selection.truncated=keep", "--verifier.show_progress=false",
-        "--verifier.resample_every_epoch=true", "--trainer.max_epochs=2", "--trainer.logger=false",
-        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={root}", *extra,
+        "fit",
+        "--config",
+        os.path.join(ROOT, "configs", "demo.yaml"),
+        f"--model.init_args.policy.model_name_or_path={model}",
+        "--model.init_args.policy.finetuning=lora",
+        "--model.init_args.policy.lora_r=4",
+        "--model.init_args.batch_size=2",
+        f"--model.init_args.output_dir={root}/out",
+        f"--data.dataset={prompts}",
+        "--data.max_prompts=4",
+        "--verifier.sampling.samples_per_prompt=3",
+        "--verifier.sampling.max_new_tokens=5",
+        "--verifier.selection.truncated=keep",
+        "--verifier.show_progress=false",
+        "--verifier.resample_every_epoch=true",
+        "--trainer.max_epochs=2",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={root}",
+        *extra,
     ]
 
 
@@ -45,11 +57,13 @@ PREEMPTIONS = [pytest.param(True, 0, marks=pytest.mark.slow), (False, 0), (False
 
 
 @pytest.mark.parametrize(("resample", "step"), PREEMPTIONS)
-def test_sigterm_during_training_checkpoints_and_resumes(resample, step, tiny_model_path, prompts_file, tmp_path, monkeypatch):
+def test_sigterm_during_training_checkpoints_and_resumes(
+    resample, step, tiny_model_path, prompts_file, tmp_path, monkeypatch
+):
     loader = f"--verifier.resample_every_epoch={str(resample).lower()}"
     full = main(_args(tiny_model_path, prompts_file, tmp_path / "full", loader))
     monkeypatch.setattr(
-        "sharpening.policy_module.PolicyModule.configure_callbacks",
+        "sharpening.module.PolicyModule.configure_callbacks",
         lambda self: [*_safety(), SigtermAt(step=step)],  # mid-epoch: the first or second of two batches
     )
     stopped = main(_args(tiny_model_path, prompts_file, tmp_path / "run", loader))
@@ -65,13 +79,15 @@ def test_sigterm_during_training_checkpoints_and_resumes(resample, step, tiny_mo
     assert (tmp_path / "run" / "out" / "adapter_config.json").is_file()
 
 
-def test_sigterm_during_gradient_accumulation_stops_after_the_optimizer_step(tiny_model_path, prompts_file, tmp_path, monkeypatch):
+def test_sigterm_during_gradient_accumulation_stops_after_the_optimizer_step(
+    tiny_model_path, prompts_file, tmp_path, monkeypatch
+):
     """A checkpoint between accumulated micro-batches would lose their gradients: the run stops once the step
     they accumulate into is taken, and the resumed run ends with the same weights."""
     accumulate = ["--model.init_args.batch_size=1", "--trainer.accumulate_grad_batches=2"]
     full = main(_args(tiny_model_path, prompts_file, tmp_path / "full", *accumulate))
     monkeypatch.setattr(
-        "sharpening.policy_module.PolicyModule.configure_callbacks", lambda self: [*_safety(), SigtermAt(step=1)]
+        "sharpening.module.PolicyModule.configure_callbacks", lambda self: [*_safety(), SigtermAt(step=1)]
     )  # at the first micro-batch of step 1
     stopped = main(_args(tiny_model_path, prompts_file, tmp_path / "run", *accumulate))
     assert stopped.trainer.global_step == 2 and (tmp_path / "run" / "checkpoints" / PREEMPTED_CHECKPOINT).is_file()
@@ -88,7 +104,9 @@ def _safety():
     return [PreemptionCallback(), NonFiniteGuardCallback()]
 
 
-def test_sigterm_during_the_epoch_end_round_resumes_to_the_same_weights(tiny_model_path, prompts_file, tmp_path, monkeypatch):
+def test_sigterm_during_the_epoch_end_round_resumes_to_the_same_weights(
+    tiny_model_path, prompts_file, tmp_path, monkeypatch
+):
     full = main(_args(tiny_model_path, prompts_file, tmp_path / "full"))
     import sharpening.verifier as verifier
 
@@ -150,7 +168,6 @@ def test_nan_gradient_stops_with_the_last_good_state(tiny_model_path, prompts_fi
 def test_sigkill_while_saving_leaves_the_previous_checkpoint_loadable(tiny_model_path, prompts_file, tmp_path):
     import subprocess
     import sys
-    import time
 
     cli = main(_args(tiny_model_path, prompts_file, tmp_path / "run", "--trainer.max_epochs=1"))
     assert type(cli.trainer.strategy.checkpoint_io).__name__ == "AtomicCheckpointIO"
@@ -174,6 +191,13 @@ AtomicCheckpointIO().save_checkpoint({{"state_dict": {{}}}}, {str(previous)!r})
     assert previous.read_bytes() == before  # untouched, still loadable
     torch.load(previous, map_location="cpu", weights_only=True)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.ckpt")) == [previous.name]
-    resumed = main(_args(tiny_model_path, prompts_file, tmp_path / "run", "--ckpt_path=last",
-                         "--model.init_args.overwrite_output_dir=true"))  # the first run finished and wrote out/
+    resumed = main(
+        _args(
+            tiny_model_path,
+            prompts_file,
+            tmp_path / "run",
+            "--ckpt_path=last",
+            "--model.init_args.overwrite_output_dir=true",
+        )
+    )  # the first run finished and wrote out/
     assert resumed.trainer.global_step == 4  # resumed from the epoch-0 checkpoint and trained epoch 1

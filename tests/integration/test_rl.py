@@ -13,13 +13,13 @@ import torch
 
 import sharpening.rl.rollout as rl_module
 from sharpening.callbacks import SelfVerificationCallback
+from sharpening.engines import SamplingConfig
 from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig
 from sharpening.prompts import PromptDataModule, pad_prompts
 from sharpening.rl import RLConfig, RLSharpeningModule
 from sharpening.rl.pairs import collate_pairs
 from sharpening.rl.rollout import SeedStream, pair_residuals_of
-from sharpening.sampler import SamplingConfig
 from sharpening.tasks import toy
 
 # Every test here trains: a toy base distilled for 150 steps (toy_dir, ~15 s) or a run to the closed-form optimum.
@@ -34,11 +34,17 @@ def toy_dir(tmp_path_factory) -> str:
 
 
 def _module(
-    toy_dir: str, finetuning: str = "full", prompts_per_step: int = 3, max_new_tokens: int = toy.TOY_MAX_NEW_TOKENS,
-    optimizer: OptimizerConfig | None = None, **rl,
+    toy_dir: str,
+    finetuning: str = "full",
+    prompts_per_step: int = 3,
+    max_new_tokens: int = toy.TOY_MAX_NEW_TOKENS,
+    optimizer: OptimizerConfig | None = None,
+    **rl,
 ) -> RLSharpeningModule:
     module = RLSharpeningModule(
-        PolicyConfig(model_name_or_path=os.path.join(toy_dir, "base"), finetuning=finetuning, dtype="float32", lora_r=4),
+        PolicyConfig(
+            model_name_or_path=os.path.join(toy_dir, "base"), finetuning=finetuning, dtype="float32", lora_r=4
+        ),
         rl=RLConfig(kl_coef=0.5, **rl),
         sampling=SamplingConfig(samples_per_prompt=6, max_new_tokens=max_new_tokens),
         optimizer=optimizer,
@@ -50,9 +56,16 @@ def _module(
 def _fit(module, toy_dir, max_steps, root, ckpt_path=None, callbacks=(), reload=True):
     L.seed_everything(0, verbose=False)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=max_steps, max_epochs=-1, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, default_root_dir=root, callbacks=list(callbacks),
-        enable_checkpointing=bool(root), reload_dataloaders_every_n_epochs=int(reload),
+        accelerator="cpu",
+        max_steps=max_steps,
+        max_epochs=-1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=root,
+        callbacks=list(callbacks),
+        enable_checkpointing=bool(root),
+        reload_dataloaders_every_n_epochs=int(reload),
     )
     trainer.fit(module, datamodule=PromptDataModule(os.path.join(toy_dir, "prompts.jsonl")), ckpt_path=ckpt_path)
     return trainer
@@ -112,7 +125,11 @@ def test_each_algorithm_changes_only_the_adapter(algorithm, finetuning, toy_dir)
         base_before = base(ids).logits
     # 4-bit packed storage is re-laid-out by bitsandbytes on CPU; the base-logits check covers it
     before = {n: p.detach().clone() for n, p in module.named_parameters() if type(p).__name__ != "Params4bit"}
-    verifier = [SelfVerificationCallback(SamplingConfig(samples_per_prompt=4, max_new_tokens=3), greedy_accuracy=False, show_progress=False)]
+    verifier = [
+        SelfVerificationCallback(
+            SamplingConfig(samples_per_prompt=4, max_new_tokens=3), greedy_accuracy=False, show_progress=False
+        )
+    ]
     trainer = _fit(module, toy_dir, max_steps=4, root=None, callbacks=verifier if callbacks else ())
     logged = set(trainer.logged_metrics)
     assert {"train/loss", "train/reward", "train/kl", "train/j_beta", "train/entropy"} <= logged, logged
@@ -171,7 +188,9 @@ def test_xpo_scores_the_base_once_and_resume_continues_without_it(toy_dir, tmp_p
         module, logged = _module(toy_dir, **XPO_HELDOUT), []
         log = module.log
         module.log = lambda name, value, **kw: logged.append(name) or log(name, value, **kw)
-        every_step = ModelCheckpoint(dirpath=str(tmp_path / name), every_n_train_steps=1, save_top_k=-1, filename="{step}")
+        every_step = ModelCheckpoint(
+            dirpath=str(tmp_path / name), every_n_train_steps=1, save_top_k=-1, filename="{step}"
+        )
         _fit(module, toy_dir, max_steps=6, root=str(tmp_path / name), ckpt_path=ckpt_path, callbacks=[every_step])
         return module, logged.count("val/j_beta")
 
@@ -203,9 +222,13 @@ def test_load_from_checkpoint_gives_the_trained_policy(finetuning, toy_dir, tmp_
     """The checkpoint's hyper-parameters hold the configs as plain dicts (weights_only loading); they come
     back as configs, and the run's existing output_dir neither blocks loading nor is written to."""
     module = RLSharpeningModule(
-        PolicyConfig(model_name_or_path=os.path.join(toy_dir, "base"), finetuning=finetuning, dtype="float32", lora_r=4),
-        rl=RLConfig(kl_coef=0.5), sampling=SamplingConfig(samples_per_prompt=4, max_new_tokens=toy.TOY_MAX_NEW_TOKENS),
-        prompts_per_step=3, output_dir=str(tmp_path / "out"),
+        PolicyConfig(
+            model_name_or_path=os.path.join(toy_dir, "base"), finetuning=finetuning, dtype="float32", lora_r=4
+        ),
+        rl=RLConfig(kl_coef=0.5),
+        sampling=SamplingConfig(samples_per_prompt=4, max_new_tokens=toy.TOY_MAX_NEW_TOKENS),
+        prompts_per_step=3,
+        output_dir=str(tmp_path / "out"),
     )
     _fit(module, toy_dir, max_steps=2, root=str(tmp_path))
     written = sorted(os.listdir(tmp_path / "out"))
@@ -225,8 +248,14 @@ def test_load_from_checkpoint_gives_the_trained_policy(finetuning, toy_dir, tmp_
 def test_xpo_checkpoint_layouts_load_in_one_process(toy_dir):
     """Checkpoints from before per-rank pairs (one "pairs" list) still load; a 2-rank checkpoint loaded by
     one process gives it both ranks' pairs, with a warning naming both world sizes."""
-    pair = {"prompt_ids": [1], "response_ids": [2], "other_response_ids": [3], "base_logprob": -1.0,
-            "other_base_logprob": -2.0, "prompt_index": 0}
+    pair = {
+        "prompt_ids": [1],
+        "response_ids": [2],
+        "other_response_ids": [3],
+        "base_logprob": -1.0,
+        "other_base_logprob": -2.0,
+        "prompt_index": 0,
+    }
     best = {"best_j_beta": -3.0, "best_round": 4, "best_state": None}
     module = _module(toy_dir, algorithm="xpo")
     module.on_load_checkpoint({"xpo": {"pairs": [pair, {**pair, "prompt_index": 1}], **best}})
@@ -273,7 +302,9 @@ def test_stop_and_resume_equals_an_uninterrupted_run(algorithm, toy_dir, tmp_pat
 
     def callbacks_for(root):
         verifier = SelfVerificationCallback(
-            SamplingConfig(samples_per_prompt=4, max_new_tokens=3), greedy_accuracy=False, show_progress=False,
+            SamplingConfig(samples_per_prompt=4, max_new_tokens=3),
+            greedy_accuracy=False,
+            show_progress=False,
             resample_every_epoch=True,
         )
         every_step = ModelCheckpoint(dirpath=str(root), every_n_train_steps=1, save_top_k=-1, filename="{step}")
@@ -283,7 +314,14 @@ def test_stop_and_resume_equals_an_uninterrupted_run(algorithm, toy_dir, tmp_pat
     _fit(full, toy_dir, max_steps=6, root=str(tmp_path / "full"), callbacks=callbacks_for(tmp_path / "full"))
     resumed = _module(toy_dir, algorithm=algorithm, **extra)
     ckpt = str(tmp_path / "full" / "step=2.ckpt")
-    _fit(resumed, toy_dir, max_steps=6, root=str(tmp_path / "resumed"), ckpt_path=ckpt, callbacks=callbacks_for(tmp_path / "resumed"))
+    _fit(
+        resumed,
+        toy_dir,
+        max_steps=6,
+        root=str(tmp_path / "resumed"),
+        ckpt_path=ckpt,
+        callbacks=callbacks_for(tmp_path / "resumed"),
+    )
     assert resumed.trainer.global_step == full.trainer.global_step == 6
     for key, value in full.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, rtol=0, atol=0)
@@ -332,8 +370,18 @@ def test_resume_mid_epoch_with_the_loader_kept_across_epochs(toy_dir, tmp_path):
     def run(name, ckpt_path=None):
         module = _module(toy_dir, prompts_per_step=1)  # 3 prompts: 3 steps an epoch
         step = module.training_step
-        module.training_step = lambda batch, *args: seen[name].append(batch.prompts.prompt_indices.tolist()) or step(batch, *args)
-        _fit(module, toy_dir, max_steps=9, root=str(tmp_path / name), ckpt_path=ckpt_path, callbacks=every_step(tmp_path / name), reload=False)
+        module.training_step = lambda batch, *args: (
+            seen[name].append(batch.prompts.prompt_indices.tolist()) or step(batch, *args)
+        )
+        _fit(
+            module,
+            toy_dir,
+            max_steps=9,
+            root=str(tmp_path / name),
+            ckpt_path=ckpt_path,
+            callbacks=every_step(tmp_path / name),
+            reload=False,
+        )
         return module
 
     full = run("full")
@@ -350,7 +398,9 @@ def test_resume_mid_epoch_with_the_loader_kept_across_epochs(toy_dir, tmp_path):
 def test_online_rl_warns_that_verifier_settings_are_unused(toy_dir):
     module = _module(toy_dir)
     verifier = SelfVerificationCallback(SamplingConfig(samples_per_prompt=16), show_progress=False)
-    with pytest.warns(UserWarning, match="--verifier.sampling / --verifier.selection are set but not used: algorithm 'online'"):
+    with pytest.warns(
+        UserWarning, match="--verifier.sampling / --verifier.selection are set but not used: algorithm 'online'"
+    ):
         _fit(module, toy_dir, max_steps=1, root=None, callbacks=[verifier])
 
 
@@ -391,7 +441,8 @@ def _record(monkeypatch, every_sample_truncated: bool = False) -> dict:
     monkeypatch.setattr(rl_module, "policy_gradient_loss", loss)
     real_backward = RLSharpeningModule.backward
     monkeypatch.setattr(
-        RLSharpeningModule, "backward",
+        RLSharpeningModule,
+        "backward",
         lambda self, *a, **k: seen.__setitem__("backward", seen["backward"] + 1) or real_backward(self, *a, **k),
     )
     return seen
@@ -408,7 +459,9 @@ def test_online_drop_leaves_truncated_samples_out_of_the_loss(toy_dir, monkeypat
         assert (adv[~in_loss] == 0).all()
     # a step's kept samples may all get 0 (alone in their group, or equal responses): not every step's
     assert any(adv[in_loss].abs().sum() > 0 for adv, in_loss in zip(seen["advantages"], seen["in_loss"]))
-    assert trainer.logged_metrics["train/dropped_fraction"] == pytest.approx(float(seen["samples"][-1].truncated.float().mean()))
+    assert trainer.logged_metrics["train/dropped_fraction"] == pytest.approx(
+        float(seen["samples"][-1].truncated.float().mean())
+    )
 
 
 def test_online_drop_with_every_sample_truncated_is_a_zero_step_on_every_update(toy_dir, monkeypatch):
@@ -429,7 +482,12 @@ def test_online_penalize_lowers_the_advantage_of_truncated_samples(toy_dir, monk
     runs = {}
     for truncated in ("keep", "penalize"):
         seen = _record(monkeypatch)
-        _fit(_module(toy_dir, max_new_tokens=2, truncated=truncated, truncation_penalty=3.0), toy_dir, max_steps=1, root=None)
+        _fit(
+            _module(toy_dir, max_new_tokens=2, truncated=truncated, truncation_penalty=3.0),
+            toy_dir,
+            max_steps=1,
+            root=None,
+        )
         runs[truncated] = seen
     cut = runs["keep"]["samples"][0].truncated  # [B, G]
     assert torch.equal(cut, runs["penalize"]["samples"][0].truncated) and runs["penalize"]["in_loss"][0] is None

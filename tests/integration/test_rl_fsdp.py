@@ -22,15 +22,37 @@ pytestmark = pytest.mark.slow
 def _fit(strategy: list[str], model: str, prompts: str, root, *extra) -> dict | None:
     """A 2-process run of configs/rl_fsdp.yaml on the tiny model; its last checkpoint in root/checkpoints."""
     args = [
-        sys.executable, "-m", "sharpening", "fit", "--config", os.path.join(ROOT, "configs", "rl_fsdp.yaml"),
-        "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.precision=32-true", *strategy,
-        "--trainer.max_epochs=1", "--trainer.logger=false", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false", f"--trainer.default_root_dir={root}",
-        f"--model.policy.model_name_or_path={model}", "--model.policy.dtype=float32",
-        "--model.policy.gradient_checkpointing=false", f"--model.output_dir={root}/out", "--model.optimizer.lr=1e-3",
-        "--model.sampling.samples_per_prompt=3", "--model.sampling.max_new_tokens=5", "--model.rl.truncated=keep",
-        f"--data.dataset={prompts}", "--data.subset=null", "--data.prompt_column=prompt", "--data.answer_column=null",
-        "--data.prompt_template={prompt}", "--data.use_chat_template=false", "--verifier.show_progress=false", *extra,
+        sys.executable,
+        "-m",
+        "sharpening",
+        "fit",
+        "--config",
+        os.path.join(ROOT, "configs", "rl_fsdp.yaml"),
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.precision=32-true",
+        *strategy,
+        "--trainer.max_epochs=1",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={root}",
+        f"--model.policy.model_name_or_path={model}",
+        "--model.policy.dtype=float32",
+        "--model.policy.gradient_checkpointing=false",
+        f"--model.output_dir={root}/out",
+        "--model.optimizer.lr=1e-3",
+        "--model.sampling.samples_per_prompt=3",
+        "--model.sampling.max_new_tokens=5",
+        "--model.rl.truncated=keep",
+        f"--data.dataset={prompts}",
+        "--data.subset=null",
+        "--data.prompt_column=prompt",
+        "--data.answer_column=null",
+        "--data.prompt_template={prompt}",
+        "--data.use_chat_template=false",
+        "--verifier.show_progress=false",
+        *extra,
     ]
     path = os.pathsep.join(filter(None, [TESTS, os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=path)
@@ -47,12 +69,27 @@ ALGORITHMS = {
     # 7 prompts -> 4 per rank -> 2 rollouts of 2 prompts, 2 updates each
     "online": (["--model.prompts_per_step=2", "--model.rl.inner_updates=2"], 4),
     # 7 prompts x 3 samples -> 21 pairs -> 11 per rank -> 3 batches of 4
-    "offline": (["--model.rl.algorithm=offline", "--model.rl.pairs_per_update=4", "--model.rl.kl_coef=0.5",
-                 "--verifier.sampling.samples_per_prompt=3", "--verifier.sampling.max_new_tokens=5",
-                 "--verifier.selection.truncated=keep"], 3),  # fmt: skip
+    "offline": (
+        [
+            "--model.rl.algorithm=offline",
+            "--model.rl.pairs_per_update=4",
+            "--model.rl.kl_coef=0.5",
+            "--verifier.sampling.samples_per_prompt=3",
+            "--verifier.sampling.max_new_tokens=5",
+            "--verifier.selection.truncated=keep",
+        ],
+        3,
+    ),  # fmt: skip
     # 4 rounds of 1 prompt per rank, 2 refits each
-    "xpo": (["--model.rl.algorithm=xpo", "--model.prompts_per_step=1", "--model.rl.xpo_updates_per_round=2",
-             "--model.rl.pairs_per_update=2"], 8),  # fmt: skip
+    "xpo": (
+        [
+            "--model.rl.algorithm=xpo",
+            "--model.prompts_per_step=1",
+            "--model.rl.xpo_updates_per_round=2",
+            "--model.rl.pairs_per_update=2",
+        ],
+        8,
+    ),  # fmt: skip
 }
 
 
@@ -84,8 +121,10 @@ def test_fsdp_resume_inside_a_rollout_gives_the_straight_run(tiny_model_path, se
     extra, _ = ALGORITHMS["online"]
     every_step = [
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        f"--trainer.callbacks.dirpath={tmp_path}/steps", "--trainer.callbacks.every_n_train_steps=1",
-        "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.filename={step}",
+        f"--trainer.callbacks.dirpath={tmp_path}/steps",
+        "--trainer.callbacks.every_n_train_steps=1",
+        "--trainer.callbacks.save_top_k=-1",
+        "--trainer.callbacks.filename={step}",
     ]
     _fit(FSDP, tiny_model_path, seven_prompts, tmp_path / "straight", *extra, *every_step)
     straight = torch.load(tmp_path / "steps" / "step=4.ckpt", map_location="cpu", weights_only=True)

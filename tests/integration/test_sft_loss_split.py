@@ -30,7 +30,8 @@ class GradientAtStep(L.Callback):
 
 def _module(path: str, batch_size: int, packing: bool) -> SFTSharpeningModule:
     module = SFTSharpeningModule(
-        PolicyConfig(model_name_or_path=path, finetuning="full", dtype="float32"), batch_size=batch_size,
+        PolicyConfig(model_name_or_path=path, finetuning="full", dtype="float32"),
+        batch_size=batch_size,
         packing=packing,
     )
     tok = module.tokenizer
@@ -47,8 +48,14 @@ def _one_step(path: str, batch_size: int, accumulate: int, packing: bool) -> tup
     """The gradient of the first optimizer step and the train/loss logged for it."""
     module, seen = _module(path, batch_size, packing), GradientAtStep()
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=1, accumulate_grad_batches=accumulate, logger=False, enable_progress_bar=False,
-        enable_model_summary=False, enable_checkpointing=False, callbacks=[seen],
+        accelerator="cpu",
+        max_steps=1,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        callbacks=[seen],
     )
     trainer.fit(module)
     return seen.grads, float(trainer.callback_metrics["train/loss_step"])
@@ -98,8 +105,15 @@ def test_two_ddp_ranks_step_with_the_single_batch_gradient(tiny_model_path, tmp_
     want_grads, _ = _reference(tiny_model_path)
     path = str(tmp_path / "grads.pt")
     trainer = L.Trainer(
-        accelerator="cpu", devices=2, strategy="ddp_spawn", max_steps=1, accumulate_grad_batches=2,
-        logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_steps=1,
+        accumulate_grad_batches=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
         callbacks=[SaveGradientAtStep(path)],
     )
     trainer.fit(_module(tiny_model_path, batch_size=1, packing=True))

@@ -7,26 +7,30 @@ import torch
 
 from sharpening.buffer import BufferExample
 from sharpening.callbacks import SelfVerificationCallback
+from sharpening.engines import SamplingConfig
 from sharpening.logprobs import sample_logprobs
 from sharpening.packing import collate_examples
 from sharpening.policy import PolicyConfig
 from sharpening.prompts import pad_prompts
 from sharpening.rewards import loglik_reward
-from sharpening.sampler import SamplingConfig
 from sharpening.selection import SelectionConfig
 from sharpening.sft import SFTSharpeningModule
 from sharpening.verifier import process_batch
 
 
 def _module(path: str, finetuning: str) -> SFTSharpeningModule:
-    module = SFTSharpeningModule(PolicyConfig(model_name_or_path=path, finetuning=finetuning, lora_r=4, dtype="float32"))
+    module = SFTSharpeningModule(
+        PolicyConfig(model_name_or_path=path, finetuning=finetuning, lora_r=4, dtype="float32")
+    )
     module.configure_model()
     return module
 
 
 def _batch(tokenizer) -> dict[str, torch.Tensor]:
     examples = [
-        BufferExample(tokenizer("abcd=").input_ids, tokenizer("dcba", add_special_tokens=False).input_ids + [2], 0.0, 0, 0),
+        BufferExample(
+            tokenizer("abcd=").input_ids, tokenizer("dcba", add_special_tokens=False).input_ids + [2], 0.0, 0, 0
+        ),
         BufferExample(tokenizer("ab=").input_ids, tokenizer("ba", add_special_tokens=False).input_ids + [2], 0.0, 1, 0),
     ]
     return collate_examples(examples, tokenizer.pad_token_id)
@@ -35,9 +39,7 @@ def _batch(tokenizer) -> dict[str, torch.Tensor]:
 def _parameters(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter but 4-bit packed storage, which bitsandbytes re-lays-out on its first CPU forward
     (the frozen-base logits check covers those weights)."""
-    return {
-        name: p.detach().clone() for name, p in module.named_parameters() if type(p).__name__ != "Params4bit"
-    }
+    return {name: p.detach().clone() for name, p in module.named_parameters() if type(p).__name__ != "Params4bit"}
 
 
 def _base_logits(module: SFTSharpeningModule) -> torch.Tensor:
@@ -65,7 +67,9 @@ def test_one_step_changes_only_trainable_weights(finetuning, tiny_model_path):
     assert changed, "nothing trained"
     assert changed <= trainable, f"frozen tensors changed: {sorted(changed - trainable)[:5]}"
     if finetuning == "full":
-        assert all(k.startswith("policy.") for k in trainable) and not any(k.startswith("frozen_copy.") for k in changed)
+        assert all(k.startswith("policy.") for k in trainable) and not any(
+            k.startswith("frozen_copy.") for k in changed
+        )
         assert changed == trainable  # every policy weight that gets a gradient moves
     else:
         assert trainable and all("lora_" in k for k in trainable)
@@ -207,7 +211,7 @@ def test_checkpoint_round_trip_holds_the_adapter_and_leaves_the_base_bit_identic
 def test_onednn_linears_train_like_nn_linear(finetuning, tiny_model_path):
     """Three steps with every linear layer on oneDNN (cpu_linear=onednn) track nn.Linear's kernel: losses,
     weights and the frozen base agree to float32 rounding."""
-    from sharpening.cpu_linear import OneDNNLinear, onednn_linear_available
+    from sharpening.kernels.cpu_linear import OneDNNLinear, onednn_linear_available
 
     if not onednn_linear_available():
         pytest.skip("this PyTorch has no oneDNN linear")

@@ -6,10 +6,10 @@ import torch
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 
 from sharpening.buffer import BufferExample, SampleBuffer, selected_examples
+from sharpening.engines import derive_seed
 from sharpening.packing import collate_examples
 from sharpening.prompts import EpochSampler, batch_response_tokens
 from sharpening.rl.pairs import pairs_for_rank
-from sharpening.sampler import derive_seed
 from sharpening.types import PromptBatch, SampleBatch, ScoredSamples
 
 PAD = 0
@@ -177,7 +177,9 @@ def test_epoch_sampler_orders_each_epoch_by_its_own_seed_and_skips_only_in_the_r
     for epoch in range(3):
         sampler.set_epoch(epoch)  # Lightning, at each epoch start, on a loader it keeps
         orders.append(list(sampler))
-    expected = [torch.randperm(10, generator=torch.Generator().manual_seed(derive_seed(5, e))).tolist() for e in range(3)]
+    expected = [
+        torch.randperm(10, generator=torch.Generator().manual_seed(derive_seed(5, e))).tolist() for e in range(3)
+    ]
     assert orders == [expected[0], expected[1][3:], expected[2]]
     assert len(sampler) == 10  # the full shard: Lightning counts consumed batches itself
 

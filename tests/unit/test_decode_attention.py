@@ -176,7 +176,10 @@ def _family_model(family: str):
     common = dict(vocab_size=24, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
     if family == "mistral":
-        config, cls = transformers.MistralConfig(num_hidden_layers=2, sliding_window=4, **common), transformers.MistralForCausalLM
+        config, cls = (
+            transformers.MistralConfig(num_hidden_layers=2, sliding_window=4, **common),
+            transformers.MistralForCausalLM,
+        )
     else:
         config = transformers.Gemma3TextConfig(num_hidden_layers=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
                                                query_pre_attn_scalar=4, **common)  # fmt: skip

@@ -58,7 +58,7 @@ def test_collect_problems_reports_every_section_at_once():
 
 UNION_REPORT = """Parser key "model":
   Does not validate against any of the Union subtypes
-  Subtypes: [<class 'sharpening.policy_module.PolicyModule'>, <class 'NoneType'>]
+  Subtypes: [<class 'sharpening.module.PolicyModule'>, <class 'NoneType'>]
   Errors:
     - Problem with given class_path 'sharpening.SFTSharpeningModule':
         Parser key "optimizer":
@@ -76,16 +76,22 @@ UNION_REPORT = """Parser key "model":
     "message, problem",
     [
         (UNION_REPORT, "--model.optimizer.lr='nan': must be a number (nan and inf are refused)"),
-        ("Parser key \"model.dtype\":\n  Expected a typing.Literal['auto', 'float32']. Got value: x",
-         "--model.dtype='x': must be one of auto, float32"),
-        ("Parser key \"seed_everything\":\n  Does not validate against any of the Union subtypes\n  Errors:\n"
-         "    - Expected a <class 'bool'>\n    - Expected a <class 'int'>\n  Given value: abc",
-         "--seed_everything='abc': must be true or false, or a whole number"),
+        (
+            "Parser key \"model.dtype\":\n  Expected a typing.Literal['auto', 'float32']. Got value: x",
+            "--model.dtype='x': must be one of auto, float32",
+        ),
+        (
+            'Parser key "seed_everything":\n  Does not validate against any of the Union subtypes\n  Errors:\n'
+            "    - Expected a <class 'bool'>\n    - Expected a <class 'int'>\n  Given value: abc",
+            "--seed_everything='abc': must be true or false, or a whole number",
+        ),
         ("Subcommand 'fit' does not accept option 'trainer.max_epochz'", "--trainer.max_epochz: no such option"),
         ("unrecognized arguments: --foo 1", "unknown option(s) --foo 1"),
-        ("Parser key \"model\":\n  Does not validate against any of the Union subtypes\n  Errors:\n"
-         "    - Problem with given class_path 'sharpening.NoSuch':\n        module 'sharpening' has no attribute 'NoSuch'",
-         "--model.class_path='sharpening.NoSuch': module 'sharpening' has no attribute 'NoSuch'"),
+        (
+            'Parser key "model":\n  Does not validate against any of the Union subtypes\n  Errors:\n'
+            "    - Problem with given class_path 'sharpening.NoSuch':\n        module 'sharpening' has no attribute 'NoSuch'",
+            "--model.class_path='sharpening.NoSuch': module 'sharpening' has no attribute 'NoSuch'",
+        ),
     ],
 )
 def test_a_parse_error_is_one_problem_naming_the_option_value_and_rule(message, problem):

@@ -344,7 +344,6 @@ def test_an_adapter_on_another_hub_model_needs_the_explicit_override(tmp_path):
     assert adapter_base_check(EvalModelConfig(adapter)) == ([], [])  # the adapter alone: its base is the recorded one
 
 
-
 # ---------------------------------------------------------------- answer extraction on tests/data
 
 

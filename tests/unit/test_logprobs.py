@@ -257,8 +257,13 @@ def test_shared_prompt_gives_way_to_gradient_checkpointing_and_sliding_windows(t
     with torch.no_grad():
         torch.testing.assert_close(got.detach(), sample_logprobs(model, samples, share_prompt=False), atol=1e-5, rtol=0)
     windowed = transformers.MistralConfig(
-        vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, sliding_window=4,
+        vocab_size=24,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
     )
     assert "sliding-window" in shared_prompt_problem(transformers.MistralForCausalLM(windowed))
 
@@ -266,7 +271,9 @@ def test_shared_prompt_gives_way_to_gradient_checkpointing_and_sliding_windows(t
 def test_a_policy_loaded_with_gradient_checkpointing_scores_in_one_pass_without_deprecation(tiny_model_path):
     from sharpening.policy import PolicyConfig, load_policy
 
-    cfg = PolicyConfig(model_name_or_path=tiny_model_path, finetuning="full", dtype="float32", gradient_checkpointing=True)
+    cfg = PolicyConfig(
+        model_name_or_path=tiny_model_path, finetuning="full", dtype="float32", gradient_checkpointing=True
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error", FutureWarning)  # transformers' older name for turning checkpointing on
         policy, _ = load_policy(cfg, frozen_copy=False)
@@ -277,8 +284,16 @@ def _tiny_family_model(family: str):
     import transformers
 
     common = dict(
-        vocab_size=24, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=64, pad_token_id=0, bos_token_id=1,
+        vocab_size=24,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
         eos_token_id=2,
     )
     if family == "gemma2":
@@ -308,7 +323,9 @@ def test_logit_post_processing_families_match_model_forward(family, batch):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
-def test_a_family_whose_logits_are_post_processed_otherwise_is_refused_when_it_loads(tiny_model_path, tmp_path, monkeypatch):
+def test_a_family_whose_logits_are_post_processed_otherwise_is_refused_when_it_loads(
+    tiny_model_path, tmp_path, monkeypatch
+):
     """A scale under a name sharpening does not know (here: logits * 3 in forward) would make teacher-forced
     scores another distribution than the samples': loading refuses the model instead."""
     import transformers
@@ -332,7 +349,9 @@ def test_a_family_whose_logits_are_post_processed_otherwise_is_refused_when_it_l
 
 
 def test_prompt_batch_len():
-    batch = PromptBatch(torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.bool), torch.arange(3), [None] * 3)
+    batch = PromptBatch(
+        torch.zeros(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.bool), torch.arange(3), [None] * 3
+    )
     assert len(batch) == 3
 
 
@@ -417,7 +436,7 @@ def test_a_onednn_head_takes_the_fused_path_with_the_same_values_and_gradients(b
     """On CPU a large LM head is a OneDNNLinear (policy.set_cpu_linear): it must keep the fused, one-buffer
     path (it fell back to the checkpointed autograd path before) and give nn.Linear's values and gradients."""
     import sharpening.logprobs as lp
-    from sharpening.cpu_linear import OneDNNLinear, onednn_linear_available, use_onednn_linears
+    from sharpening.kernels.cpu_linear import OneDNNLinear, onednn_linear_available, use_onednn_linears
 
     if not onednn_linear_available():
         pytest.skip("this PyTorch has no working oneDNN linear")

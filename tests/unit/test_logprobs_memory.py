@@ -27,6 +27,7 @@ from tests.helpers import REPO_ROOT
 VOCAB = 151_936  # Qwen2/2.5/3
 MIB = 2**20
 
+
 def _reference():
     """scripts/logprob_memory.py: its ``plain_logprobs`` is the full-logits reference (logits -> log_softmax)."""
     root = str(REPO_ROOT)
@@ -150,8 +151,13 @@ def test_chunked_equals_full_logits_at_150k_vocab(grad):
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
     )
     model = LlamaForCausalLM(config).eval()
     g = torch.Generator().manual_seed(1)

@@ -12,7 +12,9 @@ from sharpening.types import PromptBatch, SampleBatch, ScoredSamples
 def _scored(scores, selected, selected_mask, truncated, response_ids, response_mask) -> ScoredSamples:
     scores = torch.tensor(scores)
     b, n = scores.shape
-    prompts = PromptBatch(torch.ones(b, 2, dtype=torch.long), torch.ones(b, 2, dtype=torch.bool), torch.arange(b), [None] * b)
+    prompts = PromptBatch(
+        torch.ones(b, 2, dtype=torch.long), torch.ones(b, 2, dtype=torch.bool), torch.arange(b), [None] * b
+    )
     response_ids = torch.tensor(response_ids)
     samples = SampleBatch(
         prompts=prompts,

@@ -127,8 +127,10 @@ def _plan(total_steps, max_epochs, max_steps=-1) -> dict:
 
 def test_schedule_change_warning_only_for_a_decaying_schedule_whose_limits_changed_its_length():
     message = schedule_change_warning("linear", _plan(12, 3), _plan(16, 4))
-    assert message.startswith("--trainer.max_epochs=4 / --trainer.max_steps=-1: the checkpoint was written with "
-                              "--trainer.max_epochs=3 / --trainer.max_steps=-1")
+    assert message.startswith(
+        "--trainer.max_epochs=4 / --trainer.max_steps=-1: the checkpoint was written with "
+        "--trainer.max_epochs=3 / --trainer.max_steps=-1"
+    )
     assert "spans 12 optimizer steps" in message and "make it 16" in message
     assert "resume with the limits the checkpoint was written with" in message
     assert "unbounded" in schedule_change_warning("cosine", _plan(12, 3), _plan(float("inf"), -1))

@@ -270,9 +270,13 @@ def test_real_flash_attention_equals_padded(tiny_model_path):
     pytest.importorskip("flash_attn")
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        tiny_model_path, dtype=torch.bfloat16, attn_implementation="flash_attention_2"
-    ).cuda().eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            tiny_model_path, dtype=torch.bfloat16, attn_implementation="flash_attention_2"
+        )
+        .cuda()
+        .eval()
+    )
     examples = _examples()
     with torch.no_grad():
         batch = move_data_to_device(collate_packed(examples, PAD, pack_length=10), "cuda")

@@ -122,7 +122,9 @@ def test_all_problems_at_once(tmp_path):
 
 def test_qlora_without_bitsandbytes(monkeypatch, tiny_model_path):
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
     problems = validate_policy_config(PolicyConfig(model_name_or_path=tiny_model_path, finetuning="qlora"))
     assert len(problems) == 1
     assert problems[0].startswith(f"{OPTION}.finetuning=qlora needs bitsandbytes")
@@ -345,12 +347,29 @@ def test_frozen_base_scores_without_dropout_even_when_the_module_trains(tmp_path
     from sharpening.tasks.chars import build_char_tokenizer
 
     tok = build_char_tokenizer("abcd=")
-    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.5,
-                        embd_pdrop=0.5, attn_pdrop=0.5, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=32,
+        resid_pdrop=0.5,
+        embd_pdrop=0.5,
+        attn_pdrop=0.5,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     GPT2LMHeadModel(config).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    policy, frozen = load_policy(PolicyConfig(model_name_or_path=str(tmp_path), finetuning=finetuning, lora_r=2,
-                                              lora_target_modules=["c_attn"], dtype="float32"))
+    policy, frozen = load_policy(
+        PolicyConfig(
+            model_name_or_path=str(tmp_path),
+            finetuning=finetuning,
+            lora_r=2,
+            lora_target_modules=["c_attn"],
+            dtype="float32",
+        )
+    )
     assert policy.training  # ready to train: dropout on for the policy
     policy.train()
     if frozen is not None:
@@ -365,9 +384,12 @@ def test_frozen_base_scores_without_dropout_even_when_the_module_trains(tmp_path
 def test_save_policy_replaces_the_directory_only_once_the_new_policy_is_written(tiny_model_path, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from sharpening.policy_module import save_policy
+    from sharpening.checkpoint import save_policy
 
-    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_model_path), AutoTokenizer.from_pretrained(tiny_model_path)
+    model, tokenizer = (
+        AutoModelForCausalLM.from_pretrained(tiny_model_path),
+        AutoTokenizer.from_pretrained(tiny_model_path),
+    )
     out = tmp_path / "out"
     out.mkdir()
     (out / "adapter_config.json").write_text("{}")  # an earlier run's LoRA output
@@ -397,7 +419,7 @@ def test_a_saved_adapter_names_a_local_base_by_its_absolute_path(tiny_model_path
 
     from transformers import AutoTokenizer
 
-    from sharpening.policy_module import save_policy
+    from sharpening.checkpoint import save_policy
 
     monkeypatch.chdir(os.path.dirname(tiny_model_path))
     relative = os.path.basename(tiny_model_path)
@@ -427,12 +449,30 @@ def test_disable_dropout_makes_a_training_forward_deterministic(tmp_path):
     from sharpening.tasks.chars import build_char_tokenizer
 
     tok = build_char_tokenizer("abcd=")
-    config = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=32, resid_pdrop=0.5,
-                        embd_pdrop=0.5, attn_pdrop=0.5, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        n_positions=32,
+        resid_pdrop=0.5,
+        embd_pdrop=0.5,
+        attn_pdrop=0.5,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+    )
     GPT2LMHeadModel(config).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    policy, _ = load_policy(PolicyConfig(model_name_or_path=str(tmp_path), finetuning="lora", lora_r=2, lora_dropout=0.3,
-                                         lora_target_modules=["c_attn"], dtype="float32"))
+    policy, _ = load_policy(
+        PolicyConfig(
+            model_name_or_path=str(tmp_path),
+            finetuning="lora",
+            lora_r=2,
+            lora_dropout=0.3,
+            lora_target_modules=["c_attn"],
+            dtype="float32",
+        )
+    )
     ids = torch.tensor([[1, 3, 4, 5, 6]])
     assert disable_dropout(policy) > 0 and disable_dropout(policy) == 0
     policy.train()

@@ -111,7 +111,11 @@ def _module(path, tokenizer, **kwargs):
 def test_load_prompts_from_local_files(tmp_path, tiny_tokenizer, fmt):
     path = _write(tmp_path, fmt)
     dm = _module(
-        path, tiny_tokenizer, prompt_column="question", answer_column="answer", prompt_template="{prompt}=",
+        path,
+        tiny_tokenizer,
+        prompt_column="question",
+        answer_column="answer",
+        prompt_template="{prompt}=",
         few_shot_prefix="ab=ba ",
     )
     assert len(dm) == len(ROWS)
@@ -136,7 +140,9 @@ def test_csv_cells_are_read_as_text(tmp_path, tiny_tokenizer):
 
 
 def test_template_can_use_any_column(tmp_path, tiny_tokenizer):
-    dm = _module(_write(tmp_path, "jsonl"), tiny_tokenizer, prompt_column="question", prompt_template="{id} {question}=")
+    dm = _module(
+        _write(tmp_path, "jsonl"), tiny_tokenizer, prompt_column="question", prompt_template="{id} {question}="
+    )
     assert dm.prompt_texts[1] == "1 bc="
     assert dm.answers == [None] * len(ROWS)
 
@@ -213,8 +219,12 @@ def test_prompt_batches_to_device(tmp_path, tiny_tokenizer):
 
 def test_rows_without_a_prompt_or_answer_are_refused_not_read_as_none(tmp_path, tiny_tokenizer):
     path = tmp_path / "gaps.jsonl"
-    rows = [{"prompt": "ab", "answer": "ba"}, {"prompt": "bc", "answer": None}, {"prompt": None, "answer": "x"},
-            {"prompt": "cd"}]
+    rows = [
+        {"prompt": "ab", "answer": "ba"},
+        {"prompt": "bc", "answer": None},
+        {"prompt": None, "answer": "x"},
+        {"prompt": "cd"},
+    ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     with pytest.raises(ConfigError) as info:
         _module(str(path), tiny_tokenizer, prompt_column="prompt", answer_column="answer")
@@ -232,7 +242,9 @@ def test_a_malformed_jsonl_line_is_a_config_error_naming_the_parser_message(tmp_
     with pytest.raises(ConfigError) as info:
         _module(str(path), tiny_tokenizer, prompt_column="prompt")
     text = info.value.problems[0]
-    assert text.startswith(f"--data.dataset={str(path)!r}: no rows could be read") and "DatasetGenerationError" not in text
+    assert (
+        text.startswith(f"--data.dataset={str(path)!r}: no rows could be read") and "DatasetGenerationError" not in text
+    )
 
 
 def test_empty_prompts_are_skipped_with_a_warning_and_all_empty_is_refused(tmp_path, tiny_tokenizer):

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from sharpening.engines import SamplingConfig, generate_samples
 from sharpening.logprobs import response_logprobs
 from sharpening.prompts import pad_prompts
 from sharpening.rewards import (
@@ -18,7 +19,6 @@ from sharpening.rewards import (
     majority_vote_reward,
     score_samples,
 )
-from sharpening.sampler import SamplingConfig, generate_samples
 from sharpening.selection import best_of_n
 
 # ---------------------------------------------------------------- log-likelihood
@@ -135,9 +135,17 @@ def toy_model():
 
     torch.manual_seed(0)
     config = LlamaConfig(
-        vocab_size=4, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=16, initializer_range=0.5,
-        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+        vocab_size=4,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+        initializer_range=0.5,
+        pad_token_id=PAD,
+        bos_token_id=BOS,
+        eos_token_id=EOS,
     )
     return LlamaForCausalLM(config).eval()
 
@@ -201,7 +209,9 @@ def _toy_samples(model, prompts_count, n, seed=0):
 
 def _tuples(samples):
     b, n, _ = samples.response_ids.shape
-    return [[tuple(samples.response_ids[i, j][samples.response_mask[i, j]].tolist()) for j in range(n)] for i in range(b)]
+    return [
+        [tuple(samples.response_ids[i, j][samples.response_mask[i, j]].tolist()) for j in range(n)] for i in range(b)
+    ]
 
 
 def test_self_reward_of_samples_equals_enumerated_logprob(toy_model, enumerated):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sharpening.rl.pairs import PairExample, collate_pairs
 from sharpening.losses import (
     apply_truncated_policy,
     group_advantages,
@@ -15,6 +14,7 @@ from sharpening.losses import (
     squared_pair_loss,
     xpo_loss,
 )
+from sharpening.rl.pairs import PairExample, collate_pairs
 
 torch.set_default_dtype(torch.float32)
 
@@ -77,10 +77,14 @@ LOSSES = {
         lp, old, torch.tensor([1.5, -0.5, -1.0], dtype=lp.dtype), mask, 0.2, base, 0.1
     ),
     "squared": lambda lp, old, base, mask: squared_pair_loss(
-        pair_residuals((lp * mask).sum(-1)[:2], (base * mask).sum(-1)[:2], (lp * mask).sum(-1)[1:], (base * mask).sum(-1)[1:], 0.2)
+        pair_residuals(
+            (lp * mask).sum(-1)[:2], (base * mask).sum(-1)[:2], (lp * mask).sum(-1)[1:], (base * mask).sum(-1)[1:], 0.2
+        )
     ),
     "xpo": lambda lp, old, base, mask: xpo_loss(
-        pair_residuals((lp * mask).sum(-1)[:2], (base * mask).sum(-1)[:2], (lp * mask).sum(-1)[1:], (base * mask).sum(-1)[1:], 0.2),
+        pair_residuals(
+            (lp * mask).sum(-1)[:2], (base * mask).sum(-1)[:2], (lp * mask).sum(-1)[1:], (base * mask).sum(-1)[1:], 0.2
+        ),
         (lp * mask).sum(-1)[1:],
         0.05,
     ),
@@ -124,7 +128,9 @@ def test_reinforce_with_folded_kl_is_the_exact_gradient_of_j_beta():
 
 def test_clipping_stops_the_gradient_beyond_the_trust_region():
     logprobs = torch.tensor([[0.5]], requires_grad=True)  # ratio e^0.5 > 1.2
-    loss = policy_gradient_loss(logprobs, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1, dtype=torch.bool), 0.2)
+    loss = policy_gradient_loss(
+        logprobs, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1, dtype=torch.bool), 0.2
+    )
     loss.backward()
     assert logprobs.grad.abs().item() == 0.0
 
@@ -148,7 +154,10 @@ def test_keep_is_the_computation_without_truncation_handling_bit_for_bit():
             logprobs, logprobs.detach(), group_advantages(rewards, baseline, normalize).flatten(), mask
         )
         with_keep = policy_gradient_loss(
-            logprobs, logprobs.detach(), group_advantages(kept, baseline, normalize, in_loss).flatten(), mask,
+            logprobs,
+            logprobs.detach(),
+            group_advantages(kept, baseline, normalize, in_loss).flatten(),
+            mask,
             in_loss=in_loss,
         )
         (plain_grad,), (keep_grad,) = torch.autograd.grad(plain, logprobs), torch.autograd.grad(with_keep, logprobs)
@@ -215,7 +224,13 @@ def test_every_sample_dropped_gives_a_zero_loss_that_still_backpropagates():
     """No NaN, and a graph to run backward through: every DDP rank must take part in each step."""
     logprobs = torch.randn(4, 3, requires_grad=True)
     loss = policy_gradient_loss(
-        logprobs, logprobs.detach(), torch.zeros(4), torch.ones(4, 3, dtype=torch.bool), 0.2, torch.zeros(4, 3), 0.1,
+        logprobs,
+        logprobs.detach(),
+        torch.zeros(4),
+        torch.ones(4, 3, dtype=torch.bool),
+        0.2,
+        torch.zeros(4, 3),
+        0.1,
         torch.zeros(4, dtype=torch.bool),
     )
     assert loss.item() == 0.0 and loss.requires_grad
@@ -229,10 +244,14 @@ def _exact_policy_gradient(theta, base, truncated, beta, penalty, fold_penalty_i
     if fold_penalty_into_base:  # the wrong way: the penalty inside log pi_base, before the KL is folded in
         signal = kl_regularized_rewards(base - penalty * truncated.double(), logp.detach(), beta)
     else:
-        signal, _ = apply_truncated_policy(kl_regularized_rewards(base, logp.detach(), beta), truncated, "penalize", penalty)
+        signal, _ = apply_truncated_policy(
+            kl_regularized_rewards(base, logp.detach(), beta), truncated, "penalize", penalty
+        )
     weights = logp.detach().exp()
     advantages = len(base) * weights * (signal - (weights * signal).sum())
-    loss = policy_gradient_loss(logp[:, None], logp.detach()[:, None], advantages, torch.ones(len(base), 1, dtype=torch.bool))
+    loss = policy_gradient_loss(
+        logp[:, None], logp.detach()[:, None], advantages, torch.ones(len(base), 1, dtype=torch.bool)
+    )
     return torch.autograd.grad(loss, theta)[0]
 
 
@@ -278,8 +297,8 @@ def test_collate_pairs_carries_the_truncation_flags():
 @pytest.mark.parametrize("baseline", ["leave_one_out", "mean"])
 def test_online_rl_refuses_one_sample_per_prompt_under_either_baseline(baseline):
     """With one sample the mean baseline is the sample's own reward: every advantage would be 0."""
+    from sharpening.engines import SamplingConfig
     from sharpening.rl.config import RLConfig, validate_rl_config
-    from sharpening.sampler import SamplingConfig
 
     problems = validate_rl_config(RLConfig(baseline=baseline), SamplingConfig(samples_per_prompt=1))
     assert len(problems) == 1

@@ -90,7 +90,11 @@ def _check_eos_layout(samples, eos_ids):
     b, n, t = samples.response_ids.shape
     for i in range(b):
         for j in range(n):
-            ids, mask, lps = samples.response_ids[i, j].tolist(), samples.response_mask[i, j].tolist(), samples.logprobs[i, j]
+            ids, mask, lps = (
+                samples.response_ids[i, j].tolist(),
+                samples.response_mask[i, j].tolist(),
+                samples.logprobs[i, j],
+            )
             ends = [k for k, tok in enumerate(ids) if tok in eos_ids and mask[k]]
             if ends:
                 stop = ends[0]
@@ -138,7 +142,9 @@ def test_eos_on_last_step_is_not_truncated(uniform_model):
 
 
 def test_stops_early_when_every_row_has_ended(uniform_model):
-    samples = _generate(uniform_model, _prompts(PROMPTS), eos=list(range(VOCAB)), samples_per_prompt=2, max_new_tokens=9)
+    samples = _generate(
+        uniform_model, _prompts(PROMPTS), eos=list(range(VOCAB)), samples_per_prompt=2, max_new_tokens=9
+    )
     assert samples.response_ids.shape[2] == 1
 
 
@@ -169,7 +175,9 @@ def test_samples_within_a_prompt_differ(tiny_model):
 def test_prompt_samples_do_not_depend_on_batch_mates(tiny_model):
     together = _generate(tiny_model, _prompts(PROMPTS, [10, 11, 12]), samples_per_prompt=3, max_new_tokens=8)
     alone = _generate(tiny_model, _prompts([PROMPTS[1]], [11]), samples_per_prompt=3, max_new_tokens=8)
-    reordered = _generate(tiny_model, _prompts([PROMPTS[2], PROMPTS[1]], [12, 11]), samples_per_prompt=3, max_new_tokens=8)
+    reordered = _generate(
+        tiny_model, _prompts([PROMPTS[2], PROMPTS[1]], [12, 11]), samples_per_prompt=3, max_new_tokens=8
+    )
     assert _rows(together)[1] == _rows(alone)[0] == _rows(reordered)[1]
     assert _rows(together)[2] == _rows(reordered)[0]
     torch.testing.assert_close(together.truncated[1], alone.truncated[0])
@@ -262,18 +270,33 @@ def test_filter_logits_keeps_ties_at_the_kth_value():
 
 @pytest.mark.parametrize(
     "temperature, top_k, top_p, exact",
-    [(1.0, 0, 1.0, True), (0.0, 0, 1.0, False), (0.7, 0, 1.0, False), (1.0, 5, 1.0, False), (1.0, 0, 0.9, False),
-     (1.3, 0, 1.0, False)],
+    [
+        (1.0, 0, 1.0, True),
+        (0.0, 0, 1.0, False),
+        (0.7, 0, 1.0, False),
+        (1.0, 5, 1.0, False),
+        (1.0, 0, 0.9, False),
+        (1.3, 0, 1.0, False),
+    ],
 )
 def test_is_exact_sampling(temperature, top_k, top_p, exact):
     assert is_exact_sampling(temperature, top_k, top_p) is exact
 
 
 def test_validate_sampling_config_lists_every_problem():
-    cfg = SamplingConfig(samples_per_prompt=0, max_new_tokens=0, temperature=-1, top_k=-1, top_p=0.0, prompts_per_batch=0)
+    cfg = SamplingConfig(
+        samples_per_prompt=0, max_new_tokens=0, temperature=-1, top_k=-1, top_p=0.0, prompts_per_batch=0
+    )
     problems = validate_sampling_config(cfg, "--model.sampling")
     assert len(problems) == 6
-    for field in ("samples_per_prompt=0", "max_new_tokens=0", "temperature=-1", "top_k=-1", "top_p=0.0", "prompts_per_batch=0"):
+    for field in (
+        "samples_per_prompt=0",
+        "max_new_tokens=0",
+        "temperature=-1",
+        "top_k=-1",
+        "top_p=0.0",
+        "prompts_per_batch=0",
+    ):
         assert any(p.startswith(f"--model.sampling.{field}") for p in problems), field
     assert validate_sampling_config(SamplingConfig(), "--model.sampling") == []
 
@@ -371,8 +394,14 @@ class FixedLogitsLM(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=False, logits_to_keep=0, **cache):
         past = cache.pop(kv_cache_keyword(), None)  # the KV cache, under the name this transformers uses
         assert not cache, f"unexpected arguments {sorted(cache)}"
-        self.calls.append(dict(input_shape=tuple(input_ids.shape), mask_shape=tuple(attention_mask.shape),
-                               positions=position_ids.clone(), cached=past is not None))
+        self.calls.append(
+            dict(
+                input_shape=tuple(input_ids.shape),
+                mask_shape=tuple(attention_mask.shape),
+                positions=position_ids.clone(),
+                cached=past is not None,
+            )
+        )
         past = past if past is not None else _Cache(input_ids.shape[0])
         assert past.rows == input_ids.shape[0]
         b, s = input_ids.shape
@@ -397,13 +426,17 @@ def test_prefill_once_then_one_token_per_row():
 
 
 def test_truncated_when_eos_never_drawn():
-    samples = _generate(FixedLogitsLM(torch.zeros(6)), _prompts([[1, 3]]), eos=99, samples_per_prompt=5, max_new_tokens=3)
+    samples = _generate(
+        FixedLogitsLM(torch.zeros(6)), _prompts([[1, 3]]), eos=99, samples_per_prompt=5, max_new_tokens=3
+    )
     assert samples.truncated.all() and samples.response_mask.all()
     assert samples.response_ids.shape == (1, 5, 3)
 
 
 def _frequencies(logits, n=6000, **cfg):
-    samples = _generate(FixedLogitsLM(logits), _prompts([[1, 3]]), eos=99, samples_per_prompt=n, max_new_tokens=1, **cfg)
+    samples = _generate(
+        FixedLogitsLM(logits), _prompts([[1, 3]]), eos=99, samples_per_prompt=n, max_new_tokens=1, **cfg
+    )
     return torch.bincount(samples.response_ids.flatten(), minlength=logits.numel()).float(), samples
 
 
@@ -456,7 +489,9 @@ def test_finished_rows_leave_the_batch_and_the_draws_do_not_change(tiny_model_pa
     )
     cfg = SamplingConfig(samples_per_prompt=8, max_new_tokens=12)
     batch_sizes = []
-    hook = model.model.register_forward_pre_hook(lambda m, a, k: batch_sizes.append(k["input_ids"].shape[0]), with_kwargs=True)
+    hook = model.model.register_forward_pre_hook(
+        lambda m, a, k: batch_sizes.append(k["input_ids"].shape[0]), with_kwargs=True
+    )
     compact = generate_samples(model, prompts, cfg, eos_token_id=2, pad_token_id=0, seed=5, compact_finished=True)
     hook.remove()
     plain = generate_samples(model, prompts, cfg, eos_token_id=2, pad_token_id=0, seed=5, compact_finished=False)
@@ -529,7 +564,11 @@ def test_hf_engine_draws_what_generate_samples_draws(tiny_model):
 def test_stop_unselectable_off_without_an_ended_row(uniform_model):
     """Nothing is stopped before some row has ended: there is no bound yet."""
     samples = generate_samples(
-        uniform_model, _prompts(PROMPTS), SamplingConfig(samples_per_prompt=4, max_new_tokens=5), [VOCAB + 50], PAD,
+        uniform_model,
+        _prompts(PROMPTS),
+        SamplingConfig(samples_per_prompt=4, max_new_tokens=5),
+        [VOCAB + 50],
+        PAD,
         stop_unselectable=1,
     )
     assert not samples.pruned.any() and samples.truncated.all()
@@ -570,15 +609,23 @@ def test_static_decode_draws_as_dynamic(eos_likely_model, cfg, stop_unselectable
     prompts = _prompts(PROMPTS * 2, [4, 9, 2, 7, 5, 3])  # prompt lengths 4, 7, 3: left padding
     eos_ids = [EOS, 3]  # 3 ends the first prompt's greedy response at step 7
     kwargs = dict(samples_per_prompt=6, max_new_tokens=14, prompts_per_batch=6, **cfg)
-    dynamic = generate_samples(eos_likely_model, prompts, SamplingConfig(**kwargs), eos_ids, PAD, seed=4,
-                               stop_unselectable=stop_unselectable)
+    dynamic = generate_samples(
+        eos_likely_model, prompts, SamplingConfig(**kwargs), eos_ids, PAD, seed=4, stop_unselectable=stop_unselectable
+    )
     mask_shapes = []
     hook = eos_likely_model.model.register_forward_pre_hook(
         lambda m, a, k: mask_shapes.append(tuple(k["attention_mask"].shape)), with_kwargs=True
     )
     try:
-        static = generate_samples(eos_likely_model, prompts, SamplingConfig(decode="static", **kwargs), eos_ids, PAD,
-                                  seed=4, stop_unselectable=stop_unselectable)
+        static = generate_samples(
+            eos_likely_model,
+            prompts,
+            SamplingConfig(decode="static", **kwargs),
+            eos_ids,
+            PAD,
+            seed=4,
+            stop_unselectable=stop_unselectable,
+        )
     finally:
         hook.remove()
     _assert_same_draws(static, dynamic)
@@ -618,8 +665,15 @@ def test_static_cache_length_covers_every_fed_back_token():
 def test_static_decode_rejects_a_sliding_window_model(tmp_path):
     from transformers import MistralConfig, MistralForCausalLM
 
-    config = MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                           num_attention_heads=4, num_key_value_heads=2, sliding_window=4)
+    config = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=4,
+    )
     model = MistralForCausalLM(config).eval()
     with pytest.raises(ValueError, match=r"sampling.decode='static'.*use sampling.decode='dynamic'"):
         _generate(model, _prompts(PROMPTS), samples_per_prompt=2, max_new_tokens=3, decode="static")

@@ -16,8 +16,16 @@ from sharpening.engines.race import negative_exponentials, race
 
 def binomial_interval(draws: int, p: float, alpha: float = 1e-4) -> tuple[int, int]:
     """The counts [lo, hi] outside which Binomial(draws, p) falls with probability <= alpha (alpha/2 a side)."""
-    pmf = [math.exp(math.lgamma(draws + 1) - math.lgamma(k + 1) - math.lgamma(draws - k + 1)
-                    + k * math.log(p) + (draws - k) * math.log1p(-p)) for k in range(draws + 1)]
+    pmf = [
+        math.exp(
+            math.lgamma(draws + 1)
+            - math.lgamma(k + 1)
+            - math.lgamma(draws - k + 1)
+            + k * math.log(p)
+            + (draws - k) * math.log1p(-p)
+        )
+        for k in range(draws + 1)
+    ]
     lo, below = 0, 0.0
     while below + pmf[lo] <= alpha / 2:
         below += pmf[lo]
@@ -43,10 +51,12 @@ def test_tokens_16_and_18_nats_below_the_top_are_drawn_as_often_as_the_model_say
     total = sum(count * math.exp(logit) for logit, count in groups)
     n, prompts = 8, 192  # 1536 draws, 8 rows of each prompt's generator
     generators = [torch.Generator().manual_seed(1000 + b) for b in range(prompts)]
-    tokens = torch.cat([
-        draw_tokens(logits.expand(n, -1), torch.arange(n), [g], n, SamplingConfig(samples_per_prompt=n))
-        for g in generators
-    ])
+    tokens = torch.cat(
+        [
+            draw_tokens(logits.expand(n, -1), torch.arange(n), [g], n, SamplingConfig(samples_per_prompt=n))
+            for g in generators
+        ]
+    )
     group_of = torch.bucketize(tokens, torch.tensor([1, 1 + 2**16]), right=True)  # token -> 0, 1 or 2
     counts = torch.bincount(group_of, minlength=3).tolist()
     for (logit, count), observed in zip(groups[1:], counts[1:]):
@@ -103,8 +113,14 @@ def test_the_race_matches_a_python_reference_on_wide_logits():
     assert race(scaled, bits).tolist() == want
 
 
-@pytest.mark.parametrize("cfg", [SamplingConfig(samples_per_prompt=4), SamplingConfig(samples_per_prompt=4, top_k=5),
-                                 SamplingConfig(samples_per_prompt=4, temperature=0.7, top_p=0.9)])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        SamplingConfig(samples_per_prompt=4),
+        SamplingConfig(samples_per_prompt=4, top_k=5),
+        SamplingConfig(samples_per_prompt=4, temperature=0.7, top_p=0.9),
+    ],
+)
 def test_racing_prompt_by_prompt_draws_what_racing_the_batch_draws(monkeypatch, cfg):
     # the CPU path that races a few rows at a time uses the same bits, so it draws the same tokens, live rows or not
     logits = torch.randn(12, 3000, generator=torch.Generator().manual_seed(5)) * 4

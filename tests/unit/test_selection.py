@@ -43,10 +43,20 @@ T, F = True, False
         ([[-1.0, -2.0, -3.0]], [[F, F, F]], dict(min_score=-2.0, keep_top_k=3), [[0, 1, 2]], [[T, T, F]]),
         ([[-4.0, -5.0]], [[F, F]], dict(min_score=-3.0), [[0]], [[F]]),
         # min_score applies to the penalized score
-        ([[-1.0, -5.0]], [[T, F]], dict(truncated_policy="penalize", truncation_penalty=3.0, min_score=-4.5),
-         [[0]], [[T]]),
-        ([[-1.0, -5.0]], [[T, F]], dict(truncated_policy="penalize", truncation_penalty=3.0, min_score=-3.5),
-         [[0]], [[F]]),
+        (
+            [[-1.0, -5.0]],
+            [[T, F]],
+            dict(truncated_policy="penalize", truncation_penalty=3.0, min_score=-4.5),
+            [[0]],
+            [[T]],
+        ),
+        (
+            [[-1.0, -5.0]],
+            [[T, F]],
+            dict(truncated_policy="penalize", truncation_penalty=3.0, min_score=-3.5),
+            [[0]],
+            [[F]],
+        ),
         # non-finite scores are never kept
         ([[NAN, -2.0, INF, -INF]], [[F, F, F, F]], {}, [[1]], [[T]]),
         ([[NAN, -INF]], [[F, F]], {}, [[0]], [[F]]),

@@ -280,8 +280,9 @@ class PolicyModule(L.LightningModule):
         return [PreemptionCallback(), NonFiniteGuardCallback()]
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None,
-                             weights_only: bool = True, **kwargs):
+    def load_from_checkpoint(
+        cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, weights_only: bool = True, **kwargs
+    ):
         """The module of a checkpoint, its policy loaded (base weights from ``policy.model_name_or_path``, then
         the checkpoint's trainable weights). Read with ``weights_only=True``. ``output_dir`` defaults to None:
         loading never writes and is not refused for the run's existing output; pass ``output_dir=`` (and any
@@ -325,12 +326,16 @@ def fsdp_problems(cfg: PolicyConfig, device: torch.device) -> list[str]:
     next to a bfloat16 base cannot be flattened, nor can bitsandbytes' packed 4-bit weights."""
     o = "--model.policy"
     if cfg.finetuning == "qlora":
-        return [f"{o}.finetuning=qlora: QLoRA does not run under FSDP (4-bit weights are not sharded); "
-                "use --trainer.strategy ddp with qlora, or finetuning lora or full under FSDP"]
+        return [
+            f"{o}.finetuning=qlora: QLoRA does not run under FSDP (4-bit weights are not sharded); "
+            "use --trainer.strategy ddp with qlora, or finetuning lora or full under FSDP"
+        ]
     if cfg.finetuning == "lora" and resolve_dtype(cfg.dtype, device) != torch.float32:
-        return [f"{o}.dtype={cfg.dtype}: LoRA under FSDP needs float32 weights (FSDP flattens the base and the "
-                "float32 adapters into one tensor of one dtype); set --model.policy.dtype float32 and keep "
-                "--trainer.precision bf16-mixed for bfloat16 compute"]
+        return [
+            f"{o}.dtype={cfg.dtype}: LoRA under FSDP needs float32 weights (FSDP flattens the base and the "
+            "float32 adapters into one tensor of one dtype); set --model.policy.dtype float32 and keep "
+            "--trainer.precision bf16-mixed for bfloat16 compute"
+        ]
     return []
 
 

@@ -266,7 +266,8 @@ def print_tables(summary: dict) -> None:
                     s = entry[side]["phases"][phase]
                     ratio = _fmt(entry["ratios"]["phases"][phase]) if side == "trl" else ""
                     print(
-                        f"| {model} | {task} | {phase} | {side} | {s['seconds']:.3f} | {_fmt(s['completions_per_s'], digits=1)}"
+                        f"| {model} | {task} | {phase} | {side} | {s['seconds']:.3f}"
+                        f" | {_fmt(s['completions_per_s'], digits=1)}"
                         f" | {_fmt(s['tokens_per_s'], digits=0)} | {_fmt(s['fraction_of_peak'], 100, 1)} | {ratio} |"
                     )
     print(

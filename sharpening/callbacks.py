@@ -27,7 +27,7 @@ from sharpening.kernels.cpu_linear import packed_linear_weights
 from sharpening.module import PolicyModule
 from sharpening.policy import eval_mode
 from sharpening.prompts import PromptDataModule
-from sharpening.run_checks import run_problems
+from sharpening.run_checks import run_problems, run_warnings
 from sharpening.safety import preempt, sigterm_agreed
 from sharpening.selection import SelectionConfig, validate_selection_config
 from sharpening.tasks.extractors import resolve_extractor
@@ -53,7 +53,8 @@ class SelfVerificationCallback(L.Callback):
         Args:
             sampling: How responses are drawn (N, temperature, top-k/p, max_new_tokens).
             selection: Self-reward, how many samples to keep, treatment of truncated responses.
-            sample_from: Draw from the frozen ``base`` (the paper) or the current ``policy``; scores always come from the base.
+            sample_from: Draw from the frozen ``base`` (the paper) or the current ``policy``; scores always come
+                from the base.
             resample_every_epoch: Run a new round before every epoch (else once, before the first).
             greedy_accuracy: When prompts have answers, also decode greedily to report greedy accuracy.
             seed: Seed of the draws; a prompt's samples depend only on (seed, epoch, prompt index).
@@ -91,10 +92,13 @@ class SelfVerificationCallback(L.Callback):
     # -- Lightning hooks -------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         """Refuse what the sections cannot do together (``run_checks``; the CLI checked it before, Python API
-        users get it here). With ``resample_every_epoch`` Lightning must rebuild the loader every epoch, so
-        each epoch's loader asks for its own round: the trainer holds that setting, so it is set here."""
+        users get it here) and warn of what they leave unused (here only, so once per run on either path).
+        With ``resample_every_epoch`` Lightning must rebuild the loader every epoch, so each epoch's loader asks
+        for its own round: the trainer holds that setting, so it is set here."""
         module = _policy_module(pl_module)
         raise_if_problems(run_problems(module, trainer.datamodule, trainer))
+        for warning in run_warnings(module, trainer):
+            rank_zero_warn(warning)
         if self.resample_every_epoch and module.trains_on != "prompts":
             trainer.reload_dataloaders_every_n_epochs = 1
 

@@ -200,8 +200,8 @@ class SharpeningCLI(LightningCLI):
         root = config["trainer"].get("default_root_dir") or os.getcwd()
         if path == "hpc" and not glob.glob(os.path.join(root, "hpc_ckpt_*.ckpt")):  # what SLURM's requeue saves
             raise_if_problems([
-                f"--ckpt_path=hpc: no SLURM requeue checkpoint (hpc_ckpt_*.ckpt) in --trainer.default_root_dir={root!r}; "
-                "give a checkpoint's path, or last"
+                "--ckpt_path=hpc: no SLURM requeue checkpoint (hpc_ckpt_*.ckpt) in "
+                f"--trainer.default_root_dir={root!r}; give a checkpoint's path, or last"
             ])  # fmt: skip
         registry = str(path or "").startswith("registry") and importlib.util.find_spec("litmodels") is not None
         if path and path not in ("last", "hpc") and not registry:

@@ -80,7 +80,9 @@ def parse_error_problem(message: str, help_command: str) -> str:
     lists every union member it tried; what matters is the innermost ``Expected ...`` under the chain of
     ``Parser key`` lines that leads to it.
 
-    >>> parse_error_problem('Parser key "verifier.seed":\\n  Expected a <class \\'int\\'>. Got value: abc', "sharpen fit")
+    >>> parse_error_problem(
+    ...     'Parser key "verifier.seed":\\n  Expected a <class \\'int\\'>. Got value: abc', "sharpen fit"
+    ... )
     "--verifier.seed='abc': must be a whole number (sharpen fit --help lists every option)"
     """
     import re
@@ -145,7 +147,8 @@ def _rule(expected: str, value: str) -> str:
     if expected.startswith("dot import path string"):
         return "must be the import path of a class (package.module.Class)"
     words = {"int": "must be a whole number", "float": "must be a number", "bool": "must be true or false",
-             "str": "must be text", "list": "must be a list, e.g. [1, 2]", "collections.abc.Iterable": "must be a list"}  # fmt: skip
+             "str": "must be text", "list": "must be a list, e.g. [1, 2]",
+             "collections.abc.Iterable": "must be a list"}  # fmt: skip
     rule = words.get(expected.removeprefix("<class '").removesuffix("'>"), f"expected {expected}")
     if value.lower().lstrip("+-") in ("nan", "inf", "infinity") and rule == words["float"]:
         rule += " (nan and inf are refused)"

@@ -31,7 +31,10 @@ def model_source_problem(name: str) -> str | None:
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or (parent and os.path.isdir(parent)):
         hint = ""
         if os.path.normpath(expanded).endswith(os.path.join("artifacts", "demo", "base")):  # the shipped configs' model
-            hint = " (the demo's base model: build it once with `python -m sharpening.tasks.demo build --out artifacts/demo`)"
+            hint = (
+                " (the demo's base model: build it once with "
+                "`python -m sharpening.tasks.demo build --out artifacts/demo`)"
+            )
         return f"no such directory{hint}; check the path (relative paths start from the current directory)"
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     if offline:

@@ -83,7 +83,8 @@ def validate_policy_config(cfg: PolicyConfig, option: str = "--model.policy") ->
         problems.append(f"{option}.finetuning={cfg.finetuning!r}: must be one of {', '.join(FINETUNING_MODES)}")
     if cfg.attn_implementation not in ATTN_IMPLEMENTATIONS:
         problems.append(
-            f"{option}.attn_implementation={cfg.attn_implementation!r}: must be one of {', '.join(ATTN_IMPLEMENTATIONS)}"
+            f"{option}.attn_implementation={cfg.attn_implementation!r}: "
+            f"must be one of {', '.join(ATTN_IMPLEMENTATIONS)}"
         )
     elif problem := flash_attention_problem(cfg.attn_implementation, torch.cuda.is_available(), flash_attn_installed()):
         problems.append(f"{option}.attn_implementation={cfg.attn_implementation}: {problem}")

@@ -3,12 +3,12 @@
 Each section checks itself in its constructor; what needs two sections at once lives here, so the
 callback and the modules never read each other's settings. ``sharpen fit`` calls ``run_problems`` once
 the classes exist; the SelfVerificationCallback's ``setup`` calls it again for users of the Python API
-(by then the prompts are read, so the context check runs too).
+(by then the prompts are read, so the context check runs too). A problem stops the run where it is found, so
+it is reported once. ``run_warnings`` do not stop it: only the callback's ``setup``, which every path runs
+once per fit, issues them, so each warning shows once.
 """
 
 from __future__ import annotations
-
-from lightning.pytorch.utilities import rank_zero_warn
 
 from sharpening.engines import SamplingConfig, decode_device_problems
 from sharpening.model_checks import token_ids_problem
@@ -18,13 +18,9 @@ from sharpening.selection import SelectionConfig
 
 
 def run_problems(module: PolicyModule, datamodule, trainer) -> list[str]:
-    """Every cross-section problem of a run; warns when the verifier's settings go unused. ``trainer`` gives
-    the device and the SelfVerificationCallback (none: only the module and data are checked)."""
-    from sharpening.callbacks import SelfVerificationCallback  # callbacks.py calls this module
-    from sharpening.rl import RLSharpeningModule  # the RL package imports sharpening.module
-
-    verifier = next((c for c in trainer.callbacks if isinstance(c, SelfVerificationCallback)), None)
-    rl = module.rl if isinstance(module, RLSharpeningModule) else None
+    """Every cross-section problem of a run. ``trainer`` gives the device and the SelfVerificationCallback
+    (none: only the module and data are checked)."""
+    verifier, rl = _verifier_of(trainer), _rl_config_of(module)
     problems = []
     if verifier is not None:
         problems += verifier_problems(verifier, module, trainer, rl)
@@ -38,9 +34,36 @@ def run_problems(module: PolicyModule, datamodule, trainer) -> list[str]:
     return problems
 
 
+def run_warnings(module: PolicyModule, trainer) -> list[str]:
+    """What the run does not refuse but the user should know: the verifier's settings set for an RL module
+    that draws its own samples."""
+    verifier, rl = _verifier_of(trainer), _rl_config_of(module)
+    unused = verifier is not None and rl is not None and rl.algorithm != "offline"  # online, XPO: --model.sampling
+    if unused and (verifier.sampling, verifier.selection) != (SamplingConfig(), SelectionConfig()):
+        return [
+            f"--verifier.sampling / --verifier.selection are set but not used: algorithm {rl.algorithm!r} draws "
+            "its own samples with --model.sampling (the verifier's round feeds only offline RL and SFT)"
+        ]
+    return []
+
+
+def _verifier_of(trainer):
+    """The trainer's SelfVerificationCallback, or None."""
+    from sharpening.callbacks import SelfVerificationCallback  # callbacks.py calls this module
+
+    return next((c for c in trainer.callbacks if isinstance(c, SelfVerificationCallback)), None)
+
+
+def _rl_config_of(module: PolicyModule):
+    """The RL config of an RLSharpeningModule, else None."""
+    from sharpening.rl import RLSharpeningModule  # the RL package imports sharpening.module
+
+    return module.rl if isinstance(module, RLSharpeningModule) else None
+
+
 def verifier_problems(verifier, module: PolicyModule, trainer, rl) -> list[str]:
-    """The verifier's decode loop on the run's device, offline RL's needs of its scores, and a warning when
-    the verifier's settings are set for a module that draws its own samples. ``rl``: the RL config or None."""
+    """The verifier's decode loop on the run's device and offline RL's needs of its scores. ``rl``: the RL
+    config or None."""
     from lightning.pytorch.strategies import FSDPStrategy
 
     sharded = isinstance(trainer.strategy, FSDPStrategy)
@@ -56,12 +79,6 @@ def verifier_problems(verifier, module: PolicyModule, trainer, rl) -> list[str]:
             "--verifier.selection.truncated=penalize: offline RL-sharpening keeps every sample and reads its raw "
             "score as log pi_base(y|x), so the penalty would not reach its loss (truncated samples would train as "
             "with keep); use drop (the default) or keep, or algorithm online or xpo with --model.rl.truncated penalize"
-        )
-    unused = rl is not None and not offline  # online and XPO draw with --model.sampling
-    if unused and (verifier.sampling, verifier.selection) != (SamplingConfig(), SelectionConfig()):
-        rank_zero_warn(
-            f"--verifier.sampling / --verifier.selection are set but not used: algorithm {rl.algorithm!r} draws "
-            "its own samples with --model.sampling (the verifier's round feeds only offline RL and SFT)"
         )
     return problems
 

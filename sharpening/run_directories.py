@@ -67,9 +67,9 @@ def run_directory_problems(
         if base and (_real(directory) == base or _inside(_real(directory), base)):
             relation = "is" if _real(directory) == base else "lies inside"
             problems.append(
-                f"{option}={directory!r} {relation} the base model {base_model!r} (from --model.policy.model_name_or_path): "
-                "the run would write its checkpoints among the model's files; choose a directory of its own, e.g. "
-                "--trainer.default_root_dir runs/my-run"
+                f"{option}={directory!r} {relation} the base model {base_model!r} "
+                "(from --model.policy.model_name_or_path): the run would write its checkpoints among the model's "
+                "files; choose a directory of its own, e.g. --trainer.default_root_dir runs/my-run"
             )
     problems = [p for p in problems + [unwritable_directory_problem(dirpath_option, d) for d in dirpaths] if p]
     if not output_dir:

@@ -60,7 +60,8 @@ class SFTSharpeningModule(PolicyModule):
             batch_size: Selected samples per optimizer step (per device).
             shuffle_seed: Seed of the order in which buffer samples are visited each epoch.
             output_dir: Where the fitted policy (full model or PEFT adapter) is written at the end; null = nowhere.
-            overwrite_output_dir: Replace a non-empty output_dir (its old contents go once the new policy is written in full).
+            overwrite_output_dir: Replace a non-empty output_dir (its old contents go once the new policy is
+                written in full).
             logprob_chunk_size: Response positions per LM-head chunk (bounds logits memory).
             packing: Concatenate each batch's examples into rows instead of padding them: same loss, less compute.
             pack_length: Most tokens per packed row, or the batch's longest example if longer; shorter rows are
@@ -115,9 +116,9 @@ class SFTSharpeningModule(PolicyModule):
         if self.trainer.overfit_batches:
             raise_if_problems(
                 [
-                    f"--trainer.overfit_batches={self.trainer.overfit_batches}: SFT-sharpening normalizes its loss over "
-                    "each optimizer step's response tokens, counted from its own order of the selected samples, which "
-                    "overfit_batches replaces; use --trainer.limit_train_batches instead"
+                    f"--trainer.overfit_batches={self.trainer.overfit_batches}: SFT-sharpening normalizes its loss "
+                    "over each optimizer step's response tokens, counted from its own order of the selected samples, "
+                    "which overfit_batches replaces; use --trainer.limit_train_batches instead"
                 ]
             )
 

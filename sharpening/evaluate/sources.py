@@ -197,7 +197,8 @@ def vocabulary_problem(model: str, cfg: EvalModelConfig) -> str | None:
 def tokenizer_vocabulary_problem(
     model: str, revision: str | None, tokenizer, prompt_ids: list[list[int]]
 ) -> str | None:
-    """Why ``model`` cannot embed the ids its tokenizer feeds it (model_checks.token_ids_problem), from its config.json."""
+    """Why ``model`` cannot embed the ids its tokenizer feeds it (model_checks.token_ids_problem), from its
+    config.json."""
 
     return token_ids_problem(tokenizer, prompt_ids, (_model_config(model, revision) or {}).get("vocab_size"))
 

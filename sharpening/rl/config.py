@@ -83,8 +83,8 @@ def validate_rl_config(rl: RLConfig, sampling: SamplingConfig) -> list[str]:
             problems.append(f"{o}.{name}={getattr(rl, name)}: must be >= 1")
     if not 0 < rl.clip_ratio <= 1:  # a huge one overflowed float32 in the clamp
         problems.append(
-            f"{o}.clip_ratio={rl.clip_ratio}: must be in (0, 1] (ratios are clipped to [1 - clip_ratio, 1 + clip_ratio]; "
-            "e.g. 0.2)"
+            f"{o}.clip_ratio={rl.clip_ratio}: must be in (0, 1] "
+            "(ratios are clipped to [1 - clip_ratio, 1 + clip_ratio]; e.g. 0.2)"
         )
     if rl.max_grad_norm is not None and not rl.max_grad_norm >= 0:
         problems.append(
@@ -123,8 +123,8 @@ def _truncated_problems(rl: RLConfig) -> list[str]:
         fix = (
             "set --verifier.selection.truncated drop (its default) instead"
             if rl.truncated == "drop"
-            else "use --verifier.selection.truncated drop instead (a penalty does not reach the offline loss: its pairs "
-            "hold the verifier's samples' raw log pi_base), or algorithm online or xpo"
+            else "use --verifier.selection.truncated drop instead (a penalty does not reach the offline loss: "
+            "its pairs hold the verifier's samples' raw log pi_base), or algorithm online or xpo"
         )
         problems.append(
             f"{o}.truncated={rl.truncated}: offline RL-sharpening trains on the verifier's samples, whose truncated "

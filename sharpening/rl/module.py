@@ -86,7 +86,8 @@ class RLSharpeningModule(PolicyModule):
             prompts_per_step: Prompts per rollout (online: each gets G samples; xpo: one round).
             seed: Seed of the policy's draws (with the step and prompt index) and of each epoch's prompt order.
             output_dir: Where the fitted policy (full model or PEFT adapter) is written at the end; null = nowhere.
-            overwrite_output_dir: Replace a non-empty output_dir (its old contents go once the new policy is written in full).
+            overwrite_output_dir: Replace a non-empty output_dir (its contents go once the fitted policy is written
+                in full).
             logprob_chunk_size: Response positions per LM-head chunk (bounds logits memory).
         """
         optimizer = config_from(optimizer, OptimizerConfig) or OptimizerConfig(lr=1e-5, schedule="constant")

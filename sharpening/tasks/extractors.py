@@ -98,10 +98,15 @@ def extract_last_number(text: str) -> str | None:
     >>> extract_last_number("The values are 1,2,3")
     '3'
     """
-    found = None
-    for found in _NUMBER.finditer(text):
-        pass
+    found = _last_match(_NUMBER, text)
     return None if found is None else _number_value(found)
+
+
+def _last_match(pattern: re.Pattern, text: str) -> re.Match | None:
+    """The last of ``pattern``'s non-overlapping matches in ``text`` (scanned from the start, so an earlier
+    match can consume the text a later one would start in); None when there is none."""
+    matches = list(pattern.finditer(text))
+    return matches[-1] if matches else None
 
 
 def _stated_number(text: str) -> str | None:
@@ -140,9 +145,7 @@ _BOX = re.compile(r"\\(?:boxed|fbox)\b\s*")
 
 def _last_boxed(text: str) -> tuple[int, str] | None:
     """(position, raw contents) of the last \\boxed{...} ('\\boxed 5' too); None when absent or unclosed."""
-    found = None
-    for found in _BOX.finditer(text):
-        pass
+    found = _last_match(_BOX, text)
     if found is None:
         return None
     start = found.end()

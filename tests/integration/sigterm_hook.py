@@ -1,7 +1,8 @@
 """A callback that sends SIGTERM to its own process, for the preemption tests. In one process give it the
-step (``SigtermAt(step=1)``); the DDP tests add it from the command line (``--trainer.callbacks+=sigterm_hook.SigtermAt``)
-and set the ranks in ``$SIGTERM_RANKS`` (comma-separated) and the moment in ``$SIGTERM_AT_STEP`` (the start
-of that step) or ``$SIGTERM_AT_EPOCH_END`` (the end of that epoch, just before the next round)."""
+step (``SigtermAt(step=1)``); the DDP tests add it from the command line
+(``--trainer.callbacks+=sigterm_hook.SigtermAt``) and set the ranks in ``$SIGTERM_RANKS`` (comma-separated)
+and the moment in ``$SIGTERM_AT_STEP`` (the start of that step) or ``$SIGTERM_AT_EPOCH_END`` (the end of
+that epoch, just before the next round)."""
 
 from __future__ import annotations
 

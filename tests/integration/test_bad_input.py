@@ -591,8 +591,9 @@ def test_problems_of_every_section_are_reported_together(tiny_model_path, prompt
     _other_runs_checkpoints(tmp_path)
     with pytest.raises(ConfigError) as err:
         main(["fit", "--config", SFT, f"--model.init_args.policy.model_name_or_path={tiny_model_path}",
-              f"--data.dataset={prompts_file}", f"--trainer.default_root_dir={tmp_path / 'run'}", "--trainer.logger=false",
-              "--model.init_args.optimizer.lr=0", "--model.init_args.batch_size=0", "--data.max_prompts=0",
+              f"--data.dataset={prompts_file}", f"--trainer.default_root_dir={tmp_path / 'run'}",
+              "--trainer.logger=false", "--model.init_args.optimizer.lr=0", "--model.init_args.batch_size=0",
+              "--data.max_prompts=0",
               "--verifier.sampling.samples_per_prompt=-1", "--verifier.sampling.max_new_tokens=0"])  # fmt: skip
     problems = err.value.problems
     assert len(problems) == 6, problems
@@ -609,5 +610,6 @@ def _demo_folder(tmp, model, output_dir: str) -> list[str]:
     """artifacts/demo's layout: the base model and the prompts in one folder; the policy goes to ``output_dir``."""
     shutil.copytree(model, tmp / "demo" / "base")
     (tmp / "demo" / "train.jsonl").write_text(json.dumps({"prompt": "abcd=", "answer": "dcba"}) + "\n")
-    return [f"--model.init_args.policy.model_name_or_path={tmp / 'demo' / 'base'}", f"--data.dataset={tmp / 'demo' / 'train.jsonl'}",
-            f"--model.init_args.output_dir={tmp / output_dir}", OVERWRITE]  # fmt: skip
+    return [f"--model.init_args.policy.model_name_or_path={tmp / 'demo' / 'base'}",
+            f"--data.dataset={tmp / 'demo' / 'train.jsonl'}", f"--model.init_args.output_dir={tmp / output_dir}",
+            OVERWRITE]  # fmt: skip

@@ -124,9 +124,11 @@ def _checkpoint_every_step_and_epoch(root) -> str:
         f.write(
             "trainer:\n  callbacks:\n"
             "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
-            f"      init_args: {{dirpath: {root}/steps, every_n_train_steps: 1, save_top_k: -1, filename: '{{step}}'}}\n"
+            f"      init_args: {{dirpath: {root}/steps, every_n_train_steps: 1, save_top_k: -1, "
+            "filename: '{step}'}\n"
             "    - class_path: lightning.pytorch.callbacks.ModelCheckpoint\n"
-            f"      init_args: {{dirpath: {root}/epochs, every_n_epochs: 1, save_top_k: -1, filename: 'end-{{epoch}}'}}\n"
+            f"      init_args: {{dirpath: {root}/epochs, every_n_epochs: 1, save_top_k: -1, "
+            "filename: 'end-{epoch}'}\n"
         )
     return path
 
@@ -392,10 +394,12 @@ def test_ckpt_path_last_without_a_root_dir_never_picks_another_run_below_it(
 @pytest.mark.slow
 def test_round_metrics_stay_monitorable_after_a_mid_epoch_resume(tiny_model_path, prompts_file, tmp_path):
     """A resume that does not redraw the round (mid-epoch) still gives EarlyStopping its metric."""
-    stopping = ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping", "--trainer.callbacks.monitor=sample/accuracy",
-                "--trainer.callbacks.mode=max", "--trainer.callbacks.patience=5"]  # fmt: skip
-    every_step = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint", f"--trainer.callbacks.dirpath={tmp_path}/steps",
-                  "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=-1",
+    stopping = ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping",
+                "--trainer.callbacks.monitor=sample/accuracy", "--trainer.callbacks.mode=max",
+                "--trainer.callbacks.patience=5"]  # fmt: skip
+    every_step = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+                  f"--trainer.callbacks.dirpath={tmp_path}/steps", "--trainer.callbacks.every_n_train_steps=1",
+                  "--trainer.callbacks.save_top_k=-1",
                   "--trainer.callbacks.filename={step}"]  # fmt: skip
     first = _fit(tiny_model_path, prompts_file, str(tmp_path / "first"), *stopping, *every_step)
     resumed = _fit(

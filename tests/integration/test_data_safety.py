@@ -37,8 +37,9 @@ SFT = os.path.join(ROOT, "configs", "demo.yaml")
 def _args(model, prompts, root, out, *extra):
     return [
         "fit", "--config", SFT, f"--model.init_args.policy.model_name_or_path={model}",
-        "--model.init_args.policy.finetuning=lora", "--model.init_args.policy.lora_r=4", "--model.init_args.batch_size=2",
-        f"--model.init_args.output_dir={out}", f"--data.dataset={prompts}", "--data.max_prompts=4",
+        "--model.init_args.policy.finetuning=lora", "--model.init_args.policy.lora_r=4",
+        "--model.init_args.batch_size=2", f"--model.init_args.output_dir={out}", f"--data.dataset={prompts}",
+        "--data.max_prompts=4",
         "--verifier.sampling.samples_per_prompt=2", "--verifier.sampling.max_new_tokens=4",
         "--verifier.selection.truncated=keep", "--verifier.show_progress=false", "--trainer.max_epochs=1",
         "--trainer.logger=false", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
@@ -247,7 +248,8 @@ def test_stale_lock_and_leftovers_of_killed_writes_are_cleared_by_the_next_run(
         json.dumps({"pid": dead, "host": socket.gethostname(), "started": "x", "command": "y"})
     )
     stale = [root / "checkpoints" / f".epoch=0-step=2.ckpt.{dead}.partial",
-             root / "checkpoints" / f".epoch=0-step=2.ckpt.sha256.{dead}.partial", tmp_path / f".out.{dead}.partial"]  # fmt: skip
+             root / "checkpoints" / f".epoch=0-step=2.ckpt.sha256.{dead}.partial",
+             tmp_path / f".out.{dead}.partial"]  # fmt: skip
     kept = [root / "checkpoints" / f".epoch=0-step=2.ckpt.{os.getpid()}.partial",  # a live process's
             root / "checkpoints" / ".notes.partial", tmp_path / f".other.{dead}.partial"]  # not ours  # fmt: skip
     for path in stale + kept:
@@ -266,8 +268,9 @@ def test_stale_lock_and_leftovers_of_killed_writes_are_cleared_by_the_next_run(
 def test_only_the_launching_process_holds_the_directories(tmp_path, monkeypatch):
     """Lightning relaunches the command for DDP ranks > 0 with LOCAL_RANK set; torchrun sets RANK."""
     variables = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK", "NODE_RANK", "GROUP_RANK")
-    cases = [({}, True), ({"LOCAL_RANK": "0"}, True), ({"LOCAL_RANK": "1"}, False), ({"RANK": "2", "LOCAL_RANK": "0"}, False),
-             ({"NODE_RANK": "1"}, False), ({"LOCAL_RANK": "0", "SLURM_PROCID": "1"}, True)]  # fmt: skip
+    cases = [({}, True), ({"LOCAL_RANK": "0"}, True), ({"LOCAL_RANK": "1"}, False),
+             ({"RANK": "2", "LOCAL_RANK": "0"}, False), ({"NODE_RANK": "1"}, False),
+             ({"LOCAL_RANK": "0", "SLURM_PROCID": "1"}, True)]  # fmt: skip
     for environment, expected in cases:
         for variable in variables:
             monkeypatch.delenv(variable, raising=False)

@@ -131,7 +131,7 @@ def test_best_of_n_equals_a_hand_computation_from_the_cached_draws(
     results = evaluate(tiny_model_path, tmp_path, f"--protocol.answer_extractor={letter_class_extractor}")
     accuracies = []
     for k, seed in enumerate(results["seeds"]):
-        for n, (accuracy, chosen) in hand_best_of_n(str(tmp_path), seed, tiny_tokenizer, _self_loglik).items():
+        for n, (accuracy, _chosen) in hand_best_of_n(str(tmp_path), seed, tiny_tokenizer, _self_loglik).items():
             row = find_row(results, "bon_loglik", n)
             assert row["accuracy_per_seed"][k] == pytest.approx(accuracy)
             accuracies.append(accuracy)
@@ -318,7 +318,7 @@ def test_a_rerun_without_plots_leaves_no_stale_plots_and_no_partial_files(tiny_m
     assert (tmp_path / "accuracy_vs_n.png").is_file()
     evaluate(tiny_model_path, tmp_path, "--overwrite=true", "--plots=false")
     names = os.listdir(tmp_path)
-    assert not [n for n in names if n.endswith(".png") or n.endswith(".partial")], names
+    assert not [n for n in names if n.endswith((".png", ".partial"))], names
     assert {"results.json", "results.csv", "config.yaml"} <= set(names)
 
 
@@ -335,7 +335,8 @@ def test_load_in_4bit_evaluates_on_the_4bit_base_a_qlora_run_trains_on(tiny_mode
 
     def dtypes(model) -> dict:  # of the weights that are not 4-bit, by their name in the base model
         return {n.replace("base_model.model.", "").replace(".base_layer", ""): p.dtype
-                for n, p in model.named_parameters() if "lora_" not in n and type(p).__name__ != "Params4bit"}  # fmt: skip
+                for n, p in model.named_parameters()
+                if "lora_" not in n and type(p).__name__ != "Params4bit"}  # fmt: skip
 
     bf16 = EvalModelConfig(tiny_model_path, adapter_path=adapter, dtype="bfloat16", device="cpu", load_in_4bit=True)
     trained_bf16, _ = load_policy(PolicyConfig(tiny_model_path, finetuning="qlora", dtype="bfloat16", lora_r=4))

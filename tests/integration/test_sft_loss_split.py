@@ -1,6 +1,6 @@
 """SFT's loss is the token-mean NLL of each optimizer step's examples, however the step is split into
-micro-batches (gradient accumulation) and ranks (DDP): responses of 2, 2, 2 and 30 tokens weigh 1/36 per token whether they
-come in one batch of 4, two of 2 or four of 1, padded or packed."""
+micro-batches (gradient accumulation) and ranks (DDP): responses of 2, 2, 2 and 30 tokens weigh 1/36 per
+token whether they come in one batch of 4, two of 2 or four of 1, padded or packed."""
 
 from __future__ import annotations
 

@@ -181,7 +181,8 @@ def _family_model(family: str):
             transformers.MistralForCausalLM,
         )
     else:
-        config = transformers.Gemma3TextConfig(num_hidden_layers=2, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+        config = transformers.Gemma3TextConfig(num_hidden_layers=2, sliding_window=4,
+                                               layer_types=["sliding_attention", "full_attention"],
                                                query_pre_attn_scalar=4, **common)  # fmt: skip
         cls = transformers.Gemma3ForCausalLM
     config._attn_implementation = "sdpa"

@@ -89,7 +89,8 @@ UNION_REPORT = """Parser key "model":
         ("unrecognized arguments: --foo 1", "unknown option(s) --foo 1"),
         (
             'Parser key "model":\n  Does not validate against any of the Union subtypes\n  Errors:\n'
-            "    - Problem with given class_path 'sharpening.NoSuch':\n        module 'sharpening' has no attribute 'NoSuch'",
+            "    - Problem with given class_path 'sharpening.NoSuch':\n"
+            "        module 'sharpening' has no attribute 'NoSuch'",
             "--model.class_path='sharpening.NoSuch': module 'sharpening' has no attribute 'NoSuch'",
         ),
     ],

@@ -125,7 +125,7 @@ def test_gradients_flow_and_match_unchunked_reference(tiny_model, batch, chunk_s
     want = _reference_logprobs(tiny_model, PROMPTS, RESPONSES, response_ids.shape[1])
     want_grads = torch.autograd.grad(want.sum(), params, allow_unused=True)
     lm_head = tiny_model.get_output_embeddings().weight
-    for p, g, w in zip(params, got_grads, want_grads):
+    for g, w in zip(got_grads, want_grads):
         if w is None:
             assert g is None or (g == 0).all()
             continue

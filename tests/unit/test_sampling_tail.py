@@ -108,7 +108,7 @@ def test_the_race_matches_a_python_reference_on_wide_logits():
     want = []
     for row, row_bits in zip(scaled.tolist(), bits.tolist()):
         top = max(row)
-        values = [math.exp(l - top) / _exponential(k) for l, k in zip(row, row_bits)]
+        values = [math.exp(logit - top) / _exponential(k) for logit, k in zip(row, row_bits)]
         want.append(max(range(len(values)), key=values.__getitem__))
     assert race(scaled, bits).tolist() == want
 

@@ -60,8 +60,8 @@ class SFTSharpeningModule(PolicyModule):
             batch_size: Selected samples per optimizer step (per device).
             shuffle_seed: Seed of the order in which buffer samples are visited each epoch.
             output_dir: Where the fitted policy (full model or PEFT adapter) is written at the end; null = nowhere.
-            overwrite_output_dir: Replace a non-empty output_dir (its old contents go once the new policy is
-                written in full).
+            overwrite_output_dir: Replace a non-empty output_dir (its contents go once the fitted policy is written
+                in full).
             logprob_chunk_size: Response positions per LM-head chunk (bounds logits memory).
             packing: Concatenate each batch's examples into rows instead of padding them: same loss, less compute.
             pack_length: Most tokens per packed row, or the batch's longest example if longer; shorter rows are

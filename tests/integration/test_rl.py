@@ -404,6 +404,43 @@ def test_online_rl_warns_that_verifier_settings_are_unused(toy_dir):
         _fit(module, toy_dir, max_steps=1, root=None, callbacks=[verifier])
 
 
+def test_the_unused_verifier_settings_warning_shows_once_from_the_cli(tiny_model_path, prompts_file, tmp_path):
+    """`sharpen fit` checks the sections when it builds them and the callback checks them again at setup (for
+    the Python API); the warning comes from one of the two only."""
+    import warnings
+
+    from sharpening.cli import main
+    from tests.helpers import REPO_ROOT
+
+    init = "--model.init_args"
+    args = [
+        "fit",
+        "--config",
+        str(REPO_ROOT / "configs" / "rl.yaml"),
+        f"{init}.policy.model_name_or_path={tiny_model_path}",
+        f"{init}.prompts_per_step=2",
+        f"{init}.sampling.samples_per_prompt=2",
+        f"{init}.sampling.max_new_tokens=3",
+        f"--data.dataset={prompts_file}",
+        "--data.prompt_template={prompt}",
+        "--data.use_chat_template=false",
+        "--data.max_prompts=2",
+        "--verifier.sampling.samples_per_prompt=3",  # not the default: the warning is due
+        "--verifier.show_progress=false",
+        "--trainer.max_steps=1",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = main(args)
+    assert cli.trainer.global_step == 1
+    unused = [w for w in caught if "--verifier.sampling / --verifier.selection are set but not used" in str(w.message)]
+    assert len(unused) == 1, [str(w.message) for w in unused]
+
+
 def test_no_eval_mode_warning_from_the_frozen_copy(toy_dir):
     """The frozen copy rests in the module's mode (frozen_base() switches it to eval for each use), so
     Lightning's 'modules in eval mode' warning does not fire on every run."""

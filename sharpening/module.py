@@ -218,13 +218,9 @@ class PolicyModule(L.LightningModule):
             with torch.no_grad():
                 yield self.policy
 
-    def updates_per_batch(self) -> int:
-        """Optimizer steps per training batch; modules with several updates per generation override it."""
-        return 1
-
     def configure_optimizers(self):
         def total() -> float:  # called lazily, once training data exists
-            plan = schedule_plan(self.trainer, self.updates_per_batch())
+            plan = schedule_plan(self.trainer)
             # the checkpoint's plan at the first decaying step of a resume, else this run's (the same limits)
             previous, self._schedule_plan = getattr(self, "_schedule_plan", None), plan
             warning = previous is not None and schedule_change_warning(self.optimizer_config.schedule, previous, plan)

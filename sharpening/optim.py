@@ -60,10 +60,10 @@ def total_optimizer_steps(stepping_batches: float, updates_per_batch: int, max_s
     """Optimizer steps a run takes: the length of its learning-rate schedule.
 
     ``stepping_batches`` is Lightning's ``estimated_stepping_batches``: batches per epoch x epochs, already
-    capped at ``max_steps``. Lightning counts ``max_steps`` in optimizer steps, also for a module that takes
-    ``updates_per_batch`` of them per batch (manual optimization), and stops after the batch that reaches it.
-    So the epochs give ``batches x updates_per_batch`` steps, ``max_steps`` gives ceil(max_steps /
-    updates_per_batch) batches of updates, and a run with both takes the smaller; with neither it is unbounded.
+    capped at ``max_steps``. With ``updates_per_batch`` optimizer steps per batch, the epochs give ``batches x
+    updates_per_batch`` steps and ``max_steps`` (counted in optimizer steps, checked after each batch) gives
+    ceil(max_steps / updates_per_batch) batches; a run with both takes the smaller, with neither it is unbounded.
+    The modules take one optimizer step per training step (``schedule_plan``).
 
     >>> total_optimizer_steps(10, 4, -1)  # 5 batches an epoch x 2 epochs, 4 updates each
     40
@@ -82,10 +82,11 @@ def total_optimizer_steps(stepping_batches: float, updates_per_batch: int, max_s
     return batches * updates_per_batch
 
 
-def schedule_plan(trainer, updates_per_batch: int) -> dict:
+def schedule_plan(trainer) -> dict:
     """The schedule's length in a Lightning run and the limits that gave it (a checkpoint keeps it). Lightning's
-    estimate reads the training data: call it once that exists (the buffer is filled at fit start)."""
-    steps = total_optimizer_steps(float(trainer.estimated_stepping_batches), updates_per_batch, trainer.max_steps)
+    estimate reads the training data: call it once that exists (the buffer is filled at fit start). Each training
+    step is one optimizer step (an RL rollout's updates are steps of their own)."""
+    steps = total_optimizer_steps(float(trainer.estimated_stepping_batches), 1, trainer.max_steps)
     return {"total_steps": steps, "max_epochs": trainer.max_epochs, "max_steps": trainer.max_steps}
 
 

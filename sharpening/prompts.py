@@ -1,5 +1,6 @@
 """PromptDataModule: a dataset (hub or local file) -> templated prompt text -> prompt token ids; and the
-epoch order in which training loaders visit their items (``epoch_sampler``).
+epoch order in which training loaders visit their items (``epoch_sampler``). Reading and checking the
+dataset's files and rows is data_files.py's.
 
 The exact text built here (few-shot prefix, template, chat template, system text) is what the sampler
 conditions on and what the verifier scores: both use the ids this module produces.
@@ -7,103 +8,26 @@ conditions on and what the verifier scores: both use the ids this module produce
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 
+from sharpening.data_files import (
+    column_problems,
+    dataset_utf8_problem,
+    read_prompt_rows,
+    rows_with_a_prompt,
+    validate_dataset_source,
+    value_problems,
+)
 from sharpening.engines.base import derive_seed
 from sharpening.errors import ConfigError, raise_if_problems
 from sharpening.types import PromptBatch
 
 if TYPE_CHECKING:
     from sharpening.buffer import BufferExample
-
-LOCAL_FORMATS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
-
-
-def _local_format(path: str) -> str | None:
-    return LOCAL_FORMATS.get(os.path.splitext(path)[1].lower())
-
-
-def validate_dataset_source(dataset: str, option: str = "--data.dataset") -> list[str]:
-    """Problems with a dataset name/path that can be seen without reading it."""
-    if not dataset:
-        return [f"{option} is empty: give a local .jsonl/.json/.csv/.parquet file or a hub dataset name"]
-    if _local_format(dataset) or dataset.startswith((".", "/", "~")):
-        path = os.path.expanduser(dataset)
-        if not os.path.exists(path):
-            parent = os.path.dirname(path) or "."
-            near = sorted(os.listdir(parent))[:8] if os.path.isdir(parent) else "no such directory"
-            return [f"{option}={dataset!r}: file not found (in {parent!r}: {near})"]
-        if os.path.isfile(path) and not _local_format(path):
-            return [f"{option}={dataset!r}: unknown file type; use .jsonl, .json, .csv or .parquet"]
-    directory = os.path.expanduser(dataset)
-    if os.path.isdir(directory) and not _data_files_in(directory):
-        found = sorted(os.listdir(directory))[:8]
-        return [
-            f"{option}={dataset!r} is a directory with no .jsonl/.json/.csv/.parquet file in it or one folder down "
-            f"(found: {found}); name the prompt file itself, e.g. {option}={os.path.join(dataset, 'train.jsonl')}"
-        ]
-    return []
-
-
-def not_utf8_problem(path: str) -> str | None:
-    """Where a local text data file stops being UTF-8 (the line and the byte), or None. ``datasets`` reads it
-    as UTF-8 and fails on the first such row with a bare UnicodeDecodeError. Parquet is binary: not read."""
-    import codecs
-
-    if _local_format(path) not in ("json", "csv"):
-        return None
-    decoder, line = codecs.getincrementaldecoder("utf-8")(), 1
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            try:
-                decoder.decode(chunk)
-            except UnicodeDecodeError as err:
-                at = line + chunk[: max(err.start, 0)].count(b"\n")
-                return f"is not UTF-8 text (byte {chunk[err.start : err.start + 1].hex() or '?'} on line {at})"
-            line += chunk.count(b"\n")
-    try:
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return f"is not UTF-8 text (it ends inside a character, on line {line})"
-    return None
-
-
-def _data_files_in(directory: str) -> list[str]:
-    """Data files ``datasets`` would read from a local dataset directory (its top level or one folder down)."""
-    import glob
-
-    candidates = glob.glob(os.path.join(directory, "*")) + glob.glob(os.path.join(directory, "*", "*"))
-    return [f for f in candidates if os.path.isfile(f) and _local_format(f)]
-
-
-def load_prompt_rows(dataset: str, split: str = "train", subset: str | None = None):
-    """A ``datasets.Dataset`` from a local file (json/jsonl/csv/parquet) or a hub dataset."""
-    import datasets
-
-    path = os.path.expanduser(dataset)
-    if os.path.isfile(path) and _local_format(path) == "csv":
-        return datasets.load_dataset("csv", data_files=path, split="train", **_csv_as_text(path))
-    if os.path.isfile(path):
-        return datasets.load_dataset(_local_format(path), data_files=path, split="train")
-    return datasets.load_dataset(dataset, subset, split=split)
-
-
-def _csv_as_text(path: str) -> dict:
-    """CSV cells read as the text they are: an answer ``0012`` stays ``"0012"`` (not the number 12) and
-    ``None`` / ``NA`` stay words; only an empty cell is missing. The column names are pandas' own (the parser
-    datasets uses), so a byte-order mark, an unnamed or a repeated column reads as it did before."""
-    import datasets
-    import pandas as pd
-
-    header = list(pd.read_csv(path, nrows=0, encoding="utf-8").columns)
-    features = datasets.Features({column: datasets.Value("string") for column in header}) if header else None
-    return {"features": features, "keep_default_na": False, "na_values": [""]}
 
 
 def render_prompt(
@@ -139,15 +63,6 @@ def attribute_field(template: str) -> str | None:
     except ValueError:
         return None
     return next((name for name in fields if "." in name.split("[")[0]), None)
-
-
-def empty_prompt_rows(rows: list[dict], column: str) -> list[int]:
-    """Numbers of the rows whose ``column`` is text that is empty or only whitespace.
-
-    >>> empty_prompt_rows([{"p": "ab="}, {"p": "  "}, {"p": ""}, {"p": 7}], "p")
-    [1, 2]
-    """
-    return [i for i, row in enumerate(rows) if isinstance(row[column], str) and not row[column].strip()]
 
 
 def chat_template_problem(tokenizer, option: str = "--data.use_chat_template") -> str | None:
@@ -262,78 +177,48 @@ class PromptDataModule(L.LightningDataModule):
         self.load_prompts(self.tokenizer)
 
     def load_prompts(self, tokenizer) -> None:
-        """Read the rows and build prompt texts and ids with ``tokenizer``."""
+        """Read and check the rows, template them and encode them with ``tokenizer``. Each step raises one
+        ConfigError with every problem it finds, the cheapest first: the file, its columns and values, empty
+        prompts, the chat template, the prompt template, then characters the tokenizer cannot encode."""
         hp = self.hparams
-        from datasets.exceptions import DatasetGenerationError
-
-        path = os.path.expanduser(hp.dataset)
-        for file in [path] if os.path.isfile(path) else _data_files_in(path) if os.path.isdir(path) else []:
-            if problem := not_utf8_problem(file):
-                where = f"--data.dataset={hp.dataset!r}" + ("" if file == path else f": {file!r}")
-                raise_if_problems(
-                    [f"{where} {problem}; save it as UTF-8 (e.g. iconv -f ITS_ENCODING -t utf-8 FILE > NEW)"]
-                )
-        try:
-            rows = load_prompt_rows(hp.dataset, hp.split, hp.subset)
-        except (StopIteration, ValueError, DatasetGenerationError) as err:  # "no rows" / unreadable / malformed
-            cause = err
-            while isinstance(cause, DatasetGenerationError) and cause.__cause__ is not None:
-                cause = cause.__cause__  # the parser's own message (e.g. a bad JSON line), not the wrapper's
-            detail = (
-                f"{type(cause).__name__}: {str(cause).strip()[:300]}" if str(cause).strip() else type(cause).__name__
-            )
-            raise ConfigError(
-                [
-                    f"--data.dataset={hp.dataset!r}: no rows could be read ({detail}); "
-                    "the file must hold one row per prompt with a prompt column (JSON Lines: one JSON object a line)"
-                ]
-            ) from err
-        except OSError as err:  # datasets' "not found" and "couldn't reach the hub" (offline, not cached)
-            raise ConfigError([
-                f"--data.dataset={hp.dataset!r}: cannot be read ({type(err).__name__}: {str(err)[:200]}); "
-                "give a local .jsonl/.json/.csv/.parquet file, or a hub dataset name that exists (with "
-                "HF_HUB_OFFLINE set: one already in the local cache)"
-            ]) from err  # fmt: skip
-        problems = []
-        for column, option in ((hp.prompt_column, "prompt_column"), (hp.answer_column, "answer_column")):
-            if column is not None and column not in rows.column_names:
-                problems.append(
-                    f"--data.{option}={column!r}: no such column in {hp.dataset!r}; found {rows.column_names}"
-                )
-        if len(rows) == 0:
-            problems.append(f"--data.dataset={hp.dataset!r}: the dataset has no rows")
-        raise_if_problems(problems)
-        if hp.max_prompts is not None:
-            rows = rows.select(range(min(hp.max_prompts, len(rows))))
-        rows = list(rows)
-        for column, option in ((hp.prompt_column, "prompt_column"), (hp.answer_column, "answer_column")):
-            empty = [i for i, r in enumerate(rows) if column is not None and r[column] is None]  # "" is a value
-            if empty:
-                problems.append(
-                    f"--data.{option}={column!r}: {len(empty)} row(s) of {hp.dataset!r} have no value there "
-                    f"(rows {empty[:8]}{' ...' if len(empty) > 8 else ''}, counting from 0); fill or drop them"
-                    + (", or set --data.answer_column null to go without answers" if option == "answer_column" else "")
-                )
-            nested = [i for i, r in enumerate(rows) if column is not None and isinstance(r[column], (list, dict))]
-            if nested:  # the template would write its Python repr ("['a', 'b']") into the prompt, or the answer
-                problems.append(
-                    f"--data.{option}={column!r}: {len(nested)} row(s) of {hp.dataset!r} hold a "
-                    f"{type(rows[nested[0]][column]).__name__}, not text (rows {nested[:8]}{' ...' if len(nested) > 8 else ''}"
-                    ", counting from 0); name a column of text, or give one value per row (a JSON file of columns is "
-                    "read as one row: write JSON Lines, one object per row)"
-                )
-        raise_if_problems(problems)
-        keep = self._rows_with_a_prompt(rows)
+        rows = self._read_rows()
+        keep = rows_with_a_prompt(rows, hp.dataset, hp.prompt_column)
         if hp.use_chat_template and (problem := chat_template_problem(tokenizer)):
             raise_if_problems([problem])
         rows = [dict(rows[i], prompt=rows[i][hp.prompt_column]) for i in keep]
+        self.prompt_texts = self._render_prompts(rows, tokenizer)
+        add_special = not hp.use_chat_template  # a chat template already holds BOS
+        source = f"--data.dataset={hp.dataset!r}"
+        self.prompt_ids = encode_prompts(self.prompt_texts, tokenizer, add_special, source, keep)
+        self.answers = [None if hp.answer_column is None else str(r[hp.answer_column]) for r in rows]
+        self.tokenizer = tokenizer
+
+    def _read_rows(self) -> list[dict]:
+        """The dataset's first ``max_prompts`` rows, once the files are UTF-8, readable and hold the named
+        columns, and every kept row a text value in them."""
+        hp = self.hparams
+        if problem := dataset_utf8_problem(hp.dataset):
+            raise_if_problems([problem])
+        table = read_prompt_rows(hp.dataset, hp.split, hp.subset)
+        columns = {"prompt_column": hp.prompt_column, "answer_column": hp.answer_column}
+        raise_if_problems(column_problems(table, hp.dataset, columns))
+        if hp.max_prompts is not None:
+            table = table.select(range(min(hp.max_prompts, len(table))))
+        rows = list(table)
+        raise_if_problems(value_problems(rows, hp.dataset, columns))
+        return rows
+
+    def _render_prompts(self, rows: list[dict], tokenizer) -> list[str]:
+        """Each row's prompt text (``render_prompt``); a template that reads an attribute, names a missing
+        column or does not parse is a ConfigError."""
+        hp = self.hparams
         if field := attribute_field(hp.prompt_template):  # it renders e.g. "<built-in method upper of str ...>"
             raise_if_problems([
                 f"--data.prompt_template={hp.prompt_template!r}: {{{field}}} reads an attribute of the column's value, "
                 f"not text from the row; name columns only, e.g. '{{{field.split('.')[0]}}}'"
             ])  # fmt: skip
         try:
-            self.prompt_texts = [
+            return [
                 render_prompt(
                     r, hp.prompt_template, hp.few_shot_prefix, tokenizer, hp.use_chat_template, hp.system_prompt
                 )
@@ -348,31 +233,6 @@ class PromptDataModule(L.LightningDataModule):
                 f"--data.prompt_template={hp.prompt_template!r}: not a valid template ({err}); name the row's columns "
                 f"in braces, e.g. '{{{hp.prompt_column}}}', and write a literal brace as '{{{{' or '}}}}'"
             ]) from err  # fmt: skip
-        add_special = not hp.use_chat_template  # a chat template already holds BOS
-        source = f"--data.dataset={hp.dataset!r}"
-        self.prompt_ids = encode_prompts(self.prompt_texts, tokenizer, add_special, source, keep)
-        self.answers = [None if hp.answer_column is None else str(r[hp.answer_column]) for r in rows]
-        self.tokenizer = tokenizer
-
-    def _rows_with_a_prompt(self, rows: list[dict]) -> list[int]:
-        """Numbers of the rows whose prompt is not empty or whitespace (the others are skipped with a warning);
-        none at all is an error, as no sample could be drawn."""
-        hp = self.hparams
-        empty = empty_prompt_rows(rows, hp.prompt_column)
-        shown = f"rows {empty[:8]}{' ...' if len(empty) > 8 else ''}, counting from 0"
-        if len(empty) == len(rows):
-            raise_if_problems([
-                f"--data.dataset={hp.dataset!r}: all {len(rows)} prompt(s) in column {hp.prompt_column!r} are empty or "
-                f"whitespace ({shown}), so there is nothing to sample from; fill them, or set --data.prompt_column to "
-                "the column that holds the prompts"
-            ])  # fmt: skip
-        elif empty:
-            rank_zero_warn(
-                f"--data.dataset={hp.dataset!r}: skipped {len(empty)} of {len(rows)} row(s) whose prompt (column "
-                f"{hp.prompt_column!r}) is empty or whitespace ({shown})"
-            )
-        skipped = set(empty)
-        return [i for i in range(len(rows)) if i not in skipped]
 
     def __len__(self) -> int:
         return len(self.prompt_ids)

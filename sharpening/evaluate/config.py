@@ -12,6 +12,7 @@ import string
 from dataclasses import dataclass, field
 from typing import Literal
 
+from sharpening.data_files import validate_dataset_source
 from sharpening.engines import SamplingConfig, validate_sampling_config
 from sharpening.errors import unwritable_directory_problem
 from sharpening.evaluate.sources import (
@@ -25,7 +26,6 @@ from sharpening.evaluate.sources import (
 )
 from sharpening.model_checks import model_source_problem
 from sharpening.policy import cpu_linear_problems
-from sharpening.prompts import validate_dataset_source
 from sharpening.selection import TRUNCATED_POLICIES
 from sharpening.tasks.extractors import resolve_extractor
 

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
+from sharpening.data_files import validate_dataset_source
 from sharpening.errors import ConfigError
-from sharpening.prompts import PromptDataModule, pad_prompts, render_prompt, validate_dataset_source
+from sharpening.prompts import PromptDataModule, pad_prompts, render_prompt
 
 
 def test_render_prompt_template_and_few_shot():

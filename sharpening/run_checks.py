@@ -83,6 +83,32 @@ def verifier_problems(verifier, module: PolicyModule, trainer, rl) -> list[str]:
     return problems
 
 
+def rl_trainer_problems(rl, trainer, datamodule, sharded: bool) -> list[str]:
+    """What RL-sharpening (``rl``: its RLConfig) cannot do with the trainer's settings and the prompts read:
+    no training prompt left after the held-out ones, gradient accumulation (each training step IS one update
+    of a rollout), and XPO's held-out pick of a round under FSDP (``sharded``)."""
+    problems = []
+    if rl.heldout_prompts and datamodule is not None and getattr(datamodule, "prompt_ids", None):
+        if len(datamodule) - rl.heldout_prompts < 1:
+            problems.append(
+                f"--model.rl.heldout_prompts={rl.heldout_prompts}: leaves no training prompt of the "
+                f"{len(datamodule)} read (--data.max_prompts={datamodule.hparams.max_prompts}); hold out fewer or "
+                "read more"
+            )
+    if trainer.accumulate_grad_batches != 1:
+        problems.append(
+            f"--trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: RL-sharpening takes one update "
+            "per training step (several per rollout with --model.rl.inner_updates); set it to 1 and raise "
+            "--model.prompts_per_step for larger updates"
+        )
+    if sharded and rl.algorithm == "xpo" and rl.heldout_prompts:
+        problems.append(
+            f"--model.rl.heldout_prompts={rl.heldout_prompts}: under FSDP XPO cannot keep the best round's "
+            "weights (each rank holds a shard of them); set it to 0 (the last round is written), or use DDP"
+        )
+    return problems
+
+
 def context_problems(policy_config, prompt_ids: list[list[int]], max_new_tokens: int, tokenizer=None) -> list[str]:
     """Prompts that cannot fit the model's context with max_new_tokens more, and token ids of ``tokenizer`` past
     the model's vocabulary (reads config.json only)."""

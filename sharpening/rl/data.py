@@ -64,6 +64,14 @@ class _Keys(torch.utils.data.Dataset):
         return 0
 
 
+def whole_rollout_steps(max_steps: int | None, updates: int) -> int | None:
+    """``max_steps`` rounded up to a whole number of rollouts of ``updates`` steps each (-1, 0 or None: as is):
+    Lightning stops at ``max_steps``, and a rollout's last update must not be cut."""
+    if max_steps is None or max_steps <= 0 or updates <= 1:
+        return max_steps
+    return math.ceil(max_steps / updates) * updates
+
+
 def update_loader(trainer, prompt_count: int, seed: int, prompts_per_step: int, updates: int, batch) -> DataLoader:
     """This rank's loader of RolloutUpdates over the first ``prompt_count`` prompts; ``batch(indices)`` builds a
     PromptBatch. After a mid-epoch restart it resumes at the next update (Lightning's ``processed`` count, which

@@ -25,8 +25,6 @@ XPO refits for a fixed number of minibatch steps per round instead of to converg
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from functools import partial
 
 import torch
@@ -41,8 +39,8 @@ from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig, disable_dropout, eval_mode, stop_token_ids
 from sharpening.prompts import epoch_sampler
 from sharpening.rl.config import RLConfig, validate_rl_config
-from sharpening.rl.data import update_loader
-from sharpening.rl.pairs import PairExample, collate_pairs, pairs_for_rank, pairs_from_buffer
+from sharpening.rl.data import update_loader, whole_rollout_steps
+from sharpening.rl.pairs import PairExample, collate_pairs, pairs_from_buffer
 from sharpening.rl.rollout import (
     Rollout,
     SeedStream,
@@ -52,11 +50,12 @@ from sharpening.rl.rollout import (
     online_loss,
     pair_residuals_of,
     pairs_of,
-    rollout_from_state,
-    rollout_state,
+    policy_estimates,
     sequence_logprobs,
     xpo_minibatches,
 )
+from sharpening.rl.state import RLTrainingState, load_rl_state, save_rl_state
+from sharpening.run_checks import rl_trainer_problems
 from sharpening.types import PromptBatch, SampleBatch
 
 
@@ -131,36 +130,20 @@ class RLSharpeningModule(PolicyModule):
 
     # -- data ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        """Refuse, before any weights load, what cannot run: a decode loop the device cannot run (CUDA graphs off
-        CUDA), no training prompt left, gradient accumulation (each training step IS one update of a rollout),
-        and what FSDP cannot shard. A rollout's updates are one unit: ``--trainer.max_steps`` is rounded up to a
-        whole number of rollouts, so the last rollout drawn runs all its updates and the learning-rate schedule
-        (which counts optimizer steps) ends with it. Under FSDP, XPO's held-out pick of a round is refused."""
+        """Refuse, before any weights load, what cannot run (``run_checks.rl_trainer_problems``) and what FSDP
+        cannot shard. Then round ``--trainer.max_steps`` up to whole rollouts: a rollout's updates are one unit,
+        so the last rollout drawn runs all its updates and the learning-rate schedule (which counts optimizer
+        steps) ends with it. Lightning keeps its step limit in ``fit_loop.epoch_loop.max_steps`` alone (the
+        Trainer's ``max_steps`` is a read-only view of it), and both its stop check and
+        ``estimated_stepping_batches`` (the schedule's length) read it there, so setting it once here, before the
+        optimizers are built, makes both count whole rollouts on the CLI and Python-API paths alike."""
         super().setup(stage)
         trainer = self.trainer
         problems = decode_device_problems(self.sampling, trainer.strategy.root_device, "--model.sampling")
-        data = trainer.datamodule
-        if self.rl.heldout_prompts and data is not None and getattr(data, "prompt_ids", None):
-            if len(data) - self.rl.heldout_prompts < 1:
-                problems.append(
-                    f"--model.rl.heldout_prompts={self.rl.heldout_prompts}: leaves no training prompt of the "
-                    f"{len(data)} read (--data.max_prompts={data.hparams.max_prompts}); hold out fewer or read more"
-                )
-        if trainer.accumulate_grad_batches != 1:
-            problems.append(
-                f"--trainer.accumulate_grad_batches={trainer.accumulate_grad_batches}: RL-sharpening takes one update "
-                "per training step (several per rollout with --model.rl.inner_updates); set it to 1 and raise "
-                "--model.prompts_per_step for larger updates"
-            )
-        if self.sharded and self.rl.algorithm == "xpo" and self.rl.heldout_prompts:
-            problems.append(
-                f"--model.rl.heldout_prompts={self.rl.heldout_prompts}: under FSDP XPO cannot keep the best round's "
-                "weights (each rank holds a shard of them); set it to 0 (the last round is written), or use DDP"
-            )
-        raise_if_problems(problems)
-        updates, max_steps = self.updates_per_rollout(), trainer.max_steps
-        if updates > 1 and max_steps is not None and max_steps > 0 and max_steps % updates:
-            trainer.fit_loop.epoch_loop.max_steps = math.ceil(max_steps / updates) * updates
+        raise_if_problems(problems + rl_trainer_problems(self.rl, trainer, trainer.datamodule, self.sharded))
+        max_steps = whole_rollout_steps(trainer.max_steps, self.updates_per_rollout())
+        if max_steps != trainer.max_steps:
+            trainer.fit_loop.epoch_loop.max_steps = max_steps
 
     def train_dataloader(self) -> DataLoader:
         if self.rl.algorithm == "offline":
@@ -297,61 +280,24 @@ class RLSharpeningModule(PolicyModule):
             self.best = {"j_beta": j_beta, "round": int(step), "state": state}
 
     def _log_policy_estimates(self, base_seq: torch.Tensor, policy_seq: torch.Tensor, samples: SampleBatch) -> None:
-        """Reward, KL, J_beta and entropy estimated from draws of the CURRENT policy. [B, G] inputs."""
-        size = base_seq.shape[0]
-        metrics = {
-            "train/reward": base_seq.mean(),  # E[log pi_base(y|x)]
-            "train/kl": (policy_seq - base_seq).mean(),  # sequence KL(pi || pi_base), one-sample estimate
-            "train/j_beta": kl_regularized_rewards(base_seq, policy_seq, self.rl.kl_coef).mean(),
-            "train/entropy": -policy_seq.mean(),  # sequence entropy estimate E[-log pi(y|x)]
-            "train/response_tokens": samples.lengths.float().mean(),
-            "train/truncated_fraction": samples.truncated.float().mean(),
-        }
-        if base_seq.shape[-1] > 1:
-            metrics["train/reward_best_minus_mean"] = (base_seq.max(-1).values - base_seq.mean(-1)).mean()
-        self.log_dict(metrics, prog_bar=False, batch_size=size, sync_dist=True)  # means over ranks
+        """Reward, KL, J_beta and entropy estimated from draws of the CURRENT policy, means over ranks."""
+        metrics = policy_estimates(base_seq, policy_seq, samples, self.rl.kl_coef)
+        self.log_dict(metrics, prog_bar=False, batch_size=base_seq.shape[0], sync_dist=True)
 
-    # -- checkpoint and output ---------------------------------------------------------------------
-    def _by_rank(self, value):
-        """``value`` of every rank, in rank order (collective: Lightning builds the checkpoint dict on every
-        rank before rank 0 saves it)."""
-        if self.trainer.world_size == 1:
-            return [value]
-        gathered = [None] * self.trainer.world_size
-        torch.distributed.all_gather_object(gathered, value)
-        return gathered
-
+    # -- checkpoint and output: the RL state beside the weights (``rl.state``) --------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        if self.rl.algorithm == "online":  # a checkpoint between two updates of a rollout resumes on it
-            state = None if self.rollout is None else rollout_state(self.rollout)
-            checkpoint["rl_rollout_by_rank"] = self._by_rank(state)
-        if self.rl.algorithm != "xpo":
-            return
-        checkpoint["xpo"] = {
-            # [world size][pairs]: each rank grew its own dataset; rank 0 alone writes the file
-            "pairs_by_rank": self._by_rank([dataclasses.asdict(p) for p in self.xpo_pairs]),
-            "minibatches_by_rank": self._by_rank(self.xpo_minibatches),
-            # the same on every rank: DDP keeps the weights equal, and each rank scores the same held-out draws
-            "best_j_beta": self.best["j_beta"],
-            "best_round": self.best["round"],
-            "best_state": self.best["state"],
-        }
+        state = RLTrainingState(self.rollout, self.xpo_pairs, self.xpo_minibatches, self.best)
+        save_rl_state(checkpoint, self.rl.algorithm, state, self.trainer.world_size)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
         world, rank = (self._trainer.world_size, self._trainer.global_rank) if self._trainer else (1, 0)
-        rollouts = checkpoint.get("rl_rollout_by_rank")
-        if rollouts and len(rollouts) == world and rollouts[rank] is not None:  # else redrawn at the next step
-            self.rollout = rollout_from_state(rollouts[rank], torch.device("cpu"))
-        state = checkpoint.get("xpo")
-        if not state:
-            return
-        pairs_by_rank = state.get("pairs_by_rank", [state.get("pairs", [])])  # a single "pairs" list: one rank's
-        self.xpo_pairs = [PairExample(**p) for p in pairs_for_rank(pairs_by_rank, world, rank)]
-        minibatches = state.get("minibatches_by_rank")
-        self.xpo_minibatches = minibatches[rank] if minibatches and len(minibatches) == world else []
-        self.best = {"j_beta": state["best_j_beta"], "round": state["best_round"], "state": state["best_state"]}
+        state = load_rl_state(checkpoint, world, rank)
+        if state.rollout is not None:  # else drawn again at the next step
+            self.rollout = state.rollout
+        if state.best is not None:
+            self.xpo_pairs, self.xpo_minibatches, self.best = state.xpo_pairs, state.xpo_minibatches, state.best
 
     def on_train_start(self) -> None:
         if self.rollout is not None:  # restored from a checkpoint on the CPU

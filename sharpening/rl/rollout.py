@@ -128,6 +128,24 @@ def online_loss(policy: torch.nn.Module, rollout: Rollout, rl: RLConfig, chunk_s
     return policy_gradient_loss(logprobs, old, rollout.advantages, mask, rl.clip_ratio, base, k3, rollout.in_loss)
 
 
+def policy_estimates(
+    base_seq: torch.Tensor, policy_seq: torch.Tensor, samples: SampleBatch, kl_coef: float
+) -> dict[str, torch.Tensor]:
+    """The ``train/`` metrics of draws from the current policy: reward, KL, J_beta, entropy, lengths.
+    ``base_seq``, ``policy_seq``: [B, G] log pi_base(y|x) and log pi(y|x) of the G draws per prompt."""
+    metrics = {
+        "train/reward": base_seq.mean(),  # E[log pi_base(y|x)]
+        "train/kl": (policy_seq - base_seq).mean(),  # sequence KL(pi || pi_base), one-sample estimate
+        "train/j_beta": kl_regularized_rewards(base_seq, policy_seq, kl_coef).mean(),
+        "train/entropy": -policy_seq.mean(),  # sequence entropy estimate E[-log pi(y|x)]
+        "train/response_tokens": samples.lengths.float().mean(),
+        "train/truncated_fraction": samples.truncated.float().mean(),
+    }
+    if base_seq.shape[-1] > 1:
+        metrics["train/reward_best_minus_mean"] = (base_seq.max(-1).values - base_seq.mean(-1)).mean()
+    return metrics
+
+
 def pair_residuals_of(
     policy: torch.nn.Module, batch: dict[str, torch.Tensor], rl: RLConfig, chunk_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,8 +29,9 @@ from sharpening.run_directories import (
     output_lock_path,
     run_directory_problems,
 )
+from tests.helpers import REPO_ROOT
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = str(REPO_ROOT)
 SFT = os.path.join(ROOT, "configs", "demo.yaml")
 
 

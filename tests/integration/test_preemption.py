@@ -12,8 +12,9 @@ from sigterm_hook import SigtermAt
 
 from sharpening.cli import main
 from sharpening.safety import LAST_GOOD_CHECKPOINT, PREEMPTED_CHECKPOINT, NonFiniteError
+from tests.helpers import REPO_ROOT, verifier_callback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = str(REPO_ROOT)
 
 
 def _args(model, prompts, root, *extra):
@@ -42,7 +43,7 @@ def _args(model, prompts, root, *extra):
 
 
 def _verifier(cli):
-    return [c for c in cli.trainer.callbacks if type(c).__name__ == "SelfVerificationCallback"][0]
+    return verifier_callback(cli.trainer)
 
 
 def _adapter(cli):

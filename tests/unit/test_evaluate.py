@@ -44,8 +44,9 @@ from sharpening.evaluate.report import find_row, format_table, read_results, wri
 from sharpening.evaluate.sources import adapter_base_check
 from sharpening.rewards import score_samples
 from sharpening.tasks.extractors import answers_match, resolve_extractor
+from tests.helpers import REPO_ROOT
 
-DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")
+DATA = str(REPO_ROOT / "tests" / "data")
 
 
 @pytest.mark.parametrize("module", [protocol_module, config_module], ids=lambda m: m.__name__)

@@ -196,7 +196,8 @@ def train_on_toy(
     rl_extra: dict | None = None,
 ):
     """Train ``algorithm`` through the real RLSharpeningModule + Trainer on the toy (``lr`` defaults to
-    ``ORACLE_LR[algorithm]``; ``rl_extra``: further RLConfig fields); returns the module."""
+    ``ORACLE_LR[algorithm]``; ``rl_extra``: further RLConfig fields); returns the module. Its length is the
+    module's, verifier's and trainer's settings spelled out flat, in the order a config file gives them."""
     import lightning as L
 
     from sharpening.callbacks import SelfVerificationCallback

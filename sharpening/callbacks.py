@@ -167,7 +167,7 @@ class SelfVerificationCallback(L.Callback):
         if not isinstance(data, PromptDataModule):
             raise RuntimeError("SelfVerificationCallback needs a PromptDataModule (the `data:` section)")
         turns = AgreedTurns(trainer, *self._progress(trainer, data, epoch, module.device))
-        # the weights are packed for oneDNN once per round, not once per batch (cpu_linear.py)
+        # the weights are packed for oneDNN once per round, not once per batch (kernels/cpu_linear.py)
         with eval_mode(module.policy), module.gathered_for_generation(), packed_linear_weights(module):
             result = run_round(
                 self.round_models(module), turns, self.round_settings(), epoch, module.trains_on == "all_samples"

@@ -284,7 +284,7 @@ def cpu_linear_problems(requested: str, option: str) -> list[str]:
 
 
 def set_cpu_linear(model, requested: str, device: torch.device | None):
-    """Route ``model``'s plain float32 linear layers through oneDNN when it runs on CPU (see cpu_linear.py);
+    """Route ``model``'s plain float32 linear layers through oneDNN when it runs on CPU (see kernels/cpu_linear.py);
     returns ``model``."""
     on_cpu = device is None or torch.device(device).type == "cpu"
     if on_cpu and select_cpu_linear(requested, onednn_linear_available()) == "onednn":

@@ -99,7 +99,7 @@ def collect_draws(
     bar = tqdm(total=total, desc=f"sampling N_max={p.n_max}", unit="batch", disable=not show_progress)
     out = []
     models = torch.nn.ModuleList([m for m in (ctx.model, ctx.base) if m is not None])
-    with packed_linear_weights(models):  # oneDNN's weight layout made once for all batches (cpu_linear.py)
+    with packed_linear_weights(models):  # oneDNN's weight layout made once for all batches (kernels/cpu_linear.py)
         for kind, seed in runs:
             parts = []
             for prompts in batches:

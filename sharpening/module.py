@@ -126,6 +126,8 @@ class PolicyModule(L.LightningModule):
         self.frozen_copy: torch.nn.Module | None = None
         self._policy_is_base = False  # True from loading until the first optimizer step or checkpoint load
         self._tokenizer = None
+        self._schedule_plan: dict | None = None  # the LR schedule's length and limits in use (checkpointed)
+        self._train_ended = False  # on_train_end ran: the policy is written there, not in on_fit_end
 
     @property
     def tokenizer(self):
@@ -222,7 +224,7 @@ class PolicyModule(L.LightningModule):
         def total() -> float:  # called lazily, once training data exists
             plan = schedule_plan(self.trainer)
             # the checkpoint's plan at the first decaying step of a resume, else this run's (the same limits)
-            previous, self._schedule_plan = getattr(self, "_schedule_plan", None), plan
+            previous, self._schedule_plan = self._schedule_plan, plan
             warning = previous is not None and schedule_change_warning(self.optimizer_config.schedule, previous, plan)
             if warning:
                 rank_zero_warn(warning)
@@ -242,7 +244,7 @@ class PolicyModule(L.LightningModule):
         return trainable_state_dict(self, destination, prefix, keep_vars)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        if getattr(self, "_schedule_plan", None):  # the length in use (asking Lightning here could load data)
+        if self._schedule_plan:  # the length in use (asking Lightning here could load data)
             checkpoint["lr_schedule"] = self._schedule_plan
         if self.sharded:  # the gathered full state dict (on rank 0) -> trainable weights only, as without FSDP
             checkpoint["state_dict"] = only_trainable(checkpoint["state_dict"], self)
@@ -299,7 +301,7 @@ class PolicyModule(L.LightningModule):
     def on_fit_end(self) -> None:
         """A run resumed from a checkpoint taken at the end of training has nothing left to train, and
         Lightning then skips the training loop and ``on_train_end`` with it: write the policy here."""
-        if getattr(self, "_train_ended", False) or not self.output_dir:
+        if self._train_ended or not self.output_dir:
             return
         if self.sharded:  # the strategy is torn down by now: no gather of the sharded weights
             rank_zero_warn(

@@ -308,7 +308,7 @@ class RLSharpeningModule(PolicyModule):
         super().on_train_end()
 
     def on_fit_end(self) -> None:
-        if not getattr(self, "_train_ended", False):  # resumed at the end: Lightning skipped on_train_end
+        if not self._train_ended:  # resumed at the end: Lightning skipped on_train_end
             self._keep_best_round()
         super().on_fit_end()
 

@@ -194,8 +194,13 @@ def test_fsdp_sigterm_on_one_rank_stops_both_and_resumes_exactly(tiny_model_path
             [*SFT, "--model.policy.finetuning=qlora"],
             ["--model.policy.finetuning=qlora: QLoRA does not run under FSDP"],
         ),
+        (
+            "rl_fsdp.yaml",
+            ["--model.rl.algorithm=xpo", "--model.rl.heldout_prompts=2", "--model.sampling.max_new_tokens=8"],
+            ["--model.rl.heldout_prompts=2: under FSDP XPO cannot keep the best round's weights"],
+        ),
     ],
-    ids=["lora-bf16", "qlora"],
+    ids=["lora-bf16", "qlora", "xpo-heldout"],
 )
 def test_what_fsdp_cannot_shard_is_refused_before_weights_load(
     config, extra, message, tiny_model_path, seven_prompts, tmp_path

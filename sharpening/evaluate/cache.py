@@ -100,18 +100,30 @@ class DrawCache:
         self, path: str | None, prompts: PromptBatch, exact: bool, draw: Callable[[], SampleBatch]
     ) -> SampleBatch:
         """The cached draws at ``path`` (tensors moved to the prompts' device), else ``draw()`` saved there."""
+        tensors = self.load_or_draw(path, str(prompts.prompt_ids.device), lambda: sample_tensors(draw()))
+        return SampleBatch(prompts, *(tensors[f] for f in self.FIELDS), exact_draws=exact)
+
+    def load_or_draw(
+        self, path: str | None, device: str, draw: Callable[[], dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        """The tensors cached at ``path`` (on ``device``), else those ``draw()`` returns, saved there: the draws'
+        FIELDS and whatever else a kind of draw needs on a resumed run (a power sampler's token counts)."""
         from safetensors.torch import load_file, save
 
         if path is not None and os.path.isfile(path):
-            tensors = load_file(path, device=str(prompts.prompt_ids.device))
             self.reused += 1
-            return SampleBatch(prompts, *(tensors[f] for f in self.FIELDS), exact_draws=exact)
-        samples = draw()
+            return load_file(path, device=device)
+        tensors = draw()
         self.drawn += 1
         if path is not None:  # whole or not at all: an interrupted run never leaves half a file under ``path``
-            tensors = {f: getattr(samples, f).detach().cpu().contiguous() for f in self.FIELDS}
-            write_atomically(path, lambda file: file.write(save(tensors)), binary=True, what="caching draws")
-        return samples
+            saved = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+            write_atomically(path, lambda file: file.write(save(saved)), binary=True, what="caching draws")
+        return tensors
+
+
+def sample_tensors(samples: SampleBatch) -> dict[str, torch.Tensor]:
+    """The tensors of ``samples`` a cache file holds (DrawCache.FIELDS), by name."""
+    return {f: getattr(samples, f) for f in DrawCache.FIELDS}
 
 
 def cached_files(directory: str) -> list[str]:

@@ -11,7 +11,7 @@ import contextlib
 import os
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import torch
 
@@ -25,14 +25,16 @@ from sharpening.evaluate.config import (
     model_context,
     output_dir_problem,
     overlap_problem,
+    power_row_name,
+    power_sampling_config,
     prompt_context_problems,
     read_directories,
     validate_data_args,
     validate_model_config,
     validate_protocol_config,
 )
-from sharpening.evaluate.draws import DrawContext, collect_draws
-from sharpening.evaluate.protocol import SeedDraws, loglik_histogram, protocol_table, seed_metrics
+from sharpening.evaluate.draws import DrawContext, EvalDraws, collect_draws, rescores_best_of_n
+from sharpening.evaluate.protocol import SeedDraws, loglik_histogram, power_metrics, protocol_table, seed_metrics
 from sharpening.evaluate.report import format_table, remove_plots, replaced_input_problems, write_plots, write_results
 from sharpening.evaluate.sources import (
     adapter_base_check,
@@ -74,21 +76,35 @@ def measure(model_cfg: EvalModelConfig, protocol: ProtocolConfig, data_args: dic
     cache = DrawCache(cache_dir, cache_identity)
     ctx = DrawContext(model, base, tokenizer, data, protocol, model_cfg.score_with, cache)
     start = time.perf_counter()
-    per_seed, greedy = collect_draws(ctx, device, show_progress)
+    draws = collect_draws(ctx, device, show_progress)
     seconds = time.perf_counter() - start
-    greedy_stats = {"accuracy": float(greedy.correct.float().mean()), "chosen_loglik": float(greedy.loglik.mean())}
-    metrics = [seed_metrics(d, protocol.n_values, protocol.truncated) for d in per_seed]
+    per_seed, rescored = draws.per_seed, rescores_best_of_n(protocol, model_cfg.score_with)
+    power = {power_row_name(row): asdict(power_sampling_config(protocol, i)) for i, row in enumerate(protocol.power)}
     return {
-        "table": protocol_table(metrics, greedy_stats, protocol.n_values),
+        "table": measured_table(draws, protocol, rescored),
         "n_values": protocol.n_values,
         "samples_per_prompt": protocol.n_max,
         "seeds": [protocol.seed + s for s in range(protocol.seeds)],
         "prompts": {"count": len(data), "dataset": data_args["dataset"]},
         "loglik_histogram": loglik_histogram(per_seed),
-        "draws": _draw_stats(per_seed, cache),
+        "draws": _draw_stats(per_seed, cache) | {"best_of_n_rescored": rescored},
+        **({"power": power} if power else {}),  # each power row's sampler settings, by its method name
         "model": identity,
         "environment": {"device": str(device), "torch": torch.__version__, "sampling_seconds": seconds},
     }
+
+
+def measured_table(draws: EvalDraws, protocol: ProtocolConfig, rescored: bool) -> list[dict]:
+    """The protocol's rows from the reduced draws; ``rescored``: best-of-N's scores took a teacher-forced pass."""
+    greedy = draws.greedy
+    greedy_stats = {
+        "accuracy": float(greedy.correct.float().mean()),
+        "chosen_loglik": float(greedy.loglik.mean()),
+        "tokens": float(greedy.lengths.float().mean()),
+    }
+    metrics = [seed_metrics(d, protocol.n_values, protocol.truncated, rescored) for d in draws.per_seed]
+    power = {name: [power_metrics(d) for d in seeds] for name, seeds in draws.power.items()}
+    return protocol_table(metrics, greedy_stats, protocol.n_values, power)
 
 
 def context_problems(cfg: EvalModelConfig, model: str, data: PromptDataModule, max_new_tokens: int) -> list[str]:

@@ -3,7 +3,8 @@ sampler, scored as the training round scores (token log-probs, then ``rewards.sc
 what the protocol needs (:class:`~sharpening.evaluate.protocol.SeedDraws`).
 
 Draws are exact at temperature 1, so the sampler's log-probs ARE the drawing model's log-likelihoods (method.md §4.4):
-they are rescored teacher-forced only for ``score_with: base`` or another temperature.
+they are rescored teacher-forced only for ``score_with: base`` or another temperature. Power samples
+(``--protocol.power``) carry the model's temperature-1 log-probs too, so they are scored the same way.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sharpening.engines import SamplingConfig, decode_responses, generate_samples
-from sharpening.evaluate.cache import DrawCache
-from sharpening.evaluate.config import ProtocolConfig
-from sharpening.evaluate.protocol import SELF_REWARDS, SeedDraws, answer_codes
+from sharpening.engines.power import power_sample
+from sharpening.evaluate.cache import DrawCache, sample_tensors
+from sharpening.evaluate.config import ProtocolConfig, power_row_name, power_sampling_config
+from sharpening.evaluate.protocol import SELF_REWARDS, PowerDraws, SeedDraws, answer_codes
 from sharpening.kernels.cpu_linear import packed_linear_weights
 from sharpening.logprobs import sample_logprobs
 from sharpening.policy import frozen_base, stop_token_ids
@@ -37,6 +39,21 @@ class DrawContext:
     protocol: ProtocolConfig
     score_with: str
     cache: DrawCache
+
+
+@dataclass
+class EvalDraws:
+    """Every draw of one evaluation, reduced (no text, no model)."""
+
+    per_seed: list[SeedDraws]  # one per seed, [P, N_max] per field
+    greedy: SeedDraws  # the greedy run, [P, 1] per field
+    power: dict[str, list[PowerDraws]]  # row method name (config.power_row_name) -> one per seed, [P, 1]
+
+
+def rescores_best_of_n(protocol: ProtocolConfig, score_with: str) -> bool:
+    """Whether best-of-N's scores take a teacher-forced pass over the draws (score_draws): they are scored by
+    another model, or drawn at a temperature whose log-probs are not the model's own."""
+    return score_with != "self" or protocol.temperature != 1.0
 
 
 def score_draws(samples: SampleBatch, model, base, score_with: str) -> dict[str, torch.Tensor]:
@@ -68,16 +85,22 @@ def reduce_draws(samples: SampleBatch, scores: dict[str, torch.Tensor], tokenize
     return SeedDraws(correct, answer_codes(answers), scores, samples.lengths.cpu(), samples.truncated.cpu())
 
 
+def _batch_settings(ctx: DrawContext, settings: dict) -> dict:
+    """``settings`` and, when the model stops on several EOS ids, those ids (one EOS stays out of the cache key,
+    so caches keyed on the settings alone still match)."""
+    eos = stop_token_ids(ctx.model, ctx.tokenizer)
+    return settings | {"stop_token_ids": eos} if len(eos) > 1 else settings
+
+
 def draw_batch(ctx: DrawContext, prompts: PromptBatch, kind: str, seed: int) -> SeedDraws:
     """One prompt batch of one seed (kind=sample) or of the greedy run (kind=greedy), from the cache if there."""
     p = ctx.protocol
     greedy = kind == "greedy"
     cfg = SamplingConfig(1 if greedy else p.n_max, p.max_new_tokens, 0.0 if greedy else p.temperature, decode=p.decode)
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("prompts_per_batch", "decode")}  # same draws
+    settings = _batch_settings(ctx, settings)
     texts = [ctx.data.prompt_texts[i] for i in prompts.prompt_indices.tolist()]
     eos, pad = stop_token_ids(ctx.model, ctx.tokenizer), ctx.tokenizer.pad_token_id
-    if len(eos) > 1:  # draws stop on each of these; one EOS stays out of the key (caches keyed on settings alone match)
-        settings["stop_token_ids"] = eos
     path = ctx.cache.path(kind, seed, settings, prompts, texts)
     exact = not greedy and cfg.temperature == 1.0
     draw = functools.partial(generate_samples, ctx.model, prompts, cfg, eos, pad, seed=seed)
@@ -86,26 +109,56 @@ def draw_batch(ctx: DrawContext, prompts: PromptBatch, kind: str, seed: int) -> 
     return reduce_draws(samples, scores, ctx.tokenizer, resolve_extractor(p.answer_extractor))
 
 
-def collect_draws(
-    ctx: DrawContext, device: torch.device, show_progress: bool = True
-) -> tuple[list[SeedDraws], SeedDraws]:
-    """(one SeedDraws per seed [P, N_max], the greedy run [P, 1]), with a progress bar over batches."""
+def draw_power_batch(ctx: DrawContext, prompts: PromptBatch, entry_index: int, seed: int) -> PowerDraws:
+    """One prompt batch of one seed of ``--protocol.power[entry_index]``, from the cache if there.
+
+    The samples' log-probs are the model's own at temperature 1 (the target's base), so they are scored as exact
+    draws are; the cache file also holds the tokens each prompt cost and the MCMC acceptance rate."""
+    cfg = power_sampling_config(ctx.protocol, entry_index)
+    settings = _batch_settings(ctx, {k: v for k, v in asdict(cfg).items() if k != "prompts_per_batch"})
+    texts = [ctx.data.prompt_texts[i] for i in prompts.prompt_indices.tolist()]
+    path = ctx.cache.path("power", seed, settings, prompts, texts)
+    eos, pad = stop_token_ids(ctx.model, ctx.tokenizer), ctx.tokenizer.pad_token_id
+
+    def draw() -> dict[str, torch.Tensor]:
+        out = power_sample(ctx.model, prompts, cfg, eos, pad, seed=seed)
+        rate = {} if out.acceptance_rate is None else {"acceptance_rate": out.acceptance_rate.float()}
+        return sample_tensors(out.samples) | {"tokens_spent": out.tokens_spent} | rate
+
+    tensors = ctx.cache.load_or_draw(path, str(prompts.prompt_ids.device), draw)
+    samples = SampleBatch(prompts, *(tensors[f] for f in DrawCache.FIELDS), exact_draws=True)
+    scores = score_draws(samples, ctx.model, ctx.base, ctx.score_with)
+    draws = reduce_draws(samples, scores, ctx.tokenizer, resolve_extractor(ctx.protocol.answer_extractor))
+    rate = tensors.get("acceptance_rate")
+    return PowerDraws(draws, tensors["tokens_spent"].cpu(), None if rate is None else rate.cpu())
+
+
+def collect_draws(ctx: DrawContext, device: torch.device, show_progress: bool = True) -> EvalDraws:
+    """Greedy, then N_max draws per prompt for each seed, then each power-sampling setting for each seed, with a
+    progress bar over batches."""
     from tqdm.auto import tqdm
 
     p = ctx.protocol
     batches = list(ctx.data.prompt_batches(p.prompts_per_batch, device=device))
-    runs = [("greedy", 0)] + [("sample", p.seed + s) for s in range(p.seeds)]
-    total = len(runs) * len(batches)
-    bar = tqdm(total=total, desc=f"sampling N_max={p.n_max}", unit="batch", disable=not show_progress)
+    seeds = [p.seed + s for s in range(p.seeds)]
+    runs = [("greedy", 0)] + [("sample", seed) for seed in seeds]
+    runs += [(f"power {i}", seed) for i in range(len(p.power)) for seed in seeds]
+    bar = tqdm(total=len(runs) * len(batches), desc=f"sampling N_max={p.n_max}", unit="batch",
+               disable=not show_progress)  # fmt: skip
     out = []
     models = torch.nn.ModuleList([m for m in (ctx.model, ctx.base) if m is not None])
     with packed_linear_weights(models):  # oneDNN's weight layout made once for all batches (kernels/cpu_linear.py)
         for kind, seed in runs:
             parts = []
             for prompts in batches:
-                parts.append(draw_batch(ctx, prompts, kind, seed))
+                if kind.startswith("power"):
+                    parts.append(draw_power_batch(ctx, prompts, int(kind.split()[1]), seed))
+                else:
+                    parts.append(draw_batch(ctx, prompts, kind, seed))
                 bar.set_postfix_str(f"{kind} seed {seed}, {ctx.cache.reused} batch(es) from cache", refresh=False)
                 bar.update()
-            out.append(SeedDraws.concat(parts))
+            out.append(type(parts[0]).concat(parts))
     bar.close()
-    return out[1:], out[0]
+    power = {power_row_name(entry): out[1 + len(seeds) * (i + 1) : 1 + len(seeds) * (i + 2)]
+             for i, entry in enumerate(p.power)}  # fmt: skip
+    return EvalDraws(out[1 : 1 + len(seeds)], out[0], power)

@@ -12,7 +12,11 @@ Choices (ours, where the paper is silent):
 - majority vote picks the most frequent extracted answer among the first N, ties to the answer that
   appears first; a prompt where no draw has an answer counts as wrong;
 - percent lift over greedy is undefined (None) when greedy accuracy is 0: the lift in accuracy points
-  is always reported beside it.
+  is always reported beside it;
+- tokens spent per returned answer count the response tokens the method decodes (EOS included): greedy and a
+  single sample their own; BoN@N, maj@N and pass@N all N draws (the first N, summed per prompt), and best-of-N
+  once more when its scores need a teacher-forced rescoring pass; a power-sampling row what its sampler reports
+  (every proposed token). Prompt tokens count for no row.
 """
 
 from __future__ import annotations
@@ -143,67 +147,111 @@ def _mean(x: torch.Tensor) -> float | None:
     return float(x.float().mean()) if x.numel() else None
 
 
-def seed_metrics(draws: SeedDraws, n_values: Sequence[int], truncated_policy: str = "drop") -> dict:
-    """One seed's numbers: {method: {n: {'accuracy', 'chosen_loglik'}}}, and 'sample': {...} for one draw.
+def drawn_tokens(lengths: torch.Tensor, n: int) -> float:
+    """Response tokens of the first ``n`` draws, summed per prompt, mean over prompts: [P, N] -> one number.
+
+    >>> drawn_tokens(torch.tensor([[3, 5, 9], [1, 1, 9]]), 2)
+    5.0
+    """
+    return float(lengths[:, :n].sum(-1).float().mean())  # [P, N] -> [P, n] -> [P] -> mean
+
+
+def seed_metrics(draws: SeedDraws, n_values: Sequence[int], truncated_policy: str = "drop",
+                 rescored: bool = False) -> dict:  # fmt: skip
+    """One seed's numbers: {method: {n: {'accuracy', 'chosen_loglik', 'tokens'}}}, and 'sample': {...} for one draw.
 
     chosen_loglik is the mean log-likelihood (under the scoring model) of the chosen draws (for 'sample',
-    of all draws); None for pass@N, which chooses nothing.
+    of all draws); None for pass@N, which chooses nothing. tokens is the mean response tokens spent per prompt
+    (module docstring); ``rescored``: best-of-N's scores came from a teacher-forced pass over its N draws.
     """
-    sample = {"accuracy": _mean(draws.correct), "chosen_loglik": _mean(draws.loglik)}
+    sample = {"accuracy": _mean(draws.correct), "chosen_loglik": _mean(draws.loglik), "tokens": _mean(draws.lengths)}
     out: dict = {"sample": sample, **{m: {} for m in METHODS}}
     for n in n_values:
+        tokens = drawn_tokens(draws.lengths, n)
         for reward in SELF_REWARDS:
             idx = nested_best_of_n(draws.scores[reward], draws.truncated, n, truncated_policy)[:, None]
             out[f"bon_{reward}"][n] = {
                 "accuracy": _mean(draws.correct.gather(-1, idx)),
                 "chosen_loglik": _mean(draws.loglik.gather(-1, idx)),
+                "tokens": 2 * tokens if rescored else tokens,
             }
         maj = majority_vote_indices(draws.answer_codes, n)
         voted = maj >= 0
         out["maj"][n] = {
             "accuracy": _mean(majority_vote_correct(draws.answer_codes, draws.correct, n)),
             "chosen_loglik": _mean(draws.loglik[voted].gather(-1, maj[voted][:, None])),
+            "tokens": tokens,
         }
-        out["pass"][n] = {"accuracy": _mean(pass_at_n_correct(draws.correct, n)), "chosen_loglik": None}
+        out["pass"][n] = {"accuracy": _mean(pass_at_n_correct(draws.correct, n)), "chosen_loglik": None,
+                          "tokens": tokens}  # fmt: skip
     return out
 
 
-def _row(method: str, n: int, accuracies: list[float | None], greedy: float, chosen: list[float | None]) -> dict:
-    """One table row: accuracy, both lifts and the chosen log-likelihood, each as mean and stderr over seeds."""
+@dataclass
+class PowerDraws:
+    """One seed's power samples over all prompts (one per prompt), with what each cost."""
+
+    draws: SeedDraws  # [P, 1] per field: the returned sample of each prompt
+    tokens_spent: torch.Tensor  # [P] long, tokens the sampler decoded for the prompt (every proposal)
+    acceptance_rate: torch.Tensor | None  # [P] float32, accepted share of MCMC proposals; None for SMC
+
+    @staticmethod
+    def concat(parts: Sequence[PowerDraws]) -> PowerDraws:
+        """Stack prompt batches of one seed along the prompt axis."""
+        rates = [p.acceptance_rate for p in parts]
+        return PowerDraws(
+            SeedDraws.concat([p.draws for p in parts]),
+            torch.cat([p.tokens_spent for p in parts]),
+            None if any(r is None for r in rates) else torch.cat(rates),
+        )
+
+
+def power_metrics(power: PowerDraws) -> dict:
+    """One seed's power-sampling cell: {'accuracy', 'chosen_loglik', 'tokens', 'acceptance_rate'}."""
+    rate = power.acceptance_rate
+    return {
+        "accuracy": _mean(power.draws.correct),
+        "chosen_loglik": _mean(power.draws.loglik),
+        "tokens": _mean(power.tokens_spent),
+        "acceptance_rate": None if rate is None else _mean(rate),
+    }
+
+
+def _row(method: str, n: int, cells: Sequence[dict], greedy: float) -> dict:
+    """One table row from per-seed cells ({'accuracy', 'chosen_loglik', 'tokens'}, and 'acceptance_rate' for power
+    rows): accuracy, both lifts, the chosen log-likelihood and tokens, each as mean and stderr over seeds."""
+    accuracies = [c["accuracy"] for c in cells]
     row: dict = {"method": method, "n": n}
     stats = {
         "accuracy": mean_stderr(accuracies),
         "lift_percent": mean_stderr([None if a is None else percent_lift(a, greedy) for a in accuracies]),
         "lift_points": mean_stderr([None if a is None else points_lift(a, greedy) for a in accuracies]),
-        "chosen_loglik": mean_stderr(chosen),
+        "chosen_loglik": mean_stderr([c["chosen_loglik"] for c in cells]),
+        "tokens": mean_stderr([c.get("tokens") for c in cells]),
     }
+    if "acceptance_rate" in cells[0]:
+        stats["acceptance_rate"] = mean_stderr([c["acceptance_rate"] for c in cells])
     for name, stat in stats.items():
         row[name], row[f"{name}_stderr"] = stat["mean"], stat["stderr"]
     row["accuracy_per_seed"] = stats["accuracy"]["per_seed"]
     return row
 
 
-def protocol_table(per_seed: Sequence[dict], greedy: dict, n_values: Sequence[int]) -> list[dict]:
-    """Rows for greedy, single sample, then every method and N.
+def protocol_table(per_seed: Sequence[dict], greedy: dict, n_values: Sequence[int],
+                   power: dict[str, Sequence[dict]] | None = None) -> list[dict]:  # fmt: skip
+    """Rows for greedy, single sample, then every method and N, then one row per power-sampling setting.
 
-    ``per_seed``: one :func:`seed_metrics` result per seed; ``greedy``: {'accuracy', 'chosen_loglik'} of
-    the one greedy run (its lift is 0 by definition).
+    ``per_seed``: one :func:`seed_metrics` result per seed; ``greedy``: {'accuracy', 'chosen_loglik'} and
+    optionally 'tokens' of the one greedy run (its lift is 0 by definition); ``power``: {row method name: one
+    :func:`power_metrics` result per seed}, each reported at n = 1 (one returned sample per prompt).
     """
     g = greedy["accuracy"]
-    rows = [
-        _row("greedy", 1, [g], g, [greedy["chosen_loglik"]]),
-        _row(
-            "sample",
-            1,
-            [m["sample"]["accuracy"] for m in per_seed],
-            g,
-            [m["sample"]["chosen_loglik"] for m in per_seed],
-        ),  # fmt: skip
-    ]
+    rows = [_row("greedy", 1, [greedy], g), _row("sample", 1, [m["sample"] for m in per_seed], g)]
     for method in METHODS:
         for n in n_values:
-            cells = [m[method][n] for m in per_seed]
-            rows.append(_row(method, n, [c["accuracy"] for c in cells], g, [c["chosen_loglik"] for c in cells]))
+            rows.append(_row(method, n, [m[method][n] for m in per_seed], g))
+    for method, cells in (power or {}).items():
+        rows.append(_row(method, 1, cells, g))
     return rows
 
 

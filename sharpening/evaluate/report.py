@@ -1,8 +1,8 @@
 """What `sharpen evaluate` writes: results.json, results.csv, the printed table and the PNG plots.
 
 ``results.json`` holds the table rows (one per method and N, each number as mean and standard error over
-seeds, with the per-seed values), the log-likelihood histograms, the exact configuration and the model
-identity. The CSV has the same rows without the per-seed lists. Plots need matplotlib
+seeds, with the per-seed values, and the tokens each method spends per returned answer), the log-likelihood
+histograms, the exact configuration and the model identity. The CSV has the same rows without the per-seed lists. Plots need matplotlib
 (``pip install 'sharpening[plots]'``); without it they are skipped with a warning.
 """
 
@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 CSV_COLUMNS = (
     "method", "n", "accuracy", "accuracy_stderr", "lift_percent", "lift_percent_stderr",
-    "lift_points", "lift_points_stderr", "chosen_loglik", "chosen_loglik_stderr",
+    "lift_points", "lift_points_stderr", "chosen_loglik", "chosen_loglik_stderr", "tokens", "tokens_stderr",
 )  # fmt: skip
 LABELS = {
     "bon_loglik": "best-of-N, log-likelihood",
@@ -86,7 +86,8 @@ def lift_kind(results: dict) -> str:
 
 
 def format_table(results: dict) -> str:
-    """The protocol's numbers as a text table: one line per N, a column per method."""
+    """The protocol's numbers as a text table: one line per N, a column per method; then, when the run has
+    power-sampling rows, accuracy against tokens spent for greedy, a single sample and each of them."""
     greedy, sample = find_row(results, "greedy"), find_row(results, "sample")
     lift = lift_kind(results)
     unit = "%" if lift == "lift_percent" else "points (% undefined: greedy is 0)"
@@ -95,18 +96,32 @@ def format_table(results: dict) -> str:
         " (± is the standard error over seeds)",
         f"greedy accuracy {_cell(greedy['accuracy'], None)}   "
         f"single sample {_cell(sample['accuracy'], sample['accuracy_stderr'])}",
-        f"lift over greedy in {unit}; loglik = mean log-likelihood of the chosen response",
+        f"lift over greedy in {unit}; loglik = mean log-likelihood of the chosen response; tokens = response tokens "
+        "spent per prompt by BoN loglik",
         f"{'N':>4}  "
         + "  ".join(f"{h:<15}" for h in ("BoN loglik", "BoN loglik_norm", "maj@N", "pass@N"))
-        + f"  {'lift loglik':<15}  {'loglik chosen':<15}",
+        + f"  {'lift loglik':<15}  {'loglik chosen':<15}  {'tokens':<8}",
     ]
     for n in results["n_values"]:
         rows = {m: find_row(results, m, n) for m in LABELS}
         cells = [_cell(rows[m]["accuracy"], rows[m]["accuracy_stderr"]) for m in LABELS]
         cells.append(_cell(rows["bon_loglik"][lift], rows["bon_loglik"][f"{lift}_stderr"], 1))
         cells.append(_cell(rows["bon_loglik"]["chosen_loglik"], rows["bon_loglik"]["chosen_loglik_stderr"], 2))
+        cells.append(_cell(rows["bon_loglik"].get("tokens"), None, 1))
         lines.append(f"{n:>4}  " + "  ".join(f"{c:<15}" for c in cells))
+    power = power_rows(results)
+    if power:
+        lines.append(f"{'method':<44}  {'accuracy':<15}  {'loglik':<15}  tokens per returned answer")
+        for row in [greedy, sample, *power]:
+            loglik = _cell(row["chosen_loglik"], row["chosen_loglik_stderr"], 2)
+            accuracy = _cell(row["accuracy"], row["accuracy_stderr"])
+            lines.append(f"{row['method']:<44}  {accuracy:<15}  {loglik:<15}  {_cell(row.get('tokens'), None, 1)}")
     return "\n".join(lines)
+
+
+def power_rows(results: dict) -> list[dict]:
+    """The table's power-sampling rows (method power_mcmc_... or power_smc_...), in the order of --protocol.power."""
+    return [r for r in results["table"] if r["method"].startswith("power_")]
 
 
 def _series(results: dict, method: str, key: str) -> tuple[list[int], list[float], list[float]]:
@@ -212,8 +227,33 @@ def plot_chosen_loglik(results: dict, path: str) -> None:
     _finish(fig, ax, path)
 
 
+def plot_accuracy_vs_tokens(results: dict, path: str) -> None:
+    """Accuracy against response tokens spent per returned answer (log x): greedy, a single sample, best-of-N
+    and maj@N at each N, and each power-sampling row, so methods compare at equal compute. pass@N is left out:
+    an oracle spends the tokens but cannot pick its answer."""
+    fig, ax = _new_axes(results, "Accuracy vs tokens spent per returned answer")
+    for method in ("bon_loglik", "bon_loglik_norm", "maj"):
+        rows = [r for r in (find_row(results, method, n) for n in results["n_values"]) if r.get("tokens")]
+        ax.errorbar([r["tokens"] for r in rows], [r["accuracy"] for r in rows],
+                    yerr=[r["accuracy_stderr"] or 0.0 for r in rows], capsize=3, label=LABELS[method],
+                    **STYLES[method])  # fmt: skip
+    singles = [(find_row(results, "greedy"), "black", "D"), (find_row(results, "sample"), "tab:purple", "P")]
+    singles += [(row, f"C{4 + i}", "*") for i, row in enumerate(power_rows(results))]
+    for row, color, marker in singles:
+        if row.get("tokens"):
+            ax.errorbar([row["tokens"]], [row["accuracy"]], yerr=[row["accuracy_stderr"] or 0.0], capsize=3,
+                        color=color, marker=marker, ms=10, ls="none", label=row["method"])  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("response tokens spent per returned answer (generated, plus rescored; log scale)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_ylabel("accuracy")
+    ax.grid(True, which="both", alpha=0.3)
+    _finish(fig, ax, path)
+
+
 PLOTS = {
     "accuracy_vs_n.png": plot_accuracy,
+    "accuracy_vs_tokens.png": plot_accuracy_vs_tokens,
     "lift_vs_n.png": plot_lift,
     "loglik_histogram.png": plot_loglik_histogram,
     "chosen_loglik_vs_n.png": plot_chosen_loglik,

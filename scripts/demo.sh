@@ -3,6 +3,7 @@
 # evaluate base and sharpened model on held-out prompts. Ends with `summary: PATH` (a JSON file).
 #   ./scripts/demo.sh            SFT-sharpening (configs/demo.yaml)
 #   ./scripts/demo.sh --rl       RL-sharpening, online policy gradient (configs/rl.yaml)
+#   ./scripts/demo.sh --power    power self-distillation: SFT on power samples (configs/power_distill.yaml)
 # Each run writes to a new directory under artifacts/demo/runs/; nothing earlier is overwritten.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,8 +11,9 @@ config="configs/demo.yaml"
 case "${1:-}" in
   "") ;;
   --rl) config="configs/rl.yaml" ;;
-  -h|--help) sed -n '2,6s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
-  *) echo "demo.sh: unknown option '$1' (use --rl for RL-sharpening, or nothing for SFT-sharpening)" >&2; exit 2 ;;
+  --power) config="configs/power_distill.yaml" ;;
+  -h|--help) sed -n '2,7s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; exit 0 ;;
+  *) echo "demo.sh: unknown option '$1' (use --rl for RL-sharpening, --power for power self-distillation, or nothing for SFT-sharpening)" >&2; exit 2 ;;
 esac
 "$root/scripts/setup.sh"
 # shellcheck disable=SC1091

@@ -22,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from sharpening.buffer import BufferExample, SampleBuffer
 from sharpening.engines import SamplingConfig, validate_sampling_config
+from sharpening.engines.power import PowerSamplingConfig, validate_power_config
 from sharpening.errors import RunStoppedError, raise_if_problems
 from sharpening.kernels.cpu_linear import packed_linear_weights
 from sharpening.module import PolicyModule
@@ -32,11 +33,12 @@ from sharpening.safety import preempt, sigterm_agreed
 from sharpening.selection import SelectionConfig, validate_selection_config
 from sharpening.tasks.extractors import resolve_extractor
 from sharpening.types import PromptBatch
-from sharpening.verifier import RoundModels, RoundSettings, run_round
+from sharpening.verifier import RoundModels, RoundSettings, round_max_new_tokens, run_round
 
 
 class SelfVerificationCallback(L.Callback):
-    """Each round: N samples per prompt, scored by the frozen base, the best kept for training."""
+    """Each round: N samples per prompt, scored by the frozen base, the best kept for training (or, with
+    ``select_by: power``, one power sample per prompt kept: power self-distillation)."""
 
     def __init__(
         self,
@@ -48,6 +50,8 @@ class SelfVerificationCallback(L.Callback):
         seed: int = 0,
         show_progress: bool = True,
         stop_unselectable: bool = True,
+        select_by: Literal["best_of_n", "power"] = "best_of_n",
+        power: PowerSamplingConfig = PowerSamplingConfig(),  # noqa: B008 (never assigned to, like SamplingConfig)
     ) -> None:
         """
         Args:
@@ -61,6 +65,12 @@ class SelfVerificationCallback(L.Callback):
             show_progress: Show a progress bar while generating (rank zero).
             stop_unselectable: Stop drawing a sample once it can no longer be kept (exact: loglik reward, exact
                 draws from the base); the first draw per prompt is always completed for the sample/ statistics.
+                Best-of-N only.
+            select_by: ``best_of_n`` keeps the best of N draws by self-reward; ``power`` keeps one sample of
+                pi^alpha per prompt drawn by ``power`` (its score: base log-likelihood; sampling, reward and
+                stop_unselectable unused).
+            power: How power samples are drawn (method mcmc|smc, alpha, blocks, steps, particles, max_new_tokens,
+                prompts_per_batch); read only with ``select_by: power``.
         """
         super().__init__()
         self.sampling = sampling
@@ -73,6 +83,7 @@ class SelfVerificationCallback(L.Callback):
             problems.append(
                 "--verifier.sampling.temperature=0 is greedy: all N samples would be identical; use temperature 1.0"
             )
+        problems += _power_problems(select_by, power, self.selection)
         try:
             self.extractor = resolve_extractor(self.selection.answer_extractor)
         except ValueError as err:
@@ -84,6 +95,8 @@ class SelfVerificationCallback(L.Callback):
         self.seed = seed
         self.show_progress = show_progress
         self.stop_unselectable = stop_unselectable
+        self.select_by = select_by
+        self.power = power
         self.buffer = SampleBuffer()
         self.rounds_done = 0
         self.last_metrics: dict[str, float] = {}
@@ -145,7 +158,14 @@ class SelfVerificationCallback(L.Callback):
             self.seed,
             self.greedy_accuracy,
             self.stop_unselectable,
+            self.select_by,
+            self.power,
         )
+
+    @property
+    def max_new_tokens(self) -> int:
+        """The longest response a round draws (the context check adds it to the longest prompt)."""
+        return round_max_new_tokens(self.round_settings())
 
     def round_models(self, module: PolicyModule) -> RoundModels:
         """The module's model to sample from (``sample_from``) and its frozen base, as contexts."""
@@ -196,13 +216,17 @@ class SelfVerificationCallback(L.Callback):
         """This rank's prompt batches under a progress bar (rank zero), with the number of turns every rank takes."""
         from tqdm.auto import tqdm
 
-        per_batch = self.sampling.prompts_per_batch
+        power = self.select_by == "power"
+        per_batch = self.power.prompts_per_batch if power else self.sampling.prompts_per_batch
+        draws = f"N={self.sampling.samples_per_prompt}"
+        if power:
+            draws = f"power {self.power.method}, alpha={self.power.alpha}"
         shard = math.ceil(max(len(data) - trainer.global_rank, 0) / trainer.world_size)
         batches = data.prompt_batches(per_batch, trainer.global_rank, trainer.world_size, device=device)
         bar = tqdm(
             batches,
             total=math.ceil(shard / per_batch),
-            desc=f"self-verification (epoch {epoch}, N={self.sampling.samples_per_prompt})",
+            desc=f"self-verification (epoch {epoch}, {draws})",
             disable=not (self.show_progress and trainer.is_global_zero),
             leave=False,
         )
@@ -238,6 +262,22 @@ def _policy_module(pl_module: L.LightningModule) -> PolicyModule:
             f"{type(pl_module).__name__}"
         )
     return pl_module
+
+
+def _power_problems(select_by: str, power: PowerSamplingConfig, selection: SelectionConfig) -> list[str]:
+    """``--verifier.select_by`` and, when it is power, ``--verifier.power`` and what best-of-N options it
+    cannot honour (one sample per prompt: nothing to keep a top k of)."""
+    if select_by not in ("best_of_n", "power"):
+        return [f"--verifier.select_by={select_by!r}: must be best_of_n or power"]
+    if select_by != "power":
+        return []
+    problems = validate_power_config(power, "--verifier.power")
+    if selection.keep_top_k != 1:
+        problems.append(
+            f"--verifier.selection.keep_top_k={selection.keep_top_k}: --verifier.select_by=power draws one sample "
+            "per prompt, so it keeps at most 1; set keep_top_k 1, or select_by best_of_n to keep several"
+        )
+    return problems
 
 
 def _gather_examples(examples: list[BufferExample], world_size: int) -> list[BufferExample]:

@@ -27,24 +27,40 @@ def run_problems(module: PolicyModule, datamodule, trainer) -> list[str]:
     if isinstance(datamodule, PromptDataModule) and datamodule.prompt_ids:  # read by now (not yet in the CLI)
         keeps = module.trains_on != "prompts" or (rl is not None and rl.algorithm == "offline")
         round_draws = verifier is not None and keeps  # the round feeds the module
-        max_new_tokens = max(
-            verifier.sampling.max_new_tokens if round_draws else 0, module.sampling.max_new_tokens if rl else 0
-        )
+        max_new_tokens = max(verifier.max_new_tokens if round_draws else 0, module.sampling.max_new_tokens if rl else 0)
         problems += context_problems(module.policy_config, datamodule.prompt_ids, max_new_tokens, module.tokenizer)
     return problems
 
 
 def run_warnings(module: PolicyModule, trainer) -> list[str]:
     """What the run does not refuse but the user should know: the verifier's settings set for an RL module
-    that draws its own samples."""
+    that draws its own samples, and best-of-N's settings under power selection."""
     verifier, rl = _verifier_of(trainer), _rl_config_of(module)
     unused = verifier is not None and rl is not None and rl.algorithm != "offline"  # online, XPO: --model.sampling
-    if unused and (verifier.sampling, verifier.selection) != (SamplingConfig(), SelectionConfig()):
+    set_up = (verifier.sampling, verifier.selection, verifier.select_by) if verifier is not None else None
+    if unused and set_up != (SamplingConfig(), SelectionConfig(), "best_of_n"):
         return [
-            f"--verifier.sampling / --verifier.selection are set but not used: algorithm {rl.algorithm!r} draws "
-            "its own samples with --model.sampling (the verifier's round feeds only offline RL and SFT)"
+            f"--verifier.sampling / --verifier.selection / --verifier.select_by are set but not used: algorithm "
+            f"{rl.algorithm!r} draws its own samples with --model.sampling (the verifier's round feeds only offline "
+            "RL and SFT)"
         ]
+    if verifier is not None and verifier.select_by == "power":
+        return _power_warnings(verifier)
     return []
+
+
+def _power_warnings(verifier) -> list[str]:
+    """Best-of-N settings that power selection leaves unused: it draws with --verifier.power and scores by base
+    log-likelihood."""
+    unused = []
+    if verifier.sampling != SamplingConfig():
+        unused.append("--verifier.sampling (power samples are drawn with --verifier.power)")
+    if verifier.selection.reward != SelectionConfig().reward:
+        unused.append(f"--verifier.selection.reward={verifier.selection.reward} (a power sample's score is its base "
+                      "log-likelihood)")  # fmt: skip
+    if not unused:
+        return []
+    return ["--verifier.select_by=power leaves these set but unused: " + "; ".join(unused)]
 
 
 def _verifier_of(trainer):
@@ -69,6 +85,12 @@ def verifier_problems(verifier, module: PolicyModule, trainer, rl) -> list[str]:
     sharded = isinstance(trainer.strategy, FSDPStrategy)
     problems = decode_device_problems(verifier.sampling, trainer.strategy.root_device, "--verifier.sampling", sharded)
     offline = rl is not None and rl.algorithm == "offline"
+    if offline and verifier.select_by == "power":  # pairs need every sample's score; power keeps one per prompt
+        problems.append(
+            "--verifier.select_by=power: offline RL-sharpening forms pairs from all N samples of each prompt, and "
+            "power selection draws one; use --verifier.select_by best_of_n, or SFT-sharpening "
+            "(sharpening.SFTSharpeningModule) for power self-distillation"
+        )
     if offline and verifier.selection.reward != "loglik":  # Eq. 8 reads each kept sample's score as its base loglik
         problems.append(
             f"--verifier.selection.reward={verifier.selection.reward}: offline RL-sharpening uses each sample's score "

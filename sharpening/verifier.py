@@ -1,5 +1,9 @@
 """One self-verification round, no Lightning: sample -> score with the frozen base -> select -> kept examples.
 
+A round selects by best-of-N (``select_by="best_of_n"``: N draws, the best by self-reward kept) or by power
+sampling (``select_by="power"``: one draw from pi^alpha per prompt, ``engines.power.power_sample``, kept as the
+prompt's example: power self-distillation). Both score with the frozen base and apply the same truncation rule.
+
 ``run_round`` takes the models as contexts, the prompt batches as an iterable and the round's settings, and
 returns the kept examples of those prompts with the round's metric sums. The caller (the
 SelfVerificationCallback) supplies what depends on the run: this rank's batches with the ranks' turns and
@@ -19,6 +23,7 @@ import torch
 
 from sharpening.buffer import BufferExample, selected_examples
 from sharpening.engines import SamplingConfig, decode_responses, generate_samples, is_exact_sampling
+from sharpening.engines.power import PowerSamplingConfig, power_sample
 from sharpening.logprobs import sample_logprobs
 from sharpening.metrics import SharpeningMetric
 from sharpening.policy import stop_token_ids
@@ -41,6 +46,8 @@ class RoundSettings:
     seed: int = 0  # a prompt's samples depend only on (seed, epoch, prompt index)
     greedy_accuracy: bool = True  # also decode greedily when prompts have answers
     stop_unselectable: bool = True  # stop drawing a sample once it can no longer be kept (where exact)
+    select_by: Literal["best_of_n", "power"] = "best_of_n"  # N draws and the best kept, or one power sample
+    power: PowerSamplingConfig = dataclasses.field(default_factory=PowerSamplingConfig)  # read by select_by power
 
 
 @dataclass
@@ -70,12 +77,30 @@ def run_round(
 ) -> RoundResult:
     """Draw, score and select on each batch of ``prompt_batches``; ``keep_all`` keeps all N samples of
     every prompt (offline RL forms pairs from them) instead of the best ``keep_top_k``."""
+    if settings.select_by == "power":
+        if keep_all:  # run_checks refuses offline RL with power selection before any weights load
+            raise ValueError("power selection draws one sample per prompt: it cannot keep all N")
+        return _run_power_round(models, prompt_batches, settings, epoch)
     metric = SharpeningMetric()
     kept: list[BufferExample] = []
     for prompts in prompt_batches:
         scored, correct, greedy_correct = process_batch(models, prompts, settings, epoch, keep_all)
         kept.extend(selected_examples(scored))
         metric.update(scored, correct, greedy_correct)
+    return RoundResult(kept, metric)
+
+
+def _run_power_round(
+    models: RoundModels, prompt_batches: Iterable[PromptBatch], settings: RoundSettings, epoch: int
+) -> RoundResult:
+    """``run_round`` selecting by power sampling: one power sample per prompt, kept unless the truncation rule
+    or min_score drops it."""
+    metric = PowerRoundMetric()
+    kept: list[BufferExample] = []
+    for prompts in prompt_batches:
+        drawn = process_power_batch(models, prompts, settings, epoch)
+        kept.extend(selected_examples(drawn.scored))
+        metric.update(drawn.scored, drawn.correct, drawn.greedy_correct, drawn.tokens_spent, drawn.acceptance_rate)
     return RoundResult(kept, metric)
 
 
@@ -137,8 +162,104 @@ def score(models: RoundModels, samples: SampleBatch, answers, settings: RoundSet
 def greedy_correctness(models: RoundModels, prompts: PromptBatch, settings: RoundSettings) -> torch.Tensor:
     """Whether greedy decoding of the sampled-from model gives the reference answer: [B] bool."""
     tokenizer, extractor = models.tokenizer, settings.extractor
-    greedy_cfg = dataclasses.replace(settings.sampling, samples_per_prompt=1, temperature=0.0)
+    greedy_cfg = dataclasses.replace(
+        settings.sampling, samples_per_prompt=1, temperature=0.0, max_new_tokens=round_max_new_tokens(settings)
+    )
     with models.sampling_model() as model:
         greedy = generate_samples(model, prompts, greedy_cfg, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
     texts = decode_responses(tokenizer, greedy)
     return torch.tensor([answers_match(extractor(g[0]), ref, extractor) for g, ref in zip(texts, prompts.answers)])
+
+
+def round_max_new_tokens(settings: RoundSettings) -> int:
+    """The longest response the round draws: the power sampler's limit under power selection, else N's."""
+    return settings.power.max_new_tokens if settings.select_by == "power" else settings.sampling.max_new_tokens
+
+
+@dataclass
+class PowerBatch:
+    """One batch of prompts after power selection: the drawn sample per prompt, scored and selected."""
+
+    scored: ScoredSamples  # samples [B, 1, T], scores [B, 1] base log-likelihood, selected [B, 1]
+    tokens_spent: torch.Tensor  # [B] long, tokens the power sampler decoded for each prompt (proposals included)
+    acceptance_rate: torch.Tensor | None  # [B] float, MCMC's accepted share of proposals; None for SMC
+    correct: torch.Tensor | None  # [B, 1] bool, the power sample gives the reference answer; None without answers
+    greedy_correct: torch.Tensor | None  # [B] bool, greedy decoding gives it; None without answers or when off
+
+
+def process_power_batch(models: RoundModels, prompts: PromptBatch, settings: RoundSettings, epoch: int) -> PowerBatch:
+    """One power sample per prompt from the sampling model (seeded by (seed, epoch, prompt index) like best-of-N),
+    scored by its base log-likelihood, kept unless the truncation rule or min_score drops it."""
+    tokenizer, selection = models.tokenizer, settings.selection
+    with models.sampling_model() as model:
+        drawn = power_sample(
+            model, prompts, settings.power, stop_token_ids(model, tokenizer), tokenizer.pad_token_id,
+            seed=settings.seed, round_index=epoch,
+        )  # fmt: skip
+    samples = drawn.samples  # [B, 1, T]
+    scores = power_scores(models, samples, settings)  # [B, 1]
+    selected, selected_mask = select_top_k(
+        scores.to(samples.truncated.device),
+        samples.truncated,
+        1,
+        selection.truncated,
+        selection.truncation_penalty,
+        selection.min_score,
+    )
+    scored = ScoredSamples(samples, scores, selected, selected_mask)
+    correct = greedy_correct = None
+    if any(a is not None for a in prompts.answers):
+        answers = extract_answers(decode_responses(tokenizer, samples), settings.extractor)
+        correct = torch.tensor(
+            [[answers_match(group[0], ref, settings.extractor)] for group, ref in zip(answers, prompts.answers)]
+        )  # [B, 1]
+        greedy_correct = greedy_correctness(models, prompts, settings) if settings.greedy_accuracy else None
+    return PowerBatch(scored, drawn.tokens_spent, drawn.acceptance_rate, correct, greedy_correct)
+
+
+def power_scores(models: RoundModels, samples: SampleBatch, settings: RoundSettings) -> torch.Tensor:
+    """Base log-likelihood [B, 1] of power samples: the sampler's own temperature-1 log-probs when it sampled
+    from the base, else the frozen base's rescoring (``selection.reward`` does not apply: the target is pi^alpha)."""
+    if settings.sample_from == "base":
+        token_logprobs = samples.logprobs
+    else:
+        with models.frozen_base() as base:
+            token_logprobs = sample_logprobs(base, samples, models.logprob_chunk_size)  # [B, 1, T]
+    return score_samples("loglik", token_logprobs, samples.response_mask)
+
+
+class PowerRoundMetric(SharpeningMetric):
+    """SharpeningMetric of a power-selection round (one sample per prompt), with the sampler's cost.
+
+    Reported: ``sample/accuracy`` (the power sample's accuracy), ``sample/greedy_accuracy``, the self-reward
+    means (base log-likelihood of the drawn and of the kept samples), ``sample/truncated_fraction``,
+    ``sample/kept_per_prompt``, ``sample/tokens_per_kept`` (tokens the sampler decoded per kept example) and,
+    for MCMC, ``sample/acceptance_rate`` (mean over prompts). Left out: what needs N samples to choose among
+    (``bon_accuracy``, ``pass_at_n``, ``distinct_per_prompt``, ``selected_minus_random``).
+    """
+
+    _sums = (*SharpeningMetric._sums, "tokens_spent", "acceptance_sum", "acceptance_prompts")
+    _not_applicable = ("bon_accuracy", "pass_at_n", "distinct_per_prompt", "selected_minus_random")
+
+    def update(
+        self,
+        scored: ScoredSamples,
+        correct: torch.Tensor | None = None,
+        greedy_correct: torch.Tensor | None = None,
+        tokens_spent: torch.Tensor | None = None,
+        acceptance_rate: torch.Tensor | None = None,
+    ) -> None:
+        """As SharpeningMetric's, plus tokens_spent [B] and acceptance_rate [B] (None: not MCMC)."""
+        super().update(scored, correct, greedy_correct)
+        if tokens_spent is not None:
+            self.tokens_spent += tokens_spent.sum().cpu()
+        if acceptance_rate is not None:
+            self.acceptance_sum += acceptance_rate.double().sum().cpu()
+            self.acceptance_prompts += acceptance_rate.numel()
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        out = {k: v for k, v in super().compute().items() if k.split("/", 1)[1] not in self._not_applicable}
+        out["sample/tokens_per_kept"] = (self.tokens_spent / self.selected.clamp(min=1)).float()
+        if self.acceptance_prompts > 0:
+            out["sample/acceptance_rate"] = (self.acceptance_sum / self.acceptance_prompts).float()
+        return out

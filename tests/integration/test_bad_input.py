@@ -304,6 +304,25 @@ CASES = [
         ["--model.init_args.rl.algorithm=offline", "--verifier.selection.truncated=penalize"],
         "--verifier.selection.truncated=penalize: offline RL-sharpening keeps every sample",
     ),
+    (
+        "offline RL cannot select by power",
+        RL,
+        ["--model.init_args.rl.algorithm=offline", "--verifier.select_by=power"],
+        "--verifier.select_by=power: offline RL-sharpening forms pairs from all N samples",
+    ),
+    (
+        "power selection keeps one sample",
+        SFT,
+        ["--verifier.select_by=power", "--verifier.selection.keep_top_k=2"],
+        "--verifier.selection.keep_top_k=2: --verifier.select_by=power draws one sample per prompt",
+    ),
+    ("power alpha <= 0", SFT, ["--verifier.select_by=power", "--verifier.power.alpha=0"], "--verifier.power.alpha=0.0"),
+    (
+        "power particles < 1",
+        SFT,
+        ["--verifier.select_by=power", "--verifier.power.particles=0"],
+        "--verifier.power.particles=0: must be >= 1",
+    ),
     ("beta <= 0", RL, ["--model.init_args.rl.kl_coef=0"], "kl_coef=0.0: beta must be > 0"),
     (
         "negative RL clipping bound",

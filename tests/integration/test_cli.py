@@ -50,6 +50,10 @@ def tiny_overrides(model_path: str, prompts: str, root: str, rl: bool = False) -
         "--verifier.sampling.samples_per_prompt=3",
         "--verifier.sampling.max_new_tokens=5",
         "--verifier.sampling.prompts_per_batch=4",
+        "--verifier.power.max_new_tokens=5",  # read by configs that select by power (configs/power_distill.yaml)
+        "--verifier.power.block_tokens=2",
+        "--verifier.power.mcmc_steps=1",
+        "--verifier.power.particles=3",
         "--verifier.selection.truncated=keep",
         "--verifier.selection.answer_extractor=strip",
         "--verifier.show_progress=false",
@@ -157,6 +161,25 @@ def test_resume_restores_the_buffer_and_round(checkpoint, tiny_model_path, promp
     assert state["buffer"]["epoch"] == 0 and state["rounds_done"] == 1
     assert resumed.rounds_done == full.rounds_done == 2
     assert resumed.buffer.state_dict() == full.buffer.state_dict()
+
+
+@pytest.mark.slow
+def test_resume_with_power_selection_redraws_the_uninterrupted_runs_buffer(tiny_model_path, prompts_file, tmp_path):
+    """Power self-distillation seeds each round by (seed, epoch, prompt index): a run resumed from epoch 0's end
+    draws epoch 1's power samples exactly as the run that was never stopped."""
+    power = ["--verifier.select_by=power", "--verifier.power.method=mcmc"]
+    root_a = str(tmp_path / "a")
+    full_cli = _fit(tiny_model_path, prompts_file, root_a, "--config", _checkpoint_every_step_and_epoch(root_a), *power)
+    full = verifier_callback(full_cli.trainer)
+    ckpt = os.path.join(root_a, "epochs/end-epoch=0.ckpt")
+    state = verifier_state(torch.load(ckpt, map_location="cpu", weights_only=True))
+    assert state["buffer"]["epoch"] == 0 and len(state["buffer"]["examples"]) == 4  # one power sample per prompt
+    resumed = verifier_callback(
+        _fit(tiny_model_path, prompts_file, str(tmp_path / "b"), f"--ckpt_path={ckpt}", *power).trainer
+    )
+    assert resumed.rounds_done == full.rounds_done == 2
+    assert resumed.buffer.state_dict() == full.buffer.state_dict()
+    assert full.buffer.state_dict()["examples"] != state["buffer"]["examples"]  # epoch 1 drew anew
 
 
 @pytest.mark.slow

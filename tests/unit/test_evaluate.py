@@ -10,6 +10,7 @@ import math
 import os
 import statistics
 from collections import Counter
+from dataclasses import replace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ import sharpening.evaluate.config as config_module
 import sharpening.evaluate.protocol as protocol_module
 from sharpening.evaluate.config import (
     EvalModelConfig,
+    PowerRowConfig,
     ProtocolConfig,
     output_dir_problem,
     prompt_context_problems,
@@ -27,6 +29,7 @@ from sharpening.evaluate.config import (
     validate_protocol_config,
 )
 from sharpening.evaluate.protocol import (
+    PowerDraws,
     SeedDraws,
     answer_codes,
     loglik_histogram,
@@ -37,6 +40,7 @@ from sharpening.evaluate.protocol import (
     pass_at_n_correct,
     percent_lift,
     points_lift,
+    power_metrics,
     protocol_table,
     seed_metrics,
 )
@@ -204,6 +208,60 @@ def test_zero_greedy_gives_null_percent_lift_but_points():
         assert r["lift_points"] == pytest.approx(100 * r["accuracy"])
 
 
+def test_token_cost_of_every_row_by_hand():
+    """tokens = response tokens spent per prompt: one draw for a single sample, the first N draws (summed per
+    prompt) for BoN@N, maj@N and pass@N, and best-of-N's N draws once more when a rescoring pass scored them."""
+    # seed 0 lengths [[1, 1, 4], [2, 1, 1]]; seed 1 all 1.
+    for rescored in (False, True):
+        per_seed = [seed_metrics(d, [1, 2, 3], rescored=rescored) for d in hand_draws()]
+        greedy = {"accuracy": 0.25, "chosen_loglik": -5.0, "tokens": 3.0}
+        row = {(r["method"], r["n"]): r for r in protocol_table(per_seed, greedy, [1, 2, 3])}
+        assert row["greedy", 1]["tokens"] == 3.0 and row["greedy", 1]["tokens_stderr"] is None
+        assert row["sample", 1]["tokens"] == pytest.approx((10 / 6 + 1.0) / 2)
+        drawn = {1: [1.5, 1.0], 2: [2.5, 2.0], 3: [5.0, 3.0]}  # per seed: (prompt 0 + prompt 1) / 2
+        for n, per_seed_tokens in drawn.items():
+            bon = [t * (2 if rescored else 1) for t in per_seed_tokens]
+            assert row["bon_loglik", n]["tokens"] == pytest.approx(sum(bon) / 2), (n, rescored)
+            assert row["bon_loglik", n]["tokens_stderr"] == pytest.approx(abs(bon[0] - bon[1]) / 2)
+            assert row["bon_loglik_norm", n]["tokens"] == pytest.approx(sum(bon) / 2)
+            for method in ("maj", "pass"):  # neither reads scores: never rescored
+                assert row[method, n]["tokens"] == pytest.approx(sum(per_seed_tokens) / 2), (method, n)
+
+
+def hand_power_draws(correct, loglik, tokens_spent, acceptance_rate=None) -> PowerDraws:
+    """One returned sample per prompt: [P] lists -> PowerDraws with [P, 1] draws of one token each."""
+    column = torch.tensor(correct)[:, None]  # [P] -> [P, 1]
+    draws = seed_draws(column, column.long(), torch.tensor(loglik)[:, None], torch.ones_like(column, dtype=torch.long),
+                       torch.zeros_like(column))  # fmt: skip
+    rate = None if acceptance_rate is None else torch.tensor(acceptance_rate)
+    return PowerDraws(draws, torch.tensor(tokens_spent), rate)
+
+
+def test_power_rows_by_hand():
+    """A power row: accuracy, mean log-likelihood of the returned samples and tokens spent per returned sample,
+    each as mean and stderr over seeds, prompt batches stacked in order; the acceptance rate for MCMC only."""
+    mcmc = [
+        PowerDraws.concat([hand_power_draws([True], [-1.0], [30], [0.5]),
+                           hand_power_draws([False], [-3.0], [50], [0.25])]),  # fmt: skip
+        hand_power_draws([True, True], [-1.0, -2.0], [40, 40], [1.0, 0.5]),
+    ]
+    smc = [hand_power_draws([False, True], [-2.0, -1.0], [64, 64]) for _ in range(2)]
+    assert mcmc[0].tokens_spent.tolist() == [30, 50] and mcmc[0].draws.correct.shape == (2, 1)
+    power = {"power_mcmc_x": [power_metrics(d) for d in mcmc], "power_smc_y": [power_metrics(d) for d in smc]}
+    per_seed = [seed_metrics(d, [1, 2]) for d in hand_draws()]
+    rows = protocol_table(per_seed, {"accuracy": 0.5, "chosen_loglik": -5.0}, [1, 2], power)
+    assert [r["method"] for r in rows[-2:]] == ["power_mcmc_x", "power_smc_y"] and rows[-1]["n"] == 1
+    got = find_row({"table": rows}, "power_mcmc_x")
+    assert got["accuracy_per_seed"] == [0.5, 1.0] and got["accuracy"] == pytest.approx(0.75)
+    assert got["accuracy_stderr"] == pytest.approx(0.25) and got["lift_points"] == pytest.approx(25.0)
+    assert got["chosen_loglik"] == pytest.approx((-2.0 + -1.5) / 2)
+    assert got["tokens"] == pytest.approx(40.0) and got["tokens_stderr"] == pytest.approx(0.0)
+    assert got["acceptance_rate"] == pytest.approx((0.375 + 0.75) / 2)
+    smc_row = find_row({"table": rows}, "power_smc_y")
+    assert smc_row["tokens"] == 64.0 and smc_row["acceptance_rate"] is None and smc_row["accuracy"] == 0.5
+    assert "acceptance_rate" not in find_row({"table": rows}, "bon_loglik", 2)
+
+
 def test_loglik_histogram_counts_every_draw_once():
     draws = [random_draws(s) for s in range(3)]
     hist = loglik_histogram(draws, bins=7)
@@ -216,11 +274,13 @@ def test_loglik_histogram_counts_every_draw_once():
 # ---------------------------------------------------------------- report files
 
 
-def fake_results(greedy: float = 0.25) -> dict:
+def fake_results(greedy: float = 0.25, power: bool = False) -> dict:
     per_seed = [seed_metrics(d, [1, 2, 3]) for d in hand_draws()]
+    rows = {"power_smc_alpha4_particles8_ess0.5": [power_metrics(hand_power_draws([True, False], [-1.0, -2.0], [9, 7]))]}
     return {
         "config": {"protocol": {"n_values": [1, 2, 3]}},
-        "table": protocol_table(per_seed, {"accuracy": greedy, "chosen_loglik": -5.0}, [1, 2, 3]),
+        "table": protocol_table(per_seed, {"accuracy": greedy, "chosen_loglik": -5.0, "tokens": 2.0}, [1, 2, 3],
+                                rows if power else None),  # fmt: skip
         "n_values": [1, 2, 3],
         "samples_per_prompt": 3,
         "seeds": [0, 1],
@@ -230,9 +290,9 @@ def fake_results(greedy: float = 0.25) -> dict:
     }
 
 
-@pytest.mark.parametrize("greedy", [0.25, 0.0])
-def test_results_round_trip_through_json_and_csv(greedy, tmp_path):
-    results = fake_results(greedy)
+@pytest.mark.parametrize("greedy, power", [(0.25, False), (0.0, False), (0.25, True)])
+def test_results_round_trip_through_json_and_csv(greedy, power, tmp_path):
+    results = fake_results(greedy, power)
     write_results(results, str(tmp_path))
     assert read_results(str(tmp_path)) == results
     with open(tmp_path / "results.csv") as f:
@@ -242,6 +302,7 @@ def test_results_round_trip_through_json_and_csv(greedy, tmp_path):
         assert got["method"] == want["method"] and int(got["n"]) == want["n"]
         assert float(got["accuracy"]) == pytest.approx(want["accuracy"])
         assert (got["lift_percent"] == "") == (want["lift_percent"] is None)
+        assert float(got["tokens"]) == pytest.approx(want["tokens"])
     json.loads((tmp_path / "results.json").read_text())  # strict JSON: no NaN
 
 
@@ -250,6 +311,19 @@ def test_table_names_the_lift_unit():
     text = format_table(fake_results(0.25))
     assert "lift over greedy in %" in text and "200.0" in text  # bon_loglik at N=2
     assert find_row(fake_results(), "pass", 3)["accuracy"] == pytest.approx(0.75)
+    assert "power_smc" not in text and "tokens per returned answer" not in text
+    power = format_table(fake_results(0.25, power=True)).splitlines()
+    line = next(line for line in power if line.startswith("power_smc_alpha4_particles8_ess0.5"))
+    assert line.split()[1:] == ["0.500", "-1.50", "8.0"]  # accuracy, loglik, tokens per returned answer
+
+
+def test_accuracy_vs_tokens_plot_is_written(tmp_path):
+    pytest.importorskip("matplotlib")
+    from sharpening.evaluate.report import write_plots
+
+    results = fake_results(0.25, power=True)
+    assert str(tmp_path / "accuracy_vs_tokens.png") in write_plots(results, str(tmp_path))
+    assert (tmp_path / "accuracy_vs_tokens.png").stat().st_size > 1000
 
 
 # ---------------------------------------------------------------- configuration checks
@@ -273,11 +347,34 @@ def test_protocol_checks_name_the_option(changes, fragment):
     assert any(fragment in p for p in problems), problems
 
 
+@pytest.mark.parametrize(
+    "power, fragment",
+    [
+        ([{"method": "mcmc", "alpha": 0.0}], "--protocol.power[0].alpha=0.0"),
+        ([{"method": "smc"}, {"method": "smc", "particles": 0}], "--protocol.power[1].particles=0"),
+        ([{"method": "smc", "resample_threshold": 2.0}], "--protocol.power[0].resample_threshold=2.0"),
+        ([{"method": "mcmc", "block_tokens": 0}], "--protocol.power[0].block_tokens=0"),
+        ([{"method": "smc", "alpha": 4.0}, {"method": "smc", "alpha": 4.0, "block_tokens": 3}],
+         "--protocol.power[1] has the settings of --protocol.power[0]"),
+    ],
+)  # fmt: skip
+def test_power_checks_name_the_option(power, fragment):
+    problems = validate_protocol_config(ProtocolConfig(power=power))
+    assert any(fragment in p for p in problems) and len(problems) == 1, problems
+
+
+def test_power_rows_share_the_protocols_length_and_batch_checks():
+    cfg = ProtocolConfig(max_new_tokens=0, power=[PowerRowConfig("mcmc"), {"method": "smc", "alpha": 2.0}])
+    assert [p.split(":")[0] for p in validate_protocol_config(cfg)] == ["--protocol.max_new_tokens=0"]
+    assert validate_protocol_config(replace(cfg, max_new_tokens=8)) == []
+    assert cfg.power[1] == PowerRowConfig("smc", 2.0)  # mappings (YAML, flags) become typed rows
+
+
 def test_protocol_defaults_are_the_papers():
     cfg = ProtocolConfig()
     assert validate_protocol_config(cfg) == []
     assert cfg.n_values == [1, 2, 4, 8, 16, 32, 50] and cfg.n_max == 50 and cfg.seeds == 10
-    assert cfg.max_new_tokens == 512 and cfg.temperature == 1.0
+    assert cfg.max_new_tokens == 512 and cfg.temperature == 1.0 and cfg.power == []
 
 
 def test_model_checks(tmp_path):

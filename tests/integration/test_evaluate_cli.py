@@ -74,8 +74,11 @@ def test_every_evaluation_config_runs_on_a_tiny_model(config, tiny_model_path, t
                     "--plots=true"])  # fmt: skip
     assert read_results(str(out)) == results  # results.json round-trips
     assert results["config"]["protocol"]["seeds"] == 1 and results["prompts"]["count"] == 4
-    for name in ("results.csv", "config.yaml", "accuracy_vs_n.png", "lift_vs_n.png", "loglik_histogram.png"):
+    for name in ("results.csv", "config.yaml", "accuracy_vs_n.png", "lift_vs_n.png", "loglik_histogram.png",
+                 "accuracy_vs_tokens.png"):  # fmt: skip
         assert (out / name).is_file(), name
+    power = results["config"]["protocol"]["power"]
+    assert len([r for r in results["table"] if r["method"].startswith("power_")]) == len(power)
     assert results["model"]["fingerprint"] and results["model"]["model_name_or_path"] == tiny_model_path
 
 
@@ -205,6 +208,42 @@ def test_a_rerun_draws_nothing_new(tiny_model_path, tmp_path, monkeypatch):
     assert len(calls) == 2
 
 
+POWER = "--protocol.power=[{method: mcmc, alpha: 4.0, block_tokens: 2, mcmc_steps: 1}, {method: smc, particles: 3}]"
+
+
+def test_power_rows_are_measured_and_a_rerun_reuses_their_draws(tiny_model_path, tmp_path, monkeypatch):
+    """Power rows beside the protocol's: one cached file per (setting, seed, batch) holding the sample and its token
+    counts; their numbers recomputed from those files; a rerun draws nothing (power_sample would fail)."""
+    import sharpening.evaluate.draws as draws_module
+
+    first = evaluate(tiny_model_path, tmp_path, POWER)
+    mcmc, smc = "power_mcmc_alpha4_block2_steps1", "power_smc_alpha4_particles3_ess0.5"
+    assert set(first["power"]) == {mcmc, smc} and first["power"][smc]["max_new_tokens"] == 4
+    files = [f for f in cached_files(os.path.join(tmp_path, "cache")) if os.path.basename(f).startswith("power-")]
+    assert len(files) == 2 * 2 * 2  # 2 settings x 2 seeds x 2 prompt batches
+    tokens = sorted(float(load_cached(f)["tokens_spent"].float().mean()) for f in files)
+    assert tokens[0] >= 1 and "acceptance_rate" in {k for f in files for k in load_cached(f)}
+    for method in (mcmc, smc):
+        row = find_row(first, method)
+        assert len(row["accuracy_per_seed"]) == 2 and row["tokens"] > 0 and row["chosen_loglik"] < 0
+    greedy_row, bon = find_row(first, "greedy"), find_row(first, "bon_loglik", 4)
+    assert greedy_row["tokens"] <= 4 and bon["tokens"] == pytest.approx(4 * find_row(first, "sample")["tokens"])
+    by_file = {}  # the smc row's tokens per seed, from the cache files alone
+    for f in files:
+        cached = load_cached(f)
+        if "acceptance_rate" not in cached:
+            by_file.setdefault(os.path.basename(f).split("-")[1], []).append(cached["tokens_spent"])
+    want = [float(torch.cat(parts).float().mean()) for _, parts in sorted(by_file.items())]
+    assert find_row(first, smc)["tokens"] == pytest.approx(sum(want) / 2)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a cached power draw was drawn again")
+
+    monkeypatch.setattr(draws_module, "power_sample", refuse)
+    second = evaluate(tiny_model_path, tmp_path, POWER, "--overwrite=true")
+    assert second["draws"]["batches_drawn"] == 0 and second["table"] == first["table"]
+
+
 def test_the_static_decode_loop_gives_the_same_evaluation(tiny_model_path, tmp_path):
     """--protocol.decode only changes how the draws are computed: the same draws, so the same accuracies;
     log-likelihoods agree to float rounding (the static loop attends through a longer, masked cache)."""
@@ -250,6 +289,8 @@ def test_a_non_empty_output_dir_is_refused(tiny_model_path, tmp_path, monkeypatc
         ("--model.score_with=base", "--model.score_with=base: no base"),
         ("--protocol.decode=compiled", "--protocol.decode=compiled: CUDA graphs need a CUDA device"),
         ("--model.device=gpu", "--model.device='gpu': must be auto, cpu, cuda or cuda:N"),
+        ("--protocol.power=[{method: smc, particles: 0}]", "--protocol.power[0].particles=0: must be >= 1"),
+        ("--protocol.power=[{method: beam}]", "--protocol.power"),
     ],
 )
 def test_bad_input_fails_before_weights_load(override, fragment, tiny_model_path, tmp_path, monkeypatch):

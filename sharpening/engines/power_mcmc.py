@@ -8,8 +8,8 @@ suffix from t at temperature 1/alpha up to L tokens in all, and accept with
     log A = alpha (log p(new) - log p(old)) + log q(old suffix | prefix) - log q(new suffix | prefix)
             + log(1/n') - log(1/n)
 
-where n' is the proposal's length and 1/n', 1/n are the reverse and forward choices of t (``mh_log_ratio``). After the last block
-L = max_new_tokens and every step leaves pi_alpha invariant.
+where n' is the proposal's length and 1/n', 1/n are the reverse and forward choices of t (``mh_log_ratio``).
+After the last block L = max_new_tokens and every step leaves pi_alpha invariant.
 
 Deviations from the paper and its reference code:
 - The position is chosen uniformly over the current response, whose length n changes when a proposal ends at
@@ -22,6 +22,8 @@ Deviations from the paper and its reference code:
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -71,10 +73,7 @@ def mcmc_sample(
     proposed = 0
     for block, limit in enumerate(range(cfg.block_tokens, cfg.max_new_tokens + cfg.block_tokens, cfg.block_tokens)):
         limit = min(limit, cfg.max_new_tokens)
-
-        def seeds(step: int) -> torch.Tensor:  # [B] one generator seed per chain and proposal
-            return torch.tensor([derive_seed(seed, round_index, i, MCMC_STREAM, block, step) for i in indices])
-
+        seeds = functools.partial(_proposal_seeds, seed, round_index, indices, block)
         grow = (~state.ended).nonzero().squeeze(-1)  # [G] chains still without EOS, all at the last limit
         if grow.numel():
             lengths = state.lengths.index_select(0, grow)
@@ -96,3 +95,8 @@ def mcmc_sample(
             accepted += accept.float()
             proposed += 1
     return state, spent, accepted / max(proposed, 1)
+
+
+def _proposal_seeds(seed: int, round_index: int, indices: list[int], block: int, step: int) -> torch.Tensor:
+    """[B] long: the generator seed of each chain's proposal ``step`` (-1: the block's extension) in ``block``."""
+    return torch.tensor([derive_seed(seed, round_index, i, MCMC_STREAM, block, step) for i in indices])

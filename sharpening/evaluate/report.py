@@ -2,8 +2,8 @@
 
 ``results.json`` holds the table rows (one per method and N, each number as mean and standard error over
 seeds, with the per-seed values, and the tokens each method spends per returned answer), the log-likelihood
-histograms, the exact configuration and the model identity. The CSV has the same rows without the per-seed lists. Plots need matplotlib
-(``pip install 'sharpening[plots]'``); without it they are skipped with a warning.
+histograms, the exact configuration and the model identity. The CSV has the same rows without the per-seed
+lists. Plots need matplotlib (``pip install 'sharpening[plots]'``); without it they are skipped with a warning.
 """
 
 from __future__ import annotations

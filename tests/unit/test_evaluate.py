@@ -241,8 +241,9 @@ def test_power_rows_by_hand():
     """A power row: accuracy, mean log-likelihood of the returned samples and tokens spent per returned sample,
     each as mean and stderr over seeds, prompt batches stacked in order; the acceptance rate for MCMC only."""
     mcmc = [
-        PowerDraws.concat([hand_power_draws([True], [-1.0], [30], [0.5]),
-                           hand_power_draws([False], [-3.0], [50], [0.25])]),  # fmt: skip
+        PowerDraws.concat(
+            [hand_power_draws([True], [-1.0], [30], [0.5]), hand_power_draws([False], [-3.0], [50], [0.25])]
+        ),
         hand_power_draws([True, True], [-1.0, -2.0], [40, 40], [1.0, 0.5]),
     ]
     smc = [hand_power_draws([False, True], [-2.0, -1.0], [64, 64]) for _ in range(2)]
@@ -276,11 +277,11 @@ def test_loglik_histogram_counts_every_draw_once():
 
 def fake_results(greedy: float = 0.25, power: bool = False) -> dict:
     per_seed = [seed_metrics(d, [1, 2, 3]) for d in hand_draws()]
-    rows = {"power_smc_alpha4_particles8_ess0.5": [power_metrics(hand_power_draws([True, False], [-1.0, -2.0], [9, 7]))]}
+    smc = power_metrics(hand_power_draws([True, False], [-1.0, -2.0], [9, 7]))
+    rows = {"power_smc_alpha4_particles8_ess0.5": [smc]} if power else None
     return {
         "config": {"protocol": {"n_values": [1, 2, 3]}},
-        "table": protocol_table(per_seed, {"accuracy": greedy, "chosen_loglik": -5.0, "tokens": 2.0}, [1, 2, 3],
-                                rows if power else None),  # fmt: skip
+        "table": protocol_table(per_seed, {"accuracy": greedy, "chosen_loglik": -5.0, "tokens": 2.0}, [1, 2, 3], rows),
         "n_values": [1, 2, 3],
         "samples_per_prompt": 3,
         "seeds": [0, 1],

@@ -238,7 +238,7 @@ def plot_accuracy_vs_tokens(results: dict, path: str) -> None:
                     yerr=[r["accuracy_stderr"] or 0.0 for r in rows], capsize=3, label=LABELS[method],
                     **STYLES[method])  # fmt: skip
     singles = [(find_row(results, "greedy"), "black", "D"), (find_row(results, "sample"), "tab:purple", "P")]
-    singles += [(row, f"C{4 + i}", "*") for i, row in enumerate(power_rows(results))]
+    singles += [(row, f"C{(5 + i) % 10}", "*") for i, row in enumerate(power_rows(results))]  # C4 is tab:purple
     for row, color, marker in singles:
         if row.get("tokens"):
             ax.errorbar([row["tokens"]], [row["accuracy"]], yerr=[row["accuracy_stderr"] or 0.0], capsize=3,

@@ -37,13 +37,19 @@ def run_warnings(module: PolicyModule, trainer) -> list[str]:
     that draws its own samples, and best-of-N's settings under power selection."""
     verifier, rl = _verifier_of(trainer), _rl_config_of(module)
     unused = verifier is not None and rl is not None and rl.algorithm != "offline"  # online, XPO: --model.sampling
-    set_up = (verifier.sampling, verifier.selection, verifier.select_by) if verifier is not None else None
-    if unused and set_up != (SamplingConfig(), SelectionConfig(), "best_of_n"):
-        return [
-            f"--verifier.sampling / --verifier.selection / --verifier.select_by are set but not used: algorithm "
-            f"{rl.algorithm!r} draws its own samples with --model.sampling (the verifier's round feeds only offline "
-            "RL and SFT)"
-        ]
+    if unused:
+        warnings = []
+        if (verifier.sampling, verifier.selection) != (SamplingConfig(), SelectionConfig()):
+            warnings.append(
+                f"--verifier.sampling / --verifier.selection are set but not used: algorithm {rl.algorithm!r} draws "
+                "its own samples with --model.sampling (the verifier's round feeds only offline RL and SFT)"
+            )
+        if verifier.select_by != "best_of_n":
+            warnings.append(
+                f"--verifier.select_by={verifier.select_by} is set but not used: algorithm {rl.algorithm!r} draws its "
+                "own samples with --model.sampling (the verifier's round feeds only offline RL and SFT)"
+            )
+        return warnings
     if verifier is not None and verifier.select_by == "power":
         return _power_warnings(verifier)
     return []

@@ -138,3 +138,21 @@ def test_power_settings_are_not_checked_under_best_of_n():
     """A best-of-N run's power section is never read, so it does not stop the run."""
     verifier = SelfVerificationCallback(selection=SelectionConfig(keep_top_k=2), power=PowerSamplingConfig(alpha=0.0))
     assert verifier.select_by == "best_of_n"
+
+
+def test_best_of_n_settings_left_unused_by_power_selection_are_warned_about():
+    from types import SimpleNamespace
+
+    from sharpening.engines import SamplingConfig
+    from sharpening.run_checks import run_warnings
+
+    def warnings(**kwargs):
+        trainer = SimpleNamespace(callbacks=[SelfVerificationCallback(**kwargs)])
+        return run_warnings(object(), trainer)  # not an RL module: the round feeds SFT
+
+    assert warnings(select_by="power") == []
+    (message,) = warnings(select_by="power", sampling=SamplingConfig(samples_per_prompt=4))
+    assert "--verifier.select_by=power leaves these set but unused: --verifier.sampling" in message
+    (message,) = warnings(select_by="power", selection=SelectionConfig(reward="loglik_norm"))
+    assert "--verifier.selection.reward=loglik_norm" in message
+    assert warnings(sampling=SamplingConfig(samples_per_prompt=4)) == []  # best-of-N reads them

@@ -51,7 +51,7 @@ class SelfVerificationCallback(L.Callback):
         show_progress: bool = True,
         stop_unselectable: bool = True,
         select_by: Literal["best_of_n", "power"] = "best_of_n",
-        power: PowerSamplingConfig = PowerSamplingConfig(),  # noqa: B008 (never assigned to, like SamplingConfig)
+        power: PowerSamplingConfig = PowerSamplingConfig(),
     ) -> None:
         """
         Args:

@@ -13,6 +13,7 @@ Draws are cached on disk, so an interrupted run resumes where it stopped.
 
 The stage in data-flow order:
     config.py    the options and their checks
+    power_rows.py  the power-sampling rows' options (--protocol.power), names and checks
     sources.py   the model and adapter files, whether they fit, and loading them (through sharpening.policy)
     draws.py     drawing (sharpening.engines), scoring (logprobs.sample_logprobs, rewards.score_samples)
     cache.py     model fingerprints and the cached draws

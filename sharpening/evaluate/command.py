@@ -25,8 +25,6 @@ from sharpening.evaluate.config import (
     model_context,
     output_dir_problem,
     overlap_problem,
-    power_row_name,
-    power_sampling_config,
     prompt_context_problems,
     read_directories,
     validate_data_args,
@@ -34,6 +32,7 @@ from sharpening.evaluate.config import (
     validate_protocol_config,
 )
 from sharpening.evaluate.draws import DrawContext, EvalDraws, collect_draws, rescores_best_of_n
+from sharpening.evaluate.power_rows import power_row_name, power_sampling_config
 from sharpening.evaluate.protocol import SeedDraws, loglik_histogram, power_metrics, protocol_table, seed_metrics
 from sharpening.evaluate.report import format_table, remove_plots, replaced_input_problems, write_plots, write_results
 from sharpening.evaluate.sources import (

@@ -9,13 +9,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import string
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
 from sharpening.data_files import validate_dataset_source
 from sharpening.engines import SamplingConfig, validate_sampling_config
-from sharpening.engines.power import PowerSamplingConfig, validate_power_config
 from sharpening.errors import unwritable_directory_problem
+from sharpening.evaluate.power_rows import PowerRowConfig, power_problems
 from sharpening.evaluate.sources import (
     adapter_base_check,
     adapter_files_problem,
@@ -65,25 +65,6 @@ class EvalModelConfig:
 
 
 @dataclass
-class PowerRowConfig:
-    """One power-sampling row of the table: a sampler for pi_base^alpha (docs/power.md). Its length limit and
-    batch size are the protocol's (max_new_tokens, prompts_per_batch), so every row answers under the same limit."""
-
-    method: Literal["mcmc", "smc"] = PowerSamplingConfig.method
-    """mcmc (block Metropolis-Hastings) or smc (sequential Monte Carlo over particles)."""
-    alpha: float = PowerSamplingConfig.alpha
-    """The power of the target pi_base^alpha; proposals are drawn at temperature 1/alpha."""
-    block_tokens: int = PowerSamplingConfig.block_tokens
-    """MCMC: tokens generated per block before its Metropolis-Hastings steps."""
-    mcmc_steps: int = PowerSamplingConfig.mcmc_steps
-    """MCMC: Metropolis-Hastings steps after each block."""
-    particles: int = PowerSamplingConfig.particles
-    """SMC: particles per prompt."""
-    resample_threshold: float = PowerSamplingConfig.resample_threshold
-    """SMC: resample when the effective sample size falls below this fraction of the particles."""
-
-
-@dataclass
 class ProtocolConfig:
     """How many draws, which N, how many seeds, and how answers are read (the paper: N up to 50, 10 seeds)."""
 
@@ -118,42 +99,6 @@ class ProtocolConfig:
     @property
     def n_max(self) -> int:
         return self.samples_per_prompt or max(self.n_values, default=1)
-
-
-def power_row_name(entry: PowerRowConfig) -> str:
-    """The table's method name of a power-sampling row: the method and the settings it reads.
-
-    >>> power_row_name(PowerRowConfig("smc", 4.0, particles=8, resample_threshold=0.5))
-    'power_smc_alpha4_particles8_ess0.5'
-    """
-    if entry.method == "mcmc":
-        return f"power_mcmc_alpha{entry.alpha:g}_block{entry.block_tokens}_steps{entry.mcmc_steps}"
-    return f"power_smc_alpha{entry.alpha:g}_particles{entry.particles}_ess{entry.resample_threshold:g}"
-
-
-def power_sampling_config(protocol: ProtocolConfig, index: int) -> PowerSamplingConfig:
-    """The sampler's settings of ``protocol.power[index]``, with the protocol's length limit and batch size."""
-    return PowerSamplingConfig(**asdict(protocol.power[index]), max_new_tokens=protocol.max_new_tokens,
-                               prompts_per_batch=protocol.prompts_per_batch)  # fmt: skip
-
-
-def power_problems(protocol: ProtocolConfig, option: str = "--protocol") -> list[str]:
-    """Every problem with the power-sampling rows, each named ``--protocol.power[i].field``; two rows with the same
-    settings are refused (they would draw the same samples)."""
-    problems, names = [], {}
-    for i, entry in enumerate(protocol.power):
-        shared = (f"{option}.power[{i}].max_new_tokens", f"{option}.power[{i}].prompts_per_batch")  # the protocol's
-        found = validate_power_config(power_sampling_config(protocol, i), f"{option}.power[{i}]")
-        problems += [p for p in found if not p.startswith(shared)]
-        if found:
-            continue
-        if (name := power_row_name(entry)) in names:
-            problems.append(
-                f"{option}.power[{i}] has the settings of {option}.power[{names[name]}] ({name}): the same samples "
-                "twice; drop one or change its alpha, block_tokens, mcmc_steps, particles or resample_threshold"
-            )
-        names.setdefault(name, i)
-    return problems
 
 
 def device_problem(device: str) -> str | None:

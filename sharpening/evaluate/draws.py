@@ -17,7 +17,8 @@ import torch
 from sharpening.engines import SamplingConfig, decode_responses, generate_samples
 from sharpening.engines.power import power_sample
 from sharpening.evaluate.cache import DrawCache, sample_tensors
-from sharpening.evaluate.config import ProtocolConfig, power_row_name, power_sampling_config
+from sharpening.evaluate.config import ProtocolConfig
+from sharpening.evaluate.power_rows import power_row_name, power_sampling_config
 from sharpening.evaluate.protocol import SELF_REWARDS, PowerDraws, SeedDraws, answer_codes
 from sharpening.kernels.cpu_linear import packed_linear_weights
 from sharpening.logprobs import sample_logprobs

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import sharpening.evaluate.config as config_module
+import sharpening.evaluate.power_rows as power_rows_module
 import sharpening.evaluate.protocol as protocol_module
 from sharpening.evaluate.config import (
     EvalModelConfig,
-    PowerRowConfig,
     ProtocolConfig,
     output_dir_problem,
     prompt_context_problems,
@@ -28,6 +28,7 @@ from sharpening.evaluate.config import (
     validate_model_config,
     validate_protocol_config,
 )
+from sharpening.evaluate.power_rows import PowerRowConfig
 from sharpening.evaluate.protocol import (
     PowerDraws,
     SeedDraws,
@@ -53,7 +54,7 @@ from tests.helpers import REPO_ROOT
 DATA = str(REPO_ROOT / "tests" / "data")
 
 
-@pytest.mark.parametrize("module", [protocol_module, config_module], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("module", [protocol_module, config_module, power_rows_module], ids=lambda m: m.__name__)
 def test_doctests(module):
     result = doctest.testmod(module)
     assert result.attempted > 0 and result.failed == 0

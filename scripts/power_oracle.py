@@ -33,9 +33,11 @@ METHODS = ("mcmc", "smc", "low_temperature")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--alphas", nargs="+", type=float, default=[2.0, 4.0])
+    parser.add_argument("--prompts", nargs="+", default=None, help="toy prompts to measure (default: all)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     parser.add_argument("--draws", type=int, default=10000, help="returned samples per prompt, method and alpha")
     parser.add_argument("--block-tokens", type=int, default=1)
-    parser.add_argument("--mcmc-steps", type=int, default=4)
+    parser.add_argument("--mcmc-steps", type=int, default=10)
     parser.add_argument("--particles", type=int, default=16)
     parser.add_argument("--resample-threshold", type=float, default=0.5)
     parser.add_argument("--noise-repeats", type=int, default=20)
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {}
     print(f"{'alpha':>5} {'prompt':<6} {'method':<16} {'TV':>7} {'noise TV':>9} {'tokens/sample':>14} {'seconds':>8}")
     for alpha in args.alphas:
-        for prompt in toy.toy_prompts(work):
+        for prompt in args.prompts or toy.toy_prompts(work):
             results.setdefault(str(alpha), {})[prompt] = measure_prompt(model, tokenizer, prompt, alpha, args)
     if args.json:
         print(json.dumps({"draws": args.draws, "settings": _settings(args), "results": results}))
@@ -66,7 +68,7 @@ def measure_prompt(model, tokenizer, prompt: str, alpha: float, args) -> dict:
         target = alpha * toy.outcome_logprobs(model, tokenizer, prompt, outcomes).double()
     target = (target - target.logsumexp(-1)).exp()  # [O] pi_alpha over the listed outcomes
     row = {"noise_tv": _noise_tv(target, args.draws, args.noise_repeats, args.seed)}
-    for method in METHODS:
+    for method in args.methods:
         start = time.time()
         drawn, tokens = _draw(model, tokenizer, prompt, alpha, method, args)
         row[method] = {"tv": total_variation(drawn, outcomes, target), "tokens_per_sample": tokens}
@@ -130,7 +132,7 @@ def _noise_tv(target: torch.Tensor, draws: int, repeats: int, seed: int) -> floa
 
 
 def _settings(args) -> dict:
-    keys = ("block_tokens", "mcmc_steps", "particles", "resample_threshold", "seed", "noise_repeats")
+    keys = ("methods", "block_tokens", "mcmc_steps", "particles", "resample_threshold", "seed", "noise_repeats")
     return {k: getattr(args, k) for k in keys}
 
 

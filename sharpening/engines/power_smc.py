@@ -82,15 +82,19 @@ def smc_sample(
         )  # [B*N, W] -> [B, N, W]
         cumulative = log_weights[:, :, None] + increments.cumsum(-1)  # [B, N, W] log weight after each token
         cuts = _resampling_cuts(cumulative, ahead, times, done, cfg.resample_threshold * n)  # [B] -1: none
-        particles, log_weights = ahead, cumulative[:, :, -1].clone()
+        log_weights = cumulative[:, :, -1].clone()
+        sources = torch.arange(b * n, device=device)  # [B*N] the particle each row becomes
+        lengths = torch.full((b * n,), width, device=device)  # [B*N] tokens each row keeps
         for p in range(b):
             if done[p] or cuts[p] < 0:
                 done[p] = True
                 continue
             picked = systematic_resample(cumulative[p, :, cuts[p] - 1], generators[p])  # [N]
-            particles = _truncated_and_resampled(particles, p, n, cuts[p], picked, pad_token_id)
+            sources[p * n : (p + 1) * n] = p * n + picked
+            lengths[p * n : (p + 1) * n] = cuts[p]
             log_weights[p] = 0.0
             times[p], stages[p] = cuts[p], stages[p] + 1
+        particles = _cut(ahead, lengths, pad_token_id).take(sources)
     final = torch.stack([torch.multinomial(w.double().softmax(-1).cpu(), 1, generator=g) for w, g in
                          zip(log_weights, generators)]).squeeze(-1).to(device)  # fmt: skip
     return particles.take(torch.arange(b, device=device) * n + final), spent, None
@@ -142,19 +146,15 @@ def _resampling_cuts(
     return [-1 if d else int(c) for d, c in zip(done, first.tolist())]
 
 
-def _truncated_and_resampled(
-    particles: Responses, p: int, n: int, cut: int, picked: torch.Tensor, pad_token_id: int
-) -> Responses:
-    """``particles`` with prompt ``p``'s N rows cut to their first ``cut`` tokens and replaced by rows ``picked``
-    [N] of themselves."""
-    rows = torch.arange(p * n, (p + 1) * n, device=picked.device)
-    own = particles.take(rows)
-    mask = own.response_mask & (torch.arange(own.response_ids.shape[1], device=rows.device)[None] < cut)  # [N, W]
-    cut_rows = Responses(
-        torch.where(mask, own.response_ids, pad_token_id), mask, own.logprobs * mask, own.proposal_logprobs * mask,
-        own.ended & (own.lengths <= cut),
+def _cut(particles: Responses, lengths: torch.Tensor, pad_token_id: int) -> Responses:
+    """Each row cut to its first ``lengths`` [R] tokens; a row cut before its EOS has not ended."""
+    mask = particles.response_mask & (
+        torch.arange(particles.response_ids.shape[1], device=lengths.device) < lengths[:, None]
+    )  # [R, W]
+    return Responses(
+        torch.where(mask, particles.response_ids, pad_token_id), mask, particles.logprobs * mask,
+        particles.proposal_logprobs * mask, particles.ended & (particles.lengths <= lengths),
     )  # fmt: skip
-    return particles.scatter(rows, cut_rows.take(picked))
 
 
 def _repeat_prompts(prompts: PromptBatch, n: int) -> PromptBatch:

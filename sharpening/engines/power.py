@@ -223,8 +223,11 @@ def tempered_logprobs(
         input_ids = torch.cat([prompt_ids[rows], response_ids[rows]], dim=1)  # [r, P+T]
         attention_mask = torch.cat([prompt_mask[rows], response_mask[rows]], dim=1).long()
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)
-        logits = out.logits[:, -t - 1 : -1].float()  # [r, T, V]: the logits before each response token
+        out = model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False,
+            logits_to_keep=t + 1,
+        )  # fmt: skip
+        logits = out.logits[:, -t - 1 : -1].float()  # [r, T+1, V] -> [r, T, V]: the logits before each response token
         targets = response_ids[rows, :, None]  # [r, T, 1]
         logp_pieces.append(logits.log_softmax(-1).gather(-1, targets).squeeze(-1))
         logq_pieces.append((logits / temperature).log_softmax(-1).gather(-1, targets).squeeze(-1))
@@ -264,12 +267,12 @@ def propose_suffixes(
     drawn = generate_samples(model, extended, cfg, eos_ids, pad_token_id)
     drawn_ids, drawn_mask = drawn.response_ids[:, 0], drawn.response_mask[:, 0]  # [R, 1, D] -> [R, D]
     drawn_mask = drawn_mask & (torch.arange(drawn_mask.shape[1], device=device)[None] < budgets[:, None])
-    response_ids = torch.where(keep_mask, current.response_ids, pad_token_id)
-    for i in range(r):  # place the drawn suffix after the kept prefix
-        suffix = drawn_ids[i][drawn_mask[i]]
-        k = int(keep_lengths[i])
-        response_ids[i, k : k + suffix.shape[0]] = suffix
-    lengths = keep_lengths + drawn_mask.sum(-1)  # [R]
+    drawn_lengths = drawn_mask.sum(-1)  # [R]
+    offsets = positions - keep_lengths[:, None]  # [R, W]: position in the drawn suffix
+    in_suffix = (offsets >= 0) & (offsets < drawn_lengths[:, None])
+    suffix_ids = drawn_ids.gather(1, offsets.clamp(0, drawn_ids.shape[1] - 1))  # [R, D] -> [R, W]
+    response_ids = torch.where(in_suffix, suffix_ids, torch.where(keep_mask, current.response_ids, pad_token_id))
+    lengths = keep_lengths + drawn_lengths  # [R]
     response_mask = positions < lengths[:, None]  # [R, W]
     ended = torch.isin(drawn_ids, torch.tensor(eos_ids, device=device)) & drawn_mask
     cut = int(lengths.max())
@@ -281,7 +284,7 @@ def propose_suffixes(
         response_ids, response_mask, torch.nn.functional.pad(logp, pad), torch.nn.functional.pad(logq, pad),
         ended.any(-1),
     )  # fmt: skip
-    return proposal, drawn_mask.sum(-1) + lengths
+    return proposal, drawn_lengths + lengths
 
 
 def _left_padded(prefixes: list[list[int]], row_seeds: torch.Tensor, pad_token_id: int, device) -> PromptBatch:

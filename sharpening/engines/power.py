@@ -28,6 +28,9 @@ from sharpening.engines.hf import generate_samples
 from sharpening.types import PromptBatch, SampleBatch
 
 POWER_METHODS = ("mcmc", "smc")
+POWER_FORMAT = 1
+"""Version of what ``power_sample`` returns for a given seed: bumped whenever those draws change, so caches of
+earlier draws (``sharpen evaluate``) are not reused."""
 # Teacher-forced logits held at once by ``tempered_logprobs``: rows x response tokens x vocabulary floats.
 SCORE_CHUNK_ELEMENTS = 1 << 25
 

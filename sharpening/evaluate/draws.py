@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from sharpening.engines import SamplingConfig, decode_responses, generate_samples
-from sharpening.engines.power import power_sample
+from sharpening.engines.power import POWER_FORMAT, power_sample
 from sharpening.evaluate.cache import DrawCache, sample_tensors
 from sharpening.evaluate.config import ProtocolConfig
 from sharpening.evaluate.power_rows import power_row_name, power_sampling_config
@@ -116,7 +116,8 @@ def draw_power_batch(ctx: DrawContext, prompts: PromptBatch, entry_index: int, s
     The samples' log-probs are the model's own at temperature 1 (the target's base), so they are scored as exact
     draws are; the cache file also holds the tokens each prompt cost and the MCMC acceptance rate."""
     cfg = power_sampling_config(ctx.protocol, entry_index)
-    settings = _batch_settings(ctx, {k: v for k, v in asdict(cfg).items() if k != "prompts_per_batch"})
+    sampler = {k: v for k, v in asdict(cfg).items() if k != "prompts_per_batch"}
+    settings = _batch_settings(ctx, {**sampler, "power_format": POWER_FORMAT})
     texts = [ctx.data.prompt_texts[i] for i in prompts.prompt_indices.tolist()]
     path = ctx.cache.path("power", seed, settings, prompts, texts)
     eos, pad = stop_token_ids(ctx.model, ctx.tokenizer), ctx.tokenizer.pad_token_id

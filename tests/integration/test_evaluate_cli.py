@@ -244,6 +244,18 @@ def test_power_rows_are_measured_and_a_rerun_reuses_their_draws(tiny_model_path,
     assert second["draws"]["batches_drawn"] == 0 and second["table"] == first["table"]
 
 
+def test_power_draws_of_another_sampler_version_are_drawn_again(tiny_model_path, tmp_path, monkeypatch):
+    """The power cache key holds POWER_FORMAT: draws made by a sampler whose output for a seed differs are not
+    reused (a rerun with a bumped format draws every power batch again, and only those)."""
+    import sharpening.evaluate.draws as draws_module
+
+    one = "--protocol.power=[{method: smc, particles: 3}]"
+    evaluate(tiny_model_path, tmp_path, one)
+    monkeypatch.setattr(draws_module, "POWER_FORMAT", draws_module.POWER_FORMAT + 1)
+    again = evaluate(tiny_model_path, tmp_path, one, "--overwrite=true")
+    assert again["draws"]["batches_drawn"] == 2 * 2  # 2 seeds x 2 prompt batches of the power row
+
+
 def test_the_static_decode_loop_gives_the_same_evaluation(tiny_model_path, tmp_path):
     """--protocol.decode only changes how the draws are computed: the same draws, so the same accuracies;
     log-likelihoods agree to float rounding (the static loop attends through a longer, masked cache)."""

@@ -48,6 +48,15 @@ class RLConfig:
     their reward (docs/rl.md)."""
     truncation_penalty: float = 10.0
     """Subtracted from a truncated response's reward (not from log pi_base in the KL) when truncated=penalize."""
+    reward: str = "loglik"
+    """online: the self-reward of each sample, a name in ``sharpening.rewards.REWARDS`` or an import path
+    ('pkg.mod:func'); loglik (log pi_base(y|x)) is the paper's. A policy-scored one is computed from the weights
+    that drew the rollout. offline and xpo fit log pi_base itself: loglik only."""
+    task_reward: str | None = None
+    """online: an external task reward added to the self-reward, an import path to a function of (response
+    text, reference answer or None) -> float (null = none)."""
+    task_reward_weight: float = 1.0
+    """online: the weight w of the task reward: the signal is self-reward + w * task reward, before the KL."""
 
 
 def validate_rl_config(rl: RLConfig, sampling: SamplingConfig) -> list[str]:

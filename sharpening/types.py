@@ -75,3 +75,15 @@ class PackedBatch:
     example_ids: torch.Tensor  # [R, L] long, which example a token belongs to; -1 on padding
     response_mask: torch.Tensor  # [R, L] bool, True on response tokens (the loss targets)
     response_lengths: torch.Tensor  # [B] long, response tokens of each example, in the examples' order
+
+
+@dataclass
+class TokenStats:
+    """Statistics of the full next-token distribution (temperature 1) at each response position, from the
+    teacher-forced pass that gives the log-probs (``logprobs.sample_token_stats``); zero where the response
+    mask is False. Scoring-only: computed without gradient."""
+
+    entropy: torch.Tensor  # [..., T] float32, nats: -sum_v p_v log p_v
+    logsumexp: torch.Tensor  # [..., T] float32, log sum_v exp(logit_v)
+    mean_logit: torch.Tensor  # [..., T] float32, (1/V) sum_v logit_v
+    vocab_size: int  # V, the width of the logits the statistics are over (the LM head's rows)

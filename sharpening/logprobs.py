@@ -15,7 +15,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from sharpening.kernels.cpu_linear import OneDNNLinear, linear
-from sharpening.types import SampleBatch
+from sharpening.types import SampleBatch, TokenStats
 
 
 def _head_transform(model: torch.nn.Module):
@@ -186,6 +186,18 @@ def response_logprobs(
     prompt_ids/prompt_mask: [R, P] left-padded; response_ids/response_mask: [R, T] right-padded.
     Returns [R, T] float32. Gradients flow when called under grad.
     """
+    predicting = _response_predicting(model, prompt_ids, prompt_mask, response_ids, response_mask)  # [R, T, H]
+    return _response_positions_logprobs(model, predicting, response_ids, response_mask, chunk_size)
+
+
+def _response_predicting(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """The decoder's state before each response token, one pass over ``[prompt | response]``. -> [R, T, H]"""
     p = prompt_ids.shape[1]
     input_ids = torch.cat([prompt_ids, response_ids], dim=1)  # [R, P+T]
     attention_mask = torch.cat([prompt_mask, response_mask], dim=1).long()
@@ -193,8 +205,7 @@ def response_logprobs(
     hidden = model.get_decoder()(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False
     ).last_hidden_state  # [R, P+T, H]
-    predicting = hidden[:, p - 1 : -1]  # [R, T, H]: state at position t predicts token t+1
-    return _response_positions_logprobs(model, predicting, response_ids, response_mask, chunk_size)
+    return hidden[:, p - 1 : -1]  # [R, T, H]: state at position t predicts token t+1
 
 
 def _response_positions_logprobs(
@@ -266,6 +277,23 @@ def group_response_logprobs(
     Returns [B, N, T] float32.
     """
     b, n, t = response_ids.shape
+    predicting = _group_predicting(model, prompt_ids, prompt_mask, response_ids, response_mask)  # [B*N, T, H]
+    flat_ids, flat_mask = response_ids.reshape(b * n, t), response_mask.reshape(b * n, t)  # [B, N, T] -> [B*N, T]
+    out = _response_positions_logprobs(model, predicting, flat_ids, flat_mask, chunk_size)  # [B*N, T]
+    return out.view(b, n, t)  # [B*N, T] -> [B, N, T]
+
+
+def _group_predicting(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+) -> torch.Tensor:
+    """The decoder's state before each response token, each prompt run once for its N responses
+    (``group_response_logprobs``). prompt_ids/prompt_mask [B, P], response_ids/response_mask [B, N, T]
+    -> [B*N, T, H]."""
+    b, n, t = response_ids.shape
     decoder = model.get_decoder()
     mask = prompt_mask.long()
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
@@ -282,9 +310,7 @@ def group_response_logprobs(
         **{kv_cache_keyword(): cache},
     ).last_hidden_state  # [B*N, T, H]
     last_prompt = prompt_out.last_hidden_state[:, -1:].repeat_interleave(n, 0)  # [B*N, 1, H]
-    predicting = torch.cat([last_prompt, hidden[:, :-1]], dim=1)  # [B*N, T, H]: state before token t
-    out = _response_positions_logprobs(model, predicting, flat_ids, flat_mask, chunk_size)  # [B*N, T]
-    return out.view(b, n, t)  # [B*N, T] -> [B, N, T]
+    return torch.cat([last_prompt, hidden[:, :-1]], dim=1)  # [B*N, T, H]: state before token t
 
 
 def sample_logprobs(
@@ -297,17 +323,103 @@ def sample_logprobs(
     otherwise every sample row carries its own copy of the prompt. Gradients flow when called under grad.
     """
     b, n, t = samples.response_ids.shape
+    flat_ids, flat_mask = samples.response_ids.view(b * n, t), samples.response_mask.view(b * n, t)  # -> [B*N, T]
+    predicting = _sample_predicting(model, samples, share_prompt)  # [B*N, T, H]
+    out = _response_positions_logprobs(model, predicting, flat_ids, flat_mask, chunk_size)  # [B*N, T]
+    return out.view(b, n, t)  # [B*N, T] -> [B, N, T]
+
+
+def _sample_predicting(model: torch.nn.Module, samples: SampleBatch, share_prompt: bool) -> torch.Tensor:
+    """The decoder's state before each response token of every sample, each prompt once per group when it
+    can (``sample_logprobs``). -> [B*N, T, H]"""
+    b, n, t = samples.response_ids.shape
     prompts = samples.prompts
     if share_prompt and n > 1 and t > 0 and shared_prompt_problem(model) is None:
-        return group_response_logprobs(
-            model, prompts.prompt_ids, prompts.prompt_mask, samples.response_ids, samples.response_mask, chunk_size
+        return _group_predicting(
+            model, prompts.prompt_ids, prompts.prompt_mask, samples.response_ids, samples.response_mask
         )
-    flat = response_logprobs(
+    return _response_predicting(
         model,
         prompts.prompt_ids.repeat_interleave(n, 0),  # [B, P] -> [B*N, P]
         prompts.prompt_mask.repeat_interleave(n, 0),
         samples.response_ids.view(b * n, t),  # [B, N, T] -> [B*N, T]
         samples.response_mask.view(b * n, t),
-        chunk_size=chunk_size,
     )
-    return flat.view(b, n, t)  # [B*N, T] -> [B, N, T]
+
+
+# ---------------------------------------------------------------- per-token statistics of the distribution
+
+
+def _chunk_stats(hidden: torch.Tensor, targets: torch.Tensor, head, softcap, scale) -> tuple[torch.Tensor, ...]:
+    """(log-prob of the target, entropy, logsumexp, mean logit) of softmax(head(hidden)) per row, float32,
+    from one [M, V] logits buffer and one [M, V] work buffer. hidden [M, H], targets [M] -> four [M]."""
+    logits = _post_processed(head(hidden).float(), softcap, scale)  # [M, V]
+    picked = logits.gather(-1, targets[:, None]).squeeze(-1)  # [M]
+    lse = logits.logsumexp(-1)  # [M]
+    # H = -sum_v p_v (z_v - lse) = lse - sum_v p_v z_v; a -inf logit has p_v = 0 and adds 0 (nan_to_num)
+    expected_logit = logits.sub(lse[:, None]).exp_().mul_(logits).nan_to_num_(0.0).sum(-1)  # [M]
+    return picked - lse, lse - expected_logit, lse, logits.mean(-1)
+
+
+@torch.no_grad()
+def _response_positions_stats(
+    model: torch.nn.Module,
+    predicting: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    chunk_size: int,
+) -> tuple[torch.Tensor, TokenStats]:
+    """The head on response positions only, ``chunk_size`` at a time, keeping the statistics of each row's
+    full distribution. predicting [R, T, H], response_ids/response_mask [R, T] -> [R, T] log-probs and
+    TokenStats [R, T], zero where the mask is False."""
+    head, softcap, scale = _head_transform(model)
+    columns = [torch.zeros(response_ids.shape, dtype=torch.float32, device=response_ids.device) for _ in range(4)]
+    vocab_size = model.config.vocab_size
+    flat_targets = response_ids[response_mask]  # [M]
+    if flat_targets.numel():
+        hidden = predicting[response_mask]  # [M, H]
+        chunks = [
+            _chunk_stats(
+                hidden[start : start + chunk_size], flat_targets[start : start + chunk_size], head, softcap, scale
+            )
+            for start in range(0, flat_targets.shape[0], chunk_size)
+        ]
+        columns = [out.masked_scatter(response_mask, torch.cat(col)) for out, col in zip(columns, zip(*chunks))]
+        vocab_size = head(hidden[:1]).shape[-1]  # the logits' width, which may exceed config.vocab_size
+    logprobs, entropy, lse, mean_logit = columns
+    return logprobs, TokenStats(entropy=entropy, logsumexp=lse, mean_logit=mean_logit, vocab_size=vocab_size)
+
+
+@torch.no_grad()
+def response_token_stats(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    response_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    chunk_size: int = 256,
+) -> tuple[torch.Tensor, TokenStats]:
+    """``response_logprobs`` and, from the same pass, the entropy, logsumexp and mean of the logits of the
+    full next-token distribution (temperature 1) at each response position. Scoring only: no gradient.
+    Peak head memory two ``chunk_size x vocab`` float32 buffers, never ``rows x length x vocab``.
+
+    prompt_ids/prompt_mask: [R, P] left-padded; response_ids/response_mask: [R, T] right-padded.
+    Returns [R, T] float32 log-probs and TokenStats [R, T], zero where ``response_mask`` is False.
+    """
+    predicting = _response_predicting(model, prompt_ids, prompt_mask, response_ids, response_mask)  # [R, T, H]
+    return _response_positions_stats(model, predicting, response_ids, response_mask, chunk_size)
+
+
+@torch.no_grad()
+def sample_token_stats(
+    model: torch.nn.Module, samples: SampleBatch, chunk_size: int = 256, share_prompt: bool = True
+) -> tuple[torch.Tensor, TokenStats]:
+    """``sample_logprobs`` and the per-token statistics of ``response_token_stats`` from the same pass:
+    [B, N, T] float32 log-probs and TokenStats [B, N, T]. Scoring only: no gradient."""
+    b, n, t = samples.response_ids.shape
+    flat_ids, flat_mask = samples.response_ids.view(b * n, t), samples.response_mask.view(b * n, t)  # -> [B*N, T]
+    predicting = _sample_predicting(model, samples, share_prompt)  # [B*N, T, H]
+    logprobs, stats = _response_positions_stats(model, predicting, flat_ids, flat_mask, chunk_size)
+    unflat = lambda x: x.view(b, n, t)  # noqa: E731  [B*N, T] -> [B, N, T]
+    stats = TokenStats(unflat(stats.entropy), unflat(stats.logsumexp), unflat(stats.mean_logit), stats.vocab_size)
+    return unflat(logprobs), stats

@@ -17,6 +17,7 @@ from tests.helpers import REPO_ROOT
 DOCTEST_MODULES = [
     "sharpening.checkpoint.files",
     "sharpening.data_files",
+    "sharpening.diagnostics",
     "sharpening.errors",
     "sharpening.evaluate.config",
     "sharpening.evaluate.protocol",

@@ -1,0 +1,81 @@
+"""Collapse diagnostics (sharpening.diagnostics) on hand-made groups, every value counted by hand."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from sharpening.diagnostics import (
+    answer_entropy,
+    distinct_ngram_ratio,
+    entropy_band_mask,
+    group_diagnostics,
+    majority_share,
+    mean_token_entropy,
+)
+
+T, F = True, False
+
+
+def _group():
+    """2 prompts x 2 responses; masked positions hold tokens that must never count.
+
+    prompt 0: [1,2,3] and [1,2,3]: bigrams (1,2)(2,3)(1,2)(2,3) -> 2/4; trigrams (1,2,3) x2 -> 1/2.
+    prompt 1: [4,4,4,4] and [5 | 9 9 9]: bigrams (4,4) x3 -> 1/3 (the short one has none); trigrams (4,4,4) x2 -> 1/2.
+    """
+    ids = torch.tensor([[[1, 2, 3, 7], [1, 2, 3, 8]], [[4, 4, 4, 4], [5, 9, 9, 9]]])
+    mask = torch.tensor([[[T, T, T, F], [T, T, T, F]], [[T, T, T, T], [T, F, F, F]]])
+    return ids, mask
+
+
+def test_distinct_ngram_ratio_by_hand():
+    ids, mask = _group()
+    assert distinct_ngram_ratio(ids, mask, 2).tolist() == pytest.approx([2 / 4, 1 / 3])
+    assert distinct_ngram_ratio(ids, mask, 3).tolist() == pytest.approx([1 / 2, 1 / 2])
+    assert distinct_ngram_ratio(ids, mask, 1).tolist() == pytest.approx([3 / 6, 2 / 5])
+
+
+def test_distinct_ngram_ratio_is_nan_without_any_ngram():
+    ids = torch.tensor([[[3, 0], [4, 0]]])
+    mask = torch.tensor([[[T, F], [T, F]]])
+    assert math.isnan(distinct_ngram_ratio(ids, mask, 2).item())
+
+
+def test_ngrams_do_not_run_across_responses():
+    """Two responses [1] and [2]: no bigram; joining them would invent (1, 2)."""
+    ids = torch.tensor([[[1], [2]]])
+    assert math.isnan(distinct_ngram_ratio(ids, torch.ones(1, 2, 1, dtype=torch.bool), 2).item())
+
+
+def test_group_diagnostics_lengths_and_ratios():
+    ids, mask = _group()
+    out = group_diagnostics(ids, mask)
+    assert out["response_tokens"].tolist() == pytest.approx([3.0, 2.5])
+    assert out["distinct_2gram"].tolist() == pytest.approx([0.5, 1 / 3])
+    assert out["distinct_3gram"].tolist() == pytest.approx([0.5, 0.5])
+
+
+def test_majority_share_counts_the_largest_answer_over_all_samples():
+    answers = [["7", "7", "3", None, "7"], ["1", "2"], [None, None, None], ["a", "b", "b", "a"]]
+    assert majority_share(answers).tolist() == pytest.approx([3 / 5, 1 / 2, 0.0, 1 / 2])
+
+
+def test_answer_entropy_by_hand_with_unanswered_samples_as_their_own_clusters():
+    answers = [["7", "7", "7", "7"], ["7", "7", "3", "3"], ["7", "7", None, None], [None, None, None, None]]
+    h_half = math.log(2)
+    h_2_1_1 = -(0.5 * math.log(0.5) + 2 * 0.25 * math.log(0.25))
+    assert answer_entropy(answers).tolist() == pytest.approx([0.0, h_half, h_2_1_1, math.log(4)])
+
+
+def test_entropy_band_keeps_the_middle_and_its_edges():
+    entropy = answer_entropy([["7"] * 4, ["7", "7", "3", "3"], ["1", "2", "3", "4"], ["1", "1", "1", "2"]])
+    kept = entropy_band_mask(entropy, low=0.5, high=math.log(2) + 1e-6)
+    assert kept.tolist() == [False, True, False, True]  # too easy, in band, too hard, in band (0.562)
+
+
+def test_mean_token_entropy_ignores_padding():
+    entropy = torch.tensor([[[1.0, 2.0, 100.0], [3.0, 50.0, 50.0]]])
+    mask = torch.tensor([[[T, T, F], [T, F, F]]])
+    assert mean_token_entropy(entropy, mask).item() == pytest.approx(2.0)

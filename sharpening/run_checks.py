@@ -64,6 +64,9 @@ def _power_warnings(verifier) -> list[str]:
     if verifier.selection.reward != SelectionConfig().reward:
         unused.append(f"--verifier.selection.reward={verifier.selection.reward} (a power sample's score is its base "
                       "log-likelihood)")  # fmt: skip
+    if verifier.selection.task_reward is not None:
+        unused.append(f"--verifier.selection.task_reward={verifier.selection.task_reward} (a power sample's score is "
+                      "its base log-likelihood)")  # fmt: skip
     if not unused:
         return []
     return ["--verifier.select_by=power leaves these set but unused: " + "; ".join(unused)]
@@ -101,6 +104,12 @@ def verifier_problems(verifier, module: PolicyModule, trainer, rl) -> list[str]:
         problems.append(
             f"--verifier.selection.reward={verifier.selection.reward}: offline RL-sharpening uses each sample's score "
             "as log pi_base(y|x) in its squared loss, so it needs --verifier.selection.reward loglik"
+        )
+    if offline and verifier.selection.task_reward is not None:  # the same: a task reward would enter log pi_base
+        problems.append(
+            f"--verifier.selection.task_reward={verifier.selection.task_reward}: offline RL-sharpening uses each "
+            "sample's score as log pi_base(y|x) in its squared loss, so no task reward can be added to it; unset it, "
+            "or use algorithm online with --model.rl.task_reward"
         )
     if offline and verifier.selection.truncated == "penalize":  # all N kept, pairs hold raw scores: penalty lost
         problems.append(

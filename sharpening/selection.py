@@ -15,8 +15,9 @@ TRUNCATED_POLICIES = ("drop", "keep", "penalize")
 class SelectionConfig:
     """How samples are scored and kept."""
 
-    reward: Literal["loglik", "loglik_norm", "majority"] = "loglik"
-    """Self-reward: loglik = log pi_base(y|x) (the paper's); loglik_norm = per token; majority = answer frequency."""
+    reward: str = "loglik"
+    """Self-reward: a name in ``sharpening.rewards.REWARDS`` (loglik = log pi_base(y|x), the paper's; loglik_norm =
+    per token; majority = answer frequency; self_certainty, ...) or an import path 'pkg.mod:func' of your own."""
     keep_top_k: int = 1
     """Samples kept per prompt (1 = best-of-N)."""
     truncated: Literal["drop", "keep", "penalize"] = "drop"
@@ -27,21 +28,43 @@ class SelectionConfig:
     """Samples scoring below this are never kept (None = no threshold)."""
     answer_extractor: str = "strip"
     """Answer extraction for majority vote and accuracy: a built-in name or a dotted import path."""
+    task_reward: str | None = None
+    """An external task reward added to the self-reward: import path of a function of (response text, the
+    prompt's reference answer or None) -> float (null = none)."""
+    task_reward_weight: float = 1.0
+    """The weight w of the task reward: a sample's score is self-reward + w * task reward."""
 
 
 def validate_selection_config(cfg: SelectionConfig, samples_per_prompt: int, option: str) -> list[str]:
     """Every problem with ``cfg``, each naming ``option.<field>``."""
-    from sharpening.rewards import REWARDS
-
-    problems = []
-    if cfg.reward not in REWARDS:
-        problems.append(f"{option}.reward={cfg.reward!r}: unknown self-reward; choose one of {', '.join(REWARDS)}")
+    problems = reward_problems(cfg.reward, cfg.task_reward, cfg.task_reward_weight, option)
     if not 1 <= cfg.keep_top_k <= max(samples_per_prompt, 1):
         problems.append(
             f"{option}.keep_top_k={cfg.keep_top_k}: must be between 1 and samples_per_prompt ({samples_per_prompt})"
         )
     if cfg.truncated not in TRUNCATED_POLICIES:
         problems.append(f"{option}.truncated={cfg.truncated!r}: must be one of {', '.join(TRUNCATED_POLICIES)}")
+    return problems
+
+
+def reward_problems(reward: str, task_reward: str | None, task_reward_weight: float, option: str) -> list[str]:
+    """Whether ``reward`` names a registered self-reward or imports one, and ``task_reward`` a function, each
+    problem naming ``option.<field>`` (shared by --verifier.selection and --model.rl)."""
+    from sharpening.errors import ConfigError
+    from sharpening.rewards import resolve_reward, resolve_task_reward  # rewards imports torch only
+
+    problems = []
+    try:
+        resolve_reward(reward, f"{option}.reward")
+    except ConfigError as err:
+        problems += err.problems
+    if task_reward is not None:
+        try:
+            resolve_task_reward(task_reward, f"{option}.task_reward")
+        except ConfigError as err:
+            problems += err.problems
+    if not abs(task_reward_weight) < float("inf"):
+        problems.append(f"{option}.task_reward_weight={task_reward_weight}: must be a finite number, e.g. 1.0")
     return problems
 
 

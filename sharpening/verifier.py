@@ -1,8 +1,9 @@
-"""One self-verification round, no Lightning: sample -> score with the frozen base -> select -> kept examples.
+"""One self-verification round, no Lightning: sample -> score by the self-reward -> select -> kept examples.
 
-A round selects by best-of-N (``select_by="best_of_n"``: N draws, the best by self-reward kept) or by power
-sampling (``select_by="power"``: one draw from pi^alpha per prompt, ``engines.power.power_sample``, kept as the
-prompt's example: power self-distillation). Both score with the frozen base and apply the same truncation rule.
+A round selects by best-of-N (``select_by="best_of_n"``: N draws, the best by a self-reward of
+``rewards.REWARDS`` kept, scored in ``scoring.score_reward``) or by power sampling (``select_by="power"``: one
+draw from pi^alpha per prompt, ``engines.power.power_sample``, kept as the prompt's example: power
+self-distillation, scored by its base log-likelihood). Both apply the same truncation rule.
 
 ``run_round`` takes the models as contexts, the prompt batches as an iterable and the round's settings, and
 returns the kept examples of those prompts with the round's metric sums. The caller (the
@@ -27,7 +28,8 @@ from sharpening.engines.power import PowerSamplingConfig, power_sample
 from sharpening.logprobs import sample_logprobs
 from sharpening.metrics import SharpeningMetric
 from sharpening.policy import stop_token_ids
-from sharpening.rewards import extract_answers, score_samples
+from sharpening.rewards import extract_answers, resolve_reward, resolve_task_reward, score_samples
+from sharpening.scoring import score_reward, with_task_reward
 from sharpening.selection import SelectionConfig, select_top_k
 from sharpening.tasks.extractors import answers_match
 from sharpening.types import PromptBatch, SampleBatch, ScoredSamples
@@ -139,24 +141,31 @@ def process_batch(
 
 def stopping_top_k(settings: RoundSettings) -> int:
     """k for the sampler's stopping of samples that cannot be among the k kept, or 0 where stopping is not
-    exact: the score must be the sum of the sampler's own log-probs (loglik of exact draws from the base)."""
+    exact: the score must be the sum of the sampler's own log-probs (loglik of exact draws from the base, with no
+    task reward added)."""
     sampling, selection = settings.sampling, settings.selection
     exact = settings.sample_from == "base" and is_exact_sampling(sampling.temperature, sampling.top_k, sampling.top_p)
-    return selection.keep_top_k if settings.stop_unselectable and exact and selection.reward == "loglik" else 0
+    pure_loglik = selection.reward == "loglik" and selection.task_reward is None
+    return selection.keep_top_k if settings.stop_unselectable and exact and pure_loglik else 0
 
 
 def score(models: RoundModels, samples: SampleBatch, answers, settings: RoundSettings) -> torch.Tensor:
-    """Self-rewards [B, N] from the frozen base; sampler log-probs are reused only when they ARE base
-    log-probs of exact draws (sampled from the base at temperature 1 with no truncation, method.md §4.4)."""
-    reward = settings.selection.reward
-    if reward == "majority":
-        return score_samples("majority", answers=answers)
-    if settings.sample_from == "base" and samples.exact_draws:
-        token_logprobs = samples.logprobs
-    else:
-        with models.frozen_base() as base:
-            token_logprobs = sample_logprobs(base, samples, models.logprob_chunk_size)  # [B, N, T]
-    return score_samples(reward, token_logprobs, samples.response_mask)
+    """Scores [B, N] by ``selection.reward`` (plus ``task_reward_weight`` times the task reward when set).
+
+    A base-scored reward is scored by the frozen base; a policy-scored one by the model that drew the samples,
+    in this round (``sample_from: policy``: the current policy; ``sample_from: base``: the frozen base, so
+    policy_loglik equals loglik there). Sampler log-probs are reused only where they ARE the scorer's of exact
+    draws (method.md §4.4); the vocabulary statistics are computed only for rewards that read them."""
+    selection = settings.selection
+    reward = resolve_reward(selection.reward)
+    by_drawer = reward.scored_by == "policy" or settings.sample_from == "base"
+    scorer = models.sampling_model if reward.scored_by == "policy" else models.frozen_base
+    scores = score_reward(reward, samples, answers, scorer, models.logprob_chunk_size, scorer_drew=by_drawer)
+    if selection.task_reward is None:
+        return scores
+    texts = decode_responses(models.tokenizer, samples)
+    task_reward = resolve_task_reward(selection.task_reward)
+    return with_task_reward(scores, task_reward, selection.task_reward_weight, texts, samples.prompts.answers)
 
 
 def greedy_correctness(models: RoundModels, prompts: PromptBatch, settings: RoundSettings) -> torch.Tensor:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from sharpening.engines import SamplingConfig, validate_sampling_config
-from sharpening.selection import TRUNCATED_POLICIES
+from sharpening.selection import TRUNCATED_POLICIES, reward_problems
 
 
 @dataclass
@@ -109,6 +109,25 @@ def validate_rl_config(rl: RLConfig, sampling: SamplingConfig) -> list[str]:
         if getattr(rl, name) < 0:
             problems.append(f"{o}.{name}={getattr(rl, name)}: must be >= 0")
     problems += _truncated_problems(rl)
+    problems += _reward_problems(rl)
+    return problems
+
+
+def _reward_problems(rl: RLConfig) -> list[str]:
+    """The self-reward and the task reward resolve; offline and xpo fit log pi_base itself (paper Eq. 8), so
+    they take loglik and no task reward."""
+    o = "--model.rl"
+    problems = reward_problems(rl.reward, rl.task_reward, rl.task_reward_weight, o)
+    if rl.algorithm in ("offline", "xpo") and rl.reward != "loglik":
+        problems.append(
+            f"{o}.reward={rl.reward}: algorithm {rl.algorithm} regresses on log pi_base(y|x) itself (paper Eq. 8), so "
+            f"it takes {o}.reward loglik only; use algorithm online for another self-reward"
+        )
+    if rl.algorithm in ("offline", "xpo") and rl.task_reward is not None:
+        problems.append(
+            f"{o}.task_reward={rl.task_reward}: algorithm {rl.algorithm} regresses on log pi_base(y|x) itself, with "
+            "no task reward; unset it, or use algorithm online"
+        )
     return problems
 
 

@@ -370,7 +370,37 @@ CASES = [
         "unknown self-reward",
         SFT,
         ["--verifier.selection.reward=bleu"],
-        "--verifier.selection.reward='bleu': must be one of loglik, loglik_norm, majority",
+        "--verifier.selection.reward='bleu': unknown self-reward; choose one of loglik, loglik_norm, majority",
+    ),
+    (
+        "a self-reward that declares nothing",
+        SFT,
+        ["--verifier.selection.reward=os.path:join"],
+        "--verifier.selection.reward='os.path:join': function join declares no scored_by / per",
+    ),
+    (
+        "a task reward that does not import",
+        SFT,
+        ["--verifier.selection.task_reward=no_such_module:reward"],
+        "--verifier.selection.task_reward='no_such_module:reward': cannot import it",
+    ),
+    (
+        "offline RL with a task reward",
+        RL,
+        ["--model.init_args.rl.algorithm=offline", "--verifier.selection.task_reward=os.path:isabs"],
+        "offline RL-sharpening uses each sample's score as log pi_base(y|x) in its squared loss, so no task reward",
+    ),
+    (
+        "unknown RL self-reward",
+        RL,
+        ["--model.init_args.rl.reward=bleu"],
+        "--model.rl.reward='bleu': unknown self-reward",
+    ),
+    (
+        "xpo with another self-reward",
+        RL,
+        ["--model.init_args.rl.algorithm=xpo", "--model.init_args.rl.reward=self_certainty"],
+        "--model.rl.reward=self_certainty: algorithm xpo regresses on log pi_base(y|x) itself",
     ),
     ("overfit_batches replaces the SFT order", SFT, ["--trainer.overfit_batches=1"], "--trainer.overfit_batches=1"),
     (

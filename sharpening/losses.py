@@ -27,12 +27,20 @@ def masked_nll(
 # Shapes: R = B*G samples, T response positions; sequence quantities are sums over response tokens.
 
 
-def kl_regularized_rewards(base_seq: torch.Tensor, policy_seq: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """Per-sample signal with the exact sequence KL folded in: (1 + beta) log pi_base(y) - beta log pi(y).
+def kl_regularized_rewards(
+    base_seq: torch.Tensor, policy_seq: torch.Tensor, kl_coef: float, tilt: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-sample signal with the exact sequence KL folded in: (1 + beta) log pi_base(y) - beta log pi(y) + tilt.
 
-    Its expectation under pi is J_beta(pi) = E[log pi_base] - beta KL(pi || pi_base). [...] -> [...].
+    Its expectation under pi is J_beta(pi) = E[log pi_base + tilt] - beta KL(pi || pi_base), maximised by
+    pi_base^(1 + 1/beta) exp(tilt / beta); ``tilt`` [...] is the weighted task reward w r(y) (None: 0).
+    [...] -> [...].
+
+    >>> kl_regularized_rewards(torch.tensor([-2.0]), torch.tensor([-1.0]), 0.5, torch.tensor([1.0]))
+    tensor([-1.5000])
     """
-    return (1.0 + kl_coef) * base_seq - kl_coef * policy_seq
+    signal = (1.0 + kl_coef) * base_seq - kl_coef * policy_seq
+    return signal if tilt is None else signal + tilt
 
 
 def apply_truncated_policy(

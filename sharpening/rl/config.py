@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,8 +16,11 @@ class RLConfig:
 
     algorithm: Literal["online", "offline", "xpo"] = "online"
     """online policy gradient, offline squared loss (paper Eq. 8), or xpo (paper Algorithm 1)."""
-    kl_coef: float = 0.05
-    """beta: the optimum is pi_base^(1 + 1/beta); smaller is sharper."""
+    kl_coef: float | None = None
+    """beta: the optimum is pi_base^(1 + 1/beta); smaller is sharper. Give it or ``alpha`` (null and no alpha:
+    0.05)."""
+    alpha: float | None = None
+    """The optimum's exponent instead of beta: pi_base^alpha, alpha = 1 + 1/beta > 1 (21 is beta 0.05)."""
     baseline: Literal["leave_one_out", "mean"] = "leave_one_out"
     """online: group baseline subtracted from each sample's reward."""
     normalize_advantages: bool = False
@@ -58,6 +62,34 @@ class RLConfig:
     task_reward_weight: float = 1.0
     """online: the weight w of the task reward: the signal is self-reward + w * task reward, before the KL."""
 
+    def __post_init__(self) -> None:
+        """Fill in whichever of ``kl_coef`` and ``alpha`` was left null from the other (both null: beta 0.05), so
+        the objective reads one resolved ``kl_coef`` and the saved hyperparameters show both; a pair given
+        inconsistent or out of range is left for ``validate_rl_config`` to report."""
+        self.kl_coef, self.alpha = resolve_kl_coef(self.kl_coef, self.alpha)
+
+
+DEFAULT_KL_COEF = 0.05
+
+
+def resolve_kl_coef(kl_coef: float | None, alpha: float | None) -> tuple[float | None, float | None]:
+    """(beta, alpha) with the missing one derived by alpha = 1 + 1/beta; both given, or alpha <= 1: unchanged.
+
+    >>> resolve_kl_coef(None, 3.0)
+    (0.5, 3.0)
+    >>> resolve_kl_coef(0.05, None)
+    (0.05, 21.0)
+    >>> resolve_kl_coef(None, None)
+    (0.05, 21.0)
+    """
+    if kl_coef is None and alpha is None:
+        kl_coef = DEFAULT_KL_COEF
+    if alpha is None and kl_coef is not None and kl_coef > 0:
+        alpha = 1.0 + 1.0 / kl_coef
+    elif kl_coef is None and alpha is not None and alpha > 1:
+        kl_coef = 1.0 / (alpha - 1.0)
+    return kl_coef, alpha
+
 
 def validate_rl_config(rl: RLConfig, sampling: SamplingConfig) -> list[str]:
     """Every problem with the RL settings, each naming its option."""
@@ -65,8 +97,7 @@ def validate_rl_config(rl: RLConfig, sampling: SamplingConfig) -> list[str]:
     problems = validate_sampling_config(sampling, "--model.sampling")
     if rl.algorithm not in ("online", "offline", "xpo"):
         problems.append(f"{o}.algorithm={rl.algorithm!r}: unknown algorithm; choose online, offline or xpo")
-    if not rl.kl_coef > 0:
-        problems.append(f"{o}.kl_coef={rl.kl_coef}: beta must be > 0 (the optimum is pi_base^(1+1/beta)); try 0.05")
+    problems += _coefficient_problems(rl)
     if rl.algorithm == "online" and sampling.samples_per_prompt < 2:
         alone = {  # what each baseline does with a group of one sample
             "leave_one_out": "has no other sample to average",
@@ -128,6 +159,26 @@ def _reward_problems(rl: RLConfig) -> list[str]:
             f"{o}.task_reward={rl.task_reward}: algorithm {rl.algorithm} regresses on log pi_base(y|x) itself, with "
             "no task reward; unset it, or use algorithm online"
         )
+    return problems
+
+
+def _coefficient_problems(rl: RLConfig) -> list[str]:
+    """beta > 0, alpha > 1, and alpha = 1 + 1/beta when both are given."""
+    o, problems = "--model.rl", []
+    if rl.kl_coef is not None and not rl.kl_coef > 0:
+        problems.append(f"{o}.kl_coef={rl.kl_coef}: beta must be > 0 (the optimum is pi_base^(1+1/beta)); try 0.05")
+    if rl.alpha is not None and not rl.alpha > 1:
+        problems.append(
+            f"{o}.alpha={rl.alpha}: must be > 1 (the optimum is pi_base^alpha with alpha = 1 + 1/beta; alpha <= 1 "
+            "flattens pi_base or is no KL-regularized optimum); try 21 (beta 0.05)"
+        )
+    if rl.kl_coef and rl.kl_coef > 0 and rl.alpha and rl.alpha > 1:
+        implied = 1.0 + 1.0 / rl.kl_coef
+        if not math.isclose(rl.alpha, implied, rel_tol=1e-6):
+            problems.append(
+                f"{o}.alpha={rl.alpha} and {o}.kl_coef={rl.kl_coef}: alpha must equal 1 + 1/beta ({implied:.6g} "
+                f"for this beta); give one of them and set the other to null"
+            )
     return problems
 
 

@@ -188,7 +188,7 @@ class RLSharpeningModule(PolicyModule):
         """G samples per prompt from the policy, ONE base pass for reward and KL, advantages; logged."""
         samples = self._draw(prompts, "policy", self.sampling.samples_per_prompt, step, SeedStream.POLICY_ROLLOUT)
         base_logprobs, _ = self._base_pass(samples)
-        rollout = build_rollout(samples, base_logprobs, self.rl)
+        rollout = build_rollout(samples, base_logprobs, self.rl, self.tokenizer)
         if rollout.in_loss is not None:
             dropped = 1.0 - rollout.in_loss.float().mean()
             self.log("train/dropped_fraction", dropped, batch_size=len(prompts), sync_dist=True)

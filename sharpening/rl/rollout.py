@@ -26,7 +26,7 @@ from sharpening.losses import (
     pair_residuals,
     policy_gradient_loss,
 )
-from sharpening.rewards import loglik_reward
+from sharpening.rewards import loglik_reward, resolve_task_reward, task_reward_scores
 from sharpening.rl.config import RLConfig
 from sharpening.rl.pairs import PairExample
 from sharpening.types import PromptBatch, SampleBatch
@@ -102,12 +102,30 @@ def base_sequence_logprobs(
     return token_logprobs, sequence_logprobs(token_logprobs, samples.response_mask)
 
 
-def build_rollout(samples: SampleBatch, base_logprobs: torch.Tensor, rl: RLConfig) -> Rollout:
-    """Rewards (log pi_base, the sequence KL folded in unless k3), the truncation policy and group advantages."""
+def task_reward_tilt(samples: SampleBatch, tokenizer, rl: RLConfig) -> torch.Tensor | None:
+    """w r(y): ``rl.task_reward`` of each response's text against its prompt's answer, times
+    ``task_reward_weight`` (method.md §3.2: the optimum becomes pi_base^alpha exp(w r / beta)); [B, G] float32
+    on the samples' device, or None without a task reward."""
+    if rl.task_reward is None:
+        return None
+    texts = [
+        [tokenizer.decode(ids[mask].tolist(), skip_special_tokens=True) for ids, mask in zip(row_ids, row_mask)]
+        for row_ids, row_mask in zip(samples.response_ids, samples.response_mask, strict=True)
+    ]  # [B][G]
+    scores = task_reward_scores(texts, samples.prompts.answers, resolve_task_reward(rl.task_reward))  # [B, G]
+    return rl.task_reward_weight * scores.to(samples.response_ids.device)
+
+
+def build_rollout(samples: SampleBatch, base_logprobs: torch.Tensor, rl: RLConfig, tokenizer=None) -> Rollout:
+    """Rewards (log pi_base, plus w r with a task reward; the sequence KL folded in unless k3), the truncation
+    policy and group advantages. ``tokenizer`` decodes the responses for the task reward (unused without one)."""
     base_seq = sequence_logprobs(base_logprobs, samples.response_mask)  # [B, G]
     sampler_seq = sequence_logprobs(samples.logprobs, samples.response_mask)  # [B, G]
-    sequence_kl = rl.kl_estimator == "sequence"
-    rewards = kl_regularized_rewards(base_seq, sampler_seq, rl.kl_coef) if sequence_kl else base_seq
+    tilt = task_reward_tilt(samples, tokenizer, rl)  # [B, G] or None
+    if rl.kl_estimator == "sequence":
+        rewards = kl_regularized_rewards(base_seq, sampler_seq, rl.kl_coef, tilt)
+    else:
+        rewards = base_seq if tilt is None else base_seq + tilt
     # truncated responses: penalty on the reward after the KL is folded in; drop: in_loss [B, G], else None
     rewards, in_loss = apply_truncated_policy(rewards, samples.truncated, rl.truncated, rl.truncation_penalty)
     advantages = group_advantages(rewards, rl.baseline, rl.normalize_advantages, in_loss).flatten()  # [B, G] -> [B*G]

@@ -85,10 +85,23 @@ def outcome_logprobs(model, tokenizer, prompt: str, outcomes: list[tuple[str, bo
     return (token_lp * response_mask.to(device)).sum(-1)  # [O]
 
 
-def sharpened_target(base_logprobs: torch.Tensor, kl_coef: float) -> torch.Tensor:
-    """log pi*_beta = log of pi_base^(1 + 1/beta), normalised over the outcomes. [O] -> [O]."""
+def sharpened_target(base_logprobs: torch.Tensor, kl_coef: float, tilt: torch.Tensor | None = None) -> torch.Tensor:
+    """log pi*_beta = log of pi_base^(1 + 1/beta) exp(tilt / beta), normalised over the outcomes (method.md §3.2;
+    ``tilt`` [O]: the weighted task reward w r of each outcome, None: 0). [O] -> [O]."""
     scaled = (1.0 + 1.0 / kl_coef) * base_logprobs
+    if tilt is not None:
+        scaled = scaled + tilt / kl_coef
     return scaled - scaled.logsumexp(-1)
+
+
+def starts_with_b(text: str, answer: str | None) -> float:
+    """The toy's task reward for the tilted target (``--model.rl.task_reward sharpening.tasks.toy:starts_with_b``):
+    1 for a response starting with "b", else 0 (the answer is unused).
+
+    >>> starts_with_b("ba", None), starts_with_b("ab", "ab"), starts_with_b("", None)
+    (1.0, 0.0, 0.0)
+    """
+    return 1.0 if text.startswith("b") else 0.0
 
 
 def kl_divergence(logp: torch.Tensor, logq: torch.Tensor) -> float:
@@ -143,16 +156,22 @@ def build_toy_base(
 
 
 @torch.no_grad()
-def measure(model, tokenizer, base_model, prompts: list[str], kl_coef: float) -> dict[str, float]:
+def measure(
+    model, tokenizer, base_model, prompts: list[str], kl_coef: float, task_reward=None, task_reward_weight: float = 1.0
+) -> dict[str, float]:
     """By enumeration, averaged over prompts: KL(pi || pi*_beta) with pi renormalized over the listed outcomes,
     the mass pi puts on argmax pi_base, and the mass pi puts outside the listed outcomes (responses using
-    other vocabulary tokens; ~1e-4 here)."""
+    other vocabulary tokens; ~1e-4 here). With ``task_reward`` (a function of (text, answer), e.g.
+    ``starts_with_b``; the answer given is None) the target is tilted by exp(w r / beta)."""
     outcomes = toy_outcomes()
+    tilt = None
+    if task_reward is not None:
+        tilt = torch.tensor([task_reward_weight * float(task_reward(text, None)) for text, _ in outcomes])  # [O]
     kls, masses, unlisted = [], [], []
     for prompt in prompts:
         base = outcome_logprobs(base_model, tokenizer, prompt, outcomes)
         policy = outcome_logprobs(model, tokenizer, prompt, outcomes)
-        kls.append(kl_divergence(policy, sharpened_target(base, kl_coef)))
+        kls.append(kl_divergence(policy, sharpened_target(base, kl_coef, tilt)))
         masses.append(float(policy[base.argmax()].exp()))
         unlisted.append(1.0 - float(policy.double().logsumexp(-1).exp()))  # float64: the mass left is ~1e-4
     n = len(prompts)
@@ -186,7 +205,7 @@ ORACLE_SETTINGS = {
 def train_on_toy(
     algorithm: str,
     toy_dir: str | Path,
-    kl_coef: float = 0.5,
+    kl_coef: float | None = 0.5,
     lr: float | None = None,
     max_steps: int | None = None,
     seed: int = 0,
@@ -196,7 +215,8 @@ def train_on_toy(
     rl_extra: dict | None = None,
 ):
     """Train ``algorithm`` through the real RLSharpeningModule + Trainer on the toy (``lr`` defaults to
-    ``ORACLE_LR[algorithm]``; ``rl_extra``: further RLConfig fields); returns the module. Its length is the
+    ``ORACLE_LR[algorithm]``; ``rl_extra``: further RLConfig fields, e.g. ``alpha`` with ``kl_coef`` None);
+    returns the module. Its length is the
     module's, verifier's and trainer's settings spelled out flat, in the order a config file gives them."""
     import lightning as L
 

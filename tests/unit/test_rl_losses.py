@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -306,3 +308,93 @@ def test_online_rl_refuses_one_sample_per_prompt_under_either_baseline(baseline)
     assert f"--model.rl.baseline={baseline}" in problems[0] and "set it to 2 or more" in problems[0]
     assert validate_rl_config(RLConfig(baseline=baseline), SamplingConfig(samples_per_prompt=2)) == []
     assert validate_rl_config(RLConfig(algorithm="xpo", baseline=baseline), SamplingConfig(samples_per_prompt=1)) == []
+
+
+# ---- the alpha parameterisation and the task-reward tilt (method.md §3.2) ------------------------------------
+
+
+def _rl_problems(**fields) -> list[str]:
+    from sharpening.engines import SamplingConfig
+    from sharpening.rl.config import RLConfig, validate_rl_config
+
+    return validate_rl_config(RLConfig(**fields), SamplingConfig(samples_per_prompt=4))
+
+
+@pytest.mark.parametrize(
+    ("fields", "beta", "alpha"),
+    [
+        ({}, 0.05, 21.0),
+        ({"alpha": 3.0}, 0.5, 3.0),
+        ({"kl_coef": 0.25}, 0.25, 5.0),
+        ({"alpha": 5.0, "kl_coef": 0.25}, 0.25, 5.0),
+    ],
+)
+def test_alpha_and_beta_resolve_to_one_coefficient_both_shown(fields, beta, alpha):
+    from sharpening.rl.config import RLConfig
+
+    rl = RLConfig(**fields)
+    assert rl.kl_coef == pytest.approx(beta, rel=1e-12) and rl.alpha == pytest.approx(alpha, rel=1e-12)
+    assert _rl_problems(**fields) == []
+    again = RLConfig(**dataclasses.asdict(rl))  # the saved hyperparameters load back (both set, consistent)
+    assert (again.kl_coef, again.alpha) == (rl.kl_coef, rl.alpha)
+
+
+def test_inconsistent_alpha_and_beta_are_refused_with_the_rule():
+    (problem,) = _rl_problems(alpha=4.0, kl_coef=0.5)
+    assert problem.startswith("--model.rl.alpha=4.0 and --model.rl.kl_coef=0.5: alpha must equal 1 + 1/beta (3 ")
+    assert "set the other to null" in problem
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, -2.0])
+def test_alpha_at_most_one_is_refused(alpha):
+    (problem,) = _rl_problems(alpha=alpha)
+    assert problem.startswith(f"--model.rl.alpha={alpha}: must be > 1")
+
+
+def test_tilted_signal_is_maximised_by_the_tilted_power_of_the_base():
+    """E_pi[signal] = E_pi[log pi_base + w r] - beta KL(pi || pi_base): over a listed support, the closed form
+    pi_base^(1 + 1/beta) exp(w r / beta) beats every perturbation of it and the untilted power."""
+    generator = torch.Generator().manual_seed(3)
+    base = torch.log_softmax(torch.randn(7, generator=generator), -1)
+    tilt = 0.8 * (torch.arange(7) % 2).float()  # w r: reward 1 on odd outcomes, w = 0.8
+    beta = 0.4
+
+    def objective(log_pi: torch.Tensor) -> float:
+        return float((log_pi.exp() * kl_regularized_rewards(base, log_pi, beta, tilt)).sum())
+
+    target = torch.log_softmax((1 + 1 / beta) * base + tilt / beta, -1)
+    best = objective(target)
+    for _ in range(20):
+        other = torch.log_softmax(target + 0.3 * torch.randn(7, generator=generator), -1)
+        assert objective(other) < best
+    assert objective(torch.log_softmax((1 + 1 / beta) * base, -1)) < best - 1e-3
+    assert objective(torch.log_softmax((1 + 1 / beta) * base + tilt, -1)) < best - 1e-3  # exp(w r), not / beta
+
+
+def test_rollout_signal_gains_the_weighted_task_reward():
+    """Two samples of one prompt, "b" and "a", equal in every log-prob: only w r separates their advantages."""
+    from sharpening.rl.config import RLConfig
+    from sharpening.rl.rollout import build_rollout
+    from sharpening.tasks.chars import build_char_tokenizer
+    from sharpening.types import PromptBatch, SampleBatch
+
+    tok = build_char_tokenizer("ab")
+    b, a, eos = tok.convert_tokens_to_ids(["b", "a"]) + [tok.eos_token_id]
+    prompts = PromptBatch(
+        torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1, dtype=torch.bool), torch.tensor([0]), [None]
+    )
+    response_ids = torch.tensor([[[b, eos], [a, eos]]])  # [B=1, G=2, T=2]
+    logprobs = torch.full((1, 2, 2), -0.5)
+    samples = SampleBatch(
+        prompts,
+        response_ids,
+        torch.ones(1, 2, 2, dtype=torch.bool),
+        logprobs,
+        torch.zeros(1, 2, dtype=torch.bool),
+        True,
+    )
+    rl = RLConfig(alpha=3.0, baseline="mean", task_reward="sharpening.tasks.toy:starts_with_b", task_reward_weight=0.6)
+    rollout = build_rollout(samples, logprobs.clone(), rl, tok)
+    torch.testing.assert_close(rollout.advantages, torch.tensor([0.3, -0.3]))
+    untilted = build_rollout(samples, logprobs.clone(), dataclasses.replace(rl, task_reward=None), tok)
+    torch.testing.assert_close(untilted.advantages, torch.zeros(2))

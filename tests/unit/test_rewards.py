@@ -9,15 +9,25 @@ import pytest
 import torch
 
 from sharpening.engines import SamplingConfig, generate_samples
+from sharpening.errors import ConfigError
 from sharpening.logprobs import response_logprobs
 from sharpening.prompts import pad_prompts
 from sharpening.rewards import (
     REWARDS,
+    SelfReward,
+    combined_reward,
     extract_answers,
     length_normalized_reward,
     loglik_reward,
+    majority_answer,
+    majority_binary_reward,
     majority_vote_reward,
+    resolve_reward,
+    resolve_task_reward,
     score_samples,
+    self_reward,
+    soft_majority_reward,
+    task_reward_scores,
 )
 from sharpening.selection import best_of_n
 
@@ -102,7 +112,11 @@ def test_score_samples_dispatch():
     torch.testing.assert_close(score_samples("loglik", logprobs, mask), torch.tensor([[-3.0, -0.5]]))
     torch.testing.assert_close(score_samples("loglik_norm", logprobs, mask), torch.tensor([[-1.5, -0.5]]))
     torch.testing.assert_close(score_samples("majority", answers=[["a", "a"]]), torch.tensor([[1.0, 1.0]]))
-    assert set(REWARDS) == {"loglik", "loglik_norm", "majority"}
+    assert set(REWARDS) == {
+        *("loglik", "loglik_norm", "majority"),
+        *("majority_binary", "soft_majority", "policy_loglik", "neg_token_entropy", "neg_mean_token_entropy"),
+        "self_certainty",
+    }
 
 
 def test_score_samples_unknown_name_lists_choices():
@@ -118,6 +132,136 @@ def test_extract_answers_keeps_shape():
     texts = [["a 1", "b"], ["c 22", "3 d"]]
     got = extract_answers(texts, lambda t: t.split()[-1] if " " in t else None)
     assert got == [["1", None], ["22", "d"]]
+
+
+# ---------------------------------------------------------------- majority as binary (TTRL/SRT), soft majority (EMPO)
+
+
+@pytest.mark.parametrize(
+    "answers, majority, want",
+    [
+        ([["4", "4", "5", None]], ["4"], [[1.0, 1.0, 0.0, 0.0]]),
+        ([["5", "4", "4", "5"]], ["5"], [[1.0, 0.0, 0.0, 1.0]]),  # a tie goes to the answer reached first
+        ([["4", "5", "5", "4"]], ["4"], [[1.0, 0.0, 0.0, 1.0]]),  # ... whichever it is
+        ([[None, "3", None, "2"]], ["3"], [[0.0, 1.0, 0.0, 0.0]]),  # None never wins nor ties
+        ([[None, None]], [None], [[0.0, 0.0]]),
+        ([["a", "b"], ["b", "b"]], ["a", "b"], [[1.0, 0.0], [1.0, 1.0]]),  # each group has its own majority
+    ],
+)
+def test_majority_binary_table(answers, majority, want):
+    assert [majority_answer(group) for group in answers] == majority
+    got = majority_binary_reward(answers)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.tensor(want))
+
+
+@pytest.mark.parametrize(
+    "answers, want",
+    [
+        ([["4", "4", "5", None]], [[2 / 3, 2 / 3, 1 / 3, 0.0]]),  # frequency among the ANSWERED samples
+        ([["4", "5", "4", "5"]], [[0.5, 0.5, 0.5, 0.5]]),
+        ([[None, None, None]], [[0.0, 0.0, 0.0]]),  # no answer: 0, not a division by zero
+        ([["x", None], ["y", "z"]], [[1.0, 0.0], [0.5, 0.5]]),
+    ],
+)
+def test_soft_majority_table(answers, want):
+    got = soft_majority_reward(answers)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, torch.tensor(want))
+
+
+def test_soft_majority_differs_from_majority_only_by_the_unanswered():
+    answers = [["1", "1", "2", None, None]]
+    torch.testing.assert_close(soft_majority_reward(answers) * 3, majority_vote_reward(answers) * 5)
+
+
+def test_declarations_of_the_built_ins():
+    assert {n for n, r in REWARDS.items() if r.per == "group"} == {"majority", "majority_binary", "soft_majority"}
+    assert {n for n, r in REWARDS.items() if r.needs_stats} == {
+        "neg_token_entropy",
+        "neg_mean_token_entropy",
+        "self_certainty",
+    }
+    assert REWARDS["loglik"].scored_by == "base" and REWARDS["policy_loglik"].scored_by == "policy"
+    for name, reward in REWARDS.items():
+        assert reward.name == name and reward.description
+        assert reward.needs_answers == (reward.per == "group")
+
+
+def test_score_samples_names_a_missing_input():
+    with pytest.raises(ValueError, match="'self_certainty' reads stats"):
+        score_samples("self_certainty", response_mask=torch.ones(1, 1, 2, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- a user's own reward, by import path
+
+
+@self_reward("policy", "sample", "minus the response length, for the tests")
+def short_responses(response_mask):
+    return -response_mask.sum(-1).float()
+
+
+def plain_function(response_mask):
+    return response_mask.sum(-1).float()
+
+
+NOT_CALLABLE = 3
+BAD_PER = SelfReward("bad", plain_function, "policy", "batch", False, False, "per is wrong")
+LYING = SelfReward("lying", plain_function, "base", "sample", True, False, "says it needs stats; does not")
+UNKNOWN_INPUT = self_reward("base", "sample", "reads logits")(lambda logits: logits)
+OPTION = "--verifier.selection.reward"
+
+
+@pytest.mark.parametrize("path", [f"{__name__}:short_responses", f"{__name__}.short_responses"])
+def test_import_path_registration(path):
+    reward = resolve_reward(path, OPTION)
+    assert reward is short_responses and reward.scored_by == "policy" and not reward.needs_stats
+    mask = torch.tensor([[[True, True, False], [True, False, False]]])
+    torch.testing.assert_close(score_samples(path, response_mask=mask), torch.tensor([[-2.0, -1.0]]))
+
+
+@pytest.mark.parametrize(
+    "attr, expected",
+    [
+        ("plain_function", "declares no scored_by / per; wrap it with @sharpening.rewards.self_reward"),
+        ("NOT_CALLABLE", "is not callable"),
+        ("BAD_PER", "per='batch' must be 'sample' or 'group'"),
+        ("LYING", "needs_stats / needs_answers disagree"),
+        ("UNKNOWN_INPUT", "fn takes logits"),
+        ("missing_name", "cannot import it"),
+    ],
+)
+def test_import_path_refusals_name_the_option(attr, expected):
+    path = f"{__name__}:{attr}"
+    with pytest.raises(ConfigError) as info:
+        resolve_reward(path, OPTION)
+    message = str(info.value)
+    assert f"{OPTION}={path!r}" in message and expected in message
+
+
+def test_unknown_name_without_a_path_lists_the_built_ins():
+    with pytest.raises(ConfigError) as info:
+        resolve_reward("entropy", OPTION)
+    assert f"{OPTION}='entropy': unknown self-reward" in str(info.value) and "self_certainty" in str(info.value)
+
+
+# ---------------------------------------------------------------- combined with a task reward
+
+
+def contains_answer(text: str, answer: str | None) -> float:
+    return float(answer is not None and answer in text)
+
+
+def test_combined_reward_adds_the_weighted_task_reward():
+    task_reward = resolve_task_reward(f"{__name__}:contains_answer", "--model.task_reward")
+    task = task_reward_scores([["x=42", "x=41"], ["no", "7"]], ["42", None], task_reward)
+    torch.testing.assert_close(task, torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    self_scores = torch.tensor([[-3.0, -1.0], [-2.0, -5.0]])
+    got = combined_reward(self_scores, task, 2.5)
+    torch.testing.assert_close(got, torch.tensor([[-0.5, -1.0], [-2.0, -5.0]]))
+    torch.testing.assert_close(combined_reward(self_scores, task, 0.0), self_scores)  # weight 0: the self-reward
+    with pytest.raises(ConfigError, match="--model.task_reward='.*:NOT_CALLABLE'.*not callable"):
+        resolve_task_reward(f"{__name__}:NOT_CALLABLE", "--model.task_reward")
 
 
 # ---------------------------------------------------------------- method.md §5: enumeration on a toy

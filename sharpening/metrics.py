@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
+from sharpening.diagnostics import distinct_ngram_ratio, majority_share
 from sharpening.types import ScoredSamples
 
 
@@ -16,6 +17,11 @@ class SharpeningMetric(Metric):
     sample (self-reward mean, truncation) come from each prompt's first draw, which always runs to its end;
     statistics that need every sample (distinct responses, pass@N) are left out, and the share of stopped
     samples is reported.
+
+    Collapse diagnostics (``diagnostics``): ``sample/response_tokens`` (mean response length), the distinct 2- and
+    3-gram ratios of each prompt's group averaged over prompts (``sample/distinct_2gram``, ``_3gram``; groups
+    without an n-gram left out), and, when ``update`` is given them, ``sample/majority_share`` (the extracted
+    answers) and ``sample/token_entropy`` (mean next-token entropy over response tokens, nats).
     """
 
     full_state_update = False
@@ -36,6 +42,15 @@ class SharpeningMetric(Metric):
         "correct_greedy",
         "drawn",
         "pruned",
+        "response_tokens",
+        "distinct_2gram",
+        "distinct_2gram_prompts",
+        "distinct_3gram",
+        "distinct_3gram_prompts",
+        "majority_share",
+        "majority_prompts",
+        "token_entropy",
+        "entropy_tokens",
     )
 
     def __init__(self, **kwargs) -> None:
@@ -48,8 +63,11 @@ class SharpeningMetric(Metric):
         scored: ScoredSamples,
         correct: torch.Tensor | None = None,
         greedy_correct: torch.Tensor | None = None,
+        answers: list[list[str | None]] | None = None,
+        token_entropy: torch.Tensor | None = None,
     ) -> None:
-        """scored: one round's batch; correct [B, N] bool per sample; greedy_correct [B] bool."""
+        """scored: one round's batch; correct [B, N] bool per sample; greedy_correct [B] bool; answers [B][N]
+        extracted answers; token_entropy [B, N, T] float next-token entropy (``TokenStats.entropy``)."""
         samples, scores = scored.samples, scored.scores.double().cpu()
         b, n = scores.shape
         complete = samples.pruned is None
@@ -66,6 +84,8 @@ class SharpeningMetric(Metric):
         self.selected += kept.sum()
         self.reward_selected += kept_scores.sum()
         self.truncated += samples.truncated[:, population].sum().cpu()
+        self.response_tokens += samples.lengths[:, population].sum().cpu()
+        self._update_diagnostics(scored, answers, token_entropy)
         if complete:
             self.distinct += _distinct_responses(samples.response_ids, samples.response_mask)
         else:
@@ -82,12 +102,34 @@ class SharpeningMetric(Metric):
             self.greedy_answered += greedy_correct.numel()
             self.correct_greedy += greedy_correct.cpu().sum()
 
+    def _update_diagnostics(
+        self, scored: ScoredSamples, answers: list | None, token_entropy: torch.Tensor | None
+    ) -> None:
+        """The repetition and agreement sums: over every sample only (a stopped sample is partial)."""
+        samples = scored.samples
+        if samples.pruned is not None:
+            return
+        ids, mask = samples.response_ids, samples.response_mask
+        bigrams, trigrams = distinct_ngram_ratio(ids, mask, 2), distinct_ngram_ratio(ids, mask, 3)  # [B], NaN: none
+        self.distinct_2gram += bigrams.nan_to_num(0.0).sum()
+        self.distinct_2gram_prompts += torch.isfinite(bigrams).sum()
+        self.distinct_3gram += trigrams.nan_to_num(0.0).sum()
+        self.distinct_3gram_prompts += torch.isfinite(trigrams).sum()
+        if answers is not None:
+            self.majority_share += majority_share(answers).double().sum()
+            self.majority_prompts += len(answers)
+        if token_entropy is not None:
+            mask = samples.response_mask.to(token_entropy.device)
+            self.token_entropy += (token_entropy.double() * mask).sum().cpu()
+            self.entropy_tokens += mask.sum().cpu()
+
     def compute(self) -> dict[str, torch.Tensor]:
         out = {
             "sample/self_reward_mean": self.reward_all / self.finite.clamp(min=1),
             "sample/self_reward_selected_mean": self.reward_selected / self.selected.clamp(min=1),
             "sample/truncated_fraction": self.truncated / self.samples.clamp(min=1),
             "sample/kept_per_prompt": self.selected / self.prompts.clamp(min=1),
+            "sample/response_tokens": self.response_tokens / self.samples.clamp(min=1),
         }
         out["sample/selected_minus_random"] = out["sample/self_reward_selected_mean"] - out["sample/self_reward_mean"]
         complete = bool(torch.isfinite(self.distinct))
@@ -95,6 +137,14 @@ class SharpeningMetric(Metric):
             out["sample/distinct_per_prompt"] = self.distinct / self.prompts.clamp(min=1)
         else:
             out["sample/stopped_fraction"] = self.pruned / self.drawn.clamp(min=1)
+        if self.distinct_2gram_prompts > 0:
+            out["sample/distinct_2gram"] = self.distinct_2gram / self.distinct_2gram_prompts
+        if self.distinct_3gram_prompts > 0:
+            out["sample/distinct_3gram"] = self.distinct_3gram / self.distinct_3gram_prompts
+        if self.majority_prompts > 0:
+            out["sample/majority_share"] = self.majority_share / self.majority_prompts
+        if self.entropy_tokens > 0:
+            out["sample/token_entropy"] = self.token_entropy / self.entropy_tokens
         if self.answered > 0:
             out["sample/accuracy"] = self.correct_sample / self.answered
             if complete:

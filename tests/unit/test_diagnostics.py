@@ -15,6 +15,8 @@ from sharpening.diagnostics import (
     majority_share,
     mean_token_entropy,
 )
+from sharpening.metrics import SharpeningMetric
+from sharpening.types import PromptBatch, SampleBatch, ScoredSamples
 
 T, F = True, False
 
@@ -79,3 +81,37 @@ def test_mean_token_entropy_ignores_padding():
     entropy = torch.tensor([[[1.0, 2.0, 100.0], [3.0, 50.0, 50.0]]])
     mask = torch.tensor([[[T, T, F], [T, F, F]]])
     assert mean_token_entropy(entropy, mask).item() == pytest.approx(2.0)
+
+
+def _scored(ids, mask, pruned=None):
+    b, n, _ = ids.shape
+    prompts = PromptBatch(
+        torch.ones(b, 1, dtype=torch.long), torch.ones(b, 1, dtype=torch.bool), torch.arange(b), [None] * b
+    )
+    samples = SampleBatch(prompts, ids, mask, torch.zeros(ids.shape), torch.zeros(b, n, dtype=torch.bool), True, pruned)
+    return ScoredSamples(
+        samples, torch.zeros(b, n), torch.zeros(b, 1, dtype=torch.long), torch.ones(b, 1, dtype=torch.bool)
+    )
+
+
+def test_round_metric_reports_the_diagnostics_over_batches():
+    ids, mask = _group()
+    metric = SharpeningMetric()
+    metric.update(_scored(ids, mask), answers=[["1", "1"], ["2", None]], token_entropy=torch.full(ids.shape, 0.5))
+    metric.update(_scored(ids[:1], mask[:1]), answers=[["3", "4"]], token_entropy=torch.full((1, 2, 4), 2.0))
+    out = metric.compute()
+    assert out["sample/response_tokens"].item() == pytest.approx((3 + 3 + 4 + 1 + 3 + 3) / 6)
+    assert out["sample/distinct_2gram"].item() == pytest.approx((1 / 2 + 1 / 3 + 1 / 2) / 3)
+    assert out["sample/distinct_3gram"].item() == pytest.approx((1 / 2 + 1 / 2 + 1 / 2) / 3)
+    assert out["sample/majority_share"].item() == pytest.approx((1 + 1 / 2 + 1 / 2) / 3)
+    assert out["sample/token_entropy"].item() == pytest.approx((11 * 0.5 + 6 * 2.0) / 17)  # per token, not per batch
+
+
+def test_round_metric_leaves_out_what_it_was_not_given_or_cannot_know():
+    ids, mask = _group()
+    metric = SharpeningMetric()
+    metric.update(_scored(ids, mask, pruned=torch.tensor([[False, True], [False, False]])), answers=[["1", "1"]] * 2)
+    out = metric.compute()
+    assert out["sample/response_tokens"].item() == pytest.approx((3 + 4) / 2)  # each prompt's first (whole) draw
+    for left_out in ("distinct_2gram", "distinct_3gram", "majority_share", "token_entropy"):
+        assert f"sample/{left_out}" not in out

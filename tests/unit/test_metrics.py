@@ -73,6 +73,8 @@ def test_accuracy_keys_absent_without_answers():
         "sample/distinct_per_prompt",
         "sample/kept_per_prompt",
         "sample/selected_minus_random",
+        "sample/response_tokens",
+        "sample/distinct_2gram",  # no 3-gram: every response has at most 2 tokens
     }
 
 

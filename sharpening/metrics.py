@@ -67,7 +67,8 @@ class SharpeningMetric(Metric):
         token_entropy: torch.Tensor | None = None,
     ) -> None:
         """scored: one round's batch; correct [B, N] bool per sample; greedy_correct [B] bool; answers [B][N]
-        extracted answers; token_entropy [B, N, T] float next-token entropy (``TokenStats.entropy``)."""
+        extracted answers (default: ``scored.answers``); token_entropy [B, N, T] float next-token entropy
+        (``TokenStats.entropy``)."""
         samples, scores = scored.samples, scored.scores.double().cpu()
         b, n = scores.shape
         complete = samples.pruned is None
@@ -85,7 +86,7 @@ class SharpeningMetric(Metric):
         self.reward_selected += kept_scores.sum()
         self.truncated += samples.truncated[:, population].sum().cpu()
         self.response_tokens += samples.lengths[:, population].sum().cpu()
-        self._update_diagnostics(scored, answers, token_entropy)
+        self._update_diagnostics(scored, scored.answers if answers is None else answers, token_entropy)
         if complete:
             self.distinct += _distinct_responses(samples.response_ids, samples.response_mask)
         else:

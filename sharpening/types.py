@@ -54,6 +54,7 @@ class ScoredSamples:
     scores: torch.Tensor  # [B, N] float32, self-reward of each sample (higher is better)
     selected: torch.Tensor  # [B, K] long, indices into N of the kept samples, best first
     selected_mask: torch.Tensor  # [B, K] bool, False where no sample was eligible
+    answers: list[list[str | None]] | None = None  # [B][N] extracted answers (diagnostics), None when not extracted
 
 
 @dataclass

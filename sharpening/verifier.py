@@ -129,7 +129,7 @@ def process_batch(
         selection.truncation_penalty,
         selection.min_score,
     )
-    scored = ScoredSamples(samples, scores, selected, selected_mask)
+    scored = ScoredSamples(samples, scores, selected, selected_mask, answers)
     if not any(a is not None for a in prompts.answers):
         return scored, None, None
     correct = torch.tensor(

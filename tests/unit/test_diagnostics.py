@@ -115,3 +115,12 @@ def test_round_metric_leaves_out_what_it_was_not_given_or_cannot_know():
     assert out["sample/response_tokens"].item() == pytest.approx((3 + 4) / 2)  # each prompt's first (whole) draw
     for left_out in ("distinct_2gram", "distinct_3gram", "majority_share", "token_entropy"):
         assert f"sample/{left_out}" not in out
+
+
+def test_round_metric_reads_the_answers_the_round_extracted():
+    ids, mask = _group()
+    scored = _scored(ids, mask)
+    scored.answers = [["1", None], ["2", "2"]]
+    metric = SharpeningMetric()
+    metric.update(scored)
+    assert metric.compute()["sample/majority_share"].item() == pytest.approx((1 / 2 + 1) / 2)

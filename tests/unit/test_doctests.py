@@ -27,6 +27,7 @@ DOCTEST_MODULES = [
     "sharpening.optim",
     "sharpening.prompts",
     "sharpening.rewards",
+    "sharpening.rewards.functions",
     "sharpening.rl.rollout",
     "sharpening.tasks.chars",
     "sharpening.tasks.demo",

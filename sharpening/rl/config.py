@@ -8,6 +8,7 @@ from typing import Literal
 
 from sharpening.engines import SamplingConfig, validate_sampling_config
 from sharpening.selection import TRUNCATED_POLICIES, reward_problems
+from sharpening.tasks.extractors import resolve_extractor
 
 
 @dataclass
@@ -56,6 +57,9 @@ class RLConfig:
     """online: the self-reward of each sample, a name in ``sharpening.rewards.REWARDS`` or an import path
     ('pkg.mod:func'); loglik (log pi_base(y|x)) is the paper's. A policy-scored one is computed from the weights
     that drew the rollout. offline and xpo fit log pi_base itself: loglik only."""
+    answer_extractor: str = "strip"
+    """online: how answers are read from responses for rewards of the answers (majority, majority_binary,
+    soft_majority): a built-in name or an import path, as --verifier.selection.answer_extractor."""
     task_reward: str | None = None
     """online: an external task reward added to the self-reward, an import path to a function of (response
     text, reference answer or None) -> float (null = none)."""
@@ -149,6 +153,10 @@ def _reward_problems(rl: RLConfig) -> list[str]:
     they take loglik and no task reward."""
     o = "--model.rl"
     problems = reward_problems(rl.reward, rl.task_reward, rl.task_reward_weight, o)
+    try:
+        resolve_extractor(rl.answer_extractor)
+    except ValueError as err:
+        problems.append(f"{o}.answer_extractor: {err}")
     if rl.algorithm in ("offline", "xpo") and rl.reward != "loglik":
         problems.append(
             f"{o}.reward={rl.reward}: algorithm {rl.algorithm} regresses on log pi_base(y|x) itself (paper Eq. 8), so "

@@ -31,13 +31,14 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 
-from sharpening.engines import SamplingConfig, decode_device_problems
+from sharpening.engines import SamplingConfig, decode_device_problems, decode_responses
 from sharpening.errors import raise_if_problems
 from sharpening.losses import apply_truncated_policy, kl_regularized_rewards, squared_pair_loss, xpo_loss
 from sharpening.module import PolicyModule, TrainsOn, config_from, plain_hparams
 from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig, disable_dropout, eval_mode, stop_token_ids
 from sharpening.prompts import epoch_sampler
+from sharpening.rewards import REWARDS, extract_answers, resolve_reward
 from sharpening.rl.config import RLConfig, validate_rl_config
 from sharpening.rl.data import update_loader, whole_rollout_steps
 from sharpening.rl.pairs import PairExample, collate_pairs, pairs_from_buffer
@@ -51,16 +52,19 @@ from sharpening.rl.rollout import (
     pair_residuals_of,
     pairs_of,
     policy_estimates,
+    rollout_self_rewards,
     sequence_logprobs,
     xpo_minibatches,
 )
 from sharpening.rl.state import RLTrainingState, load_rl_state, save_rl_state
 from sharpening.run_checks import rl_trainer_problems
+from sharpening.tasks.extractors import resolve_extractor
 from sharpening.types import PromptBatch, SampleBatch
 
 
 class RLSharpeningModule(PolicyModule):
-    """Sharpen by KL-regularized RL with the frozen base's log-likelihood as reward."""
+    """Sharpen by KL-regularized RL with the frozen base's log-likelihood as reward (online: or another self-reward
+    of the registry, ``--model.rl.reward``, scored when the rollout is drawn)."""
 
     lazy_frozen_base = False  # the base is scored against every step: hold the frozen copy from the start
 
@@ -188,12 +192,32 @@ class RLSharpeningModule(PolicyModule):
         """G samples per prompt from the policy, ONE base pass for reward and KL, advantages; logged."""
         samples = self._draw(prompts, "policy", self.sampling.samples_per_prompt, step, SeedStream.POLICY_ROLLOUT)
         base_logprobs, _ = self._base_pass(samples)
-        rollout = build_rollout(samples, base_logprobs, self.rl, self.tokenizer)
+        self_rewards = self._self_rewards(samples, base_logprobs)
+        rollout = build_rollout(samples, base_logprobs, self.rl, self.tokenizer, self_rewards)
         if rollout.in_loss is not None:
             dropped = 1.0 - rollout.in_loss.float().mean()
             self.log("train/dropped_fraction", dropped, batch_size=len(prompts), sync_dist=True)
         self._log_policy_estimates(rollout.base_seq, rollout.sampler_seq, samples)
         return rollout
+
+    def _self_rewards(self, samples: SampleBatch, base_logprobs: torch.Tensor) -> torch.Tensor | None:
+        """``rl.reward`` of the rollout [B, G], scored now, by the weights that just drew it (policy-scored) or
+        the frozen base; None for loglik, which ``build_rollout`` reads from the base pass. Logged as
+        ``train/self_reward``."""
+        reward = resolve_reward(self.rl.reward, "--model.rl.reward")
+        if reward is REWARDS["loglik"]:
+            return None
+        answers = None
+        if reward.needs_answers:
+            extractor = resolve_extractor(self.rl.answer_extractor)
+            answers = extract_answers(decode_responses(self.tokenizer, samples), extractor)
+        policy = partial(self.sampling_model, "policy")
+        with self.gathered_for_generation(), eval_mode(self.policy):
+            scores = rollout_self_rewards(
+                reward, samples, base_logprobs, self.frozen_base, policy, self.logprob_chunk_size, answers
+            )  # [B, G]
+        self.log("train/self_reward", scores.mean(), batch_size=scores.shape[0], sync_dist=True)
+        return scores
 
     @torch.no_grad()
     def _estimate_on_policy(self, prompt_indices: list[int], step: int) -> None:

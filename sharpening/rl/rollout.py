@@ -26,9 +26,10 @@ from sharpening.losses import (
     pair_residuals,
     policy_gradient_loss,
 )
-from sharpening.rewards import loglik_reward, resolve_task_reward, task_reward_scores
+from sharpening.rewards import SelfReward, loglik_reward, resolve_task_reward, score_samples, task_reward_scores
 from sharpening.rl.config import RLConfig
 from sharpening.rl.pairs import PairExample
+from sharpening.scoring import score_reward
 from sharpening.types import PromptBatch, SampleBatch
 
 BaseContext = Callable[[], AbstractContextManager[torch.nn.Module]]
@@ -116,9 +117,36 @@ def task_reward_tilt(samples: SampleBatch, tokenizer, rl: RLConfig) -> torch.Ten
     return rl.task_reward_weight * scores.to(samples.response_ids.device)
 
 
-def build_rollout(samples: SampleBatch, base_logprobs: torch.Tensor, rl: RLConfig, tokenizer=None) -> Rollout:
+def rollout_self_rewards(
+    reward: SelfReward,
+    samples: SampleBatch,
+    base_logprobs: torch.Tensor,
+    base: BaseContext,
+    policy: BaseContext,
+    chunk_size: int,
+    answers: list[list[str | None]] | None = None,
+) -> torch.Tensor:
+    """``reward`` of a rollout's samples, [B, G] float32. A base-scored reward reads the rollout's base pass
+    ``base_logprobs`` [B, G, T] (a base pass with statistics when it needs them); a policy-scored one is scored by
+    ``policy``, the weights that drew the rollout, entered before any update on it: its exact draws' log-probs
+    are its own, and the statistics come from a teacher-forced pass now."""
+    if reward.scored_by == "base" and not reward.needs_stats:
+        return score_samples(reward, base_logprobs, samples.response_mask, answers)
+    scorer = base if reward.scored_by == "base" else policy
+    return score_reward(reward, samples, answers, scorer, chunk_size, scorer_drew=reward.scored_by == "policy")
+
+
+def build_rollout(
+    samples: SampleBatch,
+    base_logprobs: torch.Tensor,
+    rl: RLConfig,
+    tokenizer=None,
+    self_rewards: torch.Tensor | None = None,
+) -> Rollout:
     """Rewards (log pi_base, plus w r with a task reward; the sequence KL folded in unless k3), the truncation
-    policy and group advantages. ``tokenizer`` decodes the responses for the task reward (unused without one)."""
+    policy and group advantages. ``tokenizer`` decodes the responses for the task reward (unused without one).
+    ``self_rewards`` [B, G]: another self-reward (``rollout_self_rewards``) in place of log pi_base; the KL
+    stays to pi_base (None: log pi_base, the paper's objective)."""
     base_seq = sequence_logprobs(base_logprobs, samples.response_mask)  # [B, G]
     sampler_seq = sequence_logprobs(samples.logprobs, samples.response_mask)  # [B, G]
     tilt = task_reward_tilt(samples, tokenizer, rl)  # [B, G] or None
@@ -126,6 +154,8 @@ def build_rollout(samples: SampleBatch, base_logprobs: torch.Tensor, rl: RLConfi
         rewards = kl_regularized_rewards(base_seq, sampler_seq, rl.kl_coef, tilt)
     else:
         rewards = base_seq if tilt is None else base_seq + tilt
+    if self_rewards is not None:  # r(y) in place of log pi_base(y); the KL terms are unchanged
+        rewards = rewards - base_seq + self_rewards.to(rewards.device)
     # truncated responses: penalty on the reward after the KL is folded in; drop: in_loss [B, G], else None
     rewards, in_loss = apply_truncated_policy(rewards, samples.truncated, rl.truncated, rl.truncation_penalty)
     advantages = group_advantages(rewards, rl.baseline, rl.normalize_advantages, in_loss).flatten()  # [B, G] -> [B*G]

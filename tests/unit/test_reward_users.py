@@ -152,3 +152,21 @@ def test_rl_reward_options_are_checked_and_offline_keeps_loglik():
         assert any(p.startswith("--model.rl.reward=majority: algorithm " + algorithm) for p in problems)
         tilted = RLConfig(algorithm=algorithm, task_reward=f"{__name__}:starts_with_a")
         assert any(p.startswith("--model.rl.task_reward=") for p in validate_rl_config(tilted, sampling))
+
+
+def test_a_self_reward_replaces_log_pi_base_in_the_rl_signal_and_the_kl_stays(tiny_model, tiny_tokenizer):
+    from sharpening.losses import group_advantages
+    from sharpening.rl.rollout import build_rollout
+
+    samples = _draw(tiny_model, tiny_tokenizer)
+    base_logprobs = samples.logprobs - 0.1 * samples.response_mask  # a base unlike the sampler
+    rl = RLConfig(kl_coef=0.5, baseline="mean")
+    self_rewards = torch.arange(12.0).view(3, 4)  # [B, G]
+    rollout = build_rollout(samples, base_logprobs, rl, tiny_tokenizer, self_rewards)
+    base_seq = (base_logprobs * samples.response_mask).sum(-1)
+    sampler_seq = (samples.logprobs * samples.response_mask).sum(-1)
+    signal = self_rewards - 0.5 * (sampler_seq - base_seq)  # r(y) - beta (log pi(y) - log pi_base(y))
+    torch.testing.assert_close(rollout.advantages, group_advantages(signal, "mean").flatten())
+    paper = build_rollout(samples, base_logprobs, rl, tiny_tokenizer)  # None: log pi_base, the paper's
+    signal = base_seq - 0.5 * (sampler_seq - base_seq)
+    torch.testing.assert_close(paper.advantages, group_advantages(signal, "mean").flatten())

@@ -189,6 +189,9 @@ def toy_prompts(out_dir: str | Path) -> list[str]:
 # Online RL at 3e-3 collapsed some prompts onto one response (a group of G equal draws has zero advantages):
 # 400 steps left seeds 2, 3, 4 at KL 0.45, 0.05, 0.10; at 1e-3 seeds 0-7 all end at KL <= 0.004 (docs/rl.md).
 ORACLE_LR = {"online": 1e-3, "offline": 3e-3, "xpo": 1e-3}
+# The tilted target's task reward (method.md §3.2): online RL with it must reach pi_base^alpha exp(w r / beta).
+TOY_TASK_REWARD = "sharpening.tasks.toy:starts_with_b"
+TOY_TASK_REWARD_WEIGHT = 1.0
 ORACLE_SETTINGS = {
     # algorithm -> (RLConfig overrides, sampling overrides, module overrides, trainer max_steps)
     "online": ({"algorithm": "online"}, {"samples_per_prompt": 16}, {"prompts_per_step": 3}, 400),

@@ -270,6 +270,7 @@ FAST = {"online": 150, "offline": 60, "xpo": 480}
 # (algorithm, training seed). XPO's second seed sat on a plateau (KL 0.2 at 480 steps) when XPO ran at the other
 # algorithms' learning rate, 3e-3; at toy.ORACLE_LR's 1e-3 seeds 0-7 all reach KL < 0.03 (docs/rl.md).
 RUNS = [("offline", 0), ("online", 0), ("xpo", 0), ("xpo", 6)]
+TILT_STEPS = 300  # online steps for the alpha and tilted runs, whose bound (KL <= 0.05) is tighter than FAST's
 
 
 @pytest.fixture(scope="module")
@@ -291,6 +292,37 @@ def test_training_approaches_the_closed_form_optimum(algorithm, seed, oracle_dir
     assert start["kl_to_target"] > 0.4
     assert end["kl_to_target"] < 0.1, end
     assert end["mass_on_argmax"] > start["mass_on_argmax"] + 0.2
+
+
+def test_alpha_reaches_the_target_of_the_equivalent_beta(oracle_dir):
+    """--model.rl.alpha 3 alone trains toward pi_base^3, the target of beta 0.5 (method.md §3.2)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir = os.path.join(oracle_dir, "base")
+    base, tok = AutoModelForCausalLM.from_pretrained(base_dir).eval(), AutoTokenizer.from_pretrained(base_dir)
+    module = toy.train_on_toy("online", oracle_dir, kl_coef=None, max_steps=TILT_STEPS, rl_extra={"alpha": 3.0})
+    assert (module.rl.kl_coef, module.rl.alpha) == (0.5, 3.0)
+    assert module.hparams["rl"]["kl_coef"] == 0.5 and module.hparams["rl"]["alpha"] == 3.0  # both logged
+    end = toy.measure(module.policy.eval(), tok, base, toy.toy_prompts(oracle_dir), 0.5)
+    assert end["kl_to_target"] <= 0.05, end
+
+
+def test_task_reward_tilt_reaches_the_enumerated_tilted_target(oracle_dir):
+    """With w r (1 for a response starting with "b"), online RL reaches pi_base^alpha exp(w r / beta), computed
+    by enumeration, and not the untilted pi_base^alpha (nor exp(w r) in place of exp(w r / beta))."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base_dir, prompts = os.path.join(oracle_dir, "base"), toy.toy_prompts(oracle_dir)
+    base, tok = AutoModelForCausalLM.from_pretrained(base_dir).eval(), AutoTokenizer.from_pretrained(base_dir)
+    weight = toy.TOY_TASK_REWARD_WEIGHT
+    tilted = {"task_reward": toy.TOY_TASK_REWARD, "task_reward_weight": weight}
+    module = toy.train_on_toy("online", oracle_dir, kl_coef=0.5, max_steps=TILT_STEPS, rl_extra=tilted)
+    policy = module.policy.eval()
+    assert toy.measure(base, tok, base, prompts, 0.5, toy.starts_with_b, weight)["kl_to_target"] > 0.4
+    end = toy.measure(policy, tok, base, prompts, 0.5, toy.starts_with_b, weight)
+    assert end["kl_to_target"] <= 0.05, end
+    assert toy.measure(policy, tok, base, prompts, 0.5)["kl_to_target"] > 0.2  # the untilted target is elsewhere
+    assert toy.measure(policy, tok, base, prompts, 0.5, toy.starts_with_b, weight * 0.5)["kl_to_target"] > 0.05
 
 
 @pytest.mark.parametrize("algorithm", ["online", "offline", "xpo"])

@@ -17,6 +17,7 @@ from enum import IntEnum
 
 import torch
 
+from sharpening.diagnostics import distinct_ngram_ratio
 from sharpening.engines import SamplingConfig, derive_seed, generate_samples
 from sharpening.logprobs import response_logprobs, sample_logprobs
 from sharpening.losses import (
@@ -179,7 +180,8 @@ def online_loss(policy: torch.nn.Module, rollout: Rollout, rl: RLConfig, chunk_s
 def policy_estimates(
     base_seq: torch.Tensor, policy_seq: torch.Tensor, samples: SampleBatch, kl_coef: float
 ) -> dict[str, torch.Tensor]:
-    """The ``train/`` metrics of draws from the current policy: reward, KL, J_beta, entropy, lengths.
+    """The ``train/`` metrics of draws from the current policy: reward, KL, J_beta, entropy, lengths, and the
+    distinct 2- and 3-gram ratios of each prompt's draws (``diagnostics.distinct_ngram_ratio``).
     ``base_seq``, ``policy_seq``: [B, G] log pi_base(y|x) and log pi(y|x) of the G draws per prompt."""
     metrics = {
         "train/reward": base_seq.mean(),  # E[log pi_base(y|x)]
@@ -189,6 +191,9 @@ def policy_estimates(
         "train/response_tokens": samples.lengths.float().mean(),
         "train/truncated_fraction": samples.truncated.float().mean(),
     }
+    for n in (2, 3):  # repetition; a group with no n-gram repeats nothing (1), so every rank logs every key
+        ratios = distinct_ngram_ratio(samples.response_ids, samples.response_mask, n).nan_to_num(1.0)  # [B]
+        metrics[f"train/distinct_{n}gram"] = ratios.mean().to(base_seq.device)
     if base_seq.shape[-1] > 1:
         metrics["train/reward_best_minus_mean"] = (base_seq.max(-1).values - base_seq.mean(-1)).mean()
     return metrics

@@ -124,3 +124,17 @@ def test_round_metric_reads_the_answers_the_round_extracted():
     metric = SharpeningMetric()
     metric.update(scored)
     assert metric.compute()["sample/majority_share"].item() == pytest.approx((1 / 2 + 1) / 2)
+
+
+def test_rl_step_logs_the_repetition_of_the_policy_draws():
+    from sharpening.rl.rollout import policy_estimates
+
+    ids, mask = _group()
+    samples = _scored(ids, mask).samples
+    seq = torch.zeros(2, 2)
+    out = policy_estimates(seq, seq, samples, kl_coef=0.1)
+    assert out["train/distinct_2gram"].item() == pytest.approx((1 / 2 + 1 / 3) / 2)
+    short_ids = torch.tensor([[[1, 2, 0], [3, 0, 0]], [[4, 4, 4], [4, 4, 4]]])  # prompt 0: no 3-gram; 1: 1 of 2
+    short_mask = torch.tensor([[[T, T, F], [T, F, F]], [[T, T, T], [T, T, T]]])
+    short = _scored(short_ids, short_mask).samples
+    assert policy_estimates(seq, seq, short, 0.1)["train/distinct_3gram"].item() == pytest.approx((1.0 + 0.5) / 2)

@@ -80,6 +80,22 @@ def entropy_band_mask(entropy: torch.Tensor, low: float, high: float) -> torch.T
     return (entropy >= low) & (entropy <= high)
 
 
+def within_entropy_band(
+    selected_mask: torch.Tensor, answers: Answers, band: tuple[float, float] | None
+) -> torch.Tensor:
+    """The selection with every prompt outside the answer-entropy ``band`` [low, high] dropped (nothing of it
+    kept); unchanged when ``band`` is None. [B, K] bool -> [B, K] bool.
+
+    >>> within_entropy_band(torch.ones(2, 1, dtype=torch.bool), [["1", "1"], ["1", "2"]], (0.1, 1.0))
+    tensor([[False],
+            [ True]])
+    """
+    if band is None:
+        return selected_mask
+    inside = entropy_band_mask(answer_entropy(answers), *band).to(selected_mask.device)  # [B]
+    return selected_mask & inside[:, None]
+
+
 def mean_token_entropy(entropy: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
     """Mean over all response tokens of the next-token entropy (nats; ``TokenStats.entropy``). [..., T] -> [].
 

@@ -33,6 +33,9 @@ class SelectionConfig:
     prompt's reference answer or None) -> float (null = none)."""
     task_reward_weight: float = 1.0
     """The weight w of the task reward: a sample's score is self-reward + w * task reward."""
+    answer_entropy_band: tuple[float, float] | None = None
+    """EMPO's filter: [low, high] nats; a prompt whose N answers' entropy is outside keeps nothing (below: too easy,
+    above: too hard; ``diagnostics.answer_entropy``). null = every prompt."""
 
 
 def validate_selection_config(cfg: SelectionConfig, samples_per_prompt: int, option: str) -> list[str]:
@@ -44,6 +47,9 @@ def validate_selection_config(cfg: SelectionConfig, samples_per_prompt: int, opt
         )
     if cfg.truncated not in TRUNCATED_POLICIES:
         problems.append(f"{option}.truncated={cfg.truncated!r}: must be one of {', '.join(TRUNCATED_POLICIES)}")
+    band = cfg.answer_entropy_band
+    if band is not None and not (len(band) == 2 and 0 <= band[0] <= band[1]):
+        problems.append(f"{option}.answer_entropy_band={band}: must be [low, high] nats with 0 <= low <= high")
     return problems
 
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 import torch
 
 from sharpening.buffer import BufferExample, selected_examples
+from sharpening.diagnostics import within_entropy_band
 from sharpening.engines import SamplingConfig, decode_responses, generate_samples, is_exact_sampling
 from sharpening.engines.power import PowerSamplingConfig, power_sample
 from sharpening.logprobs import sample_logprobs
@@ -129,6 +130,7 @@ def process_batch(
         selection.truncation_penalty,
         selection.min_score,
     )
+    selected_mask = within_entropy_band(selected_mask, answers, selection.answer_entropy_band)  # [B, K]
     scored = ScoredSamples(samples, scores, selected, selected_mask, answers)
     if not any(a is not None for a in prompts.answers):
         return scored, None, None

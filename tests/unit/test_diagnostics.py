@@ -14,8 +14,10 @@ from sharpening.diagnostics import (
     group_diagnostics,
     majority_share,
     mean_token_entropy,
+    within_entropy_band,
 )
 from sharpening.metrics import SharpeningMetric
+from sharpening.selection import SelectionConfig, validate_selection_config
 from sharpening.types import PromptBatch, SampleBatch, ScoredSamples
 
 T, F = True, False
@@ -138,3 +140,19 @@ def test_rl_step_logs_the_repetition_of_the_policy_draws():
     short_mask = torch.tensor([[[T, T, F], [T, F, F]], [[T, T, T], [T, T, T]]])
     short = _scored(short_ids, short_mask).samples
     assert policy_estimates(seq, seq, short, 0.1)["train/distinct_3gram"].item() == pytest.approx((1.0 + 0.5) / 2)
+
+
+def test_round_skips_prompts_outside_the_entropy_band():
+    selected_mask = torch.tensor([[T, T], [T, F], [T, T], [T, T]])  # K = 2; prompt 1 had one eligible sample
+    answers = [["7"] * 4, ["7", "7", "3", "3"], ["1", "2", "3", "4"], ["1", "1", "1", None]]  # 0, 0.69, 1.39, 0.56
+    kept = within_entropy_band(selected_mask, answers, (0.5, 1.0))
+    assert kept.tolist() == [[F, F], [T, F], [F, F], [T, T]]
+    assert within_entropy_band(selected_mask, answers, None) is selected_mask
+
+
+@pytest.mark.parametrize("band", [(1.0, 0.5), (-0.1, 1.0), (0.1,)])
+def test_a_bad_entropy_band_is_refused(band):
+    cfg = SelectionConfig(answer_entropy_band=band)
+    problems = validate_selection_config(cfg, 4, "--verifier.selection")
+    assert any(p.startswith("--verifier.selection.answer_entropy_band=") for p in problems)
+    assert validate_selection_config(SelectionConfig(answer_entropy_band=(0.0, 0.0)), 4, "--verifier.selection") == []

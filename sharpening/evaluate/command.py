@@ -31,7 +31,7 @@ from sharpening.evaluate.config import (
     validate_model_config,
     validate_protocol_config,
 )
-from sharpening.evaluate.draws import DrawContext, EvalDraws, collect_draws, rescores_best_of_n
+from sharpening.evaluate.draws import DrawContext, EvalDraws, collect_draws, rescored_rewards
 from sharpening.evaluate.power_rows import power_row_name, power_sampling_config
 from sharpening.evaluate.protocol import SeedDraws, loglik_histogram, power_metrics, protocol_table, seed_metrics
 from sharpening.evaluate.report import format_table, remove_plots, replaced_input_problems, write_plots, write_results
@@ -77,7 +77,7 @@ def measure(model_cfg: EvalModelConfig, protocol: ProtocolConfig, data_args: dic
     start = time.perf_counter()
     draws = collect_draws(ctx, device, show_progress)
     seconds = time.perf_counter() - start
-    per_seed, rescored = draws.per_seed, rescores_best_of_n(protocol, model_cfg.score_with)
+    per_seed, rescored = draws.per_seed, rescored_rewards(protocol, model_cfg.score_with)
     power = {power_row_name(row): asdict(power_sampling_config(protocol, i)) for i, row in enumerate(protocol.power)}
     return {
         "table": measured_table(draws, protocol, rescored),
@@ -86,22 +86,25 @@ def measure(model_cfg: EvalModelConfig, protocol: ProtocolConfig, data_args: dic
         "seeds": [protocol.seed + s for s in range(protocol.seeds)],
         "prompts": {"count": len(data), "dataset": data_args["dataset"]},
         "loglik_histogram": loglik_histogram(per_seed),
-        "draws": _draw_stats(per_seed, cache) | {"best_of_n_rescored": rescored},
+        "draws": _draw_stats(per_seed, cache) | {"best_of_n_rescored": bool(rescored)},
         **({"power": power} if power else {}),  # each power row's sampler settings, by its method name
         "model": identity,
         "environment": {"device": str(device), "torch": torch.__version__, "sampling_seconds": seconds},
     }
 
 
-def measured_table(draws: EvalDraws, protocol: ProtocolConfig, rescored: bool) -> list[dict]:
-    """The protocol's rows from the reduced draws; ``rescored``: best-of-N's scores took a teacher-forced pass."""
+def measured_table(draws: EvalDraws, protocol: ProtocolConfig, rescored: bool | list[str]) -> list[dict]:
+    """The protocol's rows from the reduced draws; ``rescored``: the rewards whose best-of-N scores took a
+    teacher-forced pass (True: all)."""
     greedy = draws.greedy
     greedy_stats = {
         "accuracy": float(greedy.correct.float().mean()),
         "chosen_loglik": float(greedy.loglik.mean()),
         "tokens": float(greedy.lengths.float().mean()),
     }
-    metrics = [seed_metrics(d, protocol.n_values, protocol.truncated, rescored) for d in draws.per_seed]
+    metrics = [
+        seed_metrics(d, protocol.n_values, protocol.truncated, rescored, protocol.rewards) for d in draws.per_seed
+    ]
     power = {name: [power_metrics(d) for d in seeds] for name, seeds in draws.power.items()}
     return protocol_table(metrics, greedy_stats, protocol.n_values, power)
 

@@ -88,6 +88,9 @@ class ProtocolConfig:
     """Answer extraction: strip, last_number, gsm8k, boxed, choice, bool, or an import path (pkg.mod:func)."""
     truncated: Literal["drop", "keep", "penalize"] = "drop"
     """Best-of-N treatment of responses without EOS by max_new_tokens (their log-likelihood is unfairly high)."""
+    rewards: list[str] = field(default_factory=lambda: ["loglik", "loglik_norm"])
+    """Self-rewards best-of-N ranks by, one ``bon_<name>`` row each: names in sharpening.rewards.REWARDS or import
+    paths. Base-scored ones are scored by --model.score_with's model, policy-scored ones by the evaluated model."""
     power: list[PowerRowConfig] = field(default_factory=list)
     """Power-sampling rows, e.g. [{method: mcmc, alpha: 4}, {method: smc, alpha: 4}]: one sample per prompt and
     seed from each; none by default."""
@@ -196,7 +199,25 @@ def validate_protocol_config(cfg: ProtocolConfig, option: str = "--protocol") ->
         resolve_extractor(cfg.answer_extractor)
     except ValueError as err:
         problems.append(f"{option}.answer_extractor: {err}")
-    return problems + power_problems(cfg, option)
+    return problems + _reward_problems(cfg, option) + power_problems(cfg, option)
+
+
+def _reward_problems(cfg: ProtocolConfig, option: str) -> list[str]:
+    """Each of ``rewards`` resolves (built-in or import path); none is given twice."""
+    from sharpening.errors import ConfigError
+    from sharpening.rewards import resolve_reward
+
+    problems = []
+    for i, reward in enumerate(cfg.rewards):
+        try:
+            resolve_reward(reward, f"{option}.rewards[{i}]")
+        except ConfigError as err:
+            problems += err.problems
+    if not cfg.rewards:
+        problems.append(f"{option}.rewards=[]: best-of-N needs a reward to rank by; give at least one, e.g. [loglik]")
+    if len(set(cfg.rewards)) < len(cfg.rewards):
+        problems.append(f"{option}.rewards={cfg.rewards}: a reward is listed twice; give each once")
+    return problems
 
 
 def prompt_template_problem(template: str, option: str = "--data.prompt_template") -> str | None:

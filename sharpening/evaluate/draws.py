@@ -9,7 +9,9 @@ they are rescored teacher-forced only for ``score_with: base`` or another temper
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -21,10 +23,10 @@ from sharpening.evaluate.config import ProtocolConfig
 from sharpening.evaluate.power_rows import power_row_name, power_sampling_config
 from sharpening.evaluate.protocol import SELF_REWARDS, PowerDraws, SeedDraws, answer_codes
 from sharpening.kernels.cpu_linear import packed_linear_weights
-from sharpening.logprobs import sample_logprobs
+from sharpening.logprobs import sample_logprobs, sample_token_stats
 from sharpening.policy import frozen_base, stop_token_ids
 from sharpening.prompts import PromptDataModule
-from sharpening.rewards import extract_answers, score_samples
+from sharpening.rewards import SelfReward, extract_answers, resolve_reward, score_samples
 from sharpening.tasks.extractors import answers_match, resolve_extractor
 from sharpening.types import PromptBatch, SampleBatch
 
@@ -51,39 +53,86 @@ class EvalDraws:
     power: dict[str, list[PowerDraws]]  # row method name (config.power_row_name) -> one per seed, [P, 1]
 
 
-def rescores_best_of_n(protocol: ProtocolConfig, score_with: str) -> bool:
-    """Whether best-of-N's scores take a teacher-forced pass over the draws (score_draws): they are scored by
-    another model, or drawn at a temperature whose log-probs are not the model's own."""
-    return score_with != "self" or protocol.temperature != 1.0
+def rescored_rewards(protocol: ProtocolConfig, score_with: str) -> list[str]:
+    """The rows' rewards whose scores take a teacher-forced pass (``score_draws``): those that read the vocabulary
+    statistics, and those that read log-probs of a model that did not draw the samples exactly (scored by the
+    base, or drawn at another temperature)."""
+    exact = protocol.temperature == 1.0
+    out = []
+    for name in protocol.rewards:
+        reward = resolve_reward(name)
+        own = _scorer(reward, score_with) == "self" and exact
+        if reward.needs_stats or (reward.needs_logprobs and not own):
+            out.append(name)
+    return out
 
 
-def score_draws(samples: SampleBatch, model, base, score_with: str) -> dict[str, torch.Tensor]:
-    """The protocol's self-rewards of every draw under the scoring model: {name: [B, N] float32 on the CPU}.
+def _scorer(reward: SelfReward, score_with: str) -> str:
+    """Which model scores ``reward``: ``self`` (the evaluated model, which drew) or ``base``."""
+    return "self" if reward.scored_by == "policy" else score_with
 
-    The sampler's log-probs are reused only for exact draws scored by the model that drew them (method.md §4.4);
-    otherwise the draws are rescored teacher-forced (sharpening.logprobs.sample_logprobs), as a training round
-    rescores under the frozen base.
+
+def score_draws(
+    samples: SampleBatch,
+    model,
+    base,
+    score_with: str,
+    rewards: Sequence[str] = SELF_REWARDS,
+    answers: list[list[str | None]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """``loglik`` and each of ``rewards`` for every draw: {name: [B, N] float32 on the CPU}.
+
+    Base-scored rewards (loglik among them) are scored by the ``score_with`` model, policy-scored ones by the
+    evaluated model, which drew. The sampler's log-probs are reused only for exact draws scored by the model that
+    drew them (method.md §4.4); otherwise each scoring model takes ONE teacher-forced pass
+    (sharpening.logprobs), with the vocabulary statistics when one of its rewards reads them. ``answers`` [B][N]:
+    the extracted answers, for rewards of the answers.
     """
-    if score_with == "self" and samples.exact_draws:
-        token_logprobs = samples.logprobs
-    elif score_with == "self":
-        with torch.no_grad():
-            token_logprobs = sample_logprobs(model, samples)
-    else:
-        with frozen_base(model, base) as scorer:
-            token_logprobs = sample_logprobs(scorer, samples)
-    return {  # [B, N, T] -> [B, N] per self-reward
-        reward: score_samples(reward, token_logprobs, samples.response_mask).cpu() for reward in SELF_REWARDS
-    }
+    entries = {name: resolve_reward(name) for name in dict.fromkeys(("loglik", *rewards))}
+    with_stats = {_scorer(e, score_with) for e in entries.values() if e.needs_stats}
+    passes: dict[str, tuple] = {}  # scoring model -> (token_logprobs [B, N, T], TokenStats or None)
+
+    def scorer_pass(who: str) -> tuple:
+        if who not in passes:
+            context = contextlib.nullcontext(model) if who == "self" else frozen_base(model, base)
+            with torch.no_grad(), context as scorer:
+                if who in with_stats:
+                    passes[who] = sample_token_stats(scorer, samples)  # ([B, N, T], TokenStats)
+                else:
+                    passes[who] = (sample_logprobs(scorer, samples), None)  # [B, N, T]
+        return passes[who]
+
+    out = {}
+    for name, reward in entries.items():
+        who, token_logprobs, stats = _scorer(reward, score_with), None, None
+        if reward.needs_stats:
+            token_logprobs, stats = scorer_pass(who)
+        elif reward.needs_logprobs:
+            own = who == "self" and samples.exact_draws
+            token_logprobs = samples.logprobs if own else scorer_pass(who)[0]
+        out[name] = score_samples(reward, token_logprobs, samples.response_mask, answers, stats).cpu()  # [B, N]
+    return out
 
 
-def reduce_draws(samples: SampleBatch, scores: dict[str, torch.Tensor], tokenizer, extractor) -> SeedDraws:
-    """What the protocol needs from a batch of draws: correctness, answer codes, scores, lengths, truncation."""
-    answers = extract_answers(decode_responses(tokenizer, samples), extractor)
+def reduce_draws(
+    samples: SampleBatch, scores: dict[str, torch.Tensor], tokenizer, extractor, answers=None
+) -> SeedDraws:
+    """What the protocol needs from a batch of draws: correctness, answer codes, scores, lengths, truncation.
+    ``answers`` [B][N]: the draws' extracted answers when already read (else extracted here)."""
+    if answers is None:
+        answers = extract_answers(decode_responses(tokenizer, samples), extractor)
     correct = torch.tensor(
         [[answers_match(a, ref, extractor) for a in group] for group, ref in zip(answers, samples.prompts.answers)]
     )  # [B, N]
     return SeedDraws(correct, answer_codes(answers), scores, samples.lengths.cpu(), samples.truncated.cpu())
+
+
+def score_and_reduce(ctx: DrawContext, samples: SampleBatch) -> SeedDraws:
+    """``score_draws`` by the protocol's rewards, then ``reduce_draws``: the answers are read once for both."""
+    extractor = resolve_extractor(ctx.protocol.answer_extractor)
+    answers = extract_answers(decode_responses(ctx.tokenizer, samples), extractor)
+    scores = score_draws(samples, ctx.model, ctx.base, ctx.score_with, ctx.protocol.rewards, answers)
+    return reduce_draws(samples, scores, ctx.tokenizer, extractor, answers)
 
 
 def _batch_settings(ctx: DrawContext, settings: dict) -> dict:
@@ -106,8 +155,7 @@ def draw_batch(ctx: DrawContext, prompts: PromptBatch, kind: str, seed: int) -> 
     exact = not greedy and cfg.temperature == 1.0
     draw = functools.partial(generate_samples, ctx.model, prompts, cfg, eos, pad, seed=seed)
     samples = ctx.cache.get_or_draw(path, prompts, exact, draw)
-    scores = score_draws(samples, ctx.model, ctx.base, ctx.score_with)
-    return reduce_draws(samples, scores, ctx.tokenizer, resolve_extractor(p.answer_extractor))
+    return score_and_reduce(ctx, samples)
 
 
 def draw_power_batch(ctx: DrawContext, prompts: PromptBatch, entry_index: int, seed: int) -> PowerDraws:
@@ -129,8 +177,7 @@ def draw_power_batch(ctx: DrawContext, prompts: PromptBatch, entry_index: int, s
 
     tensors = ctx.cache.load_or_draw(path, str(prompts.prompt_ids.device), draw)
     samples = SampleBatch(prompts, *(tensors[f] for f in DrawCache.FIELDS), exact_draws=True)
-    scores = score_draws(samples, ctx.model, ctx.base, ctx.score_with)
-    draws = reduce_draws(samples, scores, ctx.tokenizer, resolve_extractor(ctx.protocol.answer_extractor))
+    draws = score_and_reduce(ctx, samples)
     rate = tensors.get("acceptance_rate")
     return PowerDraws(draws, tensors["tokens_spent"].cpu(), None if rate is None else rate.cpu())
 

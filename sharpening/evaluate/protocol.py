@@ -22,7 +22,7 @@ Choices (ours, where the paper is silent):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +30,11 @@ import torch
 from sharpening.selection import best_of_n
 
 SELF_REWARDS = ("loglik", "loglik_norm")
-"""Self-rewards that best-of-N ranks draws by (method.md §2): names in ``sharpening.rewards.REWARDS``, which scores
-them."""
+"""Self-rewards that best-of-N ranks draws by unless ``--protocol.rewards`` names others (method.md §2): names in
+``sharpening.rewards.REWARDS``, which scores them."""
 
 METHODS = ("bon_loglik", "bon_loglik_norm", "maj", "pass")
-"""Methods reported for every N: best-of-N per self-reward, majority vote, pass@N (an oracle bound)."""
+"""Methods reported for every N by default: best-of-N per self-reward, majority vote, pass@N (an oracle bound)."""
 
 
 @dataclass
@@ -43,7 +43,7 @@ class SeedDraws:
 
     correct: torch.Tensor  # [P, N] bool, the draw's extracted answer matches the reference
     answer_codes: torch.Tensor  # [P, N] long, id of the extracted answer within its prompt; -1 when none
-    scores: dict[str, torch.Tensor]  # self-reward name (SELF_REWARDS) -> [P, N] float32, under the scoring model
+    scores: dict[str, torch.Tensor]  # self-reward name (loglik and --protocol.rewards) -> [P, N] float32
     lengths: torch.Tensor  # [P, N] long, response tokens (EOS included)
     truncated: torch.Tensor  # [P, N] bool, hit max_new_tokens before EOS
 
@@ -157,23 +157,26 @@ def drawn_tokens(lengths: torch.Tensor, n: int) -> float:
 
 
 def seed_metrics(draws: SeedDraws, n_values: Sequence[int], truncated_policy: str = "drop",
-                 rescored: bool = False) -> dict:  # fmt: skip
+                 rescored: bool | Collection[str] = False, rewards: Sequence[str] = SELF_REWARDS) -> dict:  # fmt: skip
     """One seed's numbers: {method: {n: {'accuracy', 'chosen_loglik', 'tokens'}}}, and 'sample': {...} for one draw.
 
+    The methods: ``bon_<reward>`` for each of ``rewards`` (keys of ``draws.scores``), then maj and pass.
     chosen_loglik is the mean log-likelihood (under the scoring model) of the chosen draws (for 'sample',
     of all draws); None for pass@N, which chooses nothing. tokens is the mean response tokens spent per prompt
-    (module docstring); ``rescored``: best-of-N's scores came from a teacher-forced pass over its N draws.
+    (module docstring); ``rescored``: the rewards whose scores came from a teacher-forced pass over the N draws
+    (True: all of them).
     """
     sample = {"accuracy": _mean(draws.correct), "chosen_loglik": _mean(draws.loglik), "tokens": _mean(draws.lengths)}
-    out: dict = {"sample": sample, **{m: {} for m in METHODS}}
+    out: dict = {"sample": sample, **{f"bon_{r}": {} for r in rewards}, "maj": {}, "pass": {}}
     for n in n_values:
         tokens = drawn_tokens(draws.lengths, n)
-        for reward in SELF_REWARDS:
+        for reward in rewards:
             idx = nested_best_of_n(draws.scores[reward], draws.truncated, n, truncated_policy)[:, None]
+            twice = rescored is True or (not isinstance(rescored, bool) and reward in rescored)
             out[f"bon_{reward}"][n] = {
                 "accuracy": _mean(draws.correct.gather(-1, idx)),
                 "chosen_loglik": _mean(draws.loglik.gather(-1, idx)),
-                "tokens": 2 * tokens if rescored else tokens,
+                "tokens": 2 * tokens if twice else tokens,
             }
         maj = majority_vote_indices(draws.answer_codes, n)
         voted = maj >= 0
@@ -247,7 +250,8 @@ def protocol_table(per_seed: Sequence[dict], greedy: dict, n_values: Sequence[in
     """
     g = greedy["accuracy"]
     rows = [_row("greedy", 1, [greedy], g), _row("sample", 1, [m["sample"] for m in per_seed], g)]
-    for method in METHODS:
+    methods = [m for m in per_seed[0] if m != "sample"] if per_seed else METHODS  # bon_<reward>..., maj, pass
+    for method in methods:
         for n in n_values:
             rows.append(_row(method, n, [m[method][n] for m in per_seed], g))
     for method, cells in (power or {}).items():

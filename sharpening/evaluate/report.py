@@ -35,6 +35,25 @@ STYLES = {  # distinct widths and markers, so coinciding curves (e.g. best-of-N 
 }
 
 
+EXTRA_STYLES = ("tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")  # further --protocol.rewards rows
+
+
+def n_methods(results: dict) -> list[str]:
+    """The methods reported at every N, in the table's order: bon_<reward> per --protocol.rewards, maj, pass."""
+    methods = (r["method"] for r in results["table"] if r["method"] not in ("greedy", "sample"))
+    return list(dict.fromkeys(m for m in methods if not m.startswith("power_")))
+
+
+def method_label(method: str) -> str:
+    """A method's legend label: LABELS', else best-of-N by the reward the row is named after."""
+    return LABELS.get(method) or f"best-of-N, {method.removeprefix('bon_')}"
+
+
+def method_style(method: str, index: int) -> dict:
+    """A method's line style: STYLES', else one of EXTRA_STYLES by its place ``index`` among the methods."""
+    return STYLES.get(method) or dict(color=EXTRA_STYLES[index % len(EXTRA_STYLES)], marker="v", ms=5, lw=1.5)
+
+
 def write_results(results: dict, out_dir: str) -> list[str]:
     """Write ``results.json`` (strict JSON: undefined numbers are null) and ``results.csv``; return both paths."""
     os.makedirs(out_dir, exist_ok=True)
@@ -91,23 +110,26 @@ def format_table(results: dict) -> str:
     greedy, sample = find_row(results, "greedy"), find_row(results, "sample")
     lift = lift_kind(results)
     unit = "%" if lift == "lift_percent" else "points (% undefined: greedy is 0)"
+    methods = n_methods(results)
+    first = next(m for m in methods if m.startswith("bon_"))  # the first of --protocol.rewards (loglik by default)
+    headers = [{"maj": "maj@N", "pass": "pass@N"}.get(m) or f"BoN {m[4:]}" for m in methods]
     lines = [
         f"{results['prompts']['count']} prompts, {len(results['seeds'])} seed(s), N_max {results['samples_per_prompt']}"
         " (± is the standard error over seeds)",
         f"greedy accuracy {_cell(greedy['accuracy'], None)}   "
         f"single sample {_cell(sample['accuracy'], sample['accuracy_stderr'])}",
         f"lift over greedy in {unit}; loglik = mean log-likelihood of the chosen response; tokens = response tokens "
-        "spent per prompt by BoN loglik",
+        f"spent per prompt by BoN {first[4:]}",
         f"{'N':>4}  "
-        + "  ".join(f"{h:<15}" for h in ("BoN loglik", "BoN loglik_norm", "maj@N", "pass@N"))
-        + f"  {'lift loglik':<15}  {'loglik chosen':<15}  {'tokens':<8}",
+        + "  ".join(f"{h:<15}" for h in headers)
+        + f"  {'lift ' + first[4:]:<15}  {'loglik chosen':<15}  {'tokens':<8}",
     ]
     for n in results["n_values"]:
-        rows = {m: find_row(results, m, n) for m in LABELS}
-        cells = [_cell(rows[m]["accuracy"], rows[m]["accuracy_stderr"]) for m in LABELS]
-        cells.append(_cell(rows["bon_loglik"][lift], rows["bon_loglik"][f"{lift}_stderr"], 1))
-        cells.append(_cell(rows["bon_loglik"]["chosen_loglik"], rows["bon_loglik"]["chosen_loglik_stderr"], 2))
-        cells.append(_cell(rows["bon_loglik"].get("tokens"), None, 1))
+        rows = {m: find_row(results, m, n) for m in methods}
+        cells = [_cell(rows[m]["accuracy"], rows[m]["accuracy_stderr"]) for m in methods]
+        cells.append(_cell(rows[first][lift], rows[first][f"{lift}_stderr"], 1))
+        cells.append(_cell(rows[first]["chosen_loglik"], rows[first]["chosen_loglik_stderr"], 2))
+        cells.append(_cell(rows[first].get("tokens"), None, 1))
         lines.append(f"{n:>4}  " + "  ".join(f"{c:<15}" for c in cells))
     power = power_rows(results)
     if power:
@@ -163,9 +185,9 @@ def _log2_n_axis(ax, n_values: list[int]) -> None:
 def plot_accuracy(results: dict, path: str) -> None:
     """Accuracy vs N per method, with the greedy and single-sample baselines."""
     fig, ax = _new_axes(results, "Accuracy vs N")
-    for method, label in LABELS.items():
+    for i, method in enumerate(n_methods(results)):
         n, mean, err = _series(results, method, "accuracy")
-        ax.errorbar(n, mean, yerr=err, capsize=3, label=label, **STYLES[method])
+        ax.errorbar(n, mean, yerr=err, capsize=3, label=method_label(method), **method_style(method, i))
     greedy, sample = find_row(results, "greedy")["accuracy"], find_row(results, "sample")["accuracy"]
     ax.axhline(greedy, color="black", ls="--", lw=1.2, label=f"greedy ({greedy:.3f})")
     ax.axhline(sample, color="tab:purple", ls=":", lw=1.5, label=f"single sample ({sample:.3f})")
@@ -180,9 +202,9 @@ def plot_lift(results: dict, path: str) -> None:
     kind = lift_kind(results)
     title = "Lift over greedy vs N" + ("" if kind == "lift_percent" else " (in accuracy points: greedy accuracy is 0)")
     fig, ax = _new_axes(results, title)
-    for method, label in LABELS.items():
+    for i, method in enumerate(n_methods(results)):
         n, mean, err = _series(results, method, kind)
-        ax.errorbar(n, mean, yerr=err, capsize=3, label=label, **STYLES[method])
+        ax.errorbar(n, mean, yerr=err, capsize=3, label=method_label(method), **method_style(method, i))
     ax.axhline(0.0, color="black", lw=1)
     _log2_n_axis(ax, results["n_values"])
     if kind == "lift_percent":
@@ -214,9 +236,9 @@ def plot_loglik_histogram(results: dict, path: str) -> None:
 def plot_chosen_loglik(results: dict, path: str) -> None:
     """Mean log-likelihood of the chosen response vs N, with a random draw and greedy for reference."""
     fig, ax = _new_axes(results, "Log-likelihood of the chosen response vs N")
-    for method in ("bon_loglik", "bon_loglik_norm", "maj"):
+    for i, method in enumerate(n_methods(results)[:-1]):  # pass@N chooses nothing
         n, mean, err = _series(results, method, "chosen_loglik")
-        ax.errorbar(n, mean, yerr=err, capsize=3, label=LABELS[method], **STYLES[method])
+        ax.errorbar(n, mean, yerr=err, capsize=3, label=method_label(method), **method_style(method, i))
     baselines = (("greedy", "greedy", "--", "black"), ("sample", "single sample", ":", "tab:purple"))
     for method, label, style, color in baselines:
         value = find_row(results, method)["chosen_loglik"]
@@ -232,11 +254,11 @@ def plot_accuracy_vs_tokens(results: dict, path: str) -> None:
     and maj@N at each N, and each power-sampling row, so methods compare at equal compute. pass@N is left out:
     an oracle spends the tokens but cannot pick its answer."""
     fig, ax = _new_axes(results, "Accuracy vs tokens spent per returned answer")
-    for method in ("bon_loglik", "bon_loglik_norm", "maj"):
+    for i, method in enumerate(n_methods(results)[:-1]):  # pass@N: left out (docstring)
         rows = [r for r in (find_row(results, method, n) for n in results["n_values"]) if r.get("tokens")]
         ax.errorbar([r["tokens"] for r in rows], [r["accuracy"] for r in rows],
-                    yerr=[r["accuracy_stderr"] or 0.0 for r in rows], capsize=3, label=LABELS[method],
-                    **STYLES[method])  # fmt: skip
+                    yerr=[r["accuracy_stderr"] or 0.0 for r in rows], capsize=3, label=method_label(method),
+                    **method_style(method, i))  # fmt: skip
     singles = [(find_row(results, "greedy"), "black", "D"), (find_row(results, "sample"), "tab:purple", "P")]
     singles += [(row, f"C{(5 + i) % 10}", "*") for i, row in enumerate(power_rows(results))]  # C4 is tab:purple
     for row, color, marker in singles:

@@ -170,3 +170,73 @@ def test_a_self_reward_replaces_log_pi_base_in_the_rl_signal_and_the_kl_stays(ti
     paper = build_rollout(samples, base_logprobs, rl, tiny_tokenizer)  # None: log pi_base, the paper's
     signal = base_seq - 0.5 * (sampler_seq - base_seq)
     torch.testing.assert_close(paper.advantages, group_advantages(signal, "mean").flatten())
+
+
+# ---------------------------------------------------------------- sharpen evaluate: best-of-N by any reward
+
+
+def _brute_self_certainty(model, samples) -> torch.Tensor:
+    """Mean over response tokens of logsumexp - mean logit - log V, from the full logits: [B, N]."""
+    import math
+
+    prompts, out = samples.prompts, torch.zeros(samples.response_ids.shape[:2])
+    with torch.no_grad():
+        for b in range(len(prompts)):
+            prompt = prompts.prompt_ids[b][prompts.prompt_mask[b]]
+            for n in range(samples.samples_per_prompt):
+                response = samples.response_ids[b, n][samples.response_mask[b, n]]
+                logits = model(torch.cat([prompt, response])[None]).logits[0].float()  # [P + T, V]
+                at = logits[len(prompt) - 1 : len(prompt) - 1 + len(response)]  # [T, V]
+                kl = at.logsumexp(-1) - at.mean(-1) - math.log(at.shape[-1])  # [T]
+                out[b, n] = kl.mean()
+    return out
+
+
+def test_evaluate_scores_base_rewards_by_score_with_and_policy_rewards_by_the_evaluated_model(
+    policy, tiny_model, tiny_tokenizer
+):
+    from sharpening.evaluate.draws import score_draws
+
+    samples = _draw(policy, tiny_tokenizer)  # the evaluated model's exact draws
+    answers = [["4", "5", "5", None]] * 3
+    scores = score_draws(samples, policy, tiny_model, "base", ["self_certainty", "majority_binary"], answers)
+    assert list(scores) == ["loglik", "self_certainty", "majority_binary"]  # loglik always: chosen_loglik reads it
+    torch.testing.assert_close(scores["loglik"], _loglik(tiny_model, samples), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(scores["self_certainty"], _brute_self_certainty(policy, samples), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(scores["self_certainty"], _brute_self_certainty(tiny_model, samples), atol=1e-3)
+    assert scores["majority_binary"].tolist() == [[0.0, 1.0, 1.0, 0.0]] * 3
+
+
+def test_evaluate_rows_are_named_by_reward_and_only_rescored_rewards_pay_twice():
+    from sharpening.evaluate.config import ProtocolConfig, validate_protocol_config
+    from sharpening.evaluate.draws import rescored_rewards
+    from sharpening.evaluate.protocol import SeedDraws, protocol_table, seed_metrics
+    from sharpening.evaluate.report import format_table
+
+    assert rescored_rewards(ProtocolConfig(), "self") == []  # exact draws scored by themselves: no pass
+    assert rescored_rewards(ProtocolConfig(), "base") == ["loglik", "loglik_norm"]
+    custom = ProtocolConfig(n_values=[1, 2], rewards=["self_certainty", "loglik", "majority"])
+    assert rescored_rewards(custom, "self") == ["self_certainty"]  # statistics: a pass; answers: none
+    draws = SeedDraws(
+        correct=torch.tensor([[True, False], [False, True]]),
+        answer_codes=torch.tensor([[0, 1], [0, 1]]),
+        scores={"loglik": torch.tensor([[-1.0, -2.0], [-1.0, -2.0]]),
+                "self_certainty": torch.tensor([[0.1, 0.9], [0.9, 0.1]]),
+                "majority": torch.tensor([[0.5, 0.5], [0.5, 0.5]])},
+        lengths=torch.tensor([[2, 4], [2, 4]]),
+        truncated=torch.zeros(2, 2, dtype=torch.bool),
+    )  # fmt: skip
+    metrics = seed_metrics(draws, [1, 2], "drop", rescored_rewards(custom, "self"), custom.rewards)
+    assert list(metrics) == ["sample", "bon_self_certainty", "bon_loglik", "bon_majority", "maj", "pass"]
+    assert metrics["bon_self_certainty"][2] == {"accuracy": 0.0, "chosen_loglik": -1.5, "tokens": 12.0}
+    assert metrics["bon_loglik"][2] == {"accuracy": 0.5, "chosen_loglik": -1.0, "tokens": 6.0}
+    rows = protocol_table([metrics], {"accuracy": 0.5, "chosen_loglik": -1.0}, [1, 2])
+    assert [r["method"] for r in rows if r["n"] == 2] == [
+        "bon_self_certainty", "bon_loglik", "bon_majority", "maj", "pass"
+    ]  # fmt: skip
+    results = {"table": rows, "n_values": [1, 2], "seeds": [0], "samples_per_prompt": 2, "prompts": {"count": 2}}
+    assert "BoN self_certainty" in format_table(results) and "lift self_certainty" in format_table(results)
+    problems = validate_protocol_config(ProtocolConfig(rewards=["bleu", "loglik", "loglik"]))
+    assert problems[0].startswith("--protocol.rewards[0]='bleu': unknown self-reward")
+    assert problems[1].startswith("--protocol.rewards=['bleu', 'loglik', 'loglik']: a reward is listed twice")
+    assert validate_protocol_config(ProtocolConfig(rewards=[]))[0].startswith("--protocol.rewards=[]")

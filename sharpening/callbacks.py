@@ -37,7 +37,7 @@ from sharpening.verifier import RoundModels, RoundSettings, round_max_new_tokens
 
 
 class SelfVerificationCallback(L.Callback):
-    """Each round: N samples per prompt, scored by the frozen base, the best kept for training (or, with
+    """Each round: N samples per prompt, scored by the self-reward, the best kept for training (or, with
     ``select_by: power``, one power sample per prompt kept: power self-distillation)."""
 
     def __init__(
@@ -56,9 +56,11 @@ class SelfVerificationCallback(L.Callback):
         """
         Args:
             sampling: How responses are drawn (N, temperature, top-k/p, max_new_tokens).
-            selection: Self-reward, how many samples to keep, treatment of truncated responses.
-            sample_from: Draw from the frozen ``base`` (the paper) or the current ``policy``; scores always come
-                from the base.
+            selection: Self-reward (any of ``sharpening.rewards.REWARDS`` or an import path), an optional task
+                reward and its weight, how many samples to keep, treatment of truncated responses.
+            sample_from: Draw from the frozen ``base`` (the paper) or the current ``policy``. Base-scored rewards
+                (loglik, ...) are scored by the base; policy-scored ones (self_certainty, ...) by the model that
+                drew, in the same round: with ``base``, that is the base too.
             resample_every_epoch: Run a new round before every epoch (else once, before the first).
             greedy_accuracy: When prompts have answers, also decode greedily to report greedy accuracy.
             seed: Seed of the draws; a prompt's samples depend only on (seed, epoch, prompt index).

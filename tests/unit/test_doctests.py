@@ -20,6 +20,7 @@ DOCTEST_MODULES = [
     "sharpening.diagnostics",
     "sharpening.errors",
     "sharpening.evaluate.config",
+    "sharpening.evaluate.power_rows",
     "sharpening.evaluate.protocol",
     "sharpening.evaluate.sources",
     "sharpening.losses",
@@ -28,10 +29,12 @@ DOCTEST_MODULES = [
     "sharpening.prompts",
     "sharpening.rewards",
     "sharpening.rewards.functions",
+    "sharpening.rl.config",
     "sharpening.rl.rollout",
     "sharpening.tasks.chars",
     "sharpening.tasks.demo",
     "sharpening.tasks.extractors",
+    "sharpening.tasks.toy",
 ]
 
 

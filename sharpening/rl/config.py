@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -66,12 +67,6 @@ class RLConfig:
     task_reward_weight: float = 1.0
     """online: the weight w of the task reward: the signal is self-reward + w * task reward, before the KL."""
 
-    def __post_init__(self) -> None:
-        """Fill in whichever of ``kl_coef`` and ``alpha`` was left null from the other (both null: beta 0.05), so
-        the objective reads one resolved ``kl_coef`` and the saved hyperparameters show both; a pair given
-        inconsistent or out of range is left for ``validate_rl_config`` to report."""
-        self.kl_coef, self.alpha = resolve_kl_coef(self.kl_coef, self.alpha)
-
 
 DEFAULT_KL_COEF = 0.05
 
@@ -93,6 +88,24 @@ def resolve_kl_coef(kl_coef: float | None, alpha: float | None) -> tuple[float |
     elif kl_coef is None and alpha is not None and alpha > 1:
         kl_coef = 1.0 / (alpha - 1.0)
     return kl_coef, alpha
+
+
+def kl_coef_of(rl: RLConfig) -> float | None:
+    """The objective's beta, whichever of ``kl_coef`` and ``alpha`` gave it: every objective (online, offline,
+    xpo, the held-out J_beta) reads it here (None only for an alpha <= 1, which validation refuses).
+
+    >>> kl_coef_of(RLConfig(alpha=3.0)), kl_coef_of(RLConfig())
+    (0.5, 0.05)
+    """
+    return resolve_kl_coef(rl.kl_coef, rl.alpha)[0]
+
+
+def with_both_coefficients(rl: RLConfig) -> RLConfig:
+    """``rl`` with the missing one of ``kl_coef`` and ``alpha`` filled in, so the saved hyperparameters show both.
+    The dataclass itself keeps what was given: a default instance filled in would read to the CLI as a given
+    kl_coef, and ``--model.rl.alpha`` alone would then disagree with it."""
+    kl_coef, alpha = resolve_kl_coef(rl.kl_coef, rl.alpha)
+    return dataclasses.replace(rl, kl_coef=kl_coef, alpha=alpha)
 
 
 def validate_rl_config(rl: RLConfig, sampling: SamplingConfig) -> list[str]:

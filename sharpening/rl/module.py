@@ -39,7 +39,7 @@ from sharpening.optim import OptimizerConfig
 from sharpening.policy import PolicyConfig, disable_dropout, eval_mode, stop_token_ids
 from sharpening.prompts import epoch_sampler
 from sharpening.rewards import REWARDS, extract_answers, resolve_reward
-from sharpening.rl.config import RLConfig, validate_rl_config
+from sharpening.rl.config import RLConfig, validate_rl_config, with_both_coefficients
 from sharpening.rl.data import update_loader, whole_rollout_steps
 from sharpening.rl.pairs import PairExample, collate_pairs, pairs_from_buffer
 from sharpening.rl.rollout import (
@@ -94,7 +94,8 @@ class RLSharpeningModule(PolicyModule):
             logprob_chunk_size: Response positions per LM-head chunk (bounds logits memory).
         """
         optimizer = config_from(optimizer, OptimizerConfig) or OptimizerConfig(lr=1e-5, schedule="constant")
-        rl, sampling = config_from(rl, RLConfig), config_from(sampling, SamplingConfig)  # (dicts: load_from_checkpoint)
+        rl = with_both_coefficients(config_from(rl, RLConfig))  # (dicts: load_from_checkpoint); hparams show both
+        sampling = config_from(sampling, SamplingConfig)
         problems = validate_rl_config(rl, sampling)
         if prompts_per_step < 1:
             problems.append(f"--model.prompts_per_step={prompts_per_step}: must be >= 1")

@@ -28,7 +28,7 @@ from sharpening.losses import (
     policy_gradient_loss,
 )
 from sharpening.rewards import SelfReward, loglik_reward, resolve_task_reward, score_samples, task_reward_scores
-from sharpening.rl.config import RLConfig
+from sharpening.rl.config import RLConfig, kl_coef_of
 from sharpening.rl.pairs import PairExample
 from sharpening.scoring import score_reward
 from sharpening.types import PromptBatch, SampleBatch
@@ -152,7 +152,7 @@ def build_rollout(
     sampler_seq = sequence_logprobs(samples.logprobs, samples.response_mask)  # [B, G]
     tilt = task_reward_tilt(samples, tokenizer, rl)  # [B, G] or None
     if rl.kl_estimator == "sequence":
-        rewards = kl_regularized_rewards(base_seq, sampler_seq, rl.kl_coef, tilt)
+        rewards = kl_regularized_rewards(base_seq, sampler_seq, kl_coef_of(rl), tilt)
     else:
         rewards = base_seq if tilt is None else base_seq + tilt
     if self_rewards is not None:  # r(y) in place of log pi_base(y); the KL terms are unchanged
@@ -171,7 +171,7 @@ def online_loss(policy: torch.nn.Module, rollout: Rollout, rl: RLConfig, chunk_s
     samples = rollout.samples
     logprobs = sample_logprobs(policy, samples, chunk_size).flatten(0, 1)  # [B, G, T] -> [B*G, T]
     old = logprobs.detach() if rl.inner_updates == 1 else samples.logprobs.flatten(0, 1)  # [B*G, T]
-    k3 = rl.kl_coef if rl.kl_estimator == "k3" else 0.0
+    k3 = kl_coef_of(rl) if rl.kl_estimator == "k3" else 0.0
     mask = samples.response_mask.flatten(0, 1)  # [B, G, T] -> [B*G, T]
     base = rollout.base_logprobs.flatten(0, 1)  # [B, G, T] -> [B*G, T]
     return policy_gradient_loss(logprobs, old, rollout.advantages, mask, rl.clip_ratio, base, k3, rollout.in_loss)
@@ -218,7 +218,7 @@ def pair_residuals_of(
         batch["other_base_logprob"], batch["other_truncated"], rl.truncated, rl.truncation_penalty
     )
     residuals = pair_residuals(
-        policy_y, batch["base_logprob"], policy_y2, batch["other_base_logprob"], rl.kl_coef, reward_y, reward_y2
+        policy_y, batch["base_logprob"], policy_y2, batch["other_base_logprob"], kl_coef_of(rl), reward_y, reward_y2
     )
     return residuals, policy_y2
 

@@ -473,6 +473,40 @@ def test_the_unused_verifier_settings_warning_shows_once_from_the_cli(tiny_model
     assert len(unused) == 1, [str(w.message) for w in unused]
 
 
+def test_alpha_from_the_cli_replaces_beta_and_a_disagreeing_pair_is_refused(tiny_model_path, prompts_file, tmp_path):
+    """configs/rl.yaml sets kl_coef 0.05: --model.rl.alpha 3 beside it is refused before any weights load; with
+    kl_coef null the run trains at beta 0.5 and its hyperparameters show both."""
+    from sharpening.cli import main
+    from sharpening.errors import ConfigError
+    from tests.helpers import REPO_ROOT
+
+    init = "--model.init_args"
+    args = [
+        "fit",
+        "--config",
+        str(REPO_ROOT / "configs" / "rl.yaml"),
+        f"{init}.policy.model_name_or_path={tiny_model_path}",
+        f"{init}.prompts_per_step=2",
+        f"{init}.sampling.samples_per_prompt=2",
+        f"{init}.sampling.max_new_tokens=3",
+        f"{init}.rl.alpha=3",
+        f"--data.dataset={prompts_file}",
+        "--data.max_prompts=2",
+        "--verifier.show_progress=false",
+        "--trainer.max_steps=1",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={tmp_path}",
+    ]
+    with pytest.raises(
+        ConfigError, match=r"rl\.alpha=3\.0 and --model\.rl\.kl_coef=0\.05: alpha must equal 1 \+ 1/beta"
+    ):
+        main(args)
+    cli = main([*args, f"{init}.rl={{kl_coef: null}}"])  # jsonargparse reads `{init}.rl.kl_coef=null` as 'None'
+    assert cli.trainer.global_step == 1
+    assert cli.model.rl.kl_coef == 0.5 and cli.model.hparams["rl"]["alpha"] == 3.0
+
+
 def test_no_eval_mode_warning_from_the_frozen_copy(toy_dir):
     """The frozen copy rests in the module's mode (frozen_base() switches it to eval for each use), so
     Lightning's 'modules in eval mode' warning does not fire on every run."""

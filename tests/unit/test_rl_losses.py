@@ -330,13 +330,15 @@ def _rl_problems(**fields) -> list[str]:
     ],
 )
 def test_alpha_and_beta_resolve_to_one_coefficient_both_shown(fields, beta, alpha):
-    from sharpening.rl.config import RLConfig
+    from sharpening.rl.config import RLConfig, kl_coef_of, with_both_coefficients
 
     rl = RLConfig(**fields)
-    assert rl.kl_coef == pytest.approx(beta, rel=1e-12) and rl.alpha == pytest.approx(alpha, rel=1e-12)
+    assert (rl.kl_coef, rl.alpha) == (fields.get("kl_coef"), fields.get("alpha"))  # as given: a CLI default stays null
+    assert kl_coef_of(rl) == pytest.approx(beta, rel=1e-12)
+    shown = with_both_coefficients(rl)  # what the module keeps and saves
+    assert shown.kl_coef == pytest.approx(beta, rel=1e-12) and shown.alpha == pytest.approx(alpha, rel=1e-12)
     assert _rl_problems(**fields) == []
-    again = RLConfig(**dataclasses.asdict(rl))  # the saved hyperparameters load back (both set, consistent)
-    assert (again.kl_coef, again.alpha) == (rl.kl_coef, rl.alpha)
+    assert _rl_problems(**dataclasses.asdict(shown)) == []  # the saved hyperparameters load back
 
 
 def test_inconsistent_alpha_and_beta_are_refused_with_the_rule():

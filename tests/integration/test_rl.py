@@ -474,8 +474,8 @@ def test_the_unused_verifier_settings_warning_shows_once_from_the_cli(tiny_model
 
 
 def test_alpha_from_the_cli_replaces_beta_and_a_disagreeing_pair_is_refused(tiny_model_path, prompts_file, tmp_path):
-    """configs/rl.yaml sets kl_coef 0.05: --model.rl.alpha 3 beside it is refused before any weights load; with
-    kl_coef null the run trains at beta 0.5 and its hyperparameters show both."""
+    """configs/rl.yaml leaves beta at its default: --model.rl.alpha 3 alone trains at beta 0.5 and the
+    hyperparameters show both; alpha 3 beside kl_coef 0.05 is refused before any weights load."""
     from sharpening.cli import main
     from sharpening.errors import ConfigError
     from tests.helpers import REPO_ROOT
@@ -501,8 +501,8 @@ def test_alpha_from_the_cli_replaces_beta_and_a_disagreeing_pair_is_refused(tiny
     with pytest.raises(
         ConfigError, match=r"rl\.alpha=3\.0 and --model\.rl\.kl_coef=0\.05: alpha must equal 1 \+ 1/beta"
     ):
-        main(args)
-    cli = main([*args, f"{init}.rl={{kl_coef: null}}"])  # jsonargparse reads `{init}.rl.kl_coef=null` as 'None'
+        main([*args, f"{init}.rl.kl_coef=0.05"])
+    cli = main(args)
     assert cli.trainer.global_step == 1
     assert cli.model.rl.kl_coef == 0.5 and cli.model.hparams["rl"]["alpha"] == 3.0
 

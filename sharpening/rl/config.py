@@ -66,6 +66,12 @@ class RLConfig:
     text, reference answer or None) -> float (null = none)."""
     task_reward_weight: float = 1.0
     """online: the weight w of the task reward: the signal is self-reward + w * task reward, before the KL."""
+    answer_entropy_band: tuple[float, float] | None = None
+    """online: [low, high] nats (EMPO): prompts whose group's answer entropy (answers read by answer_extractor)
+    is outside the band leave the loss, logged as train/band_skipped_fraction (null = every prompt trains)."""
+    log_token_entropy: bool = False
+    """online: log train/token_entropy, the drawing policy's mean next-token entropy over the rollout's
+    responses; costs one no-grad teacher-forced policy pass per rollout."""
 
 
 DEFAULT_KL_COEF = 0.05
@@ -174,6 +180,14 @@ def _reward_problems(rl: RLConfig) -> list[str]:
         problems.append(
             f"{o}.reward={rl.reward}: algorithm {rl.algorithm} regresses on log pi_base(y|x) itself (paper Eq. 8), so "
             f"it takes {o}.reward loglik only; use algorithm online for another self-reward"
+        )
+    band = rl.answer_entropy_band
+    if band is not None and not (len(band) == 2 and 0 <= band[0] <= band[1]):
+        problems.append(f"{o}.answer_entropy_band={list(band)}: must be [low, high] nats with 0 <= low <= high")
+    if rl.algorithm in ("offline", "xpo") and band is not None:
+        problems.append(
+            f"{o}.answer_entropy_band={list(band)}: algorithm {rl.algorithm} draws no group to measure; unset it, "
+            "or use algorithm online"
         )
     if rl.algorithm in ("offline", "xpo") and rl.task_reward is not None:
         problems.append(

@@ -45,13 +45,16 @@ from sharpening.rl.pairs import PairExample, collate_pairs, pairs_from_buffer
 from sharpening.rl.rollout import (
     Rollout,
     SeedStream,
+    answer_metrics,
     base_sequence_logprobs,
     build_rollout,
     draw_samples,
+    entropy_band_prompts,
     online_loss,
     pair_residuals_of,
     pairs_of,
     policy_estimates,
+    policy_token_entropy,
     rollout_self_rewards,
     sequence_logprobs,
     xpo_minibatches,
@@ -190,28 +193,38 @@ class RLSharpeningModule(PolicyModule):
             return base_sequence_logprobs(self.frozen_base, samples, self.logprob_chunk_size)
 
     def _draw_rollout(self, prompts: PromptBatch, step: int) -> Rollout:
-        """G samples per prompt from the policy, ONE base pass for reward and KL, advantages; logged."""
+        """G samples per prompt from the policy, ONE base pass for reward and KL, advantages; logged. The
+        answers are extracted once (text only) for the reward, the entropy band and the answer metrics."""
         samples = self._draw(prompts, "policy", self.sampling.samples_per_prompt, step, SeedStream.POLICY_ROLLOUT)
         base_logprobs, _ = self._base_pass(samples)
-        self_rewards = self._self_rewards(samples, base_logprobs)
-        rollout = build_rollout(samples, base_logprobs, self.rl, self.tokenizer, self_rewards)
+        extractor = resolve_extractor(self.rl.answer_extractor)
+        answers = extract_answers(decode_responses(self.tokenizer, samples), extractor)  # [B][G]
+        self_rewards = self._self_rewards(samples, base_logprobs, answers)
+        band_mask = entropy_band_prompts(answers, self.rl.answer_entropy_band)  # [B] bool or None
+        rollout = build_rollout(samples, base_logprobs, self.rl, self.tokenizer, self_rewards, band_mask)
+        size = len(prompts)
         if rollout.in_loss is not None:
             dropped = 1.0 - rollout.in_loss.float().mean()
-            self.log("train/dropped_fraction", dropped, batch_size=len(prompts), sync_dist=True)
+            self.log("train/dropped_fraction", dropped, batch_size=size, sync_dist=True)
+        if band_mask is not None:
+            self.log("train/band_skipped_fraction", 1.0 - band_mask.float().mean(), batch_size=size, sync_dist=True)
+        self.log_dict(answer_metrics(answers, prompts.answers, extractor), batch_size=size, sync_dist=True)
+        if self.rl.log_token_entropy:
+            with self.gathered_for_generation(), eval_mode(self.policy):
+                entropy = policy_token_entropy(partial(self.sampling_model, "policy"), samples, self.logprob_chunk_size)
+            self.log("train/token_entropy", entropy, batch_size=size, sync_dist=True)
         self._log_policy_estimates(rollout.base_seq, rollout.sampler_seq, samples)
         return rollout
 
-    def _self_rewards(self, samples: SampleBatch, base_logprobs: torch.Tensor) -> torch.Tensor | None:
+    def _self_rewards(
+        self, samples: SampleBatch, base_logprobs: torch.Tensor, answers: list[list[str | None]]
+    ) -> torch.Tensor | None:
         """``rl.reward`` of the rollout [B, G], scored now, by the weights that just drew it (policy-scored) or
         the frozen base; None for loglik, which ``build_rollout`` reads from the base pass. Logged as
         ``train/self_reward``."""
         reward = resolve_reward(self.rl.reward, "--model.rl.reward")
         if reward is REWARDS["loglik"]:
             return None
-        answers = None
-        if reward.needs_answers:
-            extractor = resolve_extractor(self.rl.answer_extractor)
-            answers = extract_answers(decode_responses(self.tokenizer, samples), extractor)
         policy = partial(self.sampling_model, "policy")
         with self.gathered_for_generation(), eval_mode(self.policy):
             scores = rollout_self_rewards(

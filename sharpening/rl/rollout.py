@@ -17,9 +17,16 @@ from enum import IntEnum
 
 import torch
 
-from sharpening.diagnostics import distinct_ngram_ratio
+from sharpening.diagnostics import (
+    Answers,
+    answer_entropy,
+    distinct_ngram_ratio,
+    entropy_band_mask,
+    majority_share,
+    mean_token_entropy,
+)
 from sharpening.engines import SamplingConfig, derive_seed, generate_samples
-from sharpening.logprobs import response_logprobs, sample_logprobs
+from sharpening.logprobs import response_logprobs, sample_logprobs, sample_token_stats
 from sharpening.losses import (
     apply_truncated_policy,
     group_advantages,
@@ -31,6 +38,7 @@ from sharpening.rewards import SelfReward, loglik_reward, resolve_task_reward, s
 from sharpening.rl.config import RLConfig, kl_coef_of
 from sharpening.rl.pairs import PairExample
 from sharpening.scoring import score_reward
+from sharpening.tasks.extractors import answers_match
 from sharpening.types import PromptBatch, SampleBatch
 
 BaseContext = Callable[[], AbstractContextManager[torch.nn.Module]]
@@ -61,7 +69,7 @@ class Rollout:
     base_seq: torch.Tensor  # [B, G] float32, log pi_base(y|x): the reward before the KL
     sampler_seq: torch.Tensor  # [B, G] float32, log pi(y|x) of the policy that drew y (exact draws: free)
     advantages: torch.Tensor  # [B*G] float32, group-baselined rewards
-    in_loss: torch.Tensor | None  # [B*G] bool, False for dropped (truncated) samples; None: all count
+    in_loss: torch.Tensor | None  # [B*G] bool, False for dropped samples (truncated, outside the band); None: all
 
     def to(self, device: torch.device) -> Rollout:
         """The rollout with every tensor on ``device``."""
@@ -137,17 +145,67 @@ def rollout_self_rewards(
     return score_reward(reward, samples, answers, scorer, chunk_size, scorer_drew=reward.scored_by == "policy")
 
 
+def entropy_band_prompts(answers: Answers | None, band: tuple[float, float] | None) -> torch.Tensor | None:
+    """Which prompts the answer-entropy ``band`` [low, high] keeps in the loss (EMPO: a group that agrees is too
+    easy to learn from, one that does not agree at all too hard); [B] bool, or None without a band.
+
+    >>> entropy_band_prompts([["1", "1"], ["1", "2"]], (0.1, 1.0))
+    tensor([False,  True])
+    """
+    if band is None:
+        return None
+    return entropy_band_mask(answer_entropy(answers), *band)
+
+
+def with_prompts_left_out(
+    in_loss: torch.Tensor | None, prompt_mask: torch.Tensor | None, shape: torch.Size
+) -> torch.Tensor | None:
+    """The samples in the loss: those of ``in_loss`` [B, G] (None: all) of the prompts of ``prompt_mask`` [B]
+    (None: all); None when every sample counts either way.
+
+    >>> with_prompts_left_out(torch.tensor([[True, False], [True, True]]), torch.tensor([True, False]), (2, 2))
+    tensor([[ True, False],
+            [False, False]])
+    """
+    if prompt_mask is None:
+        return in_loss
+    inside = prompt_mask[:, None].expand(shape)  # [B] -> [B, G]
+    return inside if in_loss is None else in_loss & inside.to(in_loss.device)
+
+
+def answer_metrics(answers: Answers, references: list[str | None], extractor) -> dict[str, torch.Tensor]:
+    """The ``train/`` metrics of a rollout's extracted answers [B][G]: the majority answer's share, and, when
+    every prompt has a reference answer, the share of samples that match it (``train/accuracy``: logged, never
+    trained on). Text only: no model pass."""
+    metrics = {"train/majority_share": majority_share(answers).mean()}
+    if references and all(ref is not None for ref in references):
+        matches = [[answers_match(a, ref, extractor) for a in group] for group, ref in zip(answers, references)]
+        metrics["train/accuracy"] = torch.tensor(matches, dtype=torch.float32).mean()  # [B, G] -> []
+    return metrics
+
+
+def policy_token_entropy(policy: BaseContext, samples: SampleBatch, chunk_size: int) -> torch.Tensor:
+    """Mean next-token entropy (nats) of the drawing ``policy`` over the samples' response tokens: one no-grad
+    teacher-forced pass (the sampler does not return the full distribution), the cost of
+    ``--model.rl.log_token_entropy``. [] float32."""
+    with policy() as model:
+        _, stats = sample_token_stats(model, samples, chunk_size)  # TokenStats [B, G, T]
+    return mean_token_entropy(stats.entropy, samples.response_mask)
+
+
 def build_rollout(
     samples: SampleBatch,
     base_logprobs: torch.Tensor,
     rl: RLConfig,
     tokenizer=None,
     self_rewards: torch.Tensor | None = None,
+    band_mask: torch.Tensor | None = None,
 ) -> Rollout:
     """Rewards (log pi_base, plus w r with a task reward; the sequence KL folded in unless k3), the truncation
     policy and group advantages. ``tokenizer`` decodes the responses for the task reward (unused without one).
     ``self_rewards`` [B, G]: another self-reward (``rollout_self_rewards``) in place of log pi_base; the KL
-    stays to pi_base (None: log pi_base, the paper's objective)."""
+    stays to pi_base (None: log pi_base, the paper's objective). ``band_mask`` [B] bool: the prompts inside the
+    answer-entropy band (``entropy_band_prompts``); the others' samples leave the loss, as dropped ones do."""
     base_seq = sequence_logprobs(base_logprobs, samples.response_mask)  # [B, G]
     sampler_seq = sequence_logprobs(samples.logprobs, samples.response_mask)  # [B, G]
     tilt = task_reward_tilt(samples, tokenizer, rl)  # [B, G] or None
@@ -159,6 +217,8 @@ def build_rollout(
         rewards = rewards - base_seq + self_rewards.to(rewards.device)
     # truncated responses: penalty on the reward after the KL is folded in; drop: in_loss [B, G], else None
     rewards, in_loss = apply_truncated_policy(rewards, samples.truncated, rl.truncated, rl.truncation_penalty)
+    band_mask = None if band_mask is None else band_mask.to(rewards.device)
+    in_loss = with_prompts_left_out(in_loss, band_mask, rewards.shape)  # [B, G] or None
     advantages = group_advantages(rewards, rl.baseline, rl.normalize_advantages, in_loss).flatten()  # [B, G] -> [B*G]
     in_loss = None if in_loss is None else in_loss.flatten()  # [B, G] -> [B*G]
     return Rollout(samples, base_logprobs, base_seq, sampler_seq, advantages, in_loss)

@@ -156,3 +156,82 @@ def test_a_bad_entropy_band_is_refused(band):
     problems = validate_selection_config(cfg, 4, "--verifier.selection")
     assert any(p.startswith("--verifier.selection.answer_entropy_band=") for p in problems)
     assert validate_selection_config(SelectionConfig(answer_entropy_band=(0.0, 0.0)), 4, "--verifier.selection") == []
+
+
+# ---------------------------------------------------------------- online RL: entropy band, answers, token entropy
+
+
+def test_rl_band_leaves_the_prompts_outside_it_out_of_the_loss_beside_dropped_samples():
+    from sharpening.rl.config import RLConfig
+    from sharpening.rl.rollout import build_rollout, entropy_band_prompts
+
+    ids = torch.tensor([[[1, 2], [1, 3]], [[4, 5], [4, 6]], [[7, 8], [7, 9]]])  # B=3, G=2
+    samples = _scored(ids, torch.ones(3, 2, 2, dtype=torch.bool)).samples
+    samples.truncated = torch.tensor([[F, F], [F, T], [F, F]])
+    base_logprobs = torch.tensor([[[-1.0, -1.0], [-2.0, -2.0]]] * 3)  # rewards -2, -4 in every group
+    answers = [["a", "a"], ["a", "b"], ["a", "b"]]  # entropies 0, log 2, log 2
+    band_mask = entropy_band_prompts(answers, (0.5, 1.0))
+    assert band_mask.tolist() == [F, T, T]
+    rl = RLConfig(kl_coef=0.5, kl_estimator="k3", baseline="mean", truncated="drop")
+    rollout = build_rollout(samples, base_logprobs, rl, self_rewards=None, band_mask=band_mask)
+    # prompt 0: outside the band; prompt 1: one sample dropped (truncated), too few left for a baseline
+    assert rollout.in_loss.tolist() == [F, F, T, F, T, T]
+    assert rollout.advantages.tolist() == [0.0, 0.0, 0.0, 0.0, 1.0, -1.0]
+    keep = build_rollout(samples, base_logprobs, RLConfig(kl_coef=0.5, kl_estimator="k3", baseline="mean"))
+    assert keep.in_loss is None and keep.advantages.tolist() == [1.0, -1.0] * 3
+    banded = build_rollout(samples, base_logprobs, RLConfig(kl_coef=0.5, kl_estimator="k3"), band_mask=band_mask)
+    assert banded.in_loss.tolist() == [F, F, T, T, T, T]
+    assert entropy_band_prompts(answers, None) is None
+
+
+def test_rl_answer_metrics_majority_share_and_accuracy_only_with_references():
+    from sharpening.rl.rollout import answer_metrics
+    from sharpening.tasks.extractors import resolve_extractor
+
+    strip = resolve_extractor("strip")
+    answers = [["4", "4", "5", None], ["7", "8", "8", "8"]]
+    out = answer_metrics(answers, [" 4 ", "7"], strip)
+    assert out["train/majority_share"].item() == pytest.approx((2 / 4 + 3 / 4) / 2)
+    assert out["train/accuracy"].item() == pytest.approx(3 / 8)  # two 4s, one 7
+    assert set(answer_metrics(answers, [None, None], strip)) == {"train/majority_share"}
+
+
+@pytest.mark.parametrize("band", [(1.0, 0.5), (-0.1, 1.0), (0.1,)])
+def test_rl_refuses_a_bad_entropy_band_and_one_off_online(band):
+    from sharpening.engines import SamplingConfig
+    from sharpening.rl.config import RLConfig, validate_rl_config
+
+    problems = validate_rl_config(RLConfig(answer_entropy_band=band), SamplingConfig(samples_per_prompt=4))
+    assert any(p.startswith("--model.rl.answer_entropy_band=") for p in problems)
+    assert validate_rl_config(RLConfig(answer_entropy_band=(0.0, 0.0)), SamplingConfig(samples_per_prompt=4)) == []
+    offline = validate_rl_config(RLConfig(algorithm="xpo", answer_entropy_band=(0.0, 1.0)), SamplingConfig())
+    assert any("answer_entropy_band" in p and "online" in p for p in offline)
+
+
+def test_rl_token_entropy_is_the_drawing_policys_brute_force_entropy(tiny_model):
+    from contextlib import nullcontext
+
+    from sharpening.rl.rollout import policy_token_entropy
+
+    vocab = tiny_model.config.vocab_size
+    generator = torch.Generator().manual_seed(0)
+    prompt_ids = torch.randint(3, vocab, (2, 3), generator=generator)
+    prompt_mask = torch.tensor([[F, T, T], [T, T, T]])  # left-padded
+    response_ids = torch.randint(3, vocab, (2, 2, 4), generator=generator)  # [B, G, T]
+    response_mask = torch.tensor([[[T, T, T, F], [T, T, F, F]], [[T, T, T, T], [T, F, F, F]]])
+    prompts = PromptBatch(prompt_ids, prompt_mask, torch.arange(2), [None, None])
+    samples = SampleBatch(
+        prompts, response_ids, response_mask, torch.zeros(2, 2, 4), torch.zeros(2, 2, dtype=torch.bool), True, None
+    )
+    entropies = []
+    with torch.no_grad():
+        for b in range(2):
+            prompt = prompt_ids[b][prompt_mask[b]]
+            for g in range(2):
+                response = response_ids[b, g][response_mask[b, g]]
+                logits = tiny_model(torch.cat([prompt, response])[None]).logits[0].float()  # [P + T, V]
+                at = logits[len(prompt) - 1 : len(prompt) - 1 + len(response)].log_softmax(-1)  # [T, V]
+                entropies.append(-(at.exp() * at).sum(-1))  # [T]
+    brute = torch.cat(entropies).mean()  # over all response tokens
+    got = policy_token_entropy(lambda: nullcontext(tiny_model), samples, chunk_size=2)
+    torch.testing.assert_close(got, brute, rtol=1e-4, atol=1e-5)

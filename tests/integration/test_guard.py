@@ -4,6 +4,7 @@ weights, and noise within ``min_delta`` never stops a run."""
 
 from __future__ import annotations
 
+import math
 import os
 
 import lightning as L
@@ -98,3 +99,44 @@ def test_missing_metric_names_what_was_logged(tmp_path):
 def test_bad_settings_are_refused(kwargs, message):
     with pytest.raises(Exception, match=message):
         CollapseGuardCallback("m", **kwargs)
+
+
+# ---------------------------------------------------------------- the guard from the command line, tiny model
+
+
+def _guard_cli(tmp_path, tiny_model_path, prompts_file, config: str, monitor: str, *extra: str):
+    from sharpening.cli import main
+    from tests.helpers import REPO_ROOT
+    from tests.integration.test_cli import tiny_overrides
+
+    rl = config == "rl.yaml"
+    guard = ["--trainer.callbacks+=sharpening.guards.CollapseGuardCallback", f"--trainer.callbacks.monitor={monitor}",
+             "--trainer.callbacks.mode=max", "--trainer.callbacks.patience=5"]  # fmt: skip
+    overrides = tiny_overrides(tiny_model_path, prompts_file, str(tmp_path), rl)
+    return main(["fit", "--config", str(REPO_ROOT / "configs" / config), *overrides, *guard, *extra])
+
+
+def test_guard_from_the_cli_watches_a_rounds_accuracy_and_keeps_its_best(tiny_model_path, prompts_file, tmp_path):
+    cli = _guard_cli(tmp_path, tiny_model_path, prompts_file, "demo.yaml", "sample/accuracy",
+                     "--trainer.max_epochs=2", "--verifier.resample_every_epoch=true")  # fmt: skip
+    guard = next(c for c in cli.trainer.callbacks if isinstance(c, CollapseGuardCallback))
+    per_epoch = cli.trainer.global_step // 2
+    assert guard.best is not None and guard.best_step in (per_epoch, 2 * per_epoch)  # at an epoch's end
+    assert guard.stopped_step is None  # patience 5: two evaluations never stop the run
+    kept = torch.load(CollapseGuardCallback.best_path(cli.trainer), weights_only=True)
+    assert kept["global_step"] == guard.best_step
+
+
+def test_guard_from_the_cli_watches_an_rl_step_metric_with_the_band_on(tiny_model_path, prompts_file, tmp_path):
+    cli = _guard_cli(tmp_path, tiny_model_path, prompts_file, "rl.yaml", "train/majority_share",
+                     "--trainer.max_steps=3", "--trainer.callbacks.every_n_steps=1",
+                     "--model.init_args.rl.answer_entropy_band=[0.0, 10.0]",
+                     "--model.init_args.rl.log_token_entropy=true")  # fmt: skip
+    guard = next(c for c in cli.trainer.callbacks if isinstance(c, CollapseGuardCallback))
+    logged = cli.trainer.callback_metrics
+    for key in ("train/majority_share", "train/accuracy", "train/token_entropy", "train/band_skipped_fraction"):
+        assert key in logged, key
+    assert float(logged["train/band_skipped_fraction"]) == 0.0  # every entropy lies in [0, 10]
+    assert 0.0 < float(logged["train/token_entropy"]) < math.log(cli.model.policy.config.vocab_size) + 1e-4
+    kept = torch.load(CollapseGuardCallback.best_path(cli.trainer), weights_only=True)
+    assert guard.best_step >= 1 and kept["global_step"] == guard.best_step

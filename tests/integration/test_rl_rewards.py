@@ -47,13 +47,13 @@ def test_a_policy_scored_reward_comes_from_the_weights_that_drew_the_rollout(
     seen = []
     real_build = rl_module.build_rollout
 
-    def build(samples, base_logprobs, rl, tokenizer=None, self_rewards=None):
+    def build(samples, base_logprobs, rl, tokenizer=None, self_rewards=None, band_mask=None):
         # nothing has updated the policy since it drew these samples: its weights now ARE the drawing weights
         drawing = brute_force_self_certainty(module.policy, samples)
         with module.frozen_base() as base:
             frozen = brute_force_self_certainty(base, samples)
         seen.append((self_rewards.clone(), drawing, frozen, samples))
-        return real_build(samples, base_logprobs, rl, tokenizer, self_rewards)
+        return real_build(samples, base_logprobs, rl, tokenizer, self_rewards, band_mask)
 
     monkeypatch.setattr(rl_module, "build_rollout", build)
     L.seed_everything(0, verbose=False)

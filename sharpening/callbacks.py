@@ -52,6 +52,7 @@ class SelfVerificationCallback(L.Callback):
         stop_unselectable: bool = True,
         select_by: Literal["best_of_n", "power"] = "best_of_n",
         power: PowerSamplingConfig = PowerSamplingConfig(),
+        log_token_entropy: bool = False,
     ) -> None:
         """
         Args:
@@ -73,6 +74,8 @@ class SelfVerificationCallback(L.Callback):
                 stop_unselectable unused).
             power: How power samples are drawn (method mcmc|smc, alpha, blocks, steps, particles, max_new_tokens,
                 prompts_per_batch); read only with ``select_by: power``.
+            log_token_entropy: Log ``sample/token_entropy``, the sampling model's mean next-token entropy over
+                the responses (best-of-N); costs one no-grad teacher-forced pass of the sampling model per batch.
         """
         super().__init__()
         self.sampling = sampling
@@ -99,6 +102,7 @@ class SelfVerificationCallback(L.Callback):
         self.stop_unselectable = stop_unselectable
         self.select_by = select_by
         self.power = power
+        self.log_token_entropy = log_token_entropy
         self.buffer = SampleBuffer()
         self.rounds_done = 0
         self.last_metrics: dict[str, float] = {}
@@ -162,6 +166,7 @@ class SelfVerificationCallback(L.Callback):
             self.stop_unselectable,
             self.select_by,
             self.power,
+            self.log_token_entropy,
         )
 
     @property

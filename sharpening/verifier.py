@@ -26,7 +26,7 @@ from sharpening.buffer import BufferExample, selected_examples
 from sharpening.diagnostics import within_entropy_band
 from sharpening.engines import SamplingConfig, decode_responses, generate_samples, is_exact_sampling
 from sharpening.engines.power import PowerSamplingConfig, power_sample
-from sharpening.logprobs import sample_logprobs
+from sharpening.logprobs import sample_logprobs, sample_token_stats
 from sharpening.metrics import SharpeningMetric
 from sharpening.policy import stop_token_ids
 from sharpening.rewards import extract_answers, resolve_reward, resolve_task_reward, score_samples
@@ -51,6 +51,7 @@ class RoundSettings:
     stop_unselectable: bool = True  # stop drawing a sample once it can no longer be kept (where exact)
     select_by: Literal["best_of_n", "power"] = "best_of_n"  # N draws and the best kept, or one power sample
     power: PowerSamplingConfig = dataclasses.field(default_factory=PowerSamplingConfig)  # read by select_by power
+    log_token_entropy: bool = False  # best-of-N: one no-grad pass of the sampling model for sample/token_entropy
 
 
 @dataclass
@@ -89,7 +90,8 @@ def run_round(
     for prompts in prompt_batches:
         scored, correct, greedy_correct = process_batch(models, prompts, settings, epoch, keep_all)
         kept.extend(selected_examples(scored))
-        metric.update(scored, correct, greedy_correct)
+        entropy = sampler_token_entropy(models, scored.samples) if settings.log_token_entropy else None
+        metric.update(scored, correct, greedy_correct, token_entropy=entropy)
     return RoundResult(kept, metric)
 
 
@@ -139,6 +141,17 @@ def process_batch(
     )  # [B, N]
     greedy_correct = greedy_correctness(models, prompts, settings) if settings.greedy_accuracy else None
     return scored, correct, greedy_correct
+
+
+def sampler_token_entropy(models: RoundModels, samples: SampleBatch) -> torch.Tensor | None:
+    """The next-token entropy [B, N, T] (nats) of the model that drew ``samples`` at each response token: one
+    no-grad teacher-forced pass (the sampler does not return the full distribution). None for stopped (partial)
+    samples, which the round's diagnostics leave out."""
+    if samples.pruned is not None:
+        return None
+    with models.sampling_model() as model:
+        _, stats = sample_token_stats(model, samples, models.logprob_chunk_size)  # TokenStats [B, N, T]
+    return stats.entropy
 
 
 def stopping_top_k(settings: RoundSettings) -> int:

@@ -118,11 +118,13 @@ def _guard_cli(tmp_path, tiny_model_path, prompts_file, config: str, monitor: st
 
 def test_guard_from_the_cli_watches_a_rounds_accuracy_and_keeps_its_best(tiny_model_path, prompts_file, tmp_path):
     cli = _guard_cli(tmp_path, tiny_model_path, prompts_file, "demo.yaml", "sample/accuracy",
-                     "--trainer.max_epochs=2", "--verifier.resample_every_epoch=true")  # fmt: skip
+                     "--trainer.max_epochs=2", "--verifier.resample_every_epoch=true",
+                     "--verifier.log_token_entropy=true", "--verifier.stop_unselectable=false")  # fmt: skip
     guard = next(c for c in cli.trainer.callbacks if isinstance(c, CollapseGuardCallback))
     per_epoch = cli.trainer.global_step // 2
     assert guard.best is not None and guard.best_step in (per_epoch, 2 * per_epoch)  # at an epoch's end
     assert guard.stopped_step is None  # patience 5: two evaluations never stop the run
+    assert float(cli.trainer.callback_metrics["sample/token_entropy"]) > 0.0
     kept = torch.load(CollapseGuardCallback.best_path(cli.trainer), weights_only=True)
     assert kept["global_step"] == guard.best_step
 

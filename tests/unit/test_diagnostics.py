@@ -208,6 +208,20 @@ def test_rl_refuses_a_bad_entropy_band_and_one_off_online(band):
     assert any("answer_entropy_band" in p and "online" in p for p in offline)
 
 
+def _brute_token_entropies(model, samples) -> torch.Tensor:
+    """Every response token's next-token entropy from the full softmax, sample by sample, concatenated."""
+    prompts, entropies = samples.prompts, []
+    with torch.no_grad():
+        for b in range(len(prompts)):
+            prompt = prompts.prompt_ids[b][prompts.prompt_mask[b]]
+            for n in range(samples.samples_per_prompt):
+                response = samples.response_ids[b, n][samples.response_mask[b, n]]
+                logits = model(torch.cat([prompt, response])[None]).logits[0].float()  # [P + T, V]
+                at = logits[len(prompt) - 1 : len(prompt) - 1 + len(response)].log_softmax(-1)  # [T, V]
+                entropies.append(-(at.exp() * at).sum(-1))  # [T]
+    return torch.cat(entropies)
+
+
 def test_rl_token_entropy_is_the_drawing_policys_brute_force_entropy(tiny_model):
     from contextlib import nullcontext
 
@@ -223,15 +237,34 @@ def test_rl_token_entropy_is_the_drawing_policys_brute_force_entropy(tiny_model)
     samples = SampleBatch(
         prompts, response_ids, response_mask, torch.zeros(2, 2, 4), torch.zeros(2, 2, dtype=torch.bool), True, None
     )
-    entropies = []
-    with torch.no_grad():
-        for b in range(2):
-            prompt = prompt_ids[b][prompt_mask[b]]
-            for g in range(2):
-                response = response_ids[b, g][response_mask[b, g]]
-                logits = tiny_model(torch.cat([prompt, response])[None]).logits[0].float()  # [P + T, V]
-                at = logits[len(prompt) - 1 : len(prompt) - 1 + len(response)].log_softmax(-1)  # [T, V]
-                entropies.append(-(at.exp() * at).sum(-1))  # [T]
-    brute = torch.cat(entropies).mean()  # over all response tokens
+    brute = _brute_token_entropies(tiny_model, samples).mean()  # over all response tokens
     got = policy_token_entropy(lambda: nullcontext(tiny_model), samples, chunk_size=2)
     torch.testing.assert_close(got, brute, rtol=1e-4, atol=1e-5)
+
+
+def test_round_logs_the_sampling_models_brute_force_token_entropy_only_when_asked(tiny_model, tiny_tokenizer):
+    from contextlib import nullcontext
+
+    from sharpening.engines import SamplingConfig, generate_samples
+    from sharpening.policy import stop_token_ids
+    from sharpening.tasks.extractors import resolve_extractor
+    from sharpening.verifier import RoundModels, RoundSettings, run_round
+
+    model = lambda: nullcontext(tiny_model)  # noqa: E731
+    models = RoundModels(model, model, tiny_tokenizer, logprob_chunk_size=2)
+    ids = [tiny_tokenizer(p, add_special_tokens=False)["input_ids"] for p in ("abc=", "de=")]
+    width = max(map(len, ids))
+    prompt_ids = torch.tensor([[tiny_tokenizer.pad_token_id] * (width - len(i)) + i for i in ids])
+    prompt_mask = torch.tensor([[F] * (width - len(i)) + [T] * len(i) for i in ids])  # left-padded
+    prompts = PromptBatch(prompt_ids, prompt_mask, torch.arange(2), [None, None])
+    sampling = SamplingConfig(samples_per_prompt=3, max_new_tokens=4)
+    settings = RoundSettings(sampling, SelectionConfig(), resolve_extractor("strip"), greedy_accuracy=False)
+    assert "sample/token_entropy" not in run_round(models, [prompts], settings, epoch=0).metric.compute()
+    settings.log_token_entropy = True
+    result = run_round(models, [prompts], settings, epoch=0, keep_all=True)
+    drawn = generate_samples(  # the round's draws again: a prompt's samples depend only on (seed, epoch, prompt)
+        tiny_model, prompts, sampling, stop_token_ids(tiny_model, tiny_tokenizer), tiny_tokenizer.pad_token_id, seed=0,
+        round_index=0, stop_unselectable=0,
+    )  # fmt: skip
+    brute = _brute_token_entropies(tiny_model, drawn).mean()
+    torch.testing.assert_close(result.metric.compute()["sample/token_entropy"].float(), brute, rtol=1e-4, atol=1e-5)

@@ -44,6 +44,11 @@ def run_warnings(module: PolicyModule, trainer) -> list[str]:
                 f"--verifier.sampling / --verifier.selection are set but not used: algorithm {rl.algorithm!r} draws "
                 "its own samples with --model.sampling (the verifier's round feeds only offline RL and SFT)"
             )
+        if verifier.log_token_entropy:
+            warnings.append(
+                f"--verifier.log_token_entropy=true is set but not used: algorithm {rl.algorithm!r} draws its own "
+                "samples; --model.rl.log_token_entropy true logs train/token_entropy"
+            )
         if verifier.select_by != "best_of_n":
             warnings.append(
                 f"--verifier.select_by={verifier.select_by} is set but not used: algorithm {rl.algorithm!r} draws its "
@@ -67,6 +72,8 @@ def _power_warnings(verifier) -> list[str]:
     if verifier.selection.task_reward is not None:
         unused.append(f"--verifier.selection.task_reward={verifier.selection.task_reward} (a power sample's score is "
                       "its base log-likelihood)")  # fmt: skip
+    if verifier.log_token_entropy:
+        unused.append("--verifier.log_token_entropy (best-of-N rounds only)")
     if not unused:
         return []
     return ["--verifier.select_by=power leaves these set but unused: " + "; ".join(unused)]

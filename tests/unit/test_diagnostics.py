@@ -268,3 +268,23 @@ def test_round_logs_the_sampling_models_brute_force_token_entropy_only_when_aske
     )  # fmt: skip
     brute = _brute_token_entropies(tiny_model, drawn).mean()
     torch.testing.assert_close(result.metric.compute()["sample/token_entropy"].float(), brute, rtol=1e-4, atol=1e-5)
+
+
+def test_a_token_entropy_flag_the_run_does_not_read_is_warned_about(tiny_model_path):
+    from types import SimpleNamespace
+
+    from sharpening.callbacks import SelfVerificationCallback
+    from sharpening.policy import PolicyConfig
+    from sharpening.rl import RLConfig, RLSharpeningModule
+    from sharpening.run_checks import run_warnings
+
+    def warnings(module, **kwargs):
+        return run_warnings(module, SimpleNamespace(callbacks=[SelfVerificationCallback(**kwargs)]))
+
+    assert warnings(object(), log_token_entropy=True) == []  # a best-of-N round feeding SFT reads it
+    (message,) = warnings(object(), select_by="power", log_token_entropy=True)
+    assert "--verifier.log_token_entropy (best-of-N rounds only)" in message
+    online = RLSharpeningModule(PolicyConfig(model_name_or_path=tiny_model_path), RLConfig())
+    (message,) = warnings(online, log_token_entropy=True)
+    assert "--verifier.log_token_entropy=true is set but not used" in message
+    assert "--model.rl.log_token_entropy true" in message

@@ -44,7 +44,8 @@ def _run(cmd: list[str], log_path: Path) -> None:
 def ensure_task(task: str) -> Path:
     """``artifacts/<task>``, built with ``python -m sharpening.tasks.<task> build`` (a no-op when up to date)."""
     out = ROOT / "artifacts" / task
-    subprocess.run([sys.executable, "-m", f"sharpening.tasks.{task}", "build", "--out", str(out)], cwd=ROOT, check=True)
+    build = [sys.executable, "-m", f"sharpening.tasks.{task}", "build", "--out", str(out)]
+    subprocess.run(build, cwd=ROOT, check=True, stdout=sys.stderr)  # stdout carries only the table or JSON
     return out
 
 

@@ -32,6 +32,7 @@ DOCTEST_MODULES = [
     "sharpening.rl.config",
     "sharpening.rl.rollout",
     "sharpening.tasks.chars",
+    "sharpening.tasks.cot",
     "sharpening.tasks.demo",
     "sharpening.tasks.extractors",
     "sharpening.tasks.toy",

@@ -51,11 +51,11 @@ from sharpening.tasks.demo import (
     DEMO_ALPHABET,
     PROMPT_LETTERS,
     SEPARATOR,
-    _build_is_current,
-    _check_prompt,
-    _demo_model,
-    _train,
+    build_is_current,
+    check_prompt,
     split_demo_prompts,
+    tiny_char_model,
+    train_base,
 )
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ RESPONSE_TOKENS = WORK_LETTERS + 1 + PROMPT_LETTERS
 
 def correct_answer(prompt: str) -> str:
     """The correct answer to a cot prompt: its letters reversed ('abcd=' -> 'dcba')."""
-    return _check_prompt(prompt)[::-1]
+    return check_prompt(prompt)[::-1]
 
 
 def extract_answer(text: str) -> str | None:
@@ -93,7 +93,7 @@ def cot_response_distribution(prompt: str) -> dict[str, float]:
     >>> round(dist["ab;abcd"], 2), len(dist), round(sum(dist.values()), 6)
     (0.35, 65, 1.0)
     """
-    s = _check_prompt(prompt)
+    s = check_prompt(prompt)
     notes = ["".join(n) for n in itertools.product(DEMO_ALPHABET, repeat=WORK_LETTERS)]
     dist = {s[:WORK_LETTERS] + WORK_END + s: 1.0 - CORRECT_PROB}
     for note in notes:
@@ -211,7 +211,7 @@ def build_cot_base(
         "num_layers": num_layers,
     }
     base_dir = Path(out_dir) / "base"
-    if not force and _build_is_current(base_dir, params):
+    if not force and build_is_current(base_dir, params):
         log.info("base model in %s is up to date (seed %d): not rebuilt", base_dir, seed)
         return base_dir
     tokenizer = build_char_tokenizer(DEMO_ALPHABET + SEPARATOR + WORK_END)
@@ -220,13 +220,13 @@ def build_cot_base(
     end_id = tokenizer.convert_tokens_to_ids(WORK_END)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = _demo_model(tokenizer, hidden_size, num_layers)
+    model = tiny_char_model(tokenizer, hidden_size, num_layers)
     model.generation_config.max_new_tokens = RESPONSE_TOKENS + 1
     start = time.perf_counter()
     sample = functools.partial(
         _sample_cot_batch, prompt_ids, letter_ids, end_id, tokenizer.eos_token_id, batch_size, gen
     )
-    loss = _train(model, sample, steps, lr)
+    loss = train_base(model, sample, steps, lr)
     seconds = time.perf_counter() - start
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)

@@ -55,7 +55,7 @@ SHARPEN_SIZE = 512
 """Number of sharpening-train prompts (disjoint from the evaluation prompts)."""
 
 
-def _check_prompt(prompt: str) -> str:
+def check_prompt(prompt: str) -> str:
     """The letter string of a valid demo prompt ('abcd=' -> 'abcd'); ValueError otherwise."""
     s = prompt[:-1]
     ok = prompt.endswith(SEPARATOR) and len(s) == PROMPT_LETTERS and all(c in DEMO_ALPHABET for c in s)
@@ -69,7 +69,7 @@ def _check_prompt(prompt: str) -> str:
 
 def correct_answer(prompt: str) -> str:
     """The correct response to a demo prompt: its letters reversed ('abcd=' -> 'dcba')."""
-    return _check_prompt(prompt)[::-1]
+    return check_prompt(prompt)[::-1]
 
 
 def extract_answer(text: str) -> str:
@@ -84,7 +84,7 @@ def demo_response_distribution(prompt: str) -> dict[str, float]:
     >>> round(dist["dcba"], 2), len(dist), round(sum(dist.values()), 6)
     (0.35, 65, 1.0)
     """
-    s = _check_prompt(prompt)
+    s = check_prompt(prompt)
     dist = {s[::-1]: 1.0 - HEDGE_PROB}
     tails = list(itertools.product(DEMO_ALPHABET, repeat=PROMPT_LETTERS - 2))
     for tail in tails:
@@ -121,7 +121,7 @@ def write_demo_data(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
     return paths
 
 
-def _demo_model(tokenizer, hidden_size: int, num_layers: int):
+def tiny_char_model(tokenizer, hidden_size: int, num_layers: int):
     """A freshly initialised tiny ``LlamaForCausalLM`` for the demo (uses the global torch RNG)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -158,7 +158,7 @@ def _sample_batch(
     return torch.cat([prompts, response, torch.full((batch_size, 1), eos_id)], 1)
 
 
-def _train(model, sample, steps: int, lr: float) -> float:
+def train_base(model, sample, steps: int, lr: float) -> float:
     """AdamW (linear warm-up, cosine decay) with teacher forcing on fresh batches from ``sample()``; the loss
     covers the response tokens and EOS only (prompt tokens are masked). Returns the last batch's loss."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -180,7 +180,7 @@ def _train(model, sample, steps: int, lr: float) -> float:
     return loss.item()
 
 
-def _build_is_current(base_dir: Path, params: dict) -> bool:
+def build_is_current(base_dir: Path, params: dict) -> bool:
     """True when ``base_dir`` holds a model and tokenizer built with exactly ``params``."""
     try:
         saved = json.loads((base_dir / "demo_build.json").read_text())
@@ -217,7 +217,7 @@ def build_demo_base(
         "num_layers": num_layers,
     }
     base_dir = Path(out_dir) / "base"
-    if not force and _build_is_current(base_dir, params):
+    if not force and build_is_current(base_dir, params):
         log.info("base model in %s is up to date (seed %d): not rebuilt", base_dir, seed)
         return base_dir
     tokenizer = build_char_tokenizer(DEMO_ALPHABET + SEPARATOR)
@@ -225,10 +225,10 @@ def build_demo_base(
     letter_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(DEMO_ALPHABET)))
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = _demo_model(tokenizer, hidden_size, num_layers)
+    model = tiny_char_model(tokenizer, hidden_size, num_layers)
     start = time.perf_counter()
     sample = functools.partial(_sample_batch, prompt_ids, letter_ids, tokenizer.eos_token_id, batch_size, gen)
-    loss = _train(model, sample, steps, lr)
+    loss = train_base(model, sample, steps, lr)
     seconds = time.perf_counter() - start
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)

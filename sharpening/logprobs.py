@@ -15,10 +15,10 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from sharpening.kernels.cpu_linear import OneDNNLinear, linear
-from sharpening.types import SampleBatch, TokenStats
+from sharpening.types import SampleBatch
 
 
-def _head_transform(model: torch.nn.Module):
+def head_transform(model: torch.nn.Module):
     """(head, softcap, scale): the LM head plus the logit post-processing some families apply
     (``logit_head_problem`` checks the result against the model's own forward when it loads)."""
     config = model.config
@@ -49,8 +49,8 @@ def logit_head_problem(model: torch.nn.Module, tokens: int = 6) -> str | None:
         with torch.no_grad():
             own = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)  # [tokens, V]
             hidden = model.get_decoder()(input_ids=ids).last_hidden_state[0]  # [tokens, H]
-            _, softcap, scale = _head_transform(model)
-            ours = torch.log_softmax(_post_processed(head(hidden).float(), softcap, scale), -1)
+            _, softcap, scale = head_transform(model)
+            ours = torch.log_softmax(post_processed(head(hidden).float(), softcap, scale), -1)
     finally:
         model.train(training)
     gap = float((own - ours).abs().max())
@@ -64,8 +64,8 @@ def logit_head_problem(model: torch.nn.Module, tokens: int = 6) -> str | None:
     return None
 
 
-def _post_processed(logits: torch.Tensor, softcap, scale) -> torch.Tensor:
-    """The family's logit scaling, then soft-capping (``_head_transform``), as its forward applies them."""
+def post_processed(logits: torch.Tensor, softcap, scale) -> torch.Tensor:
+    """The family's logit scaling, then soft-capping (``head_transform``), as its forward applies them."""
     if scale is not None:
         logits = logits * scale
     if softcap:
@@ -75,7 +75,7 @@ def _post_processed(logits: torch.Tensor, softcap, scale) -> torch.Tensor:
 
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, softcap, scale) -> torch.Tensor:
     """log softmax(head(hidden))[target] in float32. hidden [M, H], targets [M] -> [M]."""
-    logits = _post_processed(head(hidden).float(), softcap, scale)  # [M, V]
+    logits = post_processed(head(hidden).float(), softcap, scale)  # [M, V]
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
@@ -154,7 +154,7 @@ def chunked_logprobs(
     A plain linear head goes through ``_LinearHeadLogprobs`` (one logits buffer per chunk, two in
     backward); any other head through autograd, each chunk recomputed in backward (checkpointing).
     """
-    head, softcap, scale = _head_transform(model)
+    head, softcap, scale = head_transform(model)
     fused = _plain_linear_head(head, softcap, scale)
     onednn = type(head) is OneDNNLinear
     grad = torch.is_grad_enabled() and (hidden.requires_grad or (fused and head.weight.requires_grad))
@@ -186,11 +186,11 @@ def response_logprobs(
     prompt_ids/prompt_mask: [R, P] left-padded; response_ids/response_mask: [R, T] right-padded.
     Returns [R, T] float32. Gradients flow when called under grad.
     """
-    predicting = _response_predicting(model, prompt_ids, prompt_mask, response_ids, response_mask)  # [R, T, H]
+    predicting = response_predicting(model, prompt_ids, prompt_mask, response_ids, response_mask)  # [R, T, H]
     return _response_positions_logprobs(model, predicting, response_ids, response_mask, chunk_size)
 
 
-def _response_predicting(
+def response_predicting(
     model: torch.nn.Module,
     prompt_ids: torch.Tensor,
     prompt_mask: torch.Tensor,
@@ -324,12 +324,12 @@ def sample_logprobs(
     """
     b, n, t = samples.response_ids.shape
     flat_ids, flat_mask = samples.response_ids.view(b * n, t), samples.response_mask.view(b * n, t)  # -> [B*N, T]
-    predicting = _sample_predicting(model, samples, share_prompt)  # [B*N, T, H]
+    predicting = sample_predicting(model, samples, share_prompt)  # [B*N, T, H]
     out = _response_positions_logprobs(model, predicting, flat_ids, flat_mask, chunk_size)  # [B*N, T]
     return out.view(b, n, t)  # [B*N, T] -> [B, N, T]
 
 
-def _sample_predicting(model: torch.nn.Module, samples: SampleBatch, share_prompt: bool) -> torch.Tensor:
+def sample_predicting(model: torch.nn.Module, samples: SampleBatch, share_prompt: bool) -> torch.Tensor:
     """The decoder's state before each response token of every sample, each prompt once per group when it
     can (``sample_logprobs``). -> [B*N, T, H]"""
     b, n, t = samples.response_ids.shape
@@ -338,88 +338,10 @@ def _sample_predicting(model: torch.nn.Module, samples: SampleBatch, share_promp
         return _group_predicting(
             model, prompts.prompt_ids, prompts.prompt_mask, samples.response_ids, samples.response_mask
         )
-    return _response_predicting(
+    return response_predicting(
         model,
         prompts.prompt_ids.repeat_interleave(n, 0),  # [B, P] -> [B*N, P]
         prompts.prompt_mask.repeat_interleave(n, 0),
         samples.response_ids.view(b * n, t),  # [B, N, T] -> [B*N, T]
         samples.response_mask.view(b * n, t),
     )
-
-
-# ---------------------------------------------------------------- per-token statistics of the distribution
-
-
-def _chunk_stats(hidden: torch.Tensor, targets: torch.Tensor, head, softcap, scale) -> tuple[torch.Tensor, ...]:
-    """(log-prob of the target, entropy, logsumexp, mean logit) of softmax(head(hidden)) per row, float32,
-    from one [M, V] logits buffer and one [M, V] work buffer. hidden [M, H], targets [M] -> four [M]."""
-    logits = _post_processed(head(hidden).float(), softcap, scale)  # [M, V]
-    picked = logits.gather(-1, targets[:, None]).squeeze(-1)  # [M]
-    lse = logits.logsumexp(-1)  # [M]
-    # H = -sum_v p_v (z_v - lse) = lse - sum_v p_v z_v; a -inf logit has p_v = 0 and adds 0 (nan_to_num)
-    expected_logit = logits.sub(lse[:, None]).exp_().mul_(logits).nan_to_num_(0.0).sum(-1)  # [M]
-    return picked - lse, lse - expected_logit, lse, logits.mean(-1)
-
-
-@torch.no_grad()
-def _response_positions_stats(
-    model: torch.nn.Module,
-    predicting: torch.Tensor,
-    response_ids: torch.Tensor,
-    response_mask: torch.Tensor,
-    chunk_size: int,
-) -> tuple[torch.Tensor, TokenStats]:
-    """The head on response positions only, ``chunk_size`` at a time, keeping the statistics of each row's
-    full distribution. predicting [R, T, H], response_ids/response_mask [R, T] -> [R, T] log-probs and
-    TokenStats [R, T], zero where the mask is False."""
-    head, softcap, scale = _head_transform(model)
-    columns = [torch.zeros(response_ids.shape, dtype=torch.float32, device=response_ids.device) for _ in range(4)]
-    vocab_size = model.config.vocab_size
-    flat_targets = response_ids[response_mask]  # [M]
-    if flat_targets.numel():
-        hidden = predicting[response_mask]  # [M, H]
-        chunks = [
-            _chunk_stats(
-                hidden[start : start + chunk_size], flat_targets[start : start + chunk_size], head, softcap, scale
-            )
-            for start in range(0, flat_targets.shape[0], chunk_size)
-        ]
-        columns = [out.masked_scatter(response_mask, torch.cat(col)) for out, col in zip(columns, zip(*chunks))]
-        vocab_size = head(hidden[:1]).shape[-1]  # the logits' width, which may exceed config.vocab_size
-    logprobs, entropy, lse, mean_logit = columns
-    return logprobs, TokenStats(entropy=entropy, logsumexp=lse, mean_logit=mean_logit, vocab_size=vocab_size)
-
-
-@torch.no_grad()
-def response_token_stats(
-    model: torch.nn.Module,
-    prompt_ids: torch.Tensor,
-    prompt_mask: torch.Tensor,
-    response_ids: torch.Tensor,
-    response_mask: torch.Tensor,
-    chunk_size: int = 256,
-) -> tuple[torch.Tensor, TokenStats]:
-    """``response_logprobs`` and, from the same pass, the entropy, logsumexp and mean of the logits of the
-    full next-token distribution (temperature 1) at each response position. Scoring only: no gradient.
-    Peak head memory two ``chunk_size x vocab`` float32 buffers, never ``rows x length x vocab``.
-
-    prompt_ids/prompt_mask: [R, P] left-padded; response_ids/response_mask: [R, T] right-padded.
-    Returns [R, T] float32 log-probs and TokenStats [R, T], zero where ``response_mask`` is False.
-    """
-    predicting = _response_predicting(model, prompt_ids, prompt_mask, response_ids, response_mask)  # [R, T, H]
-    return _response_positions_stats(model, predicting, response_ids, response_mask, chunk_size)
-
-
-@torch.no_grad()
-def sample_token_stats(
-    model: torch.nn.Module, samples: SampleBatch, chunk_size: int = 256, share_prompt: bool = True
-) -> tuple[torch.Tensor, TokenStats]:
-    """``sample_logprobs`` and the per-token statistics of ``response_token_stats`` from the same pass:
-    [B, N, T] float32 log-probs and TokenStats [B, N, T]. Scoring only: no gradient."""
-    b, n, t = samples.response_ids.shape
-    flat_ids, flat_mask = samples.response_ids.view(b * n, t), samples.response_mask.view(b * n, t)  # -> [B*N, T]
-    predicting = _sample_predicting(model, samples, share_prompt)  # [B*N, T, H]
-    logprobs, stats = _response_positions_stats(model, predicting, flat_ids, flat_mask, chunk_size)
-    unflat = lambda x: x.view(b, n, t)  # noqa: E731  [B*N, T] -> [B, N, T]
-    stats = TokenStats(unflat(stats.entropy), unflat(stats.logsumexp), unflat(stats.mean_logit), stats.vocab_size)
-    return unflat(logprobs), stats

@@ -5,7 +5,7 @@ Which model scores is the reward's ``scored_by`` and the caller's context: ``bas
 frozen base, ``policy`` rewards by the model that DREW the samples (its weights at the draw: never a later
 update's). The pass computed is the least the reward reads: none for answer-only rewards, the sampler's own
 log-probs when the scorer drew the samples exactly (method.md §4.4), a teacher-forced pass otherwise, and the
-vocabulary statistics (``logprobs.sample_token_stats``) only for rewards that declare ``needs_stats``.
+vocabulary statistics (``token_stats.sample_token_stats``) only for rewards that declare ``needs_stats``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from sharpening import logprobs
+from sharpening import logprobs, token_stats
 from sharpening.rewards import SelfReward, combined_reward, score_samples, task_reward_scores
 from sharpening.types import SampleBatch
 
@@ -37,7 +37,7 @@ def score_reward(
     token_logprobs = stats = None
     if reward.needs_stats:
         with scorer() as model, torch.no_grad():
-            token_logprobs, stats = logprobs.sample_token_stats(model, samples, chunk_size)  # [B, N, T], TokenStats
+            token_logprobs, stats = token_stats.sample_token_stats(model, samples, chunk_size)  # [B, N, T], TokenStats
     elif reward.needs_logprobs:
         if scorer_drew and samples.exact_draws:
             token_logprobs = samples.logprobs

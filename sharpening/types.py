@@ -81,7 +81,7 @@ class PackedBatch:
 @dataclass
 class TokenStats:
     """Statistics of the full next-token distribution (temperature 1) at each response position, from the
-    teacher-forced pass that gives the log-probs (``logprobs.sample_token_stats``); zero where the response
+    teacher-forced pass that gives the log-probs (``token_stats.sample_token_stats``); zero where the response
     mask is False. Scoring-only: computed without gradient."""
 
     entropy: torch.Tensor  # [..., T] float32, nats: -sum_v p_v log p_v

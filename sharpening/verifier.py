@@ -26,13 +26,14 @@ from sharpening.buffer import BufferExample, selected_examples
 from sharpening.diagnostics import within_entropy_band
 from sharpening.engines import SamplingConfig, decode_responses, generate_samples, is_exact_sampling
 from sharpening.engines.power import PowerSamplingConfig, power_sample
-from sharpening.logprobs import sample_logprobs, sample_token_stats
+from sharpening.logprobs import sample_logprobs
 from sharpening.metrics import SharpeningMetric
 from sharpening.policy import stop_token_ids
 from sharpening.rewards import extract_answers, resolve_reward, resolve_task_reward, score_samples
 from sharpening.scoring import score_reward, with_task_reward
 from sharpening.selection import SelectionConfig, select_top_k
 from sharpening.tasks.extractors import answers_match
+from sharpening.token_stats import sample_token_stats
 from sharpening.types import PromptBatch, SampleBatch, ScoredSamples
 
 ModelContext = Callable[[], contextlib.AbstractContextManager[torch.nn.Module]]

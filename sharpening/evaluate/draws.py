@@ -23,11 +23,12 @@ from sharpening.evaluate.config import ProtocolConfig
 from sharpening.evaluate.power_rows import power_row_name, power_sampling_config
 from sharpening.evaluate.protocol import SELF_REWARDS, PowerDraws, SeedDraws, answer_codes
 from sharpening.kernels.cpu_linear import packed_linear_weights
-from sharpening.logprobs import sample_logprobs, sample_token_stats
+from sharpening.logprobs import sample_logprobs
 from sharpening.policy import frozen_base, stop_token_ids
 from sharpening.prompts import PromptDataModule
 from sharpening.rewards import SelfReward, extract_answers, resolve_reward, score_samples
 from sharpening.tasks.extractors import answers_match, resolve_extractor
+from sharpening.token_stats import sample_token_stats
 from sharpening.types import PromptBatch, SampleBatch
 
 

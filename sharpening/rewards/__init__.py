@@ -76,7 +76,7 @@ class SelfReward:
     fn: Callable[..., torch.Tensor] = field(repr=False)
     scored_by: Literal["base", "policy"]
     per: Literal["sample", "group"]
-    needs_stats: bool  # reads ``stats`` (TokenStats): score with ``logprobs.sample_token_stats``
+    needs_stats: bool  # reads ``stats`` (TokenStats): score with ``token_stats.sample_token_stats``
     needs_answers: bool  # reads ``answers`` [B][N], the extracted answers of the group
     description: str  # one line: the formula and its citation
 

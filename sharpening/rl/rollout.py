@@ -26,7 +26,7 @@ from sharpening.diagnostics import (
     mean_token_entropy,
 )
 from sharpening.engines import SamplingConfig, derive_seed, generate_samples
-from sharpening.logprobs import response_logprobs, sample_logprobs, sample_token_stats
+from sharpening.logprobs import response_logprobs, sample_logprobs
 from sharpening.losses import (
     apply_truncated_policy,
     group_advantages,
@@ -39,6 +39,7 @@ from sharpening.rl.config import RLConfig, kl_coef_of
 from sharpening.rl.pairs import PairExample
 from sharpening.scoring import score_reward
 from sharpening.tasks.extractors import answers_match
+from sharpening.token_stats import sample_token_stats
 from sharpening.types import PromptBatch, SampleBatch
 
 BaseContext = Callable[[], AbstractContextManager[torch.nn.Module]]

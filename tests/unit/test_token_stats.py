@@ -1,4 +1,4 @@
-"""Per-token statistics of the full next-token distribution (logprobs.sample_token_stats) and the rewards that
+"""Per-token statistics of the full next-token distribution (token_stats.sample_token_stats) and the rewards that
 read them, against a softmax written out by hand on the tiny model."""
 
 from __future__ import annotations
@@ -8,9 +8,10 @@ import math
 import pytest
 import torch
 
-from sharpening.logprobs import response_token_stats, sample_logprobs, sample_token_stats
+from sharpening.logprobs import sample_logprobs
 from sharpening.prompts import pad_prompts
 from sharpening.rewards import REWARDS, score_samples
+from sharpening.token_stats import response_token_stats, sample_token_stats
 from sharpening.types import SampleBatch
 
 PAD = 0

@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -54,8 +53,7 @@ from sharpening.tasks.demo import (
     build_is_current,
     check_prompt,
     split_demo_prompts,
-    tiny_char_model,
-    train_base,
+    train_and_save_base,
 )
 
 log = logging.getLogger(__name__)
@@ -218,22 +216,15 @@ def build_cot_base(
     prompt_ids = torch.tensor(tokenizer(split_demo_prompts(seed)[0])["input_ids"])
     letter_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(DEMO_ALPHABET)))
     end_id = tokenizer.convert_tokens_to_ids(WORK_END)
-    gen = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = tiny_char_model(tokenizer, hidden_size, num_layers)
-    model.generation_config.max_new_tokens = RESPONSE_TOKENS + 1
-    start = time.perf_counter()
-    sample = functools.partial(
-        _sample_cot_batch, prompt_ids, letter_ids, end_id, tokenizer.eos_token_id, batch_size, gen
+
+    def sampler(gen: torch.Generator):
+        return functools.partial(
+            _sample_cot_batch, prompt_ids, letter_ids, end_id, tokenizer.eos_token_id, batch_size, gen
+        )
+
+    return train_and_save_base(
+        base_dir, tokenizer, params, sampler, seed, steps, lr, hidden_size, num_layers, RESPONSE_TOKENS + 1
     )
-    loss = train_base(model, sample, steps, lr)
-    seconds = time.perf_counter() - start
-    model.save_pretrained(base_dir)
-    tokenizer.save_pretrained(base_dir)
-    summary = {"params": params, "final_loss": round(loss, 4), "train_seconds": round(seconds, 1)}
-    (base_dir / "demo_build.json").write_text(json.dumps(summary, indent=2) + "\n")
-    log.info("trained the base model in %.1f s (final loss %.4f) and saved it to %s", seconds, loss, base_dir)
-    return base_dir
 
 
 def main(argv: list[str] | None = None) -> None:

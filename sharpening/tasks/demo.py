@@ -223,12 +223,34 @@ def build_demo_base(
     tokenizer = build_char_tokenizer(DEMO_ALPHABET + SEPARATOR)
     prompt_ids = torch.tensor(tokenizer(split_demo_prompts(seed)[0])["input_ids"])
     letter_ids = torch.tensor(tokenizer.convert_tokens_to_ids(list(DEMO_ALPHABET)))
+
+    def sampler(gen: torch.Generator):
+        return functools.partial(_sample_batch, prompt_ids, letter_ids, tokenizer.eos_token_id, batch_size, gen)
+
+    return train_and_save_base(base_dir, tokenizer, params, sampler, seed, steps, lr, hidden_size, num_layers)
+
+
+def train_and_save_base(
+    base_dir: Path,
+    tokenizer,
+    params: dict,
+    sampler,
+    seed: int,
+    steps: int,
+    lr: float,
+    hidden_size: int,
+    num_layers: int,
+    max_new_tokens: int | None = None,
+) -> Path:
+    """Train a ``tiny_char_model`` on batches from ``sampler(generator)`` (seeded by ``seed``), then save it, its
+    tokenizer and ``demo_build.json`` (``params``: what ``build_is_current`` compares) to ``base_dir``."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     model = tiny_char_model(tokenizer, hidden_size, num_layers)
+    if max_new_tokens is not None:
+        model.generation_config.max_new_tokens = max_new_tokens
     start = time.perf_counter()
-    sample = functools.partial(_sample_batch, prompt_ids, letter_ids, tokenizer.eos_token_id, batch_size, gen)
-    loss = train_base(model, sample, steps, lr)
+    loss = train_base(model, sampler(gen), steps, lr)
     seconds = time.perf_counter() - start
     model.save_pretrained(base_dir)
     tokenizer.save_pretrained(base_dir)

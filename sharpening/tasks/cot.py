@@ -34,13 +34,11 @@ Prompts split as the demo's (``split_demo_prompts``); build with
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
 import json
 import logging
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -50,6 +48,7 @@ from sharpening.tasks.demo import (
     DEMO_ALPHABET,
     PROMPT_LETTERS,
     SEPARATOR,
+    build_command,
     build_is_current,
     check_prompt,
     split_demo_prompts,
@@ -229,17 +228,7 @@ def build_cot_base(
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m sharpening.tasks.cot build --out DIR [--seed N] [--force]``."""
-    parser = argparse.ArgumentParser(prog="python -m sharpening.tasks.cot", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    build = sub.add_parser("build", help="write OUT/{train,eval}.jsonl; train the base model into OUT/base")
-    build.add_argument("--out", required=True, help="output directory, e.g. artifacts/cot")
-    build.add_argument("--seed", type=int, default=0, help="seed of the prompt split and of the base model")
-    build.add_argument("--force", action="store_true", help="retrain the base model even when it is up to date")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    train_path, eval_path = write_cot_data(args.out, args.seed)
-    log.info("wrote %s and %s", train_path, eval_path)
-    build_cot_base(args.out, args.seed, force=args.force)
+    build_command("python -m sharpening.tasks.cot", "artifacts/cot", write_cot_data, build_cot_base, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -260,19 +260,25 @@ def train_and_save_base(
     return base_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    """``python -m sharpening.tasks.demo build --out DIR [--seed N] [--force]``."""
-    parser = argparse.ArgumentParser(prog="python -m sharpening.tasks.demo", description=__doc__.split("\n")[0])
+def build_command(prog: str, example_out: str, write_data, build_base, argv: list[str] | None, doc: str) -> None:
+    """``{prog} build --out DIR [--seed N] [--force]``: ``write_data(out, seed)`` then ``build_base(out, seed,
+    force=...)``. Shared by the built-in tasks' ``main``."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="write OUT/{train,eval}.jsonl; train the base model into OUT/base")
-    build.add_argument("--out", required=True, help="output directory, e.g. artifacts/demo")
+    build.add_argument("--out", required=True, help=f"output directory, e.g. {example_out}")
     build.add_argument("--seed", type=int, default=0, help="seed of the prompt split and of the base model")
     build.add_argument("--force", action="store_true", help="retrain the base model even when it is up to date")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    train_path, eval_path = write_demo_data(args.out, args.seed)
+    train_path, eval_path = write_data(args.out, args.seed)
     log.info("wrote %s and %s", train_path, eval_path)
-    build_demo_base(args.out, args.seed, force=args.force)
+    build_base(args.out, args.seed, force=args.force)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m sharpening.tasks.demo build --out DIR [--seed N] [--force]``."""
+    build_command("python -m sharpening.tasks.demo", "artifacts/demo", write_demo_data, build_demo_base, argv, __doc__)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,15 @@ class SamplingEngine(Protocol):
         stop_unselectable: int = 0,
     ) -> SampleBatch: ...
 
+    def metrics(self) -> dict[str, float]:
+        """What the last ``generate`` measured about the engine, to log as is (e.g. ``engine/parity_max_abs_diff``);
+        empty when there is nothing to report."""
+        ...
+
+    def close(self) -> None:
+        """Free what the engine holds (a vLLM engine's memory); a closed engine is not used again."""
+        ...
+
 
 def derive_seed(*parts: int) -> int:
     """A stable 63-bit seed from integers (seed, round, prompt index, ...); independent of Python's hash salt."""

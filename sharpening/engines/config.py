@@ -3,11 +3,35 @@ model. Every engine reads the same options."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 DECODE_MODES = ("dynamic", "static", "compiled")
+ENGINES = ("hf", "vllm")
+
+
+@dataclass
+class VLLMConfig:
+    """The vLLM engine's own options (read only with ``engine: vllm``). vLLM runs colocated: in this process, on
+    this rank's device, holding the full policy."""
+
+    gpu_memory_utilization: float = 0.3
+    """CUDA: the share of the GPU's memory vLLM may take (weights and KV cache); the trainer needs the rest."""
+    cpu_kv_cache_gb: float = 1.0
+    """CPU: GiB of memory for vLLM's KV cache."""
+    max_model_len: int | None = None
+    """Longest prompt + response vLLM serves; None: the model's max_position_embeddings."""
+    enforce_eager: bool | None = None
+    """No CUDA graphs / compilation; None: eager on CPU (fast start), graphs on CUDA."""
+    sleep_while_training: bool = True
+    """CUDA: free the KV cache and offload vLLM's weights between draws, so the trainer has the memory."""
+    parity_samples: int = 4
+    """Responses of each draw rescored teacher-forced by our model to check vLLM's log-probs (0 turns it off)."""
+    parity_warn: float = 0.01
+    """Warn when vLLM's sequence log-prob of a probed response differs from ours by more than this (nats)."""
+    parity_refuse: float = 0.1
+    """Past this difference vLLM's log-probs are not reused: the draw is rescored teacher-forced."""
 
 
 @dataclass
@@ -30,7 +54,12 @@ class SamplingConfig:
     decode: str = "dynamic"
     """Decode loop: 'dynamic' (growing KV cache, finished rows leave the batch; best on CPU), 'static'
     (preallocated KV cache, fixed shapes, every row to the end) or 'compiled' (static + CUDA graphs; CUDA only).
-    'static' and 'compiled' need a model with full attention in every layer (no sliding window)."""
+    'static' and 'compiled' need a model with full attention in every layer (no sliding window). hf engine only."""
+    engine: str = "hf"
+    """Who draws: 'hf' (our decode loop over the transformers model) or 'vllm' (vLLM, colocated; needs vLLM
+    installed: ./scripts/setup.sh --vllm). Both keep per-prompt seeds and return temperature-1 log-probs."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """The vLLM engine's options (engine: vllm)."""
 
 
 def validate_sampling_config(cfg: SamplingConfig, option: str) -> list[str]:
@@ -52,6 +81,34 @@ def validate_sampling_config(cfg: SamplingConfig, option: str) -> list[str]:
         problems.append(
             f"{option}.decode={cfg.decode!r}: must be one of 'dynamic', 'static', 'compiled' "
             "(use 'dynamic' on CPU, 'static' or 'compiled' for CUDA graphs on CUDA)"
+        )
+    if cfg.engine not in ENGINES:
+        problems.append(f"{option}.engine={cfg.engine!r}: must be 'hf' (our decode loop) or 'vllm' (vLLM, colocated)")
+    elif cfg.engine == "vllm":
+        problems += validate_vllm_config(cfg.vllm, f"{option}.vllm")
+        if cfg.decode != "dynamic":
+            problems.append(
+                f"{option}.decode={cfg.decode!r}: decode modes belong to the hf engine; with {option}.engine=vllm "
+                "leave it at 'dynamic' (vLLM runs its own CUDA graphs: see vllm.enforce_eager)"
+            )
+    return problems
+
+
+def validate_vllm_config(cfg: VLLMConfig, option: str) -> list[str]:
+    """Every problem with the vLLM options, each naming ``option.<field>``."""
+    problems = []
+    if not 0.0 < cfg.gpu_memory_utilization <= 1.0:
+        problems.append(f"{option}.gpu_memory_utilization={cfg.gpu_memory_utilization}: must be in (0, 1], e.g. 0.3")
+    if cfg.cpu_kv_cache_gb <= 0:
+        problems.append(f"{option}.cpu_kv_cache_gb={cfg.cpu_kv_cache_gb}: must be > 0 (GiB), e.g. 1")
+    if cfg.max_model_len is not None and cfg.max_model_len < 2:
+        problems.append(f"{option}.max_model_len={cfg.max_model_len}: must be >= 2, or null for the model's context")
+    if cfg.parity_samples < 0:
+        problems.append(f"{option}.parity_samples={cfg.parity_samples}: must be >= 0 (0 turns the probe off)")
+    if cfg.parity_warn < 0 or cfg.parity_refuse < cfg.parity_warn:
+        problems.append(
+            f"{option}.parity_warn={cfg.parity_warn}, parity_refuse={cfg.parity_refuse}: need "
+            "0 <= parity_warn <= parity_refuse (nats of sequence log-prob)"
         )
     return problems
 

@@ -62,6 +62,12 @@ class HFEngine:
             stop_unselectable=stop_unselectable,
         )
 
+    def metrics(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
 
 @dataclass
 class DrawRecord:

@@ -18,8 +18,8 @@ class VLLMConfig:
 
     gpu_memory_utilization: float = 0.3
     """CUDA: the share of the GPU's memory vLLM may take (weights and KV cache); the trainer needs the rest."""
-    cpu_kv_cache_gb: float = 1.0
-    """CPU: GiB of memory for vLLM's KV cache."""
+    cpu_kv_cache_gb: int = 1
+    """CPU: GiB of memory for vLLM's KV cache (whole GiB: vLLM reads it as an integer)."""
     max_model_len: int | None = None
     """Longest prompt + response vLLM serves; None: the model's max_position_embeddings."""
     enforce_eager: bool | None = None
@@ -99,8 +99,8 @@ def validate_vllm_config(cfg: VLLMConfig, option: str) -> list[str]:
     problems = []
     if not 0.0 < cfg.gpu_memory_utilization <= 1.0:
         problems.append(f"{option}.gpu_memory_utilization={cfg.gpu_memory_utilization}: must be in (0, 1], e.g. 0.3")
-    if cfg.cpu_kv_cache_gb <= 0:
-        problems.append(f"{option}.cpu_kv_cache_gb={cfg.cpu_kv_cache_gb}: must be > 0 (GiB), e.g. 1")
+    if cfg.cpu_kv_cache_gb < 1:
+        problems.append(f"{option}.cpu_kv_cache_gb={cfg.cpu_kv_cache_gb}: must be >= 1 (whole GiB), e.g. 1")
     if cfg.max_model_len is not None and cfg.max_model_len < 2:
         problems.append(f"{option}.max_model_len={cfg.max_model_len}: must be >= 2, or null for the model's context")
     if cfg.parity_samples < 0:

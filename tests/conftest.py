@@ -5,6 +5,7 @@ No network: HF_HUB_OFFLINE is forced, and every model comes from a transformers 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -16,6 +17,16 @@ import pytest
 import torch
 
 from tests.helpers import build_tiny_model
+
+
+def pytest_collection_modifyitems(config, items):
+    """vLLM is an optional install with its own venv (.venv-vllm): its tests skip where it is not importable."""
+    if importlib.util.find_spec("vllm") is not None:
+        return
+    skip = pytest.mark.skip(reason="needs vLLM: run in .venv-vllm (SHARPENING_VLLM=1 ./scripts/test.sh -m vllm)")
+    for item in items:
+        if item.get_closest_marker("vllm") is not None:
+            item.add_marker(skip)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -72,7 +72,7 @@ def _new_counts() -> dict[str, int]:
 
 def sft_round(w: Workload, round_index: int) -> Measurement:
     """One self-verification round (sample, score, select) and one SFT epoch on the winners."""
-    import sharpening.verifier as verifier_module
+    import sharpening.engines.hf as hf_engine  # the round's hf engine draws through its generate_samples
     from sharpening import (
         OptimizerConfig,
         PolicyConfig,
@@ -115,7 +115,7 @@ def sft_round(w: Workload, round_index: int) -> Measurement:
         )
         callback.run_round = clock.wrap("round", callback.run_round)
         m.setup_seconds = time.perf_counter() - start
-        with _patched(verifier_module, "generate_samples", _timed_generate(clock, w, counts)), clock.phase("total"):
+        with _patched(hf_engine, "generate_samples", _timed_generate(clock, w, counts)), clock.phase("total"):
             _trainer(w.device, max_epochs=1, gradient_clip_val=1.0, callbacks=[callback]).fit(module, datamodule=data)
     winners = callback.buffer.examples
     _fill_sft(m, w, clock, counts, winners)
@@ -176,6 +176,7 @@ def _from_second_step(clock: PhaseClock, counts: dict[str, int]):
 def rl_step(w: Workload, round_index: int, warm_steps: int = 0) -> Measurement:
     """One online RL-sharpening step: G samples per prompt from the policy, one base pass, one update. With
     ``warm_steps``, that many more steps follow in the same trainer and only they are timed (per step)."""
+    import sharpening.engines.hf as hf_engine  # the rollouts' hf engine draws through its generate_samples
     import sharpening.rl.rollout as rl_module
     from sharpening import OptimizerConfig, PolicyConfig, PromptDataModule, RLConfig, RLSharpeningModule, SamplingConfig
 
@@ -204,7 +205,7 @@ def rl_step(w: Workload, round_index: int, warm_steps: int = 0) -> Measurement:
         m.setup_seconds = time.perf_counter() - start
         score = _base_pass_timed(clock, rl_module.sample_logprobs)
         with (
-            _patched(rl_module, "generate_samples", _timed_generate(clock, w, counts)),
+            _patched(hf_engine, "generate_samples", _timed_generate(clock, w, counts)),
             _patched(rl_module, "sample_logprobs", score),
             clock.phase("total"),
         ):

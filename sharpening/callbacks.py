@@ -175,12 +175,14 @@ class SelfVerificationCallback(L.Callback):
         return round_max_new_tokens(self.round_settings())
 
     def round_models(self, module: PolicyModule) -> RoundModels:
-        """The module's model to sample from (``sample_from``) and its frozen base, as contexts."""
+        """The module's model to sample from (``sample_from``) and its frozen base, as contexts, and the module's
+        engine for ``sampling.engine``."""
         return RoundModels(
             partial(module.sampling_model, self.sample_from),
             module.frozen_base,
             module.tokenizer,
             module.logprob_chunk_size,
+            module.sampling_engine(self.sampling),
         )
 
     # -- one round ---------------------------------------------------------------------------------
@@ -195,10 +197,9 @@ class SelfVerificationCallback(L.Callback):
             raise RuntimeError("SelfVerificationCallback needs a PromptDataModule (the `data:` section)")
         turns = AgreedTurns(trainer, *self._progress(trainer, data, epoch, module.device))
         # the weights are packed for oneDNN once per round, not once per batch (kernels/cpu_linear.py)
+        models = self.round_models(module)
         with eval_mode(module.policy), module.gathered_for_generation(), packed_linear_weights(module):
-            result = run_round(
-                self.round_models(module), turns, self.round_settings(), epoch, module.trains_on == "all_samples"
-            )
+            result = run_round(models, turns, self.round_settings(), epoch, module.trains_on == "all_samples")
         if turns.stopped or sigterm_agreed(trainer):  # abandon the round: a resumed run redraws it identically
             preempt(trainer, f"during self-verification (epoch {epoch})")
         kept = _gather_examples(result.examples, trainer.world_size)
@@ -214,6 +215,7 @@ class SelfVerificationCallback(L.Callback):
         metric = result.metric.to(module.device)  # NCCL reduces device tensors only; the counts are summed on CPU
         self.last_metrics = {k: float(v) for k, v in metric.compute().items()}
         self.last_metrics["sample/buffer_size"] = float(len(self.buffer))
+        self.last_metrics |= _max_over_ranks(models.engine.metrics(), trainer.world_size)
         for logger in trainer.loggers:  # at the step the round ran
             logger.log_metrics(self.last_metrics, step=trainer.global_step)
         rank_zero_info(f"self-verification epoch {epoch}: " + _format_metrics(self.last_metrics))
@@ -294,6 +296,20 @@ def _gather_examples(examples: list[BufferExample], world_size: int) -> list[Buf
     gathered: list[list[BufferExample]] = [[] for _ in range(world_size)]
     dist.all_gather_object(gathered, examples)
     return [e for part in gathered for e in part]
+
+
+def _max_over_ranks(metrics: dict[str, float], world_size: int) -> dict[str, float]:
+    """Each metric's largest value over the ranks (the engine's parity gap: the worst rank's is the one to see).
+    Gathered as objects: a rank whose shard drew nothing may report no metric at all."""
+    if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return dict(metrics)
+    gathered: list[dict[str, float]] = [{} for _ in range(world_size)]
+    dist.all_gather_object(gathered, metrics)
+    out: dict[str, float] = {}
+    for part in gathered:
+        for name, value in part.items():
+            out[name] = max(out.get(name, value), float(value))
+    return out
 
 
 def _format_metrics(metrics: dict[str, float]) -> str:

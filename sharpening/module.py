@@ -24,6 +24,7 @@ from sharpening.checkpoint import (
     trainable_state_dict,
     verify_checkpoint,
 )
+from sharpening.engines import SamplingConfig, SamplingEngine, make_engine
 from sharpening.errors import raise_if_problems, unwritable_directory_problem
 from sharpening.optim import (
     OptimizerConfig,
@@ -59,6 +60,12 @@ class PolicyModule(L.LightningModule):
     """Full fine-tuning: hold no frozen copy while the policy still IS the base (a single SFT round needs none)."""
 
     _fixed_examples: list[BufferExample] | None = None  # set by train_on_examples: no round
+
+    seed: int = 0
+    """Seed of the module's own draws; a module that draws none keeps 0 (the sampling engine is made with it)."""
+
+    _engine: SamplingEngine | None = None  # made by sampling_engine at first use, closed in teardown
+    _engine_kind: str | None = None  # the SamplingConfig.engine it was made for
 
     @property
     def trains_on(self) -> TrainsOn:
@@ -219,6 +226,31 @@ class PolicyModule(L.LightningModule):
         else:
             with torch.no_grad():
                 yield self.policy
+
+    def sampling_engine(self, sampling: SamplingConfig) -> SamplingEngine:
+        """The engine ``sampling.engine`` names, made at first use and kept for the run (a vLLM engine takes
+        seconds to start and holds memory while it lives): the rounds and rollouts all draw through it. Asking for
+        another kind closes the one held first. vLLM loads the weights from the policy's model path, then follows
+        the in-memory model each draw is given (LoRA: the adapter of rank ``lora_r``)."""
+        if self._engine is not None and self._engine_kind == sampling.engine:
+            return self._engine
+        self.close_sampling_engine()
+        cfg = self.policy_config
+        lora_rank = cfg.lora_r if cfg.finetuning in ("lora", "qlora") else None
+        self._engine = make_engine(sampling, model_path=cfg.model_name_or_path, seed=self.seed, lora_rank=lora_rank)
+        self._engine_kind = sampling.engine
+        return self._engine
+
+    def close_sampling_engine(self) -> None:
+        """Free the sampling engine held (a vLLM engine's memory), if any."""
+        engine, self._engine, self._engine_kind = self._engine, None, None
+        if engine is not None:
+            engine.close()
+
+    def teardown(self, stage: str) -> None:
+        """The run is over (finished, stopped or failed): the engine's memory goes back."""
+        self.close_sampling_engine()
+        super().teardown(stage)
 
     def configure_optimizers(self):
         def total() -> float:  # called lazily, once training data exists

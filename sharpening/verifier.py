@@ -24,7 +24,7 @@ import torch
 
 from sharpening.buffer import BufferExample, selected_examples
 from sharpening.diagnostics import within_entropy_band
-from sharpening.engines import SamplingConfig, decode_responses, generate_samples, is_exact_sampling
+from sharpening.engines import HFEngine, SamplingConfig, SamplingEngine, decode_responses, is_exact_sampling
 from sharpening.engines.power import PowerSamplingConfig, power_sample
 from sharpening.logprobs import sample_logprobs
 from sharpening.metrics import SharpeningMetric
@@ -57,12 +57,15 @@ class RoundSettings:
 
 @dataclass
 class RoundModels:
-    """The models a round uses, each entered as a context only while it is needed."""
+    """The models a round uses, each entered as a context only while it is needed, and the engine that draws
+    from the sampling model (best-of-N and greedy draws; power samples come from our own loop whatever the engine,
+    ``power_sample``)."""
 
     sampling_model: ModelContext  # the model to sample from (the frozen base or the policy), gradients off
     frozen_base: ModelContext  # the scorer: the frozen base, gradients off
     tokenizer: Any
     logprob_chunk_size: int  # response positions per LM-head chunk when the base scores
+    engine: SamplingEngine = dataclasses.field(default_factory=HFEngine)  # draws N per prompt and the greedy runs
 
 
 @dataclass
@@ -117,7 +120,7 @@ def process_batch(
     when answers exist (else None)."""
     tokenizer, selection = models.tokenizer, settings.selection
     with models.sampling_model() as model:
-        samples = generate_samples(
+        samples = models.engine.generate(
             model, prompts, settings.sampling, stop_token_ids(model, tokenizer), tokenizer.pad_token_id,
             seed=settings.seed, round_index=epoch, stop_unselectable=0 if keep_all else stopping_top_k(settings),
         )  # fmt: skip
@@ -191,7 +194,8 @@ def greedy_correctness(models: RoundModels, prompts: PromptBatch, settings: Roun
         settings.sampling, samples_per_prompt=1, temperature=0.0, max_new_tokens=round_max_new_tokens(settings)
     )
     with models.sampling_model() as model:
-        greedy = generate_samples(model, prompts, greedy_cfg, stop_token_ids(model, tokenizer), tokenizer.pad_token_id)
+        eos = stop_token_ids(model, tokenizer)
+        greedy = models.engine.generate(model, prompts, greedy_cfg, eos, tokenizer.pad_token_id)
     texts = decode_responses(tokenizer, greedy)
     return torch.tensor([answers_match(extractor(g[0]), ref, extractor) for g, ref in zip(texts, prompts.answers)])
 

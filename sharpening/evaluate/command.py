@@ -16,7 +16,7 @@ from dataclasses import asdict, replace
 import torch
 
 from sharpening.checkpoint import write_atomically
-from sharpening.engines import SamplingConfig, decode_device_problems
+from sharpening.engines import SamplingConfig, SamplingEngine, decode_device_problems, make_engine
 from sharpening.errors import ConfigError, parse_error_problem, raise_if_problems, unwritable_directory_problem
 from sharpening.evaluate.cache import DrawCache, model_fingerprint
 from sharpening.evaluate.config import (
@@ -39,6 +39,7 @@ from sharpening.evaluate.sources import (
     adapter_base_check,
     load_models,
     load_tokenizer_for,
+    read_adapter_config,
     resolve_device,
     resolve_model_sources,
     tokenizer_vocabulary_problem,
@@ -73,9 +74,13 @@ def measure(model_cfg: EvalModelConfig, protocol: ProtocolConfig, data_args: dic
     if model_cfg.load_in_4bit:  # other weights, other draws (the key of full-precision caches is unchanged)
         cache_identity["load_in_4bit"] = True
     cache = DrawCache(cache_dir, cache_identity)
-    ctx = DrawContext(model, base, tokenizer, data, protocol, model_cfg.score_with, cache)
+    engine = evaluation_engine(protocol, model_path, adapter)
+    ctx = DrawContext(model, base, tokenizer, data, protocol, model_cfg.score_with, cache, engine)
     start = time.perf_counter()
-    draws = collect_draws(ctx, device, show_progress)
+    try:
+        draws = collect_draws(ctx, device, show_progress)
+    finally:  # a vLLM engine's memory goes back whether the draws finished or not
+        engine.close()
     seconds = time.perf_counter() - start
     per_seed, rescored = draws.per_seed, rescored_rewards(protocol, model_cfg.score_with)
     power = {power_row_name(row): asdict(power_sampling_config(protocol, i)) for i, row in enumerate(protocol.power)}
@@ -86,11 +91,19 @@ def measure(model_cfg: EvalModelConfig, protocol: ProtocolConfig, data_args: dic
         "seeds": [protocol.seed + s for s in range(protocol.seeds)],
         "prompts": {"count": len(data), "dataset": data_args["dataset"]},
         "loglik_histogram": loglik_histogram(per_seed),
-        "draws": _draw_stats(per_seed, cache) | {"best_of_n_rescored": bool(rescored)},
+        "draws": _draw_stats(per_seed, cache) | {"best_of_n_rescored": bool(rescored), "engine": protocol.engine},
         **({"power": power} if power else {}),  # each power row's sampler settings, by its method name
         "model": identity,
         "environment": {"device": str(device), "torch": torch.__version__, "sampling_seconds": seconds},
     }
+
+
+def evaluation_engine(protocol: ProtocolConfig, model_path: str, adapter: str | None) -> SamplingEngine:
+    """The engine ``--protocol.engine`` names. vLLM loads the weights from the model's path (an adapter's base) and
+    serves the adapter on it at the adapter's LoRA rank."""
+    lora_rank = read_adapter_config(adapter).get("r") if adapter is not None else None
+    sampling = SamplingConfig(engine=protocol.engine, vllm=protocol.vllm)
+    return make_engine(sampling, model_path=model_path, lora_rank=lora_rank)
 
 
 def measured_table(draws: EvalDraws, protocol: ProtocolConfig, rescored: bool | list[str]) -> list[dict]:

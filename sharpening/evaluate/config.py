@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from sharpening.data_files import validate_dataset_source
-from sharpening.engines import SamplingConfig, validate_sampling_config
+from sharpening.engines import SamplingConfig, VLLMConfig, validate_sampling_config
 from sharpening.errors import unwritable_directory_problem
 from sharpening.evaluate.power_rows import PowerRowConfig, power_problems
 from sharpening.evaluate.sources import (
@@ -94,10 +94,17 @@ class ProtocolConfig:
     power: list[PowerRowConfig] = field(default_factory=list)
     """Power-sampling rows, e.g. [{method: mcmc, alpha: 4}, {method: smc, alpha: 4}]: one sample per prompt and
     seed from each; none by default."""
+    engine: Literal["hf", "vllm"] = "hf"
+    """Who draws the best-of-N and greedy samples: hf (our decode loop) or vllm (needs vLLM installed). Power rows
+    are drawn by our own loop either way."""
+    vllm: VLLMConfig = field(default_factory=VLLMConfig)
+    """The vLLM engine's options (engine: vllm)."""
 
     def __post_init__(self) -> None:
-        """Rows given as mappings (YAML, flags, a results file's config) become PowerRowConfig."""
+        """Rows and vLLM options given as mappings (YAML, flags, a results file's config) become their configs."""
         self.power = [row if isinstance(row, PowerRowConfig) else PowerRowConfig(**row) for row in self.power]
+        if isinstance(self.vllm, dict):
+            self.vllm = VLLMConfig(**self.vllm)
 
     @property
     def n_max(self) -> int:
@@ -187,6 +194,8 @@ def validate_protocol_config(cfg: ProtocolConfig, option: str = "--protocol") ->
         temperature=cfg.temperature,
         prompts_per_batch=cfg.prompts_per_batch,
         decode=cfg.decode,
+        engine=cfg.engine,
+        vllm=cfg.vllm,
     )
     problems += [p for p in validate_sampling_config(sampling, option) if ".samples_per_prompt" not in p]
     if cfg.temperature == 0:

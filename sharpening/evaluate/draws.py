@@ -12,11 +12,11 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
-from sharpening.engines import SamplingConfig, decode_responses, generate_samples
+from sharpening.engines import HFEngine, SamplingConfig, SamplingEngine, decode_responses
 from sharpening.engines.power import POWER_FORMAT, power_sample
 from sharpening.evaluate.cache import DrawCache, sample_tensors
 from sharpening.evaluate.config import ProtocolConfig
@@ -43,6 +43,7 @@ class DrawContext:
     protocol: ProtocolConfig
     score_with: str
     cache: DrawCache
+    engine: SamplingEngine = field(default_factory=HFEngine)  # draws the sampled and greedy batches (not power rows)
 
 
 @dataclass
@@ -147,14 +148,18 @@ def draw_batch(ctx: DrawContext, prompts: PromptBatch, kind: str, seed: int) -> 
     """One prompt batch of one seed (kind=sample) or of the greedy run (kind=greedy), from the cache if there."""
     p = ctx.protocol
     greedy = kind == "greedy"
-    cfg = SamplingConfig(1 if greedy else p.n_max, p.max_new_tokens, 0.0 if greedy else p.temperature, decode=p.decode)
-    settings = {k: v for k, v in asdict(cfg).items() if k not in ("prompts_per_batch", "decode")}  # same draws
+    n, temperature = (1, 0.0) if greedy else (p.n_max, p.temperature)
+    cfg = SamplingConfig(n, p.max_new_tokens, temperature, decode=p.decode, engine=p.engine, vllm=p.vllm)
+    unkeyed = ("prompts_per_batch", "decode", "engine", "vllm")  # decode modes draw alike; the engine is below
+    settings = {k: v for k, v in asdict(cfg).items() if k not in unkeyed}
+    if p.engine != "hf":  # another engine's draws are other draws: never served for hf's, nor hf's for them
+        settings["engine"] = p.engine
     settings = _batch_settings(ctx, settings)
     texts = [ctx.data.prompt_texts[i] for i in prompts.prompt_indices.tolist()]
     eos, pad = stop_token_ids(ctx.model, ctx.tokenizer), ctx.tokenizer.pad_token_id
     path = ctx.cache.path(kind, seed, settings, prompts, texts)
     exact = not greedy and cfg.temperature == 1.0
-    draw = functools.partial(generate_samples, ctx.model, prompts, cfg, eos, pad, seed=seed)
+    draw = functools.partial(ctx.engine.generate, ctx.model, prompts, cfg, eos, pad, seed=seed)
     samples = ctx.cache.get_or_draw(path, prompts, exact, draw)
     return score_and_reduce(ctx, samples)
 

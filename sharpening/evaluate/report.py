@@ -113,9 +113,11 @@ def format_table(results: dict) -> str:
     methods = n_methods(results)
     first = next(m for m in methods if m.startswith("bon_"))  # the first of --protocol.rewards (loglik by default)
     headers = [{"maj": "maj@N", "pass": "pass@N"}.get(m) or f"BoN {m[4:]}" for m in methods]
+    engine = results.get("draws", {}).get("engine", "hf")  # results without an engine were drawn by hf
     lines = [
         f"{results['prompts']['count']} prompts, {len(results['seeds'])} seed(s), N_max {results['samples_per_prompt']}"
-        " (± is the standard error over seeds)",
+        + ("" if engine == "hf" else f", drawn by {engine}")
+        + " (± is the standard error over seeds)",
         f"greedy accuracy {_cell(greedy['accuracy'], None)}   "
         f"single sample {_cell(sample['accuracy'], sample['accuracy_stderr'])}",
         f"lift over greedy in {unit}; loglik = mean log-likelihood of the chosen response; tokens = response tokens "

@@ -182,10 +182,17 @@ class RLSharpeningModule(PolicyModule):
             self._start_xpo_round(batch.prompts, first, add_pairs=batch.update == 0)
 
     def _draw(self, prompts: PromptBatch, source: str, count: int, step: int, stream: SeedStream) -> SampleBatch:
-        """Exact draws from ``source`` (policy or base); the seed depends on (seed, step, stream, prompt)."""
+        """Exact draws from ``source`` (policy or base) by the run's engine (``--model.sampling.engine``, one for
+        every draw: it follows whichever model it is given); the seed depends on (seed, step, stream, prompt).
+        What the engine measured of the draw is logged, the largest over ranks."""
+        engine = self.sampling_engine(self.sampling)
         with self.gathered_for_generation(), eval_mode(self.policy), self.sampling_model(source) as model:
             stop_ids = stop_token_ids(model, self.tokenizer)
-            return draw_samples(model, self.tokenizer, prompts, self.sampling, count, self.seed, step, stream, stop_ids)
+            args = (self.tokenizer, prompts, self.sampling, count, self.seed, step, stream, stop_ids)
+            samples = draw_samples(engine, model, *args)
+        if metrics := engine.metrics():
+            self.log_dict(metrics, reduce_fx="max", batch_size=len(prompts), sync_dist=True)
+        return samples
 
     def _base_pass(self, samples: SampleBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """log pi_base of the samples per token [B, N, T] and per sequence [B, N] (one frozen-base pass)."""

@@ -25,7 +25,7 @@ from sharpening.diagnostics import (
     majority_share,
     mean_token_entropy,
 )
-from sharpening.engines import SamplingConfig, derive_seed, generate_samples
+from sharpening.engines import SamplingConfig, SamplingEngine, derive_seed
 from sharpening.logprobs import response_logprobs, sample_logprobs
 from sharpening.losses import (
     apply_truncated_policy,
@@ -87,6 +87,7 @@ def sequence_logprobs(token_logprobs: torch.Tensor, response_mask: torch.Tensor)
 
 
 def draw_samples(
+    engine: SamplingEngine,
     model: torch.nn.Module,
     tokenizer,
     prompts: PromptBatch,
@@ -97,11 +98,12 @@ def draw_samples(
     stream: SeedStream,
     stop_ids: list[int],
 ) -> SampleBatch:
-    """Exact draws from ``model`` (gradients off, eval mode entered by the caller), seeded by (seed, step, stream,
-    prompt index)."""
+    """Exact draws from ``model`` by ``engine`` (gradients off, eval mode entered by the caller), seeded by (seed,
+    step, stream, prompt index)."""
     cfg = dataclasses.replace(sampling, samples_per_prompt=samples_per_prompt)
+    round_index = derive_seed(step, stream)
     with torch.no_grad():
-        return generate_samples(model, prompts, cfg, stop_ids, tokenizer.pad_token_id, seed, derive_seed(step, stream))
+        return engine.generate(model, prompts, cfg, stop_ids, tokenizer.pad_token_id, seed, round_index)
 
 
 def base_sequence_logprobs(

@@ -566,7 +566,7 @@ def test_bad_input_is_refused_early_and_nothing_is_written(case, tiny_model_path
         raise AssertionError("model weights were loaded before the input was checked")
 
     monkeypatch.setattr("sharpening.module.load_policy", no_weights)
-    monkeypatch.setattr("sharpening.verifier.generate_samples", no_weights)
+    monkeypatch.setattr("sharpening.engines.hf.generate_samples", no_weights)
     args = [
         "fit",
         "--config",

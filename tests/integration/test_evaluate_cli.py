@@ -191,11 +191,11 @@ def test_score_with_base_rescores_under_the_base(
 
 
 def test_a_rerun_draws_nothing_new(tiny_model_path, tmp_path, monkeypatch):
-    import sharpening.evaluate.draws as draws_module
+    import sharpening.engines.hf as hf_engine
 
     calls = []
-    real = draws_module.generate_samples
-    monkeypatch.setattr(draws_module, "generate_samples", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = hf_engine.generate_samples
+    monkeypatch.setattr(hf_engine, "generate_samples", lambda *a, **k: calls.append(1) or real(*a, **k))
     first = evaluate(tiny_model_path, tmp_path)
     assert len(calls) == (2 + 1) * 2  # (2 seeds + greedy) x 2 prompt batches
     calls.clear()

@@ -16,9 +16,9 @@ def test_reward_rows_are_added_and_the_default_cache_is_reused(tiny_model_path, 
     files = cached_files(str(tmp_path / "cache"))
     rows = ["--protocol.rewards=[loglik,self_certainty,majority_binary]", f"--cache_dir={tmp_path / 'cache'}"]
 
-    import sharpening.evaluate.draws as draws_module
+    import sharpening.engines.hf as hf_engine
 
-    monkeypatch.setattr(draws_module, "generate_samples", lambda *a, **k: pytest.fail("the cache should serve"))
+    monkeypatch.setattr(hf_engine, "generate_samples", lambda *a, **k: pytest.fail("the cache should serve"))
     custom = evaluate(tiny_model_path, tmp_path / "custom", *rows)
     assert cached_files(str(tmp_path / "cache")) == files  # same draws, same cache files
     methods = [r["method"] for r in custom["table"] if r["n"] == 2]

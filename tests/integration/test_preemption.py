@@ -109,9 +109,9 @@ def test_sigterm_during_the_epoch_end_round_resumes_to_the_same_weights(
     tiny_model_path, prompts_file, tmp_path, monkeypatch
 ):
     full = main(_args(tiny_model_path, prompts_file, tmp_path / "full"))
-    import sharpening.verifier as verifier
+    import sharpening.engines.hf as hf_engine  # the round's hf engine draws through it
 
-    real = verifier.generate_samples
+    real = hf_engine.generate_samples
     calls = {"n": 0}
 
     def sigterm_in_second_round(*args, **kwargs):
@@ -120,7 +120,7 @@ def test_sigterm_during_the_epoch_end_round_resumes_to_the_same_weights(
             os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(verifier, "generate_samples", sigterm_in_second_round)
+    monkeypatch.setattr(hf_engine, "generate_samples", sigterm_in_second_round)
     stopped = main(_args(tiny_model_path, prompts_file, tmp_path / "run"))
     assert stopped.trainer.global_step == 2 and _verifier(stopped).buffer.epoch == 0  # round 1 abandoned
     assert (tmp_path / "run" / "checkpoints" / PREEMPTED_CHECKPOINT).is_file()
@@ -132,15 +132,15 @@ def test_sigterm_during_the_epoch_end_round_resumes_to_the_same_weights(
 
 
 def test_sigterm_during_the_first_round_stops_cleanly(tiny_model_path, prompts_file, tmp_path, monkeypatch):
-    import sharpening.verifier as verifier
+    import sharpening.engines.hf as hf_engine  # the round's hf engine draws through it
 
-    real = verifier.generate_samples
+    real = hf_engine.generate_samples
 
     def sigterm(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(verifier, "generate_samples", sigterm)
+    monkeypatch.setattr(hf_engine, "generate_samples", sigterm)
     cli = main(_args(tiny_model_path, prompts_file, tmp_path / "run"))
     assert cli.trainer.global_step == 0 and len(_verifier(cli).buffer) == 0
     assert not (tmp_path / "run" / "out").exists()

@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 
+import sharpening.engines.hf as hf_engine
 import sharpening.rl.rollout as rl_module
 from sharpening.callbacks import SelfVerificationCallback
 from sharpening.engines import SamplingConfig
@@ -524,7 +525,7 @@ def test_no_eval_mode_warning_from_the_frozen_copy(toy_dir):
 def _record(monkeypatch, every_sample_truncated: bool = False) -> dict:
     """Record the draws and each policy-gradient call of the module; optionally flag every draw truncated."""
     seen = {"samples": [], "advantages": [], "in_loss": [], "losses": [], "backward": 0}
-    real_generate, real_loss = rl_module.generate_samples, rl_module.policy_gradient_loss
+    real_generate, real_loss = hf_engine.generate_samples, rl_module.policy_gradient_loss
 
     def generate(*args, **kwargs):
         samples = real_generate(*args, **kwargs)
@@ -540,7 +541,7 @@ def _record(monkeypatch, every_sample_truncated: bool = False) -> dict:
         seen["losses"].append(out.detach())
         return out
 
-    monkeypatch.setattr(rl_module, "generate_samples", generate)
+    monkeypatch.setattr(hf_engine, "generate_samples", generate)  # the rollouts' hf engine draws through it
     monkeypatch.setattr(rl_module, "policy_gradient_loss", loss)
     real_backward = RLSharpeningModule.backward
     monkeypatch.setattr(

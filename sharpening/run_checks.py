@@ -11,6 +11,7 @@ once per fit, issues them, so each warning shows once.
 from __future__ import annotations
 
 from sharpening.engines import SamplingConfig, decode_device_problems
+from sharpening.engines.vllm_checks import vllm_problems
 from sharpening.model_checks import token_ids_problem
 from sharpening.module import PolicyModule
 from sharpening.prompts import PromptDataModule
@@ -24,7 +25,10 @@ def run_problems(module: PolicyModule, datamodule, trainer) -> list[str]:
     problems = []
     if verifier is not None:
         problems += verifier_problems(verifier, module, trainer, rl)
-    if isinstance(datamodule, PromptDataModule) and datamodule.prompt_ids:  # read by now (not yet in the CLI)
+    read = isinstance(datamodule, PromptDataModule) and bool(datamodule.prompt_ids)  # not yet in the CLI
+    longest = max(map(len, datamodule.prompt_ids)) if read else None
+    problems += engine_problems(verifier, module, rl, trainer.strategy.root_device, longest)
+    if read:
         keeps = module.trains_on != "prompts" or (rl is not None and rl.algorithm == "offline")
         round_draws = verifier is not None and keeps  # the round feeds the module
         max_new_tokens = max(verifier.max_new_tokens if round_draws else 0, module.sampling.max_new_tokens if rl else 0)
@@ -125,6 +129,26 @@ def verifier_problems(verifier, module: PolicyModule, trainer, rl) -> list[str]:
             "with keep); use drop (the default) or keep, or algorithm online or xpo with --model.rl.truncated penalize"
         )
     return problems
+
+
+def engine_problems(verifier, module: PolicyModule, rl, device, longest_prompt: int | None) -> list[str]:
+    """The vLLM engine's problems with the sampling the run draws with: the verifier's best-of-N round when it
+    feeds the module (SFT, offline RL), online and XPO RL's own rollouts otherwise."""
+    drawn = []
+    if verifier is not None and verifier.select_by == "best_of_n" and module.trains_on != "prompts":
+        drawn.append((verifier.sampling, "--verifier.sampling"))
+    if rl is not None and rl.algorithm != "offline":
+        drawn.append((module.sampling, "--model.sampling"))
+    policy = module.policy_config
+    model = {"lora": policy.finetuning != "full", "load_in_4bit": policy.finetuning == "qlora"}
+    model |= {"revision": policy.revision, "load_in_4bit_option": "--model.policy.finetuning=qlora"}
+    return [
+        problem
+        for sampling, option in drawn
+        for problem in vllm_problems(
+            sampling, option, policy.model_name_or_path, longest_prompt=longest_prompt, device=device, **model
+        )
+    ]
 
 
 def rl_trainer_problems(rl, trainer, datamodule, sharded: bool) -> list[str]:

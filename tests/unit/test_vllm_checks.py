@@ -134,6 +134,37 @@ def test_sharpen_fit_with_engine_vllm_and_no_vllm_stops_before_weights_load(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("trains_on", "algorithm", "select_by", "checked"),
+    [
+        ("selected", None, "best_of_n", "--verifier.sampling"),  # SFT: the round's draws
+        ("all_samples", "offline", "best_of_n", "--verifier.sampling"),
+        ("selected", None, "power", None),  # power samples come from our own loop
+        ("prompts", "online", "best_of_n", "--model.sampling"),  # RL's own rollouts; the verifier's are unused
+        ("prompts", "xpo", "best_of_n", "--model.sampling"),
+    ],
+)
+def test_fit_checks_the_sampling_it_draws_with(trains_on, algorithm, select_by, checked, tiny_model_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from sharpening.policy import PolicyConfig
+    from sharpening.run_checks import engine_problems
+
+    monkeypatch.setattr(vllm_checks, "vllm_installed", lambda: False)
+    policy = PolicyConfig(model_name_or_path=tiny_model_path, finetuning="qlora")
+    module = SimpleNamespace(trains_on=trains_on, sampling=VLLM, policy_config=policy)
+    verifier = SimpleNamespace(select_by=select_by, sampling=VLLM)
+    rl = SimpleNamespace(algorithm=algorithm) if algorithm else None
+    found = engine_problems(verifier, module, rl, "cuda", None)
+    if checked is None:
+        assert found == []
+        return
+    assert [p.split(":")[0] for p in found] == [
+        f"{checked}.engine=vllm",
+        f"--model.policy.finetuning=qlora with {checked}.engine=vllm",
+    ]
+
+
 @pytest.mark.vllm
 @pytest.mark.slow  # imports vLLM (seconds)
 def test_the_installed_vllm_agrees_with_the_checks(tiny_model_path, head32_model, tmp_path):

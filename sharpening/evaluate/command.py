@@ -17,6 +17,7 @@ import torch
 
 from sharpening.checkpoint import write_atomically
 from sharpening.engines import SamplingConfig, SamplingEngine, decode_device_problems, make_engine
+from sharpening.engines.vllm_checks import vllm_problems
 from sharpening.errors import ConfigError, parse_error_problem, raise_if_problems, unwritable_directory_problem
 from sharpening.evaluate.cache import DrawCache, model_fingerprint
 from sharpening.evaluate.config import (
@@ -61,8 +62,12 @@ def measure(model_cfg: EvalModelConfig, protocol: ProtocolConfig, data_args: dic
     tokenizer = load_tokenizer_for(model_cfg, model_path, adapter)
     data.load_prompts(tokenizer)  # missing columns and empty files fail here, still before any weights load
     device = resolve_device(model_cfg.device)
-    sampling = SamplingConfig(decode=protocol.decode)
+    sampling = SamplingConfig(max_new_tokens=protocol.max_new_tokens, decode=protocol.decode, engine=protocol.engine,
+                              vllm=protocol.vllm)  # fmt: skip
     problems = decode_device_problems(sampling, device, "--protocol", gpu_option="--model.device cuda")
+    source = {"lora": adapter is not None, "load_in_4bit": model_cfg.load_in_4bit, "revision": model_cfg.revision}
+    longest = max(map(len, data.prompt_ids), default=None)
+    problems += vllm_problems(sampling, "--protocol", model_path, longest_prompt=longest, device=device, **source)
     raise_if_problems(problems + context_problems(model_cfg, model_path, data, protocol.max_new_tokens))
     model, base = load_models(model_cfg, model_path, adapter, device)
     identity = model_identity(model_cfg, model_path, adapter, next(model.parameters()).dtype)

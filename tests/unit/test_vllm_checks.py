@@ -3,6 +3,7 @@ vLLM itself is needed only by the last test (vllm marker); the others stand in f
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import replace
@@ -131,6 +132,29 @@ def test_sharpen_fit_with_engine_vllm_and_no_vllm_stops_before_weights_load(
               f"--trainer.default_root_dir={tmp_path / 'run'}", f"--model.init_args.output_dir={tmp_path / 'out'}",
               "--trainer.logger=false", "--verifier.sampling.engine=vllm"])  # fmt: skip
     assert any(p.startswith("--verifier.sampling.engine=vllm: vLLM is not installed") for p in err.value.problems)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="--model.load_in_4bit needs bitsandbytes")
+def test_sharpen_evaluate_with_engine_vllm_is_checked_before_weights_load(tiny_model_path, tmp_path, monkeypatch):
+    """The protocol's options, the prompts read and the model: a max_model_len too short for the prompts, QLoRA
+    and the head size, with the install problem, in one error."""
+    from sharpening.cli import main
+    from sharpening.errors import ConfigError
+
+    monkeypatch.setattr(vllm_checks, "vllm_installed", lambda: False)
+    monkeypatch.setattr("sharpening.evaluate.command.load_models", lambda *a, **k: pytest.fail("weights loaded"))
+    with pytest.raises(ConfigError) as err:
+        main(["evaluate", f"--model.model_name_or_path={tiny_model_path}", "--model.device=cpu",
+              f"--data.dataset={REPO_ROOT / 'tests' / 'data' / 'reversal.jsonl'}", "--protocol.n_values=[1,2]",
+              "--protocol.seeds=1", "--protocol.max_new_tokens=4", "--model.load_in_4bit=true",
+              "--protocol.engine=vllm", "--protocol.vllm.max_model_len=5", f"--output_dir={tmp_path}/out"])  # fmt: skip
+    assert [p.split(":")[0] for p in err.value.problems if "engine=vllm" in p or "vllm." in p] == [
+        "--protocol.engine=vllm",
+        "--model.load_in_4bit=true with --protocol.engine=vllm",
+        "--protocol.vllm.max_model_len=5",
+        "--protocol.engine=vllm on CPU",
+    ]
     assert not (tmp_path / "out").exists()
 
 

@@ -147,6 +147,18 @@ def test_the_callbacks_round_draws_through_the_modules_engine_and_logs_its_metri
     assert engine.closed  # teardown gave it back
 
 
+def test_the_rounds_engine_metrics_are_the_largest_over_the_ranks(monkeypatch):
+    """Each rank's engine measured its own draws: the logged parity gap is the worst rank's, and a rank whose
+    shard drew nothing (no metric) does not hide another's."""
+    import sharpening.callbacks as callbacks
+
+    ranks = [{"engine/parity_max_abs_diff": 0.1}, {}, {"engine/parity_max_abs_diff": 0.7, "engine/other": 2.0}]
+    monkeypatch.setattr(callbacks.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(callbacks.dist, "all_gather_object", lambda out, mine: out.__setitem__(slice(None), ranks))
+    assert callbacks._max_over_ranks(ranks[0], 3) == {"engine/parity_max_abs_diff": 0.7, "engine/other": 2.0}
+    assert callbacks._max_over_ranks({"engine/x": 1.0}, 1) == {"engine/x": 1.0}  # one process: no collective
+
+
 # ---- (c) online RL's rollouts ----------------------------------------------------------------------------------
 
 
@@ -208,6 +220,42 @@ def test_evaluate_draws_through_its_engine_and_keys_the_cache_by_a_non_hf_engine
     draw_batch(vllm_ctx, prompts, "sample", 0)  # hf's cached draws are not vLLM's
     assert len(vllm_engine_used.calls) == 1
     assert len(list(tmp_path.iterdir())) == 3  # hf sample, hf greedy, vllm sample
+
+
+def test_evaluate_closes_its_engine_and_records_its_name(tiny_model_path, tmp_path, monkeypatch):
+    import sharpening.evaluate.command as command
+    from sharpening.cli import main
+    from tests.integration.test_evaluate_cli import tiny_overrides
+
+    made = []
+    monkeypatch.setattr(command, "make_engine", lambda sampling, **kw: made.append(RecordingEngine()) or made[-1])
+    results = main(["evaluate", *tiny_overrides(tiny_model_path, str(tmp_path / "out")), "--protocol.seeds=1"])
+    assert results["draws"]["engine"] == "hf" and made[0].calls and made[0].closed
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the engine failed mid-draw")
+
+    monkeypatch.setattr(RecordingEngine, "generate", broken)
+    with pytest.raises(RuntimeError, match="mid-draw"):
+        main(["evaluate", *tiny_overrides(tiny_model_path, str(tmp_path / "again")), "--cache_dir=null"])
+    assert made[1].closed  # given back when a draw fails too
+
+
+def test_evaluate_serves_an_adapter_on_its_base_at_the_adapters_rank(tmp_path, monkeypatch):
+    import json
+
+    import sharpening.evaluate.command as command
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "base_model_name_or_path": "org/base"}))
+    seen = []
+    monkeypatch.setattr(command, "make_engine", lambda sampling, **kw: seen.append((sampling, kw)))
+    protocol = ProtocolConfig(engine="vllm", vllm={"max_model_len": 32})
+    command.evaluation_engine(protocol, "org/base", str(tmp_path))
+    command.evaluation_engine(protocol, "org/full", None)
+    (with_adapter, kw_adapter), (_, kw_full) = seen
+    assert with_adapter.engine == "vllm" and with_adapter.vllm.max_model_len == 32
+    assert kw_adapter == {"model_path": "org/base", "lora_rank": 4}
+    assert kw_full == {"model_path": "org/full", "lora_rank": None}
 
 
 def test_the_protocols_engine_is_checked_with_the_sampling_rules():

@@ -18,7 +18,9 @@ TINY_CHARS = "abcdefgh=0123456789 +"
 VERIFIER_CALLBACK = "SelfVerificationCallback"
 
 
-def build_tiny_model(path, seed: int = 0, hidden: int = 64, layers: int = 2, vocab_extra: int = 0) -> str:
+def build_tiny_model(
+    path, seed: int = 0, hidden: int = 64, layers: int = 2, vocab_extra: int = 0, max_positions: int = 64
+) -> str:
     """Save a random tiny Llama + char tokenizer to ``path``; return the path as a string."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -33,7 +35,7 @@ def build_tiny_model(path, seed: int = 0, hidden: int = 64, layers: int = 2, voc
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=64,
+        max_position_embeddings=max_positions,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

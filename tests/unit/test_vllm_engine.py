@@ -62,6 +62,13 @@ def masked(x, samples):
     return x * samples.response_mask
 
 
+def served_exactly(engine) -> bool:
+    """vLLM's own log-probs matched ours on the probed responses: the draw came from the model handed over (the
+    probe would otherwise have rescored them, hiding a stale engine from a log-prob comparison)."""
+    m = engine.metrics()
+    return m["engine/parity_max_abs_diff"] < 1e-4 and m["engine/rescored"] == 0.0
+
+
 def test_layout_and_logprobs_equal_teacher_forced(full_engine, model_dir):
     model = load(model_dir)
     samples = draw(full_engine, model)
@@ -96,6 +103,7 @@ def test_full_weight_sync_follows_the_updated_policy(full_engine, model_dir):
         for p in policy.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     after = draw(full_engine, policy)
+    assert served_exactly(full_engine)
     assert not torch.equal(after.response_ids, before.response_ids)
     updated = sample_logprobs(policy, after)
     assert torch.allclose(masked(after.logprobs, after), masked(updated, after), atol=1e-4)
@@ -103,8 +111,30 @@ def test_full_weight_sync_follows_the_updated_policy(full_engine, model_dir):
     assert (masked(after.logprobs - as_base, after)).abs().max() > 1e-2
     # handing the base back makes vLLM serve the base again
     again = draw(full_engine, base)
+    assert served_exactly(full_engine)
     assert torch.allclose(masked(again.logprobs, again), masked(sample_logprobs(base, again), again), atol=1e-4)
     assert torch.equal(again.response_ids, before.response_ids)
+
+
+def test_full_weight_sync_resets_cached_prompts(tmp_path):
+    """A prompt longer than vLLM's KV block (128 tokens on CPU) is cached by prefix; after a weight push its cached
+    keys and values belong to the old weights, so they must not be reused."""
+    path = build_tiny_model(tmp_path / "long", hidden=128, max_positions=256)
+    policy = load(path)
+    long_prompt = prompt_batch([[1] + [5, 6, 7, 8, 9] * 30], [0])  # 151 tokens
+    cfg = SamplingConfig(engine="vllm", vllm=VLLMConfig(max_model_len=256))
+    engine = make_engine(cfg, path)
+    try:
+        draw(engine, policy, prompts=long_prompt, max_new_tokens=8)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        after = draw(engine, policy, prompts=long_prompt, max_new_tokens=8)
+        assert served_exactly(engine)
+        ours = sample_logprobs(policy, after)
+        assert torch.allclose(masked(after.logprobs, after), masked(ours, after), atol=1e-4)
+    finally:
+        engine.close()
 
 
 def test_lora_sync_serves_the_current_adapter(model_dir):
@@ -120,6 +150,7 @@ def test_lora_sync_serves_the_current_adapter(model_dir):
                     if "lora_B" in name:
                         p.add_(torch.randn_like(p) * 0.1)
             samples = draw(engine, policy, seed=step)
+            assert served_exactly(engine), step
             ours = sample_logprobs(policy, samples)
             assert torch.allclose(masked(samples.logprobs, samples), masked(ours, samples), atol=1e-4), step
             with policy.disable_adapter():
@@ -127,6 +158,7 @@ def test_lora_sync_serves_the_current_adapter(model_dir):
             assert (masked(samples.logprobs - as_base, samples)).abs().max() > 1e-2
         with policy.disable_adapter():  # the frozen base of a LoRA run: no adapter served
             base_samples = draw(engine, policy)
+            assert served_exactly(engine)
             as_base = sample_logprobs(policy, base_samples)
         assert torch.allclose(masked(base_samples.logprobs, base_samples), masked(as_base, base_samples), atol=1e-4)
     finally:

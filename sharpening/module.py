@@ -11,7 +11,7 @@ import contextlib
 import dataclasses
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, get_type_hints
 
 import lightning as L
 import torch
@@ -371,8 +371,17 @@ def fsdp_problems(cfg: PolicyConfig, device: torch.device) -> list[str]:
 
 def config_from(value, cls):
     """A config dataclass, given as itself or as the plain dict a checkpoint's hyper-parameters hold
-    (``plain_hparams``): ``Module.load_from_checkpoint`` passes those dicts back to the constructor."""
-    return cls(**value) if isinstance(value, dict) else value
+    (``plain_hparams``): ``Module.load_from_checkpoint`` passes those dicts back to the constructor. A field that
+    is itself a config (``SamplingConfig.vllm``) comes back as its dataclass too."""
+    if not isinstance(value, dict):
+        return value
+    hints = get_type_hints(cls)
+    nested = {
+        name: config_from(field, hints[name])
+        for name, field in value.items()
+        if isinstance(field, dict) and dataclasses.is_dataclass(hints.get(name))
+    }
+    return cls(**(value | nested))
 
 
 def plain_hparams(arguments: dict) -> dict:

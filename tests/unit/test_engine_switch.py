@@ -269,6 +269,15 @@ def test_the_protocols_engine_is_checked_with_the_sampling_rules():
 # ---- (e) making and keeping the engine -------------------------------------------------------------------------
 
 
+def test_a_checkpoints_sampling_hyperparameters_come_back_with_their_vllm_options():
+    from sharpening.engines import VLLMConfig
+    from sharpening.module import config_from
+
+    sampling = SamplingConfig(samples_per_prompt=3, engine="vllm", vllm=VLLMConfig(max_model_len=32))
+    assert config_from(dataclasses.asdict(sampling), SamplingConfig) == sampling
+    assert config_from(sampling, SamplingConfig) is sampling
+
+
 def test_make_engine_hf_is_our_decode_loop():
     assert isinstance(make_engine(SamplingConfig()), HFEngine)
 

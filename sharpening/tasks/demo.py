@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import itertools
 import json
 import logging
@@ -121,11 +122,14 @@ def write_demo_data(out_dir: str | Path, seed: int = 0) -> tuple[Path, Path]:
     return paths
 
 
-def tiny_char_model(tokenizer, hidden_size: int, num_layers: int):
-    """A freshly initialised tiny ``LlamaForCausalLM`` for the demo (uses the global torch RNG)."""
+def tiny_char_model(tokenizer, hidden_size: int, num_layers: int, head_dim: int | None = None):
+    """A freshly initialised tiny ``LlamaForCausalLM`` for the demo (uses the global torch RNG). Its 4 attention
+    heads are ``head_dim`` wide (None: ``hidden_size / 4``); vLLM's CPU attention needs a head size it has a kernel
+    for (e.g. 32 or 64), which the default width 64 (heads of 16) does not give."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     ids = {f"{k}_token_id": getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "pad")}
+    shape = {} if head_dim is None else {"head_dim": head_dim}
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden_size,
@@ -135,6 +139,7 @@ def tiny_char_model(tokenizer, hidden_size: int, num_layers: int):
         num_key_value_heads=4,
         max_position_embeddings=32,
         tie_word_embeddings=False,
+        **shape,
         **ids,
     )
     model = LlamaForCausalLM(config)
@@ -199,13 +204,16 @@ def build_demo_base(
     hidden_size: int = 64,
     num_layers: int = 2,
     force: bool = False,
+    head_dim: int | None = None,
 ) -> Path:
     """Train the demo base model on the base-train prompts; save it and its tokenizer to ``out_dir/base``.
 
     ``steps`` AdamW steps of ``batch_size`` fresh sequences each (peak learning rate ``lr``) train a Llama
-    with ``num_layers`` layers of width ``hidden_size``: ~40 s on 2 CPU cores with the defaults. The same
-    seed and parameters give the same weights (on the same hardware and torch thread count). Training is
-    skipped when ``out_dir/base/demo_build.json`` records the same parameters, unless ``force``.
+    with ``num_layers`` layers of width ``hidden_size`` and 4 heads of ``head_dim`` (None: ``hidden_size / 4``):
+    ~40 s on 2 CPU cores with the defaults. The same seed and parameters give the same weights (on the same
+    hardware and torch thread count). Training is skipped when ``out_dir/base/demo_build.json`` records the same
+    parameters, unless ``force``; the record names ``head_dim`` only when it is set, so a default build's
+    record (and whether it is current) does not depend on the option existing.
     """
     params = {
         "seed": seed,
@@ -216,6 +224,8 @@ def build_demo_base(
         "hidden_size": hidden_size,
         "num_layers": num_layers,
     }
+    if head_dim is not None:
+        params["head_dim"] = head_dim
     base_dir = Path(out_dir) / "base"
     if not force and build_is_current(base_dir, params):
         log.info("base model in %s is up to date (seed %d): not rebuilt", base_dir, seed)
@@ -227,7 +237,9 @@ def build_demo_base(
     def sampler(gen: torch.Generator):
         return functools.partial(_sample_batch, prompt_ids, letter_ids, tokenizer.eos_token_id, batch_size, gen)
 
-    return train_and_save_base(base_dir, tokenizer, params, sampler, seed, steps, lr, hidden_size, num_layers)
+    return train_and_save_base(
+        base_dir, tokenizer, params, sampler, seed, steps, lr, hidden_size, num_layers, head_dim=head_dim
+    )
 
 
 def train_and_save_base(
@@ -241,12 +253,13 @@ def train_and_save_base(
     hidden_size: int,
     num_layers: int,
     max_new_tokens: int | None = None,
+    head_dim: int | None = None,
 ) -> Path:
     """Train a ``tiny_char_model`` on batches from ``sampler(generator)`` (seeded by ``seed``), then save it, its
     tokenizer and ``demo_build.json`` (``params``: what ``build_is_current`` compares) to ``base_dir``."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    model = tiny_char_model(tokenizer, hidden_size, num_layers)
+    model = tiny_char_model(tokenizer, hidden_size, num_layers, head_dim)
     if max_new_tokens is not None:
         model.generation_config.max_new_tokens = max_new_tokens
     start = time.perf_counter()
@@ -261,23 +274,45 @@ def train_and_save_base(
 
 
 def build_command(prog: str, example_out: str, write_data, build_base, argv: list[str] | None, doc: str) -> None:
-    """``{prog} build --out DIR [--seed N] [--force]``: ``write_data(out, seed)`` then ``build_base(out, seed,
-    force=...)``. Shared by the built-in tasks' ``main``."""
+    """``{prog} build --out DIR [--seed N] [--force] [--head-dim D]``: ``write_data(out, seed)`` then
+    ``build_base(out, seed, force=...)``. Shared by the built-in tasks' ``main``; ``--head-dim`` is offered when
+    ``build_base`` takes ``head_dim``."""
     parser = argparse.ArgumentParser(prog=prog, description=doc.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="write OUT/{train,eval}.jsonl; train the base model into OUT/base")
     build.add_argument("--out", required=True, help=f"output directory, e.g. {example_out}")
     build.add_argument("--seed", type=int, default=0, help="seed of the prompt split and of the base model")
     build.add_argument("--force", action="store_true", help="retrain the base model even when it is up to date")
+    shaped = "head_dim" in inspect.signature(build_base).parameters
+    if shaped:
+        build.add_argument(
+            "--head-dim",
+            type=_positive_int,
+            default=None,
+            help="width of each of the 4 attention heads (default: hidden size / 4 = 16); "
+            "vLLM on CPU needs one it has a kernel for, e.g. 32",
+        )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     train_path, eval_path = write_data(args.out, args.seed)
     log.info("wrote %s and %s", train_path, eval_path)
-    build_base(args.out, args.seed, force=args.force)
+    shape = {"head_dim": args.head_dim} if shaped else {}
+    build_base(args.out, args.seed, force=args.force, **shape)
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (the message argparse prints names the flag and the value)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (e.g. 32)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be >= 1 (e.g. 32)")
+    return value
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m sharpening.tasks.demo build --out DIR [--seed N] [--force]``."""
+    """``python -m sharpening.tasks.demo build --out DIR [--seed N] [--force] [--head-dim D]``."""
     build_command("python -m sharpening.tasks.demo", "artifacts/demo", write_demo_data, build_demo_base, argv, __doc__)
 
 

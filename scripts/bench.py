@@ -3,6 +3,7 @@
 
     python scripts/bench.py --compare trl --models tiny small --repeats 3 --json
     python scripts/bench.py --quick --compare none --json      # smoke test, ours only, no TRL needed
+    python scripts/bench.py --engine hf vllm --shape 0.5b --json   # sampling engines: scripts/bench_engines.py
 
 Each repetition runs, per model, the SFT round and the RL step on both sides; the side that goes first
 alternates between repetitions. Reported: medians over repetitions per phase (generate, score, train)
@@ -324,6 +325,11 @@ def speedups(summary: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a == "--engine" or a.startswith("--engine=") for a in argv):  # the engines' benchmark, its own options
+        import bench_engines
+
+        return bench_engines.main(argv)
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     quiet()

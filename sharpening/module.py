@@ -64,8 +64,7 @@ class PolicyModule(L.LightningModule):
     seed: int = 0
     """Seed of the module's own draws; a module that draws none keeps 0 (the sampling engine is made with it)."""
 
-    _engine: SamplingEngine | None = None  # made by sampling_engine at first use, closed in teardown
-    _engine_kind: str | None = None  # the SamplingConfig.engine it was made for
+    _engines: dict[str, SamplingEngine] | None = None  # SamplingConfig.engine -> the engine, made at first use
 
     @property
     def trains_on(self) -> TrainsOn:
@@ -231,20 +230,21 @@ class PolicyModule(L.LightningModule):
         """The engine ``sampling.engine`` names, made at first use and kept for the run (a vLLM engine takes
         seconds to start and holds memory while it lives): the rounds and rollouts all draw through it. Asking for
         another kind closes the one held first. vLLM loads the weights from the policy's model path, then follows
-        the in-memory model each draw is given (LoRA: the adapter of rank ``lora_r``)."""
-        if self._engine is not None and self._engine_kind == sampling.engine:
-            return self._engine
-        self.close_sampling_engine()
-        cfg = self.policy_config
-        lora_rank = cfg.lora_r if cfg.finetuning in ("lora", "qlora") else None
-        self._engine = make_engine(sampling, model_path=cfg.model_name_or_path, seed=self.seed, lora_rank=lora_rank)
-        self._engine_kind = sampling.engine
-        return self._engine
+        the in-memory model each draw is given (LoRA: the adapter of rank ``lora_r``). One engine per kind: a run
+        whose round and rollouts name different engines (offline RL) keeps both rather than restarting vLLM."""
+        engines = self._engines if self._engines is not None else {}
+        self._engines = engines
+        if sampling.engine not in engines:
+            cfg = self.policy_config
+            lora_rank = cfg.lora_r if cfg.finetuning in ("lora", "qlora") else None
+            path = cfg.model_name_or_path
+            engines[sampling.engine] = make_engine(sampling, model_path=path, seed=self.seed, lora_rank=lora_rank)
+        return engines[sampling.engine]
 
     def close_sampling_engine(self) -> None:
-        """Free the sampling engine held (a vLLM engine's memory), if any."""
-        engine, self._engine, self._engine_kind = self._engine, None, None
-        if engine is not None:
+        """Free the sampling engines held (a vLLM engine's memory), if any."""
+        engines, self._engines = self._engines or {}, None
+        for engine in engines.values():
             engine.close()
 
     def teardown(self, stage: str) -> None:

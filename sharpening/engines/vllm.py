@@ -21,6 +21,7 @@ as scores stay exact.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -35,6 +36,15 @@ from sharpening.logprobs import sample_logprobs
 from sharpening.types import PromptBatch, SampleBatch
 
 log = logging.getLogger(__name__)
+
+
+class _NoChatWarmup(logging.Filter):
+    """vLLM warms up a chat template at start and logs a traceback when there is no tokenizer; the engine has
+    none on purpose (token ids in and out), so that warning says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Chat template warmup failed" not in record.getMessage()
+
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted max_lora_rank values
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
@@ -158,6 +168,7 @@ class VLLMEngine:
         self.llm = None
         self.sync: WeightSync | None = None
         self.sleeping = False
+        self.callers_group = False
         self._metrics: dict[str, float] = {}
         self._warned = False
 
@@ -171,6 +182,10 @@ class VLLMEngine:
             os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.cfg.cpu_kv_cache_gb)
         from vllm import LLM
 
+        logging.getLogger("vllm.renderers.base").addFilter(_NoChatWarmup())
+        # Under DDP/FSDP vLLM joins the trainer's default process group instead of making one (every rank starts
+        # its engine at the same draw, so its group calls line up); that group is not vLLM's to destroy
+        self.callers_group = torch.distributed.is_available() and torch.distributed.is_initialized()
         kwargs = {}
         if self.lora_rank is not None:
             rank = next((r for r in LORA_RANKS if r >= self.lora_rank), None)
@@ -298,16 +313,38 @@ class VLLMEngine:
         return dict(self._metrics)
 
     def close(self) -> None:
-        """Shut vLLM down and remove the adapters it was served from (the engine's own temporary files)."""
+        """Shut vLLM down and remove the adapters it was served from (the engine's own temporary files). The
+        process group of a DDP/FSDP run outlives the engine (``keep_callers_process_group``)."""
         if self.sync is not None:
             self.sync.close()
         if self.llm is not None:
             engine = getattr(self.llm, "llm_engine", None)
             shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
             if shutdown is not None:
-                shutdown()
+                with keep_callers_process_group(self.callers_group):
+                    shutdown()
             self.llm = None
             self.sync = None
+
+
+@contextlib.contextmanager
+def keep_callers_process_group(callers: bool):
+    """vLLM's shutdown destroys the default process group; when the caller made that group (a DDP/FSDP run), only
+    vLLM's own subgroups go and the default group stays for the trainer."""
+    if not callers:
+        yield
+        return
+    destroy = torch.distributed.destroy_process_group
+
+    def destroy_own_groups(group=None):
+        if group is not None:
+            destroy(group)
+
+    torch.distributed.destroy_process_group = destroy_own_groups
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group = destroy
 
 
 def _sample_batch(prompts: PromptBatch, outputs, cfg: SamplingConfig, eos, pad_token_id: int) -> SampleBatch:

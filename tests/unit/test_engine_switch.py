@@ -282,13 +282,15 @@ def test_make_engine_hf_is_our_decode_loop():
     assert isinstance(make_engine(SamplingConfig()), HFEngine)
 
 
-def test_the_module_keeps_one_engine_and_closes_it_when_another_kind_is_asked_for(tiny_model_path, made):
+def test_the_module_keeps_one_engine_per_kind_and_closes_them_in_teardown(tiny_model_path, made):
     module = SFTSharpeningModule(PolicyConfig(model_name_or_path=tiny_model_path, finetuning="full"))
     first = module.sampling_engine(SamplingConfig())
     assert module.sampling_engine(SamplingConfig(samples_per_prompt=3)) is first and len(made) == 1
     assert made[0]["lora_rank"] is None and made[0]["model_path"] == tiny_model_path
     other = module.sampling_engine(dataclasses.replace(SamplingConfig(), engine="vllm"))
-    assert other is not first and first.closed and not other.closed and len(made) == 2
+    assert other is not first and not first.closed and len(made) == 2
+    # a round on one engine and rollouts on the other alternate without restarting either
+    assert module.sampling_engine(SamplingConfig()) is first and len(made) == 2
     module.teardown("fit")
-    assert other.closed
+    assert other.closed and first.closed
     assert module.sampling_engine(SamplingConfig()) is not first  # made again after teardown

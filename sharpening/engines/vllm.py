@@ -88,6 +88,20 @@ def adapter_active(peft_model) -> bool:
     return bool(layers) and not any(layer.disable_adapters for layer in layers)
 
 
+def write_adapter(config, lora: dict[str, torch.Tensor], adapter_name: str, path: str) -> None:
+    """A PEFT adapter directory (adapter_config.json, adapter_model.safetensors) from the LoRA parameters as
+    ``named_parameters`` names them: wrappers and the adapter's name removed, as PEFT saves them. Written from the
+    parameters rather than ``save_pretrained`` so FSDP's state-dict hooks never run on gathered weights."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    config.save_pretrained(path)
+    tensors = {
+        served_name(n).replace(f".{adapter_name}.", "."): p.detach().to("cpu").contiguous() for n, p in lora.items()
+    }
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"))
+
+
 class WeightSync:
     """What vLLM serves, and how to make it serve a given in-memory model (module docstring)."""
 
@@ -119,12 +133,13 @@ class WeightSync:
     def _push_full(self, model: torch.nn.Module) -> None:
         if self.lora_rank is not None:
             raise RuntimeError("a LoRA run's vLLM engine serves adapters; it was handed a model without one")
-        named = [(served_name(n), p) for n, p in model.state_dict().items()]
+        # parameters, not state_dict(): no FSDP state-dict hooks (the caller has gathered the weights), and tied
+        # weights appear once (vLLM ties them itself)
+        named = [(served_name(n), p.detach()) for n, p in model.named_parameters()]
         checksum = weights_checksum(p for _, p in named)
         if checksum == self.held:
             return
-        weights = [(n, p.detach()) for n, p in named]
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights, "is_checkpoint_format": True})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": named, "is_checkpoint_format": True})
         self.llm.reset_prefix_cache()  # cached prompt KV was computed with the weights just replaced
         self.held = checksum
         self.pushes += 1
@@ -132,12 +147,13 @@ class WeightSync:
     def _adapter(self, peft):
         from vllm.lora.request import LoRARequest
 
-        trainable = [p for n, p in peft.named_parameters() if "lora_" in n]
-        checksum = weights_checksum(trainable)
+        name = peft.active_adapter
+        lora = {n: p for n, p in peft.named_parameters() if "lora_" in n}
+        checksum = weights_checksum(lora.values())
         if checksum != self.adapter_checksum or self.adapter_request is None:
             self.adapter_count += 1
             path = os.path.join(self.adapter_root, f"adapter-{self.adapter_count}")
-            peft.save_pretrained(path, safe_serialization=True)
+            write_adapter(peft.peft_config[name], lora, name, path)
             previous = self.adapter_request
             # a new id: vLLM caches adapters by id, so the same id would serve the stale weights
             self.adapter_request = LoRARequest(f"policy-{self.adapter_count}", self.adapter_count, path)

@@ -200,6 +200,7 @@ class SelfVerificationCallback(L.Callback):
         models = self.round_models(module)
         with eval_mode(module.policy), module.gathered_for_generation(), packed_linear_weights(module):
             result = run_round(models, turns, self.round_settings(), epoch, module.trains_on == "all_samples")
+        models.engine.idle()  # the trainer has the device until the next round
         if turns.stopped or sigterm_agreed(trainer):  # abandon the round: a resumed run redraws it identically
             preempt(trainer, f"during self-verification (epoch {epoch})")
         kept = _gather_examples(result.examples, trainer.world_size)

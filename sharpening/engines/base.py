@@ -48,6 +48,11 @@ class SamplingEngine(Protocol):
         empty when there is nothing to report."""
         ...
 
+    def idle(self) -> None:
+        """The trainer is about to use the device until the next draw: free what the engine can give back
+        meanwhile (a vLLM engine on CUDA sleeps: KV cache freed, weights offloaded). The next draw wakes it."""
+        ...
+
     def close(self) -> None:
         """Free what the engine holds (a vLLM engine's memory); a closed engine is not used again."""
         ...

@@ -65,6 +65,9 @@ class HFEngine:
     def metrics(self) -> dict[str, float]:
         return {}
 
+    def idle(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 

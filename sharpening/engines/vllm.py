@@ -184,6 +184,7 @@ class VLLMEngine:
         self.llm = None
         self.sync: WeightSync | None = None
         self.sleeping = False
+        self.on_cuda = False
         self.callers_group = False
         self._metrics: dict[str, float] = {}
         self._warned = False
@@ -253,11 +254,15 @@ class VLLMEngine:
             lora_request=lora_request,
         )
         samples = _sample_batch(prompts, outputs, cfg, eos_token_id, pad_token_id)
-        samples = self._probe(model, samples)
-        if self.cfg.sleep_while_training and samples.response_ids.device.type == "cuda":
-            self.llm.sleep(level=1)  # free the KV cache and offload weights while the trainer steps
+        self.on_cuda = samples.response_ids.device.type == "cuda"
+        return self._probe(model, samples)
+
+    def idle(self) -> None:
+        """CUDA with ``sleep_while_training``: free the KV cache and offload vLLM's weights while the trainer
+        steps (level 1: the weights come back at the next draw, then the sync brings them up to date)."""
+        if self.llm is not None and self.on_cuda and self.cfg.sleep_while_training and not self.sleeping:
+            self.llm.sleep(level=1)
             self.sleeping = True
-        return samples
 
     @staticmethod
     def _requests(prompts: PromptBatch, cfg: SamplingConfig) -> list:

@@ -180,6 +180,7 @@ class RLSharpeningModule(PolicyModule):
             self.rollout = self._draw_rollout(batch.prompts, first)
         elif self.rl.algorithm == "xpo" and (batch.update == 0 or not self.xpo_minibatches):
             self._start_xpo_round(batch.prompts, first, add_pairs=batch.update == 0)
+        self.sampling_engine(self.sampling).idle()  # the trainer has the device until the next rollout
 
     def _draw(self, prompts: PromptBatch, source: str, count: int, step: int, stream: SeedStream) -> SampleBatch:
         """Exact draws from ``source`` (policy or base) by the run's engine (``--model.sampling.engine``, one for

@@ -38,6 +38,7 @@ class RecordingEngine:
 
     def __init__(self, kind: str = "recording") -> None:
         self.kind, self.calls, self.closed, self.inner = kind, [], False, HFEngine()
+        self.idle_after = []  # draws made before each idle() call: the trainer got the device after them
 
     def generate(self, model, prompts, cfg, eos_token_id, pad_token_id, seed=0, round_index=0, stop_unselectable=0):
         assert not self.closed, "a closed engine drew"
@@ -49,6 +50,9 @@ class RecordingEngine:
 
     def metrics(self) -> dict[str, float]:
         return dict(PARITY)
+
+    def idle(self) -> None:
+        self.idle_after.append(len(self.calls))
 
     def close(self) -> None:
         self.closed = True
@@ -144,6 +148,7 @@ def test_the_callbacks_round_draws_through_the_modules_engine_and_logs_its_metri
     assert verifier.last_metrics["engine/parity_max_abs_diff"] == 0.5
     round_logged = [m for m in logger.logged if "sample/buffer_size" in m]
     assert round_logged and round_logged[0]["engine/parity_max_abs_diff"] == 0.5
+    assert engine.idle_after == [2]  # idle once the round had drawn, before the trainer stepped
     assert engine.closed  # teardown gave it back
 
 
@@ -180,6 +185,7 @@ def test_online_rollouts_draw_from_the_policy_through_the_modules_engine(tiny_mo
     assert (call["seed"], call["round_index"]) == (7, derive_seed(0, SeedStream.POLICY_ROLLOUT))
     assert module.rollout.samples.response_ids.shape[:2] == (2, 2)
     assert float(trainer.callback_metrics["engine/parity_max_abs_diff"]) == 0.5
+    assert made[0]["engine"].idle_after == [1]  # idle after the rollout's draw, before the update
     assert made[0]["engine"].closed
 
 

@@ -245,6 +245,7 @@ class VLLMEngine:
             self.start(model)
         elif self.sleeping:
             self.llm.wake_up()
+            self.llm.reset_prefix_cache()  # the KV cache's contents were discarded by the sleep
             self.sleeping = False
         lora_request = self.sync.request_for(model)
         outputs = self.llm.generate(

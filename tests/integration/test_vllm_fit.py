@@ -84,11 +84,8 @@ def test_sft_with_vllm_amortizes_as_with_hf(demo_dir, tmp_path):
     assert metrics["engine/parity_max_abs_diff"] < 1e-4 and metrics["engine/rescored"] == 0.0  # vLLM drew the round
     assert "engine/parity_max_abs_diff" not in verifier_callback(fits["hf"].trainer).last_metrics
     hf, vllm = (compare_with_base(demo_dir, tmp_path / engine / "out") for engine in ("hf", "vllm"))
-    base, hf_sample, vllm_sample = (
-        hf["base_sample_accuracy"],
-        hf["sharpened_sample_accuracy"],
-        vllm["sharpened_sample_accuracy"],
-    )
+    base, hf_sample = hf["base_sample_accuracy"], hf["sharpened_sample_accuracy"]
+    vllm_sample = vllm["sharpened_sample_accuracy"]
     assert abs(vllm_sample - hf_sample) <= binomial_bound(hf_sample, vllm_sample), (hf, vllm)
     assert vllm_sample - base > binomial_bound(base, vllm_sample) + 0.2, (base, vllm_sample)  # amortized: clearly
     assert base < hf["base_bon_accuracy"] - 0.3  # the gap the fit closes
@@ -145,6 +142,11 @@ def _checkpoint_each_epoch(root) -> str:
     return path
 
 
+def kept_ids(state: dict) -> list[tuple]:
+    """(prompt index, sample index, prompt ids, response ids) of each kept example, in the buffer's order."""
+    return [(e["prompt_index"], e["sample_index"], e["prompt_ids"], e["response_ids"]) for e in state["examples"]]
+
+
 def test_resume_with_vllm_redraws_the_straight_runs_buffer(demo_dir, tmp_path):
     """Two rounds drawn from the policy: a run resumed after round 1 pushes the checkpoint's weights into a fresh
     vLLM, whose first draw (round 2) must be the straight run's second, kept examples and weights alike."""
@@ -160,10 +162,7 @@ def test_resume_with_vllm_redraws_the_straight_runs_buffer(demo_dir, tmp_path):
     assert resumed.last_metrics["engine/parity_max_abs_diff"] < 1e-4  # vLLM served the restored policy
     kept, again = straight.buffer.state_dict(), resumed.buffer.state_dict()
     assert kept["epoch"] == again["epoch"] == 1 and len(kept["examples"]) == 32
-    ids = [(e["prompt_index"], e["sample_index"], e["prompt_ids"], e["response_ids"]) for e in kept["examples"]]
-    assert ids == [
-        (e["prompt_index"], e["sample_index"], e["prompt_ids"], e["response_ids"]) for e in again["examples"]
-    ]
+    assert kept_ids(kept) == kept_ids(again)
     scores = [[e["score"] for e in state["examples"]] for state in (kept, again)]
     torch.testing.assert_close(scores[1], scores[0], rtol=0, atol=1e-5)
     for key, value in straight_cli.model.state_dict().items():

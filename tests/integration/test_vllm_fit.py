@@ -5,8 +5,9 @@ the demo's default 16), briefly trained: 800 steps of 64 sequences put ~25% on t
 right on ~85% of the prompts, the gap sharpening closes. Every run is in this process (sharpening.cli.main), and
 vLLM runs in-process too, started once per fit or evaluation (its first draw).
 
-Noise bounds. Accuracies are measured on the demo's 200 held-out prompts with the hf engine (vLLM is what is
-tested, not what measures). Two runs that should agree are compared with a binomial bound: each accuracy is
+Noise bounds. Accuracies are measured on the demo's 200 held-out prompts: a fit's model as scripts/demo.sh measures
+it (`sharpen evaluate compare`, hf engine: vLLM is what is tested, not what measures), evaluate's tables by the
+engine under test. Two runs that should agree are compared with a binomial bound: each accuracy is
 treated as the mean of one Bernoulli outcome per prompt, standard error sqrt(p (1 - p) / P) with P = 200 prompts,
 and two runs differ by at most 3 standard errors of their difference. Counting one outcome per prompt overstates
 the evaluation's own noise (each figure averages 8 draws per prompt, or several seeds), which leaves room for

@@ -214,17 +214,18 @@ class VLLMEngine:
             kwargs |= {"enable_sleep_mode": self.cfg.sleep_while_training}
         eager = (not on_cuda) if self.cfg.enforce_eager is None else self.cfg.enforce_eager
         dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[param.dtype]
-        self.llm = LLM(
-            model=self.model_path,
-            dtype=dtype,
-            seed=self.seed,
-            enforce_eager=eager,
-            max_model_len=self.cfg.max_model_len,
-            skip_tokenizer_init=True,  # prompts are token ids and responses are decoded by the caller
-            logprobs_mode="raw_logprobs",  # the model's own log-probs, before temperature, top-k or top-p
-            trust_remote_code=False,
-            **kwargs,
-        )
+        with preserved_global_rng():  # vLLM seeds the global RNGs at start; the trainer's streams are not its
+            self.llm = LLM(
+                model=self.model_path,
+                dtype=dtype,
+                seed=self.seed,
+                enforce_eager=eager,
+                max_model_len=self.cfg.max_model_len,
+                skip_tokenizer_init=True,  # prompts are token ids and responses are decoded by the caller
+                logprobs_mode="raw_logprobs",  # the model's own log-probs, before temperature, top-k or top-p
+                trust_remote_code=False,
+                **kwargs,
+            )
         self.sync = WeightSync(self.llm, self.lora_rank)
 
     # -- drawing -----------------------------------------------------------------------------------
@@ -248,12 +249,13 @@ class VLLMEngine:
             self.llm.reset_prefix_cache()  # the KV cache's contents were discarded by the sleep
             self.sleeping = False
         lora_request = self.sync.request_for(model)
-        outputs = self.llm.generate(
-            self._requests(prompts, cfg),
-            self._params(prompts, cfg, eos_token_id, seed, round_index),
-            use_tqdm=False,
-            lora_request=lora_request,
-        )
+        with preserved_global_rng():  # every request has its own seed; vLLM's batch draws touch the global RNG
+            outputs = self.llm.generate(
+                self._requests(prompts, cfg),
+                self._params(prompts, cfg, eos_token_id, seed, round_index),
+                use_tqdm=False,
+                lora_request=lora_request,
+            )
         samples = _sample_batch(prompts, outputs, cfg, eos_token_id, pad_token_id)
         self.on_cuda = samples.response_ids.device.type == "cuda"
         return self._probe(model, samples)
@@ -347,6 +349,27 @@ class VLLMEngine:
                     shutdown()
             self.llm = None
             self.sync = None
+
+
+@contextlib.contextmanager
+def preserved_global_rng():
+    """Python's, NumPy's and torch's global RNG states (CPU and CUDA) as they were before the block: vLLM in this
+    process reseeds them at start and draws from them, which would tie the trainer's dropout and shuffles to the
+    engine (and make a resumed run, whose engine starts at another step, differ from the straight one)."""
+    import random
+
+    import numpy as np
+
+    states = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 @contextlib.contextmanager

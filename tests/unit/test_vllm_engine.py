@@ -252,3 +252,19 @@ def test_draws_follow_the_model_distribution(model_dir, tmp_path, top_k):
         assert chi_square_p_value(observed[:-1], expected) > 1e-3
     finally:
         engine.close()
+
+
+def test_starting_vllm_leaves_the_trainers_random_streams_alone(model_dir):
+    import random
+
+    engine = engine_for(model_dir)
+    try:
+        torch.manual_seed(1234)
+        random.seed(1234)
+        expected = (torch.rand(3), random.random())
+        torch.manual_seed(1234)
+        random.seed(1234)
+        draw(engine, load(model_dir))  # vLLM starts here and seeds the global RNGs
+        assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    finally:
+        engine.close()

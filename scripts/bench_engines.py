@@ -41,7 +41,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
-from bench_common import Workload, release_memory, synchronize
+from bench_common import Workload, matmul_peak_gflops, release_memory, synchronize
 from bench_engines_workload import (
     DTYPES,
     SHAPES,
@@ -163,7 +163,6 @@ def run_generation(args: argparse.Namespace, engine: str, w: Workload) -> dict:
     result = measure_generation(args, engine, model, load_tokenizer(cfg), w)
     del model
     release_memory()
-    print(f"  generate {engine:4s} warm {result['warm_seconds']:7.2f} s", file=sys.stderr, flush=True)
     return result
 
 
@@ -172,29 +171,46 @@ def run_engine(args: argparse.Namespace, engine: str, gen: Workload, train: Work
     scripts/bench_engines_train.py."""
     import bench_engines_train
 
-    results = {"generate": run_generation(args, engine, gen)} if "generate" in args.tasks else {}
+    results = {}
+    if "generate" in args.tasks:
+        results["generate"] = run_generation(args, engine, gen)
+        report_progress(engine, "generate", results["generate"], results["generate"]["warm_seconds"])
     for task in ("sft_round", "rl_step"):
         if task in args.tasks:
             sampling = engine_sampling(args, engine, args.train_prompts, args.train_samples, args.train_max_new_tokens)
             results[task] = getattr(bench_engines_train, task)(train, sampling, args.dtype)
             release_memory()
-            print(f"  {task} {engine:4s} warm {results[task]['seconds']['total']:7.2f} s", file=sys.stderr, flush=True)
+            report_progress(engine, task, results[task], results[task]["seconds"]["total"])
     return results
+
+
+def report_progress(engine: str, task: str, result: dict, warm_seconds: float) -> None:
+    """One line per finished task on stderr, with its result as JSON: what a run cut short still leaves."""
+    line = json.dumps({"engine": engine, "task": task, "result": result}, default=float)
+    print(f"  {task} {engine} warm {warm_seconds:.2f} s {line}", file=sys.stderr, flush=True)
 
 
 def print_tables(report: dict) -> None:
     """Markdown tables: generation, then the SFT round and RL step per phase."""
     gen, bound = report["results"].get("generate", {}), report["bound_tokens_per_s"]
+    compute = report["compute_bound_tokens_per_s"]
     if gen:
-        print("\n| engine | start-up s | cold draw s | warm draw s | tokens drawn | tokens/s | % of bandwidth bound |")
-        print("|---|---:|---:|---:|---:|---:|---:|")
+        print(
+            "\n| engine | start-up s | cold draw s | warm draw s | tokens drawn | tokens/s | % of bandwidth bound"
+            " | % of compute bound |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         for engine, g in gen.items():
-            fraction = 100 * g["tokens_per_s"] / bound
+            of_compute = f"{100 * g['tokens_per_s'] / compute:.1f}" if compute else "-"
             print(
                 f"| {engine} | {g['startup_seconds']:.1f} | {g['cold_seconds']:.2f} | {g['warm_seconds']:.2f} |"
-                f" {g['warm_response_tokens']} | {g['tokens_per_s']:.1f} | {fraction:.1f} |"
+                f" {g['warm_response_tokens']} | {g['tokens_per_s']:.1f} | {100 * g['tokens_per_s'] / bound:.1f} |"
+                f" {of_compute} |"
             )
         print(f"\nbandwidth {report['machine']['bandwidth_gbs']:.1f} GB/s; bound {bound:,.0f} tokens/s")
+        if compute:
+            peak = report["machine"]["matmul_peak_gflops"]
+            print(f"fp32 matmul peak {peak:.0f} GFLOP/s; compute bound {compute:,.0f} tokens/s")
     for task in ("sft_round", "rl_step"):
         if task not in report["results"]:
             continue
@@ -245,6 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
     bench.quiet()
     info, started = machine_info(args), time.perf_counter()
     info["bandwidth_gbs"] = memory_bandwidth_gbs(args.device)
+    info["matmul_peak_gflops"] = matmul_peak_gflops(device=args.device) if args.dtype == "float32" else None
     with tempfile.TemporaryDirectory() as root:
         path, matmul = build_model(args.shape, args.dtype, args.max_positions, root)
         texts, prompts_file = write_prompts(root, max(args.prompts, 2 * args.train_prompts))
@@ -269,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {k: v for k, v in vars(args).items() if k != "json"},
         "matmul_params": matmul,
         "bound_tokens_per_s": bound_tokens_per_s(info["bandwidth_gbs"], matmul, args.dtype, sequences),
+        "compute_bound_tokens_per_s": compute_bound(info["matmul_peak_gflops"], matmul),
         "wall_seconds": time.perf_counter() - started,
         "results": results,
         "vllm_over_hf": ratios(results),
@@ -281,6 +299,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         print(json.dumps(report, default=float))
     return report
+
+
+def compute_bound(peak_gflops: float | None, matmul_params: int) -> float | None:
+    """Response tokens/s if the float32 matmul peak were the only limit (2 FLOPs per matmul weight per token, in
+    any batch): on a CPU, where 64 sequences in flight make decoding compute-bound before it is bandwidth-bound.
+    None for bfloat16 (the peak measured is float32's)."""
+    return None if peak_gflops is None else peak_gflops * 1e9 / (2 * matmul_params)
 
 
 def ratios(results: dict) -> dict:

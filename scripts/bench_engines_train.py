@@ -24,7 +24,8 @@ from sharpening.engines import SamplingConfig, SamplingEngine
 
 
 class TimedEngine:
-    """A ``SamplingEngine`` that times the draws of the engine it wraps as ``generate`` and counts what they drew."""
+    """A ``SamplingEngine`` that times the draws of the engine it wraps as ``generate`` and counts what they drew;
+    every other method of the interface is the wrapped engine's own."""
 
     def __init__(self, engine: SamplingEngine, clock: PhaseClock, counts: dict[str, int]):
         self.engine, self.clock, self.counts = engine, clock, counts
@@ -36,11 +37,12 @@ class TimedEngine:
         self.counts["response_tokens"] += int(samples.response_mask.sum())
         return samples
 
-    def metrics(self) -> dict[str, float]:
-        return self.engine.metrics()
+    def idle(self) -> None:
+        with self.clock.phase("generate"):  # the engine giving memory back to the trainer: its cost, not scoring's
+            self.engine.idle()
 
-    def close(self) -> None:
-        self.engine.close()
+    def __getattr__(self, name: str):
+        return getattr(self.engine, name)  # metrics, close, ...: untimed, as the engine has them
 
 
 class WarmLapCallback(L.Callback):

@@ -73,6 +73,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.3, help="vllm on CUDA: its memory share")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
+    parser.add_argument(
+        "--model-dir", help="run one --engine and one --tasks on this saved model (how each measurement runs alone)"
+    )
     args = parser.parse_args(argv)
     for problem in argument_problems(args):
         parser.error(problem)
@@ -97,6 +100,10 @@ def argument_problems(args: argparse.Namespace) -> list[str]:
         problems.append(
             "--engine vllm: vLLM is not importable in this Python; run with .venv-vllm/bin/python "
             "(./scripts/setup.sh --vllm makes it), or measure --engine hf alone"
+        )
+    if args.model_dir and (len(args.engine) != 1 or len(args.tasks) != 1):
+        problems.append(
+            f"--model-dir: measures one engine and one task; got --engine {args.engine} --tasks {args.tasks}"
         )
     if args.kv_cache_gb < 1:
         problems.append(f"--kv-cache-gb={args.kv_cache_gb}: must be >= 1 (vLLM reads whole GiB)")
@@ -253,32 +260,59 @@ def cpu_model_name() -> str:
         return "unknown"
 
 
+def workloads(args: argparse.Namespace, path: str, root: str) -> tuple[Workload, Workload]:
+    """What the generate task and the training tasks run: the same model and (seeded) prompts in every process."""
+    texts, prompts_file = write_prompts(root, max(args.prompts, 2 * args.train_prompts))
+    gen = Workload(path, texts[: args.prompts], prompts_file, device=args.device)
+    train = Workload(
+        path,
+        texts,
+        prompts_file,
+        args.train_samples,
+        args.train_max_new_tokens,
+        args.train_prompts,
+        args.train_prompts,
+        device=args.device,
+    )
+    return gen, train
+
+
+def run_in_child(args: argparse.Namespace, argv: list[str], engine: str, task: str, path: str) -> dict:
+    """One engine's task in its own Python process on the saved model: vLLM binds the process's threads and
+    memory when it starts and does not give all of it back when closed, so no measurement follows another
+    engine's in the same process. Its progress goes to our stderr; its last stdout line is the result."""
+    import subprocess
+
+    child = [*argv, "--engine", engine, "--tasks", task, "--model-dir", path, "--json"]
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), *child], stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {engine} engine's {task} failed (exit {done.returncode}); its stderr is above")
+    return json.loads(done.stdout.strip().splitlines()[-1])[task]
+
+
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     import bench
 
     bench.quiet()
+    if args.model_dir:  # one engine and task, for run_in_child
+        with tempfile.TemporaryDirectory() as root:
+            result = run_engine(args, args.engine[0], *workloads(args, args.model_dir, root))
+        print(json.dumps(result, default=float))
+        return result
     info, started = machine_info(args), time.perf_counter()
     info["bandwidth_gbs"] = memory_bandwidth_gbs(args.device)
     info["matmul_peak_gflops"] = matmul_peak_gflops(device=args.device) if args.dtype == "float32" else None
+    base = [a for a in argv if a != "--json"]  # --engine / --tasks given last win in argparse
     with tempfile.TemporaryDirectory() as root:
         path, matmul = build_model(args.shape, args.dtype, args.max_positions, root)
-        texts, prompts_file = write_prompts(root, max(args.prompts, 2 * args.train_prompts))
-        gen = Workload(path, texts[: args.prompts], prompts_file, matmul_params=matmul, device=args.device)
-        train = Workload(
-            path,
-            texts,
-            prompts_file,
-            args.train_samples,
-            args.train_max_new_tokens,
-            args.train_prompts,
-            args.train_prompts,
-            device=args.device,
-            matmul_params=matmul,
-        )
-        by_engine = {engine: run_engine(args, engine, gen, train) for engine in args.engine}
-    results = {task: {e: by_engine[e][task] for e in args.engine} for task in TASKS if task in args.tasks}
+        results = {
+            task: {engine: run_in_child(args, base, engine, task, path) for engine in args.engine}
+            for task in TASKS
+            if task in args.tasks
+        }
     info["load_average_end"] = os.getloadavg()
     sequences = args.prompts * args.samples  # the generate task draws them all together
     report = {

@@ -214,7 +214,7 @@ class VLLMEngine:
             kwargs |= {"enable_sleep_mode": self.cfg.sleep_while_training}
         eager = (not on_cuda) if self.cfg.enforce_eager is None else self.cfg.enforce_eager
         dtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[param.dtype]
-        with preserved_global_rng():  # vLLM seeds the global RNGs at start; the trainer's streams are not its
+        with preserved_global_rng(), preserved_torch_threads():  # the trainer's RNG streams and threads stay its own
             self.llm = LLM(
                 model=self.model_path,
                 dtype=dtype,
@@ -370,6 +370,19 @@ def preserved_global_rng():
         torch.set_rng_state(states[2])
         if cuda is not None:
             torch.cuda.set_rng_state_all(cuda)
+
+
+@contextlib.contextmanager
+def preserved_torch_threads():
+    """torch's intra-op thread count and ``torch.set_num_threads`` as they were: vLLM's CPU worker sets one thread
+    for serving and replaces ``set_num_threads`` with a no-op for the rest of the process, which would leave the
+    trainer, in the same process, on one core."""
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_threads
+        set_threads(threads)
 
 
 @contextlib.contextmanager

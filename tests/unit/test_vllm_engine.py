@@ -268,3 +268,17 @@ def test_starting_vllm_leaves_the_trainers_random_streams_alone(model_dir):
         assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
     finally:
         engine.close()
+
+
+def test_starting_vllm_leaves_the_trainers_threads_alone(model_dir):
+    threads = torch.get_num_threads()
+    engine = engine_for(model_dir)
+    try:
+        torch.set_num_threads(2)
+        draw(engine, load(model_dir))  # vLLM's CPU worker starts here: one thread, set_num_threads disabled
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        assert torch.get_num_threads() == 1  # still the trainer's to set
+    finally:
+        engine.close()
+        torch.set_num_threads(threads)

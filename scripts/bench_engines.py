@@ -17,9 +17,8 @@ that both engines load by path. Measured, per engine:
 - sft_round / rl_step: one self-verification round with its training epoch, and one online RL step, through
   the library's Lightning modules (scripts/bench_engines_train.py); the second (warm) one of each is timed.
 
-Each engine runs all its tasks before the next engine starts, in the order --engine gives (hf first by
-default): vLLM binds this process's compute threads and memory when it starts, which would otherwise change
-what our loop is measured under.
+Each engine's task runs in its own Python process on the saved model (``run_in_child``): vLLM binds its
+process's compute threads and memory when it starts and keeps memory after it is closed.
 
 With --json the last line printed is one JSON object. vLLM lives in its own venv (.venv-vllm).
 """

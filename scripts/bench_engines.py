@@ -17,6 +17,15 @@ that both engines load by path. Measured, per engine:
 - sft_round / rl_step: one self-verification round with its training epoch, and one online RL step, through
   the library's Lightning modules (scripts/bench_engines_train.py); the second (warm) one of each is timed.
 
+With ``--compare trl`` the SFT round and RL step also run as TRL with vLLM colocated (``use_vllm=True,
+vllm_mode="colocate"``; scripts/bench_engines_trl.py) on the same model, prompts, N, lengths, dtype and device,
+reported beside the engines as ``trl_vllm``, with ``trl_vllm_over_ours`` = its warm seconds over our vllm
+engine's. TRL is not in the venvs: ``PYTHONPATH`` to a ``pip install --no-deps --target`` of it. On CPU only the
+SFT round compares (TRL's weight push into vLLM needs CUDA: the argument check says why).
+
+    PYTHONPATH=/tmp/trlpkgs .venv-vllm/bin/python scripts/bench_engines.py --engine vllm --compare trl \\
+        --device cuda --dtype bfloat16 --shape 1.5b --tasks sft_round rl_step --json
+
 Each engine's task runs in its own Python process on the saved model (``run_in_child``): vLLM binds its
 process's compute threads and memory when it starts and keeps memory after it is closed.
 
@@ -51,6 +60,7 @@ from bench_engines_workload import (
 )
 
 ENGINES = ("hf", "vllm")
+TRL_SIDE = "trl_vllm"  # TRL with vLLM colocated: its results sit beside the engines' under this name
 TASKS = ("generate", "sft_round", "rl_step")
 
 
@@ -73,11 +83,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
     parser.add_argument("--json", action="store_true", help="print the results as one JSON object, last line")
     parser.add_argument(
+        "--compare",
+        choices=("none", "trl"),
+        default="none",
+        help="sft_round / rl_step: also run TRL with vLLM colocated on the same model (scripts/bench_engines_trl.py)",
+    )
+    parser.add_argument("--side", choices=("ours", "trl"), default="ours", help=argparse.SUPPRESS)  # a child's side
+    parser.add_argument(
         "--model-dir", help="run one --engine and one --tasks on this saved model (how each measurement runs alone)"
     )
     args = parser.parse_args(argv)
-    for problem in argument_problems(args):
-        parser.error(problem)
+    problems = argument_problems(args)
+    if problems:
+        parser.error("; ".join(problems))
     return args
 
 
@@ -104,8 +122,27 @@ def argument_problems(args: argparse.Namespace) -> list[str]:
         problems.append(
             f"--model-dir: measures one engine and one task; got --engine {args.engine} --tasks {args.tasks}"
         )
+    if args.compare == "trl":
+        problems += compare_problems(args)
     if args.kv_cache_gb < 1:
         problems.append(f"--kv-cache-gb={args.kv_cache_gb}: must be >= 1 (vLLM reads whole GiB)")
+    return problems
+
+
+def compare_problems(args: argparse.Namespace) -> list[str]:
+    """What stops ``--compare trl``: TRL's side runs only the training tasks, with TRL and vLLM importable."""
+    from bench_engines_trl import trl_problems
+
+    problems = trl_problems()
+    if not {"sft_round", "rl_step"} & set(args.tasks):
+        problems.append(f"--compare trl: compares sft_round and rl_step; got --tasks {' '.join(args.tasks)}")
+    if args.device == "cpu" and "rl_step" in args.tasks:
+        problems.append(
+            "--compare trl --tasks rl_step --device cpu: TRL's GRPOTrainer pushes each update into colocated vLLM "
+            "through the model's load_weights and each parameter's weight_loader, which vLLM's CPU backend drops "
+            "when it repacks linear weights (AttributeError: 'Parameter' object has no attribute 'weight_loader'); "
+            "TRL's RL step needs vLLM on CUDA: use --device cuda, or compare --tasks sft_round on CPU"
+        )
     return problems
 
 
@@ -177,6 +214,8 @@ def run_engine(args: argparse.Namespace, engine: str, gen: Workload, train: Work
     scripts/bench_engines_train.py."""
     import bench_engines_train
 
+    if args.side == "trl":
+        return run_trl(args, train)
     results = {}
     if "generate" in args.tasks:
         results["generate"] = run_generation(args, engine, gen)
@@ -187,6 +226,20 @@ def run_engine(args: argparse.Namespace, engine: str, gen: Workload, train: Work
             results[task] = getattr(bench_engines_train, task)(train, sampling, args.dtype)
             release_memory()
             report_progress(engine, task, results[task], results[task]["seconds"]["total"])
+    return results
+
+
+def run_trl(args: argparse.Namespace, train: Workload) -> dict:
+    """TRL with vLLM colocated on the training tasks of ``args.tasks`` (scripts/bench_engines_trl.py)."""
+    import bench_engines_trl
+
+    results = {}
+    for task in ("sft_round", "rl_step"):
+        if task in args.tasks:
+            run = getattr(bench_engines_trl, task)
+            results[task] = run(train, args.dtype, args.gpu_memory_utilization, args.kv_cache_gb)
+            release_memory()
+            report_progress(TRL_SIDE, task, results[task], results[task]["seconds"]["total"])
     return results
 
 
@@ -220,15 +273,23 @@ def print_tables(report: dict) -> None:
     for task in ("sft_round", "rl_step"):
         if task not in report["results"]:
             continue
-        print(f"\n| {task} | cold s | warm s | generate s | score s | train s | tokens drawn | tokens/s drawing |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        print(
+            f"\n| {task} | start-up s | cold s | warm s | generate s | score s | train s | tokens drawn"
+            " | tokens/s drawing |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for engine, m in report["results"][task].items():
             s = m["seconds"]
             rate = m["response_tokens"] / s["generate"] if s["generate"] > 0 else 0.0
             print(
-                f"| {engine} | {m['cold_seconds']:.2f} | {s['total']:.2f} | {s['generate']:.2f} | {s['score']:.2f} |"
-                f" {s['train']:.2f} | {m['response_tokens']} | {rate:.1f} |"
+                f"| {engine} | {m.get('startup_seconds', 0.0):.1f} | {m['cold_seconds']:.2f} | {s['total']:.2f} |"
+                f" {s['generate']:.2f} | {s['score']:.2f} | {s['train']:.2f} | {m['response_tokens']} | {rate:.1f} |"
             )
+    if any(TRL_SIDE in report["results"].get(task, {}) for task in ("sft_round", "rl_step")):
+        print(
+            f"\nstart-up: ours' vLLM start is inside its cold round/step; {TRL_SIDE}'s (models loaded, vLLM started,"
+            " trainer built) is before it"
+        )
 
 
 def machine_info(args: argparse.Namespace) -> dict:
@@ -276,16 +337,17 @@ def workloads(args: argparse.Namespace, path: str, root: str) -> tuple[Workload,
     return gen, train
 
 
-def run_in_child(args: argparse.Namespace, argv: list[str], engine: str, task: str, path: str) -> dict:
+def run_in_child(argv: list[str], engine: str, task: str, path: str, side: str = "ours") -> dict:
     """One engine's task in its own Python process on the saved model: vLLM binds the process's threads and
     memory when it starts and does not give all of it back when closed, so no measurement follows another
     engine's in the same process. Its progress goes to our stderr; its last stdout line is the result."""
     import subprocess
 
-    child = [*argv, "--engine", engine, "--tasks", task, "--model-dir", path, "--json"]
+    child = [*argv, "--engine", engine, "--tasks", task, "--model-dir", path, "--side", side, "--json"]
     done = subprocess.run([sys.executable, os.path.abspath(__file__), *child], stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"the {engine} engine's {task} failed (exit {done.returncode}); its stderr is above")
+        who = "TRL with vLLM colocated" if side == "trl" else f"the {engine} engine"
+        raise RuntimeError(f"{who}: {task} failed (exit {done.returncode}); its stderr is above")
     return json.loads(done.stdout.strip().splitlines()[-1])[task]
 
 
@@ -308,10 +370,13 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as root:
         path, matmul = build_model(args.shape, args.dtype, args.max_positions, root)
         results = {
-            task: {engine: run_in_child(args, base, engine, task, path) for engine in args.engine}
+            task: {engine: run_in_child(base, engine, task, path) for engine in args.engine}
             for task in TASKS
             if task in args.tasks
         }
+        for task in ("sft_round", "rl_step"):
+            if args.compare == "trl" and task in args.tasks:
+                results[task][TRL_SIDE] = run_in_child(base, "vllm", task, path, side="trl")
     info["load_average_end"] = os.getloadavg()
     sequences = args.prompts * args.samples  # the generate task draws them all together
     report = {
@@ -323,6 +388,7 @@ def main(argv: list[str] | None = None) -> dict:
         "wall_seconds": time.perf_counter() - started,
         "results": results,
         "vllm_over_hf": ratios(results),
+        "trl_vllm_over_ours": trl_ratios(results),
     }
     print(
         f"\n{info['cpu']} ({info['cpu_count']} cores, {args.threads} threads) {info.get('gpu', '')}; {args.shape}"
@@ -352,6 +418,16 @@ def ratios(results: dict) -> dict:
         runs = results.get(task, {})
         if {"hf", "vllm"} <= set(runs):
             out[f"{task}_speedup"] = runs["hf"]["seconds"]["total"] / runs["vllm"]["seconds"]["total"]
+    return out
+
+
+def trl_ratios(results: dict) -> dict:
+    """TRL with vLLM colocated against our vllm engine where both ran: warm seconds TRL / ours (> 1: ours faster)."""
+    out = {}
+    for task in ("sft_round", "rl_step"):
+        runs = results.get(task, {})
+        if {TRL_SIDE, "vllm"} <= set(runs):
+            out[task] = runs[TRL_SIDE]["seconds"]["total"] / runs["vllm"]["seconds"]["total"]
     return out
 
 

@@ -2,7 +2,8 @@
 
 Both run twice in one trainer and the second, warm one is timed: SFT as two epochs with a round before each
 (``resample_every_epoch``), RL as two optimizer steps. The cold one carries the first-call costs (vLLM starts
-at the first draw, our decode loop allocates its first caches); its seconds are reported too. The engine is
+at the first draw, our decode loop allocates its first caches); its seconds are reported too, and vLLM's
+start-up inside them also apart (``startup_seconds``). The engine is
 the one ``SamplingConfig.engine`` names, made by the module as in any run; ``make_engine`` is wrapped so its
 draws are timed as ``generate``. The SFT round draws from the frozen base (the paper's round) and completes
 every sample (``stop_unselectable`` off: vLLM draws every sample to its end, so both engines draw the same
@@ -21,6 +22,7 @@ from bench_common import Measurement, PhaseClock, Workload, rss_peak, synchroniz
 import sharpening.module as module_file
 import sharpening.rl.rollout as rollout_file
 from sharpening.engines import SamplingConfig, SamplingEngine
+from sharpening.engines.vllm import VLLMEngine
 
 
 class TimedEngine:
@@ -80,6 +82,18 @@ class WarmLapCallback(L.Callback):
             self.warm_phases, self.warm_counts = dict(self.clock.seconds), dict(self.counts)
 
 
+def timed_start(start, started: dict[str, float]):
+    """``VLLMEngine.start`` timed into ``started["seconds"]``: vLLM's start-up, inside the cold unit (the first
+    draw starts it), reported apart as well."""
+
+    def timed(engine, model) -> None:
+        begin = time.perf_counter()
+        start(engine, model)
+        started["seconds"] += time.perf_counter() - begin
+
+    return timed
+
+
 def new_counts() -> dict[str, int]:
     return {"completions": 0, "response_tokens": 0}
 
@@ -98,8 +112,9 @@ def _fit(module, data, laps: WarmLapCallback, patches: list[tuple], device: str,
     def timed_make_engine(*args, **kwargs):
         return TimedEngine(made(*args, **kwargs), laps.clock, laps.counts)
 
-    memory = Measurement()
+    memory, started = Measurement(), {"seconds": 0.0}
     with contextlib.ExitStack() as stack:
+        stack.enter_context(bench_ours._patched(VLLMEngine, "start", timed_start(VLLMEngine.start, started)))
         stack.enter_context(rss_peak(memory))
         stack.enter_context(bench_ours._patched(module_file, "make_engine", timed_make_engine))
         for target, name, replacement in patches:
@@ -110,6 +125,7 @@ def _fit(module, data, laps: WarmLapCallback, patches: list[tuple], device: str,
     if len(laps.laps) < 2:
         raise RuntimeError(f"expected two epochs or steps to time, the trainer ran {len(laps.laps)}")
     return {
+        "startup_seconds": started["seconds"],
         "cold_seconds": laps.laps[0],
         "warm_phases": laps.warm_phases,
         "warm_seconds": laps.laps[1],

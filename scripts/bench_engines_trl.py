@@ -64,6 +64,17 @@ def colocated_vllm_settings(dtype: str, device: str, kv_cache_gb: int):
         yield
 
 
+def vllm_settings(llm) -> dict:
+    """What TRL's colocated vLLM runs with, as vLLM resolved it: the dtype the comparison rests on, and the
+    settings TRL leaves at vLLM's defaults."""
+    model_config = llm.llm_engine.model_config
+    return {
+        "dtype": str(model_config.dtype).removeprefix("torch."),
+        "enforce_eager": model_config.enforce_eager,
+        "max_model_len": model_config.max_model_len,
+    }
+
+
 def _load(w: Workload, dtype: str):
     """(model, tokenizer) from the workload's path in ``dtype``, sdpa attention, on the workload's device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -129,6 +140,7 @@ def sft_round(w: Workload, dtype: str, memory_utilization: float, kv_cache_gb: i
         "completions": completions,
         "response_tokens": tokens,
         "kept_response_tokens": sum(len(c) for c in winners),
+        "vllm": vllm_settings(generator.llm),
         "peak_rss_mib": m.peak_rss_mib,
         "peak_gpu_mib": m.peak_gpu_mib,
     }
@@ -196,6 +208,7 @@ def rl_step(w: Workload, dtype: str, memory_utilization: float, kv_cache_gb: int
         "seconds": m.seconds,
         "completions": m.completions["generate"],
         "response_tokens": m.response_tokens["generate"],
+        "vllm": vllm_settings(trainer.vllm_generation.llm),
         "peak_rss_mib": m.peak_rss_mib,
         "peak_gpu_mib": m.peak_gpu_mib,
     }

@@ -47,6 +47,11 @@ class _NoChatWarmup(logging.Filter):
 
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted max_lora_rank values
+# Started engines not yet closed, held strongly. vLLM keeps its parallel groups in process globals and any engine's
+# shutdown destroys them, its finalizer's too when an engine is dropped unclosed (a run stopped by an error or a
+# signal) and collected at some later moment, which would pull the groups from under the engine running then.
+# So an engine is never dropped unclosed, and starting one closes the others first.
+_STARTED: set[VLLMEngine] = set()
 _WRAPPER_PREFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
@@ -192,6 +197,10 @@ class VLLMEngine:
     # -- starting ----------------------------------------------------------------------------------
     def start(self, model: torch.nn.Module) -> None:
         """Start vLLM on ``model``'s device type and dtype (the first draw calls this)."""
+        for other in list(_STARTED):  # vLLM's parallel state is per process: one engine runs in it at a time
+            if other is not self:
+                log.info("closing an earlier vLLM engine (%s): one runs in a process at a time", other.model_path)
+                other.close()
         param = next(model.parameters())
         on_cuda = param.device.type == "cuda"
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in this process: weights pass by reference
@@ -227,6 +236,7 @@ class VLLMEngine:
                 **kwargs,
             )
         self.sync = WeightSync(self.llm, self.lora_rank)
+        _STARTED.add(self)
 
     # -- drawing -----------------------------------------------------------------------------------
     def generate(
@@ -349,6 +359,7 @@ class VLLMEngine:
                     shutdown()
             self.llm = None
             self.sync = None
+        _STARTED.discard(self)
 
 
 @contextlib.contextmanager

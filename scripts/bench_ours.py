@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import time
 from collections.abc import Iterator
 
@@ -26,6 +27,8 @@ def _trainer(device: str, **kwargs):
     import lightning as L
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    # a run stopped by SIGTERM writes its preemption checkpoint under default_root_dir: never the caller's cwd
+    kwargs.setdefault("default_root_dir", tempfile.mkdtemp(prefix="sharpening-bench-"))
     return L.Trainer(
         accelerator=device,
         devices=1,

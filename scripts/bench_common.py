@@ -257,9 +257,13 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5, device: str = "cpu") 
 
 def copy_bandwidth_gbs(device: str, mib: int = 1024, repeats: int = 10) -> float | None:
     """Memory bandwidth of this GPU (GB/s, bytes read + written by a device-to-device copy); None on CPU."""
-    if device != "cuda":
-        return None
-    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    return memory_bandwidth_gbs(device, mib, repeats) if device == "cuda" else None
+
+
+def memory_bandwidth_gbs(device: str, mib: int = 1024, repeats: int = 5) -> float:
+    """This device's memory bandwidth (GB/s, bytes read + written by one large copy, best of ``repeats``): HBM
+    on a GPU, DRAM through torch's copy threads on a CPU."""
+    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
     dst.copy_(src)
     best = float("inf")

@@ -49,13 +49,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch
-from bench_common import Workload, matmul_peak_gflops, release_memory, synchronize
+from bench_common import Workload, matmul_peak_gflops, memory_bandwidth_gbs, release_memory, synchronize
 from bench_engines_workload import (
     DTYPES,
     SHAPES,
     bound_tokens_per_s,
     build_model,
-    memory_bandwidth_gbs,
     write_prompts,
 )
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 import torch
-from bench_common import CHARS, synchronize
+from bench_common import CHARS
 
 SHAPES = {  # Qwen2.5's shapes (head size 64 / 128: vLLM has CPU kernels for both); tiny is for smoke tests
     "tiny": dict(
@@ -82,22 +81,6 @@ def write_prompts(root: str, count: int, seed: int = 0) -> tuple[list[str], str]
     with open(path, "w") as f:
         f.writelines(json.dumps({"prompt": t}) + "\n" for t in texts)
     return texts, path
-
-
-def memory_bandwidth_gbs(device: str, mib: int = 1024, repeats: int = 5) -> float:
-    """This device's memory bandwidth (GB/s, bytes read + written by one large copy, best of ``repeats``): HBM
-    on a GPU, DRAM through torch's copy threads on a CPU."""
-    src = torch.empty(mib * 2**20, dtype=torch.uint8, device=device).fill_(1)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    best = float("inf")
-    for _ in range(repeats):
-        synchronize()
-        start = time.perf_counter()
-        dst.copy_(src)
-        synchronize()
-        best = min(best, time.perf_counter() - start)
-    return 2 * src.numel() / best / 1e9
 
 
 def bound_tokens_per_s(bandwidth_gbs: float, matmul_params: int, dtype: str, sequences: int) -> float:

@@ -18,7 +18,7 @@ DOCTEST_MODULES = [
     "sharpening.checkpoint.files",
     "sharpening.data_files",
     "sharpening.diagnostics",
-    "sharpening.engines.vllm",
+    "sharpening.engines.vllm_sync",
     "sharpening.errors",
     "sharpening.evaluate.config",
     "sharpening.evaluate.power_rows",

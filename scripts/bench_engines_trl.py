@@ -147,39 +147,20 @@ def sft_round(w: Workload, dtype: str, memory_utilization: float, kv_cache_gb: i
 
 
 def _grpo_trainer(w: Workload, tok, reward, dtype: str, memory_utilization: float, out: str, steps: int):
-    """GRPOTrainer with vLLM colocated for ``steps`` steps of rl_prompts x G, matched to our RL settings."""
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-
-    args = GRPOConfig(
-        output_dir=out,
-        per_device_train_batch_size=w.rl_prompts * w.samples_per_prompt,
-        num_generations=w.samples_per_prompt,
-        max_completion_length=w.max_new_tokens,
-        beta=w.kl_coef,
-        learning_rate=w.lr,
-        lr_scheduler_type="constant",
-        max_grad_norm=1.0,
-        max_steps=steps,
-        temperature=1.0,
-        top_k=0,
-        top_p=1.0,
-        bf16=False,  # the weights are in the run's dtype (model_init_kwargs), as ours: no autocast on either side
-        fp16=False,
-        gradient_checkpointing=False,
+    """bench_trl's GRPOTrainer (matched to our RL settings) with vLLM colocated and the run's weight dtype (no
+    autocast on either side)."""
+    return bench_trl._grpo_trainer(
+        w,
+        tok,
+        reward,
+        0,
+        out,
+        steps,
         use_vllm=True,
         vllm_mode="colocate",
         vllm_gpu_memory_utilization=memory_utilization,
         model_init_kwargs={"dtype": DTYPES[dtype], "attn_implementation": "sdpa"},
-        report_to="none",
-        save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
-        use_cpu=w.device == "cpu",
-        seed=0,
     )
-    data = Dataset.from_dict({"prompt": w.prompt_texts[: w.rl_prompts * steps]})
-    return GRPOTrainer(model=w.model_path, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok)
 
 
 def rl_step(w: Workload, dtype: str, memory_utilization: float, kv_cache_gb: int) -> dict:

@@ -204,12 +204,13 @@ def _timed_grpo(trainer, clock: PhaseClock) -> None:
     trainer._get_per_token_logps_and_entropies = per_token_logps
 
 
-def _grpo_trainer(w: Workload, tok, reward, round_index: int, out: str, steps: int = 1):
-    """GRPOTrainer for ``steps`` steps of rl_prompts x G completions, matched to our RL settings."""
+def _grpo_trainer(w: Workload, tok, reward, round_index: int, out: str, steps: int = 1, **overrides):
+    """GRPOTrainer for ``steps`` steps of rl_prompts x G completions, matched to our RL settings; ``overrides``
+    replace or add GRPOConfig fields (the engine benchmark's vLLM colocate settings)."""
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
-    args = GRPOConfig(
+    settings = dict(
         output_dir=out,
         per_device_train_batch_size=w.rl_prompts * w.samples_per_prompt,
         num_generations=w.samples_per_prompt,
@@ -234,6 +235,7 @@ def _grpo_trainer(w: Workload, tok, reward, round_index: int, out: str, steps: i
         use_cpu=w.device == "cpu",
         seed=round_index,
     )
+    args = GRPOConfig(**(settings | overrides))
     data = Dataset.from_dict({"prompt": w.prompt_texts[: w.rl_prompts * steps]})
     return GRPOTrainer(model=w.model_path, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok)
 
